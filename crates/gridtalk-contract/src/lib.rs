@@ -1,0 +1,28 @@
+//! gridtalk's event contract: the Avro schemas in `schemas/`, the two wire formats they travel in, and
+//! a JSON view of decoded events that the routing and rendering code reads.
+//!
+//! Guarantees:
+//! - Every record a stage decodes is resolved against *our* reader schema, so a producer may write
+//!   with an older or newer compatible schema (an added optional field, a removed defaulted one) and
+//!   gridtalk still reads it. Anything that cannot be resolved is an error with a [`DecodeErrorKind`]
+//!   that says which dead-letter reason applies; nothing is silently skipped.
+//! - Both wire formats are accepted on every input topic: the Confluent Schema Registry framing
+//!   (magic byte 0, 4-byte schema id) and Avro single-object encoding (`C3 01` + CRC-64-AVRO
+//!   fingerprint). Writer schemas fetched from a registry are cached by id for the process lifetime
+//!   (schema ids are immutable in a registry).
+
+mod codec;
+mod records;
+mod registry;
+mod schemas;
+pub mod samples;
+mod view;
+
+pub use codec::{
+    encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
+    WireFormat,
+};
+pub use records::{AvroRecord, OutboxMessage, SentMessage};
+pub use registry::{RegistryClient, RegistryError};
+pub use schemas::{ContractSchemas, KnownSchema, SchemaSet};
+pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};

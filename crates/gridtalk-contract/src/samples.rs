@@ -1,0 +1,166 @@
+//! Realistic sample events for every event type of the contract, as JSON ready for
+//! [`crate::json_to_avro`]. The traffic generator, the tests and `schemas/README.md` use them, so
+//! the examples people read are the ones the tests prove.
+
+use serde_json::{json, Value};
+
+/// Every event type the contract defines, with the payload record that carries it and its flow.
+pub const EVENT_TYPES: &[(&str, &str, char)] = &[
+    ("tg.po.received", "PurchaseOrderReceived", 'a'),
+    ("tg.po.ack_overdue", "PurchaseOrderAckOverdue", 'a'),
+    ("tg.invoice.delivered", "InvoiceStatusChanged", 'b'),
+    ("tg.invoice.acknowledged", "InvoiceStatusChanged", 'b'),
+    ("tg.invoice.rejected", "InvoiceStatusChanged", 'b'),
+    ("tg.invoice.correction_required", "InvoiceStatusChanged", 'b'),
+    ("tg.asn.sent", "ShipmentEvent", 'c'),
+    ("tg.delivery.confirmed", "ShipmentEvent", 'c'),
+    ("tg.shipment.status_updated", "ShipmentEvent", 'c'),
+    ("tg.shipment.exception", "ShipmentEvent", 'c'),
+    ("tg.onboarding.reminder", "OnboardingReminder", 'd'),
+    ("tg.document.validation_failed", "DocumentFailure", 'e'),
+    ("tg.document.delivery_failed", "DocumentFailure", 'e'),
+    ("wf.approval.requested", "ApprovalRequested", 'f'),
+    ("wf.case.opened", "CaseEvent", 'g'),
+    ("wf.case.updated", "CaseEvent", 'g'),
+    ("ops.summary.published", "ActivitySummary", 'h'),
+];
+
+/// The payload record name that carries `event_type`, if the contract knows the type.
+pub fn payload_type_of(event_type: &str) -> Option<&'static str> {
+    EVENT_TYPES
+        .iter()
+        .find(|(t, _, _)| *t == event_type)
+        .map(|(_, p, _)| *p)
+}
+
+/// A sample of `event_type` number `seq` from `partner_id`, occurring at `now_ms`.
+/// Document numbers derive from `seq`, so distinct `seq` values give distinct documents.
+pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -> Option<Value> {
+    let day = 86_400_000i64;
+    let po = format!("PO-{}", 4_500_000 + seq);
+    let invoice = format!("INV-{}", 900_000 + seq);
+    let shipment = format!("SH-{}", 700_000 + seq);
+    let amount = format!("{}.{:02}", 1_000 + (seq * 7_919) % 90_000, seq % 100);
+    let (payload_type, payload, doc_type, document): (&str, Value, &str, String) = match event_type {
+        "tg.po.received" => (
+            "PurchaseOrderReceived",
+            json!({"po_number": po, "po_date": now_ms, "buyer_name": "Northwind Retail",
+                   "total": {"amount": amount, "currency": "USD"}, "line_count": 3 + (seq % 20) as i64,
+                   "requested_ship_date": now_ms + 5 * day, "ack_due_at": now_ms + day}),
+            "850",
+            po,
+        ),
+        "tg.po.ack_overdue" => (
+            "PurchaseOrderAckOverdue",
+            json!({"po_number": po, "ack_due_at": now_ms - 6 * 3_600_000, "hours_overdue": 6, "escalation_level": 0}),
+            "850",
+            po,
+        ),
+        "tg.invoice.delivered" | "tg.invoice.acknowledged" | "tg.invoice.rejected"
+        | "tg.invoice.correction_required" => {
+            let (status, ack, raw, source, reason) = match event_type {
+                "tg.invoice.delivered" => ("DELIVERED", "UNKNOWN", None, None, None),
+                "tg.invoice.acknowledged" => ("ACKNOWLEDGED", "ACCEPTED", Some("A"), Some("FA_997"), None),
+                "tg.invoice.rejected" => ("REJECTED", "REJECTED", Some("R"), Some("AR_824"), Some("Unit price differs from PO line 2")),
+                _ => ("CORRECTION_REQUIRED", "UNKNOWN", Some("IR"), Some("AR_824"), Some("Missing remit-to address (N1*RI)")),
+            };
+            (
+                "InvoiceStatusChanged",
+                json!({"invoice_number": invoice, "po_number": po, "total": {"amount": amount, "currency": "EUR"},
+                       "status": status, "ack_code": ack, "raw_ack_code": raw, "rejection_source": source,
+                       "reason": reason,
+                       "correction_deadline": if status == "CORRECTION_REQUIRED" { json!(now_ms + 2 * day) } else { Value::Null }}),
+                "810",
+                invoice,
+            )
+        }
+        "tg.asn.sent" | "tg.delivery.confirmed" | "tg.shipment.status_updated" | "tg.shipment.exception" => {
+            let (status, raw, kind, detail): (&str, Option<&str>, Option<&str>, Option<&str>) = match event_type {
+                "tg.asn.sent" => ("ASN_SENT", None, None, None),
+                "tg.delivery.confirmed" => ("DELIVERED", Some("D1"), None, None),
+                "tg.shipment.status_updated" => ("IN_TRANSIT", Some("X6"), None, Some("En route to destination")),
+                _ => ("EXCEPTION", Some("SD"), Some("DELAYED"), Some("Carrier reports weather delay at hub")),
+            };
+            (
+                "ShipmentEvent",
+                json!({"shipment_id": shipment, "po_numbers": [po], "carrier_scac": "ODFL", "bol": format!("BOL{}", 10_000 + seq),
+                       "pro_number": format!("PRO{}", 550_000 + seq), "status": status, "raw_status_code": raw,
+                       "exception_kind": kind, "detail": detail, "location": "Memphis, TN",
+                       "eta": now_ms + 2 * day, "quantity_expected": 120, "quantity_actual": if kind.is_some() { 96 } else { 120 }}),
+                "856",
+                shipment,
+            )
+        }
+        "tg.onboarding.reminder" => (
+            "OnboardingReminder",
+            json!({"onboarding_id": format!("ONB-{}", 300 + seq), "stage": "DOCS_PENDING",
+                   "items_missing": ["W9", "COI"], "due_on": now_ms + 3 * day,
+                   "upload_link": format!("https://portal.example.com/onboarding/ONB-{}", 300 + seq)}),
+            "ONBOARDING",
+            format!("ONB-{}", 300 + seq),
+        ),
+        "tg.document.validation_failed" | "tg.document.delivery_failed" => {
+            let (stage, status, code, text) = if event_type == "tg.document.validation_failed" {
+                ("TRANSLATION", "Translation Error", "TE-017", "Segment N1*ST missing mandatory element N104")
+            } else {
+                ("DELIVERY", "Send Failed", "DF-503", "AS2 endpoint returned 503; 3 attempts failed")
+            };
+            (
+                "DocumentFailure",
+                json!({"document_number": invoice, "doc_type": "810", "stage": stage, "tg_status": status,
+                       "error_code": code, "error_text": text, "suggested_fix": "Correct the map and resubmit"}),
+                "810",
+                invoice,
+            )
+        }
+        "wf.approval.requested" => (
+            "ApprovalRequested",
+            json!({"approval_id": format!("APR-{}", 8_000 + seq), "kind": "ORDER_CHANGE",
+                   "subject": format!("{po} change 1"), "summary": "Quantity on line 2 raised from 40 to 55 cases",
+                   "amount_delta": {"amount": "412.50", "currency": "USD"},
+                   "approver_contact_ids": ["buyer-maria"], "expires_at": now_ms + day}),
+            "860",
+            format!("APR-{}", 8_000 + seq),
+        ),
+        "wf.case.opened" | "wf.case.updated" => (
+            "CaseEvent",
+            json!({"case_id": format!("CASE-{}", 1_200 + seq), "category": "SHIPMENT",
+                   "status": if event_type == "wf.case.opened" { "OPEN" } else { "PENDING_PARTNER" },
+                   "title": format!("Short shipment on {shipment}"),
+                   "last_comment": "Please confirm the missing 24 cartons"}),
+            "CASE",
+            format!("CASE-{}", 1_200 + seq),
+        ),
+        "ops.summary.published" => (
+            "ActivitySummary",
+            json!({"period_start": now_ms - day, "period_end": now_ms, "scope": "all",
+                   "completed_pos": 42 + (seq % 10) as i64, "pending_invoices": 7, "failed_acknowledgements": 2,
+                   "open_exceptions": 3, "link": "https://ops.example.com/daily"}),
+            "SUMMARY",
+            format!("SUM-{seq}"),
+        ),
+        _ => return None,
+    };
+    let severity = match event_type {
+        "tg.document.validation_failed" | "tg.document.delivery_failed" | "tg.shipment.exception" => "CRITICAL",
+        "tg.invoice.rejected" | "tg.po.ack_overdue" => "WARNING",
+        _ => "INFO",
+    };
+    Some(json!({
+        "event_id": format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", seq.wrapping_mul(2_654_435_761) as u32, seq % 0xFFFF, seq % 0xFFF, (seq / 7) % 0xFFF, seq),
+        "event_type": event_type,
+        "schema_version": 1,
+        "occurred_at": now_ms,
+        "producer": if event_type.starts_with("wf.") { "WORKFLOW" } else { "TG_LENS" },
+        "tenant_buid": "GC00804444LX",
+        "correlation_id": format!("{partner_id}|{doc_type}|{document}"),
+        "causation_id": null,
+        "severity": severity,
+        "partner": {"partner_id": partner_id, "name": null, "trading_address": format!("ZZ:{partner_id}"), "role": "SUPPLIER"},
+        "edi": {"standard": "X12", "doc_type": doc_type, "version": "004010", "direction": "INBOUND",
+                "interchange_control_number": format!("{:09}", 100_000 + seq), "group_control_number": format!("{}", 2_000 + seq),
+                "transaction_set_control_number": format!("{:04}", seq % 10_000), "tg_transaction_id": format!("TG{:012}", seq),
+                "sender_address": format!("ZZ:{partner_id}"), "receiver_address": "ZZ:NORTHWIND"},
+        "payload": {payload_type: payload}
+    }))
+}
