@@ -1,0 +1,465 @@
+//! gridtalk's one typed configuration tree.
+//!
+//! Layers, later wins: the embedded defaults (`default.toml`, which also carry the routing rules
+//! and templates of the eight flows), then the file given with `--config`, then environment
+//! variables `GRIDTALK__SECTION__KEY=value` (values are read as TOML when they parse, else as
+//! strings). Unknown keys are errors. [`Config::load`] reports every problem it finds at once, not
+//! just the first. Secrets are [`Secret`]s: their `Debug` prints a mask, and they are never logged.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+mod secret;
+pub use secret::Secret;
+
+/// The embedded defaults.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub contract: ContractConfig,
+    pub route: RouteConfig,
+    pub send: SendConfig,
+    pub admin: AdminConfig,
+    pub directory: DirectoryConfig,
+    /// Routing rules: which events go to whom with which template. Evaluated in order; every
+    /// matching rule produces messages (a recipient reached by two rules for one event gets one).
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// Approved WhatsApp templates and how to fill them from an event.
+    #[serde(default)]
+    pub templates: Vec<TemplateConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated host:port list.
+    pub bootstrap_servers: String,
+    /// Consumer group ids are `<group_prefix>-route` and `<group_prefix>-send`.
+    pub group_prefix: String,
+    /// Replication factor for the topics gridtalk creates (1 for a single broker).
+    pub replication_factor: i32,
+    pub session_timeout_ms: u32,
+    /// How long produce and commit calls may take before they count as failed.
+    pub request_timeout_ms: u64,
+    /// Extra librdkafka properties, e.g. `security.protocol = "SASL_SSL"`, `sasl.mechanism`,
+    /// `sasl.username`, `sasl.password`, `ssl.ca.location`. Values of keys containing `password`
+    /// or `secret` are masked wherever the config is printed.
+    #[serde(default)]
+    pub client: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Topics carrying Trading Grid events (Avro). They must exist; gridtalk does not create them.
+    pub inputs: Vec<String>,
+    /// Rendered messages keyed by sending phone-number id.
+    pub outbox: String,
+    /// One record per message WhatsApp accepted, keyed by recipient contact.
+    pub sent: String,
+    /// Dead letters: original bytes and headers plus `gridtalk.dlq.*` reason headers.
+    pub dlq: String,
+    /// Compacted directory overrides: key `partner:<id>` or `contact:<id>`, JSON value, null deletes.
+    pub directory: String,
+    /// Partition count used when gridtalk creates its own topics.
+    pub partitions: i32,
+    /// Create the internal topics (outbox, sent, dlq, directory) at start-up if missing.
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractConfig {
+    /// Confluent Schema Registry base URL for records in the Confluent framing.
+    pub schema_registry_url: Option<String>,
+    pub schema_registry_username: Option<String>,
+    pub schema_registry_password: Option<Secret>,
+    /// Directory of extra `.avsc` writer schemas (older contract versions) for single-object records.
+    pub extra_schema_dir: Option<PathBuf>,
+    /// Records larger than this go to the dead-letter topic as `oversized`.
+    pub max_event_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Events with an id seen within this window are dropped as duplicates.
+    pub dedupe_window_secs: u64,
+    /// Upper bound of remembered event ids per process; the oldest are forgotten first.
+    pub dedupe_max_entries: usize,
+    /// Outbox produces awaiting acknowledgement at once; the consumer pauses beyond it.
+    pub max_in_flight: usize,
+    /// Language used when a contact has none.
+    pub default_language: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendConfig {
+    /// Cloud API base URL (`https://graph.facebook.com` in production).
+    pub api_base_url: String,
+    /// Graph API version, e.g. `v25.0`; bump about once a year.
+    pub api_version: String,
+    /// The sending business phone-number id (the Graph id, not the number).
+    pub phone_number_id: String,
+    /// System-user access token. Prefer `access_token_file`.
+    pub access_token: Option<Secret>,
+    /// File holding the access token; re-read when WhatsApp reports the token invalid, so a
+    /// rotated token is picked up without a restart.
+    pub access_token_file: Option<PathBuf>,
+    /// The number's throughput limit (Meta's default is 80).
+    pub max_messages_per_second: u32,
+    /// Headroom kept below the limits so network jitter never pushes a send over them.
+    pub rate_safety_margin_percent: u32,
+    /// Minimum spacing of messages to one recipient (Meta's pair limit: about one per 6 s).
+    pub pair_interval_ms: u64,
+    /// Messages one recipient may receive back to back before spacing applies.
+    pub pair_burst: u32,
+    /// Sends in flight at once across all recipients.
+    pub max_in_flight: usize,
+    pub request_timeout_ms: u64,
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    /// Attempts for errors Meta calls unknown (131000) before dead-lettering.
+    pub max_unknown_error_attempts: u32,
+    /// While the number is halted (token expired, account blocked), how often one message is tried.
+    pub halt_probe_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+    /// Log format: `json` or `text`.
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// Partner and contact directory file (TOML); the directory topic overrides its entries.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    /// Event types this rule applies to.
+    pub event_types: Vec<String>,
+    /// Partner ids; empty means every partner.
+    #[serde(default)]
+    pub partners: Vec<String>,
+    /// INFO, WARNING or CRITICAL: the rule applies at this severity and above.
+    #[serde(default)]
+    pub min_severity: Option<String>,
+    /// JSON pointer of a money amount and the threshold it must reach.
+    #[serde(default)]
+    pub amount_path: Option<String>,
+    #[serde(default)]
+    pub min_amount: Option<f64>,
+    /// JSON pointer and value the event must have, e.g. `/payload/escalation_level` = `1`.
+    #[serde(default)]
+    pub when_path: Option<String>,
+    #[serde(default)]
+    pub when_equals: Option<String>,
+    pub audience: AudienceConfig,
+    pub template: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceConfig {
+    /// Roles of contacts that belong to the event's partner.
+    #[serde(default)]
+    pub partner_roles: Vec<String>,
+    /// Roles of the company's own contacts (no partner).
+    #[serde(default)]
+    pub internal_roles: Vec<String>,
+    /// JSON pointer to an array of contact ids named by the event (e.g. designated approvers).
+    #[serde(default)]
+    pub contacts_from: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Approved template name in the WhatsApp Business account.
+    pub name: String,
+    /// Approved translations (exact codes: `en` and `en_US` differ). The first is the fallback.
+    pub languages: Vec<String>,
+    /// UTILITY for transactional alerts.
+    #[serde(default = "utility")]
+    pub category: String,
+    /// The approved body text with `{{1}}`..`{{n}}` placeholders (shown by the sandbox).
+    pub text: String,
+    /// JSON pointer of the business document the message is about.
+    pub document_key: String,
+    /// Body parameters, in placeholder order.
+    pub body: Vec<ParamConfig>,
+    /// Quick-reply buttons (at most 3 are used by gridtalk's flows).
+    #[serde(default)]
+    pub buttons: Vec<ButtonConfig>,
+}
+
+fn utility() -> String {
+    "UTILITY".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConfig {
+    /// JSON pointer into the event view, e.g. `/payload/po_number`.
+    pub path: String,
+    /// text, money, date, datetime, number or list.
+    #[serde(default = "text_format")]
+    pub format: String,
+    /// Used when the event has no value at `path`; without it a missing value is a dead letter.
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+fn text_format() -> String {
+    "text".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ButtonConfig {
+    /// The action the tap means (ACCEPT, REJECT, APPROVE ...), carried in the button payload.
+    pub action: String,
+    /// The button title as approved in the template (at most 20 characters).
+    pub title: String,
+}
+
+/// Every problem found while loading, each on its own line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+const PARAM_FORMATS: &[&str] = &["text", "money", "date", "datetime", "number", "list"];
+const SEVERITIES: &[&str] = &["INFO", "WARNING", "CRITICAL"];
+
+impl Config {
+    /// Loads defaults, then `file`, then `GRIDTALK__*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut merged: toml::Table = DEFAULT_TOML.parse().expect("embedded defaults parse");
+        if let Some(path) = file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match text.parse::<toml::Table>() {
+                    Ok(table) => merge(&mut merged, table),
+                    Err(e) => errors.push(format!("{}: {e}", path.display())),
+                },
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            }
+        }
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("GRIDTALK__") else { continue };
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            let parsed = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            if let Err(e) = set_path(&mut merged, &path, parsed) {
+                errors.push(format!("{key}: {e}"));
+            }
+        }
+        let config: Option<Config> = match toml::Value::Table(merged).try_into() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.push(e.to_string().trim().replace('\n', " "));
+                None
+            }
+        };
+        if let Some(config) = &config {
+            errors.extend(config.validate());
+        }
+        match config {
+            Some(c) if errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// Semantic checks serde cannot make. Returns every problem.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.topics.inputs.is_empty() {
+            errors.push("topics.inputs: at least one input topic is required".into());
+        }
+        if self.send.max_messages_per_second == 0 {
+            errors.push("send.max_messages_per_second must be at least 1".into());
+        }
+        if self.send.rate_safety_margin_percent >= 50 {
+            errors.push("send.rate_safety_margin_percent must be below 50".into());
+        }
+        if self.send.pair_burst == 0 {
+            errors.push("send.pair_burst must be at least 1".into());
+        }
+        if self.send.access_token.is_none() && self.send.access_token_file.is_none() {
+            errors.push("send: set access_token or access_token_file".into());
+        }
+        if !["json", "text"].contains(&self.admin.log_format.as_str()) {
+            errors.push(format!("admin.log_format: {} is not json or text", self.admin.log_format));
+        }
+        let mut template_names = std::collections::HashSet::new();
+        for t in &self.templates {
+            if !template_names.insert(t.name.as_str()) {
+                errors.push(format!("templates: {} is defined twice", t.name));
+            }
+            if t.languages.is_empty() {
+                errors.push(format!("templates.{}: at least one language is required", t.name));
+            }
+            let placeholders = (1..=t.body.len() + 1)
+                .take_while(|i| t.text.contains(&format!("{{{{{i}}}}}")))
+                .count();
+            if placeholders != t.body.len() {
+                errors.push(format!(
+                    "templates.{}: text has {placeholders} placeholders but {} body parameters",
+                    t.name,
+                    t.body.len()
+                ));
+            }
+            for p in &t.body {
+                if !PARAM_FORMATS.contains(&p.format.as_str()) {
+                    errors.push(format!("templates.{}: format {} is not one of {PARAM_FORMATS:?}", t.name, p.format));
+                }
+                if !p.path.starts_with('/') {
+                    errors.push(format!("templates.{}: path {} must be a JSON pointer", t.name, p.path));
+                }
+            }
+            if t.buttons.len() > 3 {
+                errors.push(format!("templates.{}: at most 3 quick-reply buttons", t.name));
+            }
+            for b in &t.buttons {
+                if b.title.is_empty() || b.title.chars().count() > 20 {
+                    errors.push(format!("templates.{}: button title {:?} must have 1 to 20 characters", t.name, b.title));
+                }
+            }
+        }
+        let mut rule_names = std::collections::HashSet::new();
+        for r in &self.rules {
+            if !rule_names.insert(r.name.as_str()) {
+                errors.push(format!("rules: {} is defined twice", r.name));
+            }
+            if !template_names.contains(r.template.as_str()) {
+                errors.push(format!("rules.{}: template {} is not defined", r.name, r.template));
+            }
+            if r.event_types.is_empty() {
+                errors.push(format!("rules.{}: event_types is empty", r.name));
+            }
+            if let Some(s) = &r.min_severity {
+                if !SEVERITIES.contains(&s.as_str()) {
+                    errors.push(format!("rules.{}: min_severity {s} is not one of {SEVERITIES:?}", r.name));
+                }
+            }
+            if r.min_amount.is_some() != r.amount_path.is_some() {
+                errors.push(format!("rules.{}: amount_path and min_amount go together", r.name));
+            }
+            if r.when_path.is_some() != r.when_equals.is_some() {
+                errors.push(format!("rules.{}: when_path and when_equals go together", r.name));
+            }
+            let a = &r.audience;
+            if a.partner_roles.is_empty() && a.internal_roles.is_empty() && a.contacts_from.is_none() {
+                errors.push(format!("rules.{}: the audience names nobody", r.name));
+            }
+        }
+        errors
+    }
+
+    /// The access token: from the file when one is configured (read fresh each call), else inline.
+    pub fn read_access_token(&self) -> Result<Secret, String> {
+        if let Some(path) = &self.send.access_token_file {
+            return std::fs::read_to_string(path)
+                .map(|t| Secret::new(t.trim()))
+                .map_err(|e| format!("{}: {e}", path.display()));
+        }
+        self.send
+            .access_token
+            .clone()
+            .ok_or_else(|| "no access token configured".to_string())
+    }
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => match table
+            .entry(first.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => set_path(t, rest, value),
+            _ => Err(format!("{first} is not a section")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_token() -> Vec<(String, String)> {
+        vec![("GRIDTALK__SEND__ACCESS_TOKEN".into(), "t0ken".into())]
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(None, with_token()).unwrap();
+        assert_eq!(config.send.max_messages_per_second, 80);
+        assert!(config.rules.len() >= 10);
+        assert_eq!(config.send.access_token.as_ref().unwrap().expose(), "t0ken");
+        assert!(!format!("{config:?}").contains("t0ken"));
+    }
+
+    #[test]
+    fn env_overrides_and_every_error_is_reported() {
+        let env = vec![
+            ("GRIDTALK__SEND__MAX_MESSAGES_PER_SECOND".into(), "0".into()),
+            ("GRIDTALK__SEND__PAIR_BURST".into(), "0".into()),
+            ("GRIDTALK__TOPICS__INPUTS".into(), "[]".into()),
+        ];
+        let errors = Config::load(None, env).unwrap_err().0;
+        let joined = errors.join("\n");
+        for needle in ["max_messages_per_second", "pair_burst", "topics.inputs", "access_token"] {
+            assert!(joined.contains(needle), "{needle} missing in {joined}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("gridtalk-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "[send]\nmax_mesages_per_second = 5\n").unwrap();
+        let errors = Config::load(Some(&file), with_token()).unwrap_err().0;
+        assert!(errors.join(" ").contains("max_mesages_per_second"), "{errors:?}");
+    }
+}
