@@ -1,0 +1,117 @@
+//! Kafka I/O shared by every stage: client settings, topic management, the offset tracker that
+//! turns "done" into safe commits, and the dead-letter writer.
+//!
+//! Guarantees:
+//! - Offsets are never committed automatically for records that were merely read: consumers run
+//!   with `enable.auto.offset.store=false`, and a stage stores an offset only through
+//!   [`OffsetTracker`], which yields the lowest offset still unfinished in a partition. librdkafka
+//!   then commits stored offsets periodically, on revoke and on close.
+//! - Producers are idempotent with `acks=all`, so a retried produce never duplicates or reorders
+//!   records within a partition.
+//! - A dead letter keeps the original key, value and headers and adds `gridtalk.dlq.*` headers;
+//!   [`dead_letter`] returns only once the broker has acknowledged it.
+
+mod dlq;
+mod offsets;
+mod topics;
+
+use std::time::Duration;
+
+use gridtalk_config::KafkaConfig;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientContext;
+
+pub use dlq::{dead_letter, replay_dead_letters, DeadLetterReason, ReplayFilter, ReplayReport, DLQ_HEADER_PREFIX};
+pub use offsets::OffsetTracker;
+pub use topics::{ensure_topics, missing_topics, TopicSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("Kafka client error: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("topic(s) missing on the broker: {0}; create them before starting gridtalk")]
+    MissingTopics(String),
+    #[error("could not create topic {topic}: {detail}")]
+    CreateTopic { topic: String, detail: String },
+}
+
+/// Base client settings: bootstrap servers plus every extra `kafka.client` property (TLS, SASL).
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.bootstrap_servers);
+    for (key, value) in &config.client {
+        client.set(key, value.expose());
+    }
+    client
+}
+
+/// An idempotent producer (`acks=all`) for hand-offs that must be durable before an offset moves.
+pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    Ok(client_config(config)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", config.request_timeout_ms.to_string())
+        .create()?)
+}
+
+/// Logs rebalances. Offsets stored so far are committed by librdkafka on revoke.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    pub stage: &'static str,
+}
+
+impl ClientContext for StageContext {}
+
+impl ConsumerContext for StageContext {
+    fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => tracing::info!(stage = self.stage, partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Assign(tpl) => tracing::info!(stage = self.stage, partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Error(e) => tracing::warn!(stage = self.stage, error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &rdkafka::TopicPartitionList) {
+        if let Err(e) = result {
+            // "No offset stored" is the normal answer when nothing new finished.
+            if !matches!(e, rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(stage = self.stage, error = %e, "offset commit failed; will retry with the next commit");
+            }
+        }
+    }
+}
+
+/// A group consumer for one stage: cooperative-sticky assignment, offsets stored only by the
+/// stage, stored offsets committed every second and on revoke/close.
+pub fn stage_consumer(
+    config: &KafkaConfig,
+    group_id: &str,
+    stage: &'static str,
+) -> Result<StreamConsumer<StageContext>, KafkaError> {
+    Ok(client_config(config)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("max.poll.interval.ms", "300000")
+        .create_with_context(StageContext { stage })?)
+}
+
+/// A consumer without a group, for tailing a topic from the beginning (the directory).
+pub fn tail_consumer(config: &KafkaConfig) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {
+    Ok(client_config(config)
+        .set("group.id", "gridtalk-unused")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?)
+}
+
+/// Timeout for metadata and admin calls.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,215 @@
+//! Telemetry in one place: every metric gridtalk exports is defined here (names follow
+//! `gridtalk_<stage>_<what>_total` / `_seconds`, labels are bounded sets: never a phone number,
+//! message id or free text), the admin HTTP server (`/metrics`, `/healthz`, `/readyz`) and log setup.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+/// All of gridtalk's metrics. One instance per process ([`Metrics::global`]).
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Input records read by the route stage, by topic.
+    pub events_consumed: IntCounterVec,
+    /// Events that produced at least one outbox message, by event type.
+    pub events_routed: IntCounterVec,
+    /// Events dropped as duplicates within the dedupe window, by event type.
+    pub events_deduplicated: IntCounterVec,
+    /// Events that matched no rule, by event type.
+    pub events_unrouted: IntCounterVec,
+    /// Records written to the dead-letter topic, by stage and reason.
+    pub dead_letters: IntCounterVec,
+    /// Outbox messages produced, by template.
+    pub messages_rendered: IntCounterVec,
+    /// WhatsApp send attempts by outcome (accepted, retry, dead_letter, halt) and error class.
+    pub sends: IntCounterVec,
+    /// Meta error codes seen, by code (a bounded set: Meta's documented codes).
+    pub send_errors: IntCounterVec,
+    /// Time spent waiting for a limiter, by limiter (throughput, pair).
+    pub rate_limit_wait_seconds: HistogramVec,
+    /// Cloud API request latency, by outcome.
+    pub send_request_seconds: HistogramVec,
+    /// Event occurred-at to WhatsApp acceptance.
+    pub end_to_end_seconds: HistogramVec,
+    /// 1 while the sending number is halted (token expired, account blocked), else 0.
+    pub sender_halted: IntGauge,
+    /// Sends in flight.
+    pub sends_in_flight: IntGauge,
+    /// Consumer lag per stage and partition (high watermark minus position).
+    pub consumer_lag: IntGaugeVec,
+    /// Directory entries loaded, by kind (partner, contact).
+    pub directory_entries: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn global() -> &'static Metrics {
+        static METRICS: OnceLock<Metrics> = OnceLock::new();
+        METRICS.get_or_init(Metrics::new)
+    }
+
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("metric definition");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric definition");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let wait_buckets = vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
+        let latency_buckets = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        Metrics {
+            events_consumed: counter("gridtalk_route_events_consumed_total", "Input records read by the route stage.", &["topic"]),
+            events_routed: counter("gridtalk_route_events_routed_total", "Events that produced outbox messages.", &["event_type"]),
+            events_deduplicated: counter("gridtalk_route_events_deduplicated_total", "Events dropped as duplicates within the dedupe window.", &["event_type"]),
+            events_unrouted: counter("gridtalk_route_events_unrouted_total", "Events that matched no routing rule.", &["event_type"]),
+            dead_letters: counter("gridtalk_dead_letters_total", "Records written to the dead-letter topic.", &["stage", "reason"]),
+            messages_rendered: counter("gridtalk_route_messages_rendered_total", "Outbox messages produced.", &["template"]),
+            sends: counter("gridtalk_send_attempts_total", "WhatsApp send attempts by outcome and error class.", &["outcome", "class"]),
+            send_errors: counter("gridtalk_send_errors_total", "WhatsApp error codes received.", &["code"]),
+            rate_limit_wait_seconds: histogram("gridtalk_send_rate_limit_wait_seconds", "Time spent waiting for a rate limiter.", &["limiter"], wait_buckets),
+            send_request_seconds: histogram("gridtalk_send_request_seconds", "Cloud API request latency.", &["outcome"], latency_buckets.clone()),
+            end_to_end_seconds: histogram("gridtalk_end_to_end_seconds", "Event occurred-at to WhatsApp acceptance.", &["event_type"], vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
+            sender_halted: gauge("gridtalk_send_halted", "1 while the sending number is halted and alerting."),
+            sends_in_flight: gauge("gridtalk_send_in_flight", "Sends in flight."),
+            consumer_lag: gauge_vec("gridtalk_consumer_lag", "Consumer lag per stage and partition.", &["stage", "topic", "partition"]),
+            directory_entries: gauge_vec("gridtalk_directory_entries", "Directory entries loaded.", &["kind"]),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding");
+        String::from_utf8(buffer).expect("utf-8 exposition")
+    }
+}
+
+/// Readiness of the process: ready once every stage that runs has its assignment and state.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    checks: Arc<std::sync::Mutex<Vec<(String, Arc<AtomicBool>)>>>,
+}
+
+impl Readiness {
+    /// Registers a named check, initially not ready. Set it with the returned flag.
+    pub fn register(&self, name: &str) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.checks.lock().expect("readiness").push((name.to_string(), flag.clone()));
+        flag
+    }
+
+    /// Names of checks that are not ready.
+    pub fn pending(&self) -> Vec<String> {
+        self.checks
+            .lock()
+            .expect("readiness")
+            .iter()
+            .filter(|(_, f)| !f.load(Ordering::Acquire))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` is cancelled.
+pub async fn serve_admin(
+    listen: SocketAddr,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "admin endpoint listening");
+    axum::serve(listener, admin_router(readiness))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+pub fn admin_router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(|| async { Metrics::global().render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(readiness): State<Readiness>| async move {
+                let pending = readiness.pending();
+                if pending.is_empty() {
+                    (StatusCode::OK, "ready".to_string())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("waiting for: {}", pending.join(", ")))
+                }
+            }),
+        )
+        .with_state(readiness)
+}
+
+/// Installs the global tracing subscriber (JSON or text), filtered by `RUST_LOG` (default info).
+/// Safe to call more than once; later calls do nothing.
+pub fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,tansu=warn,tansu_broker=warn,tansu_storage=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.with_target(false).try_init()
+    };
+}
+
+/// Masks a phone number for logs: keeps the country-code side and the last two digits.
+pub fn mask_phone(phone: &str) -> String {
+    let digits: Vec<char> = phone.chars().filter(|c| c.is_ascii_digit()).collect();
+    if digits.len() <= 4 {
+        return "***".into();
+    }
+    let head: String = digits[..2].iter().collect();
+    let tail: String = digits[digits.len() - 2..].iter().collect();
+    format!("+{head}{}{tail}", "*".repeat(digits.len() - 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_masked() {
+        assert_eq!(mask_phone("+15551234567"), "+15*******67");
+        assert_eq!(mask_phone("12"), "***");
+    }
+
+    #[test]
+    fn metrics_render_with_conventional_names() {
+        let m = Metrics::global();
+        m.dead_letters.with_label_values(&["route", "malformed_avro"]).inc();
+        let text = m.render();
+        assert!(text.contains("gridtalk_dead_letters_total{reason=\"malformed_avro\",stage=\"route\"}"));
+    }
+}
