@@ -1,0 +1,24 @@
+//! The route stage: Trading Grid events in, rendered WhatsApp messages out on the outbox topic.
+//!
+//! For each input record, in partition order: decode (either wire format) → validate → drop if
+//! its event id was routed within the dedupe window → resolve the partner and the audience of
+//! every matching rule in the directory → render the templates → produce to the outbox keyed by the
+//! sending phone-number id. Anything that cannot be routed goes to the dead-letter topic with its
+//! reason.
+//!
+//! Guarantees: an input offset is stored only after every record it caused (outbox messages or
+//! the dead letter) is acknowledged by the broker, so a crash replays and never loses. Messages
+//! about one document keep their order: the input is keyed by correlation key (one partition per
+//! document), records are produced in consumption order by an idempotent producer, and the
+//! outbox is keyed by sending number. A produce that fails after the producer's own retries
+//! stops the stage with an error (the process restarts and replays), never skips.
+
+mod dedupe;
+pub mod directory;
+mod render;
+mod stage;
+
+pub use dedupe::DedupeWindow;
+pub use directory::{Contact, Directory, DirectoryFile, Partner, SharedDirectory};
+pub use render::{plan, RouteFailure, RoutePlan};
+pub use stage::{run, RouteError};

@@ -1,0 +1,302 @@
+//! A thin client for the part of the WhatsApp Business Cloud API gridtalk uses, the request
+//! builders for the message shapes it sends, and the classification of Meta's error codes.
+//!
+//! The client never retries by itself: it reports what happened ([`SendError`] with an
+//! [`ErrorClass`]) and the send stage decides. Classification follows Meta's advice to act on
+//! `error.code`, never on the HTTP status or the message text.
+
+use std::time::Duration;
+
+use gridtalk_config::Secret;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// What to do about a failed send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Try again later with backoff; nothing is wrong with the message.
+    Retry(RetryScope),
+    /// The message can never be sent as it is: dead-letter it with the reason.
+    Permanent,
+    /// The sending number cannot send at all (token, account, policy): stop every send of the
+    /// number, alert, keep the messages, and resume when it works again.
+    HaltSender,
+}
+
+/// What a retry waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryScope {
+    /// Throughput of the number (130429), app or WABA limits, transient server errors.
+    Number,
+    /// The pair limit of one recipient (131056): only that recipient waits.
+    Recipient,
+    /// Meta's "unknown error": retried a few times, then dead-lettered.
+    Limited,
+}
+
+impl ErrorClass {
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::Retry(RetryScope::Number) => "retry",
+            ErrorClass::Retry(RetryScope::Recipient) => "retry_recipient",
+            ErrorClass::Retry(RetryScope::Limited) => "retry_limited",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::HaltSender => "halt",
+        }
+    }
+}
+
+/// Classifies a Graph / Cloud API error code (see the reference's error table).
+pub fn classify(code: i64) -> ErrorClass {
+    match code {
+        130429 | 4 | 80007 | 1 | 2 | 131016 | 131057 => ErrorClass::Retry(RetryScope::Number),
+        131056 => ErrorClass::Retry(RetryScope::Recipient),
+        131000 | 131053 => ErrorClass::Retry(RetryScope::Limited),
+        190 | 0 | 3 | 10 | 200..=299 | 368 | 131031 | 131042 | 133010 | 131048 | 132015 | 132016 => {
+            ErrorClass::HaltSender
+        }
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// Meta's error body: `{"error": {"message", "type", "code", "error_data": {"details"}, "fbtrace_id"}}`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct GraphError {
+    pub code: i64,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub error_data: Option<ErrorData>,
+    #[serde(default)]
+    pub fbtrace_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ErrorData {
+    #[serde(default)]
+    pub details: Option<String>,
+}
+
+impl GraphError {
+    pub fn details(&self) -> &str {
+        self.error_data
+            .as_ref()
+            .and_then(|d| d.details.as_deref())
+            .unwrap_or(&self.message)
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: GraphError,
+}
+
+/// A failed send.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// Meta answered with an error body.
+    #[error("WhatsApp error {} (HTTP {status}): {}", error.code, error.details())]
+    Graph { status: u16, error: GraphError },
+    /// No usable answer: connection failure, timeout, 5xx without a Graph body, garbage.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+impl SendError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SendError::Graph { error, .. } => classify(error.code),
+            SendError::Transport(_) => ErrorClass::Retry(RetryScope::Number),
+        }
+    }
+
+    pub fn code(&self) -> Option<i64> {
+        match self {
+            SendError::Graph { error, .. } => Some(error.code),
+            SendError::Transport(_) => None,
+        }
+    }
+}
+
+/// A message WhatsApp accepted (200): accepted, not yet delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub wamid: String,
+    pub wa_id: String,
+    pub message_status: String,
+}
+
+#[derive(Deserialize)]
+struct SendResponse {
+    #[serde(default)]
+    contacts: Vec<ContactEntry>,
+    messages: Vec<MessageEntry>,
+}
+
+#[derive(Deserialize)]
+struct ContactEntry {
+    #[serde(default)]
+    wa_id: String,
+}
+
+#[derive(Deserialize)]
+struct MessageEntry {
+    id: String,
+    #[serde(default)]
+    message_status: Option<String>,
+}
+
+/// Sends messages for one business phone number.
+#[derive(Debug, Clone)]
+pub struct CloudApiClient {
+    http: reqwest::Client,
+    messages_url: String,
+}
+
+impl CloudApiClient {
+    pub fn new(base_url: &str, api_version: &str, phone_number_id: &str, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .expect("HTTP client with static settings");
+        CloudApiClient {
+            http,
+            messages_url: format!(
+                "{}/{}/{}/messages",
+                base_url.trim_end_matches('/'),
+                api_version,
+                phone_number_id
+            ),
+        }
+    }
+
+    /// POSTs one rendered request body.
+    pub async fn send(&self, token: &Secret, body: &str) -> Result<Accepted, SendError> {
+        let response = self
+            .http
+            .post(&self.messages_url)
+            .bearer_auth(token.expose())
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| SendError::Transport(e.to_string()))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| SendError::Transport(e.to_string()))?;
+        if (200..300).contains(&status) {
+            let parsed: SendResponse = serde_json::from_slice(&bytes)
+                .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))?;
+            let message = parsed
+                .messages
+                .into_iter()
+                .next()
+                .ok_or_else(|| SendError::Transport("success body without a message id".into()))?;
+            return Ok(Accepted {
+                wamid: message.id,
+                wa_id: parsed.contacts.into_iter().next().map(|c| c.wa_id).unwrap_or_default(),
+                message_status: message.message_status.unwrap_or_else(|| "accepted".into()),
+            });
+        }
+        match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
+            Ok(envelope) => Err(SendError::Graph {
+                status,
+                error: envelope.error,
+            }),
+            Err(_) => Err(SendError::Transport(format!(
+                "HTTP {status} without a Graph error body"
+            ))),
+        }
+    }
+}
+
+/// Normalises a phone number to WhatsApp's `to` form: E.164 digits without `+`. Spaces, dashes,
+/// dots and parentheses are dropped; anything else, or a length outside 8..=15 digits, is invalid.
+pub fn normalize_phone(input: &str) -> Result<String, String> {
+    let trimmed = input.trim();
+    let body = trimmed.strip_prefix('+').unwrap_or(trimmed);
+    let mut digits = String::with_capacity(body.len());
+    for c in body.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            ' ' | '-' | '.' | '(' | ')' => {}
+            other => return Err(format!("phone number contains {other:?}")),
+        }
+    }
+    if digits.starts_with('0') {
+        return Err("phone number must start with a country code, not 0".into());
+    }
+    if !(8..=15).contains(&digits.len()) {
+        return Err(format!("phone number has {} digits, expected 8 to 15", digits.len()));
+    }
+    Ok(digits)
+}
+
+/// A template message with positional body parameters and quick-reply button payloads.
+pub fn template_message(
+    to: &str,
+    template: &str,
+    language: &str,
+    body_parameters: &[String],
+    quick_reply_payloads: &[String],
+) -> Value {
+    let mut components = vec![json!({
+        "type": "body",
+        "parameters": body_parameters.iter().map(|p| json!({"type": "text", "text": p})).collect::<Vec<_>>(),
+    })];
+    for (index, payload) in quick_reply_payloads.iter().enumerate() {
+        components.push(json!({
+            "type": "button",
+            "sub_type": "quick_reply",
+            "index": index.to_string(),
+            "parameters": [{"type": "payload", "payload": payload}],
+        }));
+    }
+    json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "template",
+        "template": {"name": template, "language": {"code": language}, "components": components},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_map_to_the_documented_actions() {
+        assert_eq!(classify(130429), ErrorClass::Retry(RetryScope::Number));
+        assert_eq!(classify(131056), ErrorClass::Retry(RetryScope::Recipient));
+        assert_eq!(classify(131000), ErrorClass::Retry(RetryScope::Limited));
+        for halt in [190, 0, 3, 10, 200, 299, 368, 131031, 131042, 133010, 131048, 132015, 132016] {
+            assert_eq!(classify(halt), ErrorClass::HaltSender, "{halt}");
+        }
+        for permanent in [131047, 131026, 131050, 132000, 132001, 132005, 132007, 132008, 132012, 100, 131008, 131009, 131030] {
+            assert_eq!(classify(permanent), ErrorClass::Permanent, "{permanent}");
+        }
+    }
+
+    #[test]
+    fn phone_numbers_are_normalised_or_refused() {
+        assert_eq!(normalize_phone("+1 (555) 123-4567").unwrap(), "15551234567");
+        assert_eq!(normalize_phone("4915112345678").unwrap(), "4915112345678");
+        assert!(normalize_phone("0151 1234567").is_err());
+        assert!(normalize_phone("+1555").is_err());
+        assert!(normalize_phone("+1555CALLNOW").is_err());
+        assert!(normalize_phone("+1234567890123456").is_err());
+    }
+
+    #[test]
+    fn graph_errors_parse() {
+        let body = r#"{"error":{"message":"(#130429) Rate limit hit","type":"OAuthException","code":130429,"error_data":{"messaging_product":"whatsapp","details":"too many"},"fbtrace_id":"Az8"}}"#;
+        let e: ErrorEnvelope = serde_json::from_str(body).unwrap();
+        assert_eq!(e.error.code, 130429);
+        assert_eq!(e.error.details(), "too many");
+    }
+}

@@ -1,0 +1,206 @@
+//! The partner and contact directory: who works for which partner, in which roles, at which phone
+//! number, in which language, and whether they opted in to WhatsApp.
+//!
+//! Two sources: a TOML file (the baseline, read at start-up) and a compacted Kafka topic whose
+//! records override or delete entries (key `partner:<id>` or `contact:<id>`, JSON value, null value
+//! deletes). Every route instance reads the whole topic (it is not partitioned work), from the
+//! beginning, and is ready only once it has caught up with the topic's end.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use gridtalk_config::KafkaConfig;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Partner {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub trading_addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    pub id: String,
+    pub name: String,
+    /// E.164, with or without `+`.
+    pub phone: String,
+    /// Preferred template language, e.g. `de_DE`.
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Only contacts who opted in receive WhatsApp messages.
+    #[serde(default)]
+    pub opted_in: bool,
+    /// The partner this contact works for; none for the company's own people.
+    #[serde(default)]
+    pub partner: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// The file format.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryFile {
+    #[serde(default)]
+    pub partners: Vec<Partner>,
+    #[serde(default)]
+    pub contacts: Vec<Contact>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    partners: HashMap<String, Partner>,
+    contacts: HashMap<String, Contact>,
+}
+
+impl Directory {
+    pub fn from_file_data(file: DirectoryFile) -> Self {
+        let mut d = Directory::default();
+        for p in file.partners {
+            d.partners.insert(p.id.clone(), p);
+        }
+        for c in file.contacts {
+            d.contacts.insert(c.id.clone(), c);
+        }
+        d
+    }
+
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: DirectoryFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Self::from_file_data(file))
+    }
+
+    /// Applies one directory-topic record. Returns an error for a record it cannot read (the
+    /// entry is then left as it was).
+    pub fn apply(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), String> {
+        let (kind, id) = key.split_once(':').ok_or_else(|| format!("key {key:?} is not kind:id"))?;
+        match (kind, value) {
+            ("partner", None) => {
+                self.partners.remove(id);
+            }
+            ("contact", None) => {
+                self.contacts.remove(id);
+            }
+            ("partner", Some(v)) => {
+                let p: Partner = serde_json::from_slice(v).map_err(|e| format!("{key}: {e}"))?;
+                self.partners.insert(id.to_string(), p);
+            }
+            ("contact", Some(v)) => {
+                let c: Contact = serde_json::from_slice(v).map_err(|e| format!("{key}: {e}"))?;
+                self.contacts.insert(id.to_string(), c);
+            }
+            _ => return Err(format!("key {key:?}: kind must be partner or contact")),
+        }
+        Ok(())
+    }
+
+    pub fn partner(&self, id: &str) -> Option<&Partner> {
+        self.partners.get(id)
+    }
+
+    pub fn contact(&self, id: &str) -> Option<&Contact> {
+        self.contacts.get(id)
+    }
+
+    /// Contacts of `partner` (or internal ones when `None`) having any of `roles`, sorted by id.
+    pub fn with_roles(&self, partner: Option<&str>, roles: &[String]) -> Vec<&Contact> {
+        let mut found: Vec<&Contact> = self
+            .contacts
+            .values()
+            .filter(|c| c.partner.as_deref() == partner && c.roles.iter().any(|r| roles.contains(r)))
+            .collect();
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        (self.partners.len(), self.contacts.len())
+    }
+}
+
+/// The directory shared between the tailing task and the route stage.
+pub type SharedDirectory = Arc<RwLock<Directory>>;
+
+fn publish_counts(directory: &Directory) {
+    let (partners, contacts) = directory.counts();
+    let m = gridtalk_telemetry::Metrics::global();
+    m.directory_entries.with_label_values(&["partner"]).set(partners as i64);
+    m.directory_entries.with_label_values(&["contact"]).set(contacts as i64);
+}
+
+/// Tails the directory topic into `directory` until `shutdown`. Sets `ready` once the end of the
+/// topic as of start-up has been applied. Runs on a blocking thread (librdkafka polling).
+pub fn tail_directory(
+    kafka: KafkaConfig,
+    topic: String,
+    directory: SharedDirectory,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let consumer: BaseConsumer = gridtalk_kafka::tail_consumer(&kafka).map_err(|e| e.to_string())?;
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), gridtalk_kafka::ADMIN_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let mut assignment = TopicPartitionList::new();
+    let mut catch_up: HashMap<i32, i64> = HashMap::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            assignment
+                .add_partition_offset(&topic, p.id(), Offset::Beginning)
+                .map_err(|e| e.to_string())?;
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, p.id(), gridtalk_kafka::ADMIN_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            if high > 0 {
+                catch_up.insert(p.id(), high);
+            }
+        }
+    }
+    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    if catch_up.is_empty() {
+        ready.store(true, Ordering::Release);
+    }
+    publish_counts(&directory.read().expect("directory lock"));
+    while !shutdown.is_cancelled() {
+        let Some(result) = consumer.poll(Duration::from_millis(250)) else { continue };
+        let message = match result {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "directory topic read failed; retrying");
+                continue;
+            }
+        };
+        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+        {
+            let mut d = directory.write().expect("directory lock");
+            match d.apply(&key, message.payload()) {
+                Ok(()) => tracing::debug!(key = %key, "directory entry updated"),
+                Err(e) => tracing::warn!(error = %e, offset = message.offset(), "directory record ignored"),
+            }
+            publish_counts(&d);
+        }
+        if let Some(high) = catch_up.get(&message.partition()).copied() {
+            if message.offset() + 1 >= high {
+                catch_up.remove(&message.partition());
+                if catch_up.is_empty() {
+                    tracing::info!("directory caught up with its topic");
+                    ready.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The route stage's consumer loop (see the crate docs for its guarantees).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use gridtalk_config::Config;
+use gridtalk_contract::{
+    AvroRecord, ContractSchemas, DecodeErrorKind, EventDecoder, EventView, RegistryClient, SchemaSet,
+};
+use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, StageContext};
+use gridtalk_telemetry::{Metrics, Readiness};
+
+use crate::dedupe::DedupeWindow;
+use crate::directory::{tail_directory, Directory, SharedDirectory};
+use crate::render::plan;
+
+const STAGE: &str = "route";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("hand-off failed, stopping so that the records are replayed: {0}")]
+    HandOff(String),
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+struct Shared {
+    config: Arc<Config>,
+    consumer: StreamConsumer<StageContext>,
+    producer: FutureProducer,
+    tracker: Mutex<OffsetTracker>,
+    failure: Mutex<Option<String>>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    /// Marks `offset` done and stores the new committable position if it advanced.
+    fn finish(&self, topic: &str, partition: i32, offset: i64) {
+        let next = self.tracker.lock().expect("tracker").finish(topic, partition, offset);
+        if let Some(next) = next {
+            let mut tpl = TopicPartitionList::new();
+            if tpl.add_partition_offset(topic, partition, Offset::Offset(next)).is_ok() {
+                if let Err(e) = self.consumer.store_offsets(&tpl) {
+                    // The partition was revoked meanwhile; its new owner replays from the last commit.
+                    tracing::debug!(error = %e, topic, partition, "offset not stored");
+                }
+            }
+        }
+    }
+
+    fn fail(&self, detail: String) {
+        tracing::error!(stage = STAGE, error = %detail, "hand-off failed; stopping the stage");
+        self.failure.lock().expect("failure").get_or_insert(detail);
+        self.stop.cancel();
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.kafka.request_timeout_ms)
+    }
+}
+
+fn decoder(config: &Config) -> Result<EventDecoder, RouteError> {
+    let mut known = SchemaSet::contract();
+    if let Some(dir) = &config.contract.extra_schema_dir {
+        known.load_dir(dir).map_err(|e| RouteError::Config(e.join("; ")))?;
+    }
+    let registry = config.contract.schema_registry_url.as_deref().map(|url| {
+        let auth = config
+            .contract
+            .schema_registry_username
+            .clone()
+            .map(|u| (u, config.contract.schema_registry_password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default()));
+        RegistryClient::new(url, auth, Duration::from_secs(10))
+    });
+    Ok(EventDecoder::new(
+        ContractSchemas::get().trading_grid_event.clone(),
+        known,
+        registry,
+        config.contract.max_event_bytes,
+    ))
+}
+
+/// Runs the route stage until `shutdown` is cancelled or a hand-off fails.
+pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: CancellationToken) -> Result<(), RouteError> {
+    let ready = readiness.register("route");
+    let missing = gridtalk_kafka::missing_topics(&config.kafka, &config.topics.inputs)?;
+    if !missing.is_empty() {
+        return Err(KafkaError::MissingTopics(missing.join(", ")).into());
+    }
+    let decoder = decoder(&config)?;
+
+    // The directory: file baseline, then the topic's overrides, caught up before routing starts.
+    let directory: SharedDirectory = Arc::new(RwLock::new(match &config.directory.file {
+        Some(path) => Directory::load(path).map_err(RouteError::Config)?,
+        None => Directory::default(),
+    }));
+    let directory_ready = Arc::new(AtomicBool::new(false));
+    let tail = {
+        let (kafka, topic, directory, ready, stop) = (
+            config.kafka.clone(),
+            config.topics.directory.clone(),
+            directory.clone(),
+            directory_ready.clone(),
+            shutdown.child_token(),
+        );
+        tokio::task::spawn_blocking(move || tail_directory(kafka, topic, directory, ready, stop))
+    };
+    while !directory_ready.load(Ordering::Acquire) {
+        if shutdown.is_cancelled() || tail.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if tail.is_finished() && !shutdown.is_cancelled() {
+        let result = tail.await.map_err(|e| RouteError::Config(e.to_string()))?;
+        result.map_err(RouteError::Config)?;
+        return Err(RouteError::Config("directory reader stopped".into()));
+    }
+
+    let group = format!("{}-route", config.kafka.group_prefix);
+    let consumer = gridtalk_kafka::stage_consumer(&config.kafka, &group, STAGE)?;
+    let inputs: Vec<&str> = config.topics.inputs.iter().map(String::as_str).collect();
+    consumer.subscribe(&inputs).map_err(KafkaError::from)?;
+    let shared = Arc::new(Shared {
+        producer: gridtalk_kafka::producer(&config.kafka)?,
+        config: config.clone(),
+        consumer,
+        tracker: Mutex::new(OffsetTracker::default()),
+        failure: Mutex::new(None),
+        stop: shutdown.child_token(),
+    });
+    let in_flight = Arc::new(Semaphore::new(config.route.max_in_flight.max(1)));
+    let mut dedupe = DedupeWindow::new(
+        (config.route.dedupe_window_secs as i64).saturating_mul(1000),
+        config.route.dedupe_max_entries,
+    );
+    ready.store(true, Ordering::Release);
+    tracing::info!(group, topics = ?config.topics.inputs, "route stage running");
+
+    loop {
+        let message = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            received = shared.consumer.recv() => match received {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consume error; continuing");
+                    continue;
+                }
+            },
+        };
+        let permit = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            p = in_flight.clone().acquire_owned() => p.expect("semaphore open"),
+        };
+        shared.tracker.lock().expect("tracker").start(message.topic(), message.partition(), message.offset());
+        Metrics::global().events_consumed.with_label_values(&[message.topic()]).inc();
+        route_one(&shared, &decoder, &directory, &mut dedupe, message, permit).await;
+    }
+
+    // Drain: every started hand-off finishes (or fails) before the final commit.
+    let drain = async {
+        let _all = in_flight.acquire_many(config.route.max_in_flight.max(1) as u32).await;
+    };
+    if tokio::time::timeout(shared.timeout(), drain).await.is_err() {
+        tracing::warn!("route drain deadline passed; unfinished records will be replayed");
+    }
+    match shared.consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed; records since the last commit will be replayed"),
+    }
+    shared.consumer.unsubscribe();
+    if let Some(detail) = shared.failure.lock().expect("failure").take() {
+        return Err(RouteError::HandOff(detail));
+    }
+    tracing::info!("route stage stopped");
+    Ok(())
+}
+
+fn spawn_dead_letter(
+    shared: Arc<Shared>,
+    message: OwnedMessage,
+    reason: DeadLetterReason,
+    detail: String,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tokio::spawn(async move {
+        let result = dead_letter(&shared.producer, &shared.config.topics.dlq, STAGE, reason, &detail, &message, &[], shared.timeout()).await;
+        match result {
+            Ok(()) => shared.finish(message.topic(), message.partition(), message.offset()),
+            Err(e) => shared.fail(format!("dead letter for {}/{}/{}: {e}", message.topic(), message.partition(), message.offset())),
+        }
+        drop(permit);
+    });
+}
+
+async fn route_one(
+    shared: &Arc<Shared>,
+    decoder: &EventDecoder,
+    directory: &SharedDirectory,
+    dedupe: &mut DedupeWindow,
+    message: OwnedMessage,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let dead = |reason: DeadLetterReason, detail: String, permit| {
+        spawn_dead_letter(shared.clone(), message.clone(), reason, detail, permit)
+    };
+    let Some(payload) = message.payload() else {
+        return dead(DeadLetterReason::MalformedAvro, "record has no value".into(), permit);
+    };
+    let decoded = loop {
+        match decoder.decode(payload).await {
+            Ok(d) => break d,
+            Err(e) if e.kind == DecodeErrorKind::RegistryUnavailable => {
+                // Not the record's fault: wait for the registry rather than dead-letter.
+                tracing::warn!(error = %e, "schema registry unavailable; retrying");
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                }
+            }
+            Err(e) => {
+                let reason = match e.kind {
+                    DecodeErrorKind::Malformed => DeadLetterReason::MalformedAvro,
+                    DecodeErrorKind::UnknownSchema => DeadLetterReason::UnknownSchema,
+                    DecodeErrorKind::Oversized => DeadLetterReason::Oversized,
+                    _ => DeadLetterReason::MissingField,
+                };
+                return dead(reason, e.detail, permit);
+            }
+        }
+    };
+    let view = EventView::from_resolved(&decoded.value, decoder.reader_schema());
+    let now = now_ms();
+    if dedupe.contains(view.event_id(), now) {
+        Metrics::global().events_deduplicated.with_label_values(&[view.event_type()]).inc();
+        tracing::info!(event_id = view.event_id(), event_type = view.event_type(), "duplicate event dropped");
+        shared.finish(message.topic(), message.partition(), message.offset());
+        return;
+    }
+    let planned = {
+        let directory = directory.read().expect("directory lock");
+        plan(&view, &shared.config, &directory, now)
+    };
+    let plan = match planned {
+        Ok(p) => p,
+        Err(failure) => return dead(failure.reason, failure.detail, permit),
+    };
+    if plan.messages.is_empty() {
+        Metrics::global().events_unrouted.with_label_values(&[view.event_type()]).inc();
+        tracing::info!(event_id = view.event_id(), event_type = view.event_type(), "no rule matched");
+        shared.finish(message.topic(), message.partition(), message.offset());
+        return;
+    }
+    dedupe.remember(view.event_id(), now);
+    let mut deliveries = Vec::with_capacity(plan.messages.len());
+    for outbox in &plan.messages {
+        let bytes = outbox.to_avro();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "gridtalk.event_id", value: Some(outbox.event_id.as_bytes()) })
+            .insert(Header { key: "gridtalk.message_id", value: Some(outbox.message_id.as_bytes()) });
+        let record = FutureRecord::to(&shared.config.topics.outbox)
+            .key(outbox.phone_number_id.as_bytes())
+            .payload(&bytes)
+            .headers(headers);
+        // send_result enqueues now (keeping consumption order); the ack is awaited below.
+        match shared.producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((e, _)) => {
+                shared.fail(format!("outbox enqueue: {e}"));
+                return;
+            }
+        }
+        Metrics::global()
+            .messages_rendered
+            .with_label_values(&[outbox.template_name.as_deref().unwrap_or("none")])
+            .inc();
+    }
+    Metrics::global().events_routed.with_label_values(&[view.event_type()]).inc();
+    tracing::info!(event_id = view.event_id(), event_type = view.event_type(), messages = plan.messages.len(), "event routed");
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        for delivery in join_all(deliveries).await {
+            match delivery {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return shared.fail(format!("outbox produce: {e}")),
+                Err(_) => return shared.fail("outbox produce cancelled".into()),
+            }
+        }
+        shared.finish(message.topic(), message.partition(), message.offset());
+        drop(permit);
+    });
+}
