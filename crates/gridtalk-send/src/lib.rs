@@ -1,0 +1,27 @@
+//! The send stage: rendered messages from the outbox topic to the WhatsApp Cloud API, within
+//! Meta's limits, with the sent log as the record of what WhatsApp accepted.
+//!
+//! Guarantees:
+//! - **Within limits.** One throughput limiter for the sending number (the outbox is keyed by
+//!   number, so one consumer owns all of a number's sends) and one pair limiter per recipient,
+//!   both a configured margin below Meta's limits. A message that must wait, waits; nothing is
+//!   dropped for being early.
+//! - **Order per recipient.** Messages to one recipient are sent one at a time in outbox order
+//!   (so messages about one document reach a person in event order); different recipients are
+//!   worked concurrently, up to `send.max_in_flight`.
+//! - **Nothing lost.** An outbox offset is stored only after the message was accepted by WhatsApp
+//!   and its sent-log record acknowledged, or after it was dead-lettered. Offsets move only up to
+//!   the lowest unfinished message.
+//! - **Errors by class.** Retryable errors back off with jitter (the pair limit only delays that
+//!   recipient); permanent ones are dead-lettered with Meta's code; sender-fatal ones (expired
+//!   token, blocked account) halt every send of the number, raise `gridtalk_send_halted`, and one
+//!   message probes periodically (re-reading the token file) until sending works again.
+//!
+//! The one possible duplicate is a send in flight when the process dies (WhatsApp has no
+//! idempotency key); the sent index that suppresses replays after a crash is a later stage of work.
+
+mod limits;
+mod stage;
+
+pub use limits::SendLimits;
+pub use stage::{run, SendError};

@@ -1,0 +1,345 @@
+//! The send stage's consumer loop and per-recipient workers (see the crate docs).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use gridtalk_config::{Config, Secret};
+use gridtalk_contract::{AvroRecord, OutboxMessage, SentMessage};
+use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, StageContext};
+use gridtalk_telemetry::{mask_phone, Metrics, Readiness};
+use gridtalk_whatsapp::{CloudApiClient, ErrorClass, RetryScope};
+
+use crate::limits::SendLimits;
+
+const STAGE: &str = "send";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("hand-off failed, stopping so that the records are replayed: {0}")]
+    HandOff(String),
+}
+
+struct Job {
+    message: OwnedMessage,
+    outbox: OutboxMessage,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Shared {
+    config: Arc<Config>,
+    consumer: StreamConsumer<StageContext>,
+    producer: FutureProducer,
+    client: CloudApiClient,
+    token: RwLock<Secret>,
+    limits: SendLimits,
+    tracker: Mutex<OffsetTracker>,
+    /// Pending jobs per recipient; a recipient has an entry exactly while its worker runs.
+    queues: Mutex<HashMap<String, VecDeque<Job>>>,
+    halted: watch::Sender<bool>,
+    /// Held by the one worker that probes while the number is halted.
+    prober: tokio::sync::Mutex<()>,
+    failure: Mutex<Option<String>>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn finish(&self, message: &OwnedMessage) {
+        let next = self
+            .tracker
+            .lock()
+            .expect("tracker")
+            .finish(message.topic(), message.partition(), message.offset());
+        if let Some(next) = next {
+            let mut tpl = TopicPartitionList::new();
+            if tpl.add_partition_offset(message.topic(), message.partition(), Offset::Offset(next)).is_ok() {
+                if let Err(e) = self.consumer.store_offsets(&tpl) {
+                    tracing::debug!(error = %e, "offset not stored (partition revoked)");
+                }
+            }
+        }
+    }
+
+    fn fail(&self, detail: String) {
+        tracing::error!(stage = STAGE, error = %detail, "hand-off failed; stopping the stage");
+        self.failure.lock().expect("failure").get_or_insert(detail);
+        self.stop.cancel();
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.kafka.request_timeout_ms)
+    }
+
+    /// Sleeps unless the stage stops first. Returns false when stopping.
+    async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let initial = self.config.send.retry_initial_backoff_ms as f64;
+        let max = self.config.send.retry_max_backoff_ms as f64;
+        let base = (initial * 2f64.powi(attempt.min(20) as i32)).min(max);
+        // Full jitter between half and the whole backoff.
+        Duration::from_millis(rand::rng().random_range(base / 2.0..=base.max(1.0)) as u64)
+    }
+}
+
+/// Runs the send stage until `shutdown` is cancelled or a hand-off fails.
+pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: CancellationToken) -> Result<(), SendError> {
+    let ready = readiness.register("send");
+    let token = config.read_access_token().map_err(SendError::Config)?;
+    let group = format!("{}-send", config.kafka.group_prefix);
+    let consumer = gridtalk_kafka::stage_consumer(&config.kafka, &group, STAGE)?;
+    consumer.subscribe(&[config.topics.outbox.as_str()]).map_err(KafkaError::from)?;
+    let send = &config.send;
+    let shared = Arc::new(Shared {
+        producer: gridtalk_kafka::producer(&config.kafka)?,
+        client: CloudApiClient::new(&send.api_base_url, &send.api_version, &send.phone_number_id, Duration::from_millis(send.request_timeout_ms)),
+        token: RwLock::new(token),
+        limits: SendLimits::new(send),
+        tracker: Mutex::new(OffsetTracker::default()),
+        queues: Mutex::new(HashMap::new()),
+        halted: watch::channel(false).0,
+        prober: tokio::sync::Mutex::new(()),
+        failure: Mutex::new(None),
+        stop: shutdown.child_token(),
+        consumer,
+        config: config.clone(),
+    });
+    let max_in_flight = config.send.max_in_flight.max(1);
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    ready.store(true, Ordering::Release);
+    tracing::info!(group, topic = %config.topics.outbox, "send stage running");
+    let mut last_shrink = Instant::now();
+
+    loop {
+        let permit = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            p = in_flight.clone().acquire_owned() => p.expect("semaphore open"),
+        };
+        let message = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            received = shared.consumer.recv() => match received {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consume error; continuing");
+                    continue;
+                }
+            },
+        };
+        shared.tracker.lock().expect("tracker").start(message.topic(), message.partition(), message.offset());
+        Metrics::global().sends_in_flight.set((max_in_flight - in_flight.available_permits()) as i64);
+        let outbox = match message.payload().map(OutboxMessage::from_avro) {
+            Some(Ok(o)) => o,
+            other => {
+                let detail = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "outbox record has no value".into(),
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    dead_letter_job(&shared, &message, DeadLetterReason::MalformedOutbox, &detail, &[]).await;
+                    drop(permit);
+                });
+                continue;
+            }
+        };
+        let recipient = outbox.recipient.clone();
+        let job = Job { message, outbox, _permit: permit };
+        let spawn_worker = {
+            let mut queues = shared.queues.lock().expect("queues");
+            match queues.get_mut(&recipient) {
+                Some(queue) => {
+                    queue.push_back(job);
+                    false
+                }
+                None => {
+                    queues.insert(recipient.clone(), VecDeque::from([job]));
+                    true
+                }
+            }
+        };
+        if spawn_worker {
+            tokio::spawn(recipient_worker(shared.clone(), recipient));
+        }
+        if last_shrink.elapsed() > Duration::from_secs(60) {
+            shared.limits.shrink();
+            last_shrink = Instant::now();
+        }
+    }
+
+    // Drain: wait for in-flight sends up to the deadline, then commit what finished.
+    let drain = async {
+        let _all = in_flight.acquire_many(max_in_flight as u32).await;
+    };
+    if tokio::time::timeout(shared.timeout(), drain).await.is_err() {
+        tracing::warn!("send drain deadline passed; unfinished messages will be replayed");
+    }
+    match shared.consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed; messages since the last commit will be replayed"),
+    }
+    shared.consumer.unsubscribe();
+    if let Some(detail) = shared.failure.lock().expect("failure").take() {
+        return Err(SendError::HandOff(detail));
+    }
+    tracing::info!("send stage stopped");
+    Ok(())
+}
+
+async fn recipient_worker(shared: Arc<Shared>, recipient: String) {
+    loop {
+        let job = {
+            let mut queues = shared.queues.lock().expect("queues");
+            let Some(queue) = queues.get_mut(&recipient) else { return };
+            match queue.pop_front() {
+                Some(job) => job,
+                None => {
+                    queues.remove(&recipient);
+                    return;
+                }
+            }
+        };
+        if !send_job(&shared, &job).await {
+            // Stopping: leave the rest unfinished so they are replayed.
+            shared.queues.lock().expect("queues").remove(&recipient);
+            return;
+        }
+    }
+}
+
+async fn dead_letter_job(shared: &Shared, message: &OwnedMessage, reason: DeadLetterReason, detail: &str, extra: &[(&str, &str)]) {
+    match dead_letter(&shared.producer, &shared.config.topics.dlq, STAGE, reason, detail, message, extra, shared.timeout()).await {
+        Ok(()) => shared.finish(message),
+        Err(e) => shared.fail(format!("dead letter: {e}")),
+    }
+}
+
+/// Sends one message until it is accepted, dead-lettered, or the stage stops (returns false).
+async fn send_job(shared: &Shared, job: &Job) -> bool {
+    let metrics = Metrics::global();
+    let outbox = &job.outbox;
+    let mut attempt: u32 = 0;
+    let mut recipient_attempt: u32 = 0;
+    loop {
+        if *shared.halted.borrow() {
+            match shared.prober.try_lock() {
+                Ok(_probe) => {
+                    // This worker probes for the number: wait, pick up a rotated token, try.
+                    if !shared.pause(Duration::from_millis(shared.config.send.halt_probe_interval_ms)).await {
+                        return false;
+                    }
+                    match shared.config.read_access_token() {
+                        Ok(token) => *shared.token.write().expect("token") = token,
+                        Err(e) => tracing::warn!(error = %e, "could not re-read the access token"),
+                    }
+                }
+                Err(_) => {
+                    let mut rx = shared.halted.subscribe();
+                    tokio::select! {
+                        _ = shared.stop.cancelled() => return false,
+                        _ = rx.wait_for(|halted| !*halted) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => return false,
+            _ = shared.limits.until_ready(&outbox.recipient) => {}
+        }
+        let token = shared.token.read().expect("token").clone();
+        let started = Instant::now();
+        let result = shared.client.send(&token, &outbox.request_json).await;
+        attempt += 1;
+        match result {
+            Ok(accepted) => {
+                metrics.send_request_seconds.with_label_values(&["accepted"]).observe(started.elapsed().as_secs_f64());
+                metrics.sends.with_label_values(&["accepted", "none"]).inc();
+                if shared.halted.send_replace(false) {
+                    metrics.sender_halted.set(0);
+                    tracing::warn!(phone_number_id = %outbox.phone_number_id, "sending resumed");
+                }
+                let sent = SentMessage {
+                    wamid: accepted.wamid.clone(),
+                    message_id: outbox.message_id.clone(),
+                    event_id: outbox.event_id.clone(),
+                    event_type: outbox.event_type.clone(),
+                    correlation_id: outbox.correlation_id.clone(),
+                    document_key: outbox.document_key.clone(),
+                    partner_id: outbox.partner_id.clone(),
+                    phone_number_id: outbox.phone_number_id.clone(),
+                    contact_id: outbox.contact_id.clone(),
+                    recipient: outbox.recipient.clone(),
+                    wa_id: accepted.wa_id.clone(),
+                    template_name: outbox.template_name.clone(),
+                    message_status: accepted.message_status.clone(),
+                    attempts: attempt as i32,
+                    accepted_at: chrono::Utc::now().timestamp_millis(),
+                };
+                let bytes = sent.to_avro();
+                let record = FutureRecord::to(&shared.config.topics.sent).key(outbox.contact_id.as_bytes()).payload(&bytes);
+                if let Err((e, _)) = shared.producer.send(record, shared.timeout()).await {
+                    shared.fail(format!("sent log: {e}"));
+                    return false;
+                }
+                let age = (sent.accepted_at - outbox.created_at).max(0) as f64 / 1000.0;
+                metrics.end_to_end_seconds.with_label_values(&[&outbox.event_type]).observe(age);
+                tracing::info!(wamid = %accepted.wamid, to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, "message accepted by WhatsApp");
+                shared.finish(&job.message);
+                return true;
+            }
+            Err(error) => {
+                let class = error.class();
+                let code = error.code().map(|c| c.to_string()).unwrap_or_else(|| "transport".into());
+                metrics.send_request_seconds.with_label_values(&["error"]).observe(started.elapsed().as_secs_f64());
+                metrics.send_errors.with_label_values(&[&code]).inc();
+                let wait = match class {
+                    ErrorClass::Retry(RetryScope::Number) => shared.backoff(attempt - 1),
+                    ErrorClass::Retry(RetryScope::Recipient) => {
+                        // Meta's advice for the pair limit: 4^x seconds, only for this recipient.
+                        recipient_attempt += 1;
+                        Duration::from_secs(4u64.pow(recipient_attempt.min(4) - 1))
+                            .min(Duration::from_millis(shared.config.send.retry_max_backoff_ms))
+                    }
+                    ErrorClass::Retry(RetryScope::Limited) if attempt < shared.config.send.max_unknown_error_attempts => shared.backoff(attempt - 1),
+                    ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent => {
+                        metrics.sends.with_label_values(&["dead_letter", class.label()]).inc();
+                        let reason = if class == ErrorClass::Permanent { DeadLetterReason::WhatsappPermanent } else { DeadLetterReason::WhatsappRetriesExhausted };
+                        dead_letter_job(shared, &job.message, reason, &error.to_string(), &[("whatsapp_code", &code)]).await;
+                        return true;
+                    }
+                    ErrorClass::HaltSender => {
+                        metrics.sends.with_label_values(&["halt", class.label()]).inc();
+                        if !shared.halted.send_replace(true) {
+                            metrics.sender_halted.set(1);
+                            tracing::error!(code = %code, error = %error, phone_number_id = %outbox.phone_number_id, "sending halted for the number: operator action needed (token, account or policy); messages are kept");
+                        }
+                        continue;
+                    }
+                };
+                metrics.sends.with_label_values(&["retry", class.label()]).inc();
+                tracing::info!(code = %code, attempt, wait_ms = wait.as_millis() as u64, to = %mask_phone(&outbox.recipient), "send will be retried");
+                if !shared.pause(wait).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
