@@ -1,0 +1,491 @@
+//! A local stand-in for the WhatsApp Business Cloud API, for the demo and the tests. Never part
+//! of the production binary.
+//!
+//! It behaves like Meta where gridtalk can tell: `POST /{version}/{phone-number-id}/messages`
+//! with bearer auth; Meta's validation (known templates, exact language codes, parameter counts,
+//! interactive limits, phone format) answered with Meta's error bodies and codes; the throughput
+//! limit of a number (130429, sliding one-second window) and the pair limit of a recipient
+//! (131056, GCRA with Meta's 6 s / burst 45 by default); fault injection (5xx, slow answers,
+//! expired token 190); and signed status webhooks (`sent`, `delivered`, `read`) posted to a
+//! configured URL with `X-Hub-Signature-256`. `GET /_sandbox/messages` and `/_sandbox/stats` show
+//! what it received, for tests and people.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+
+/// An approved template as Meta knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovedTemplate {
+    pub name: String,
+    pub languages: Vec<String>,
+    pub body_parameters: usize,
+    pub quick_replies: usize,
+    /// Body text with `{{n}}` placeholders, for people looking at the sandbox.
+    #[serde(default)]
+    pub text: String,
+}
+
+/// Faults to inject, changeable at run time through `POST /_sandbox/faults`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Share of requests answered with HTTP 500 before anything is processed (0.0 to 1.0).
+    pub server_error_rate: f64,
+    /// Share of requests delayed by `slow_ms` (processed after the delay).
+    pub slow_rate: f64,
+    pub slow_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxConfig {
+    pub phone_number_ids: Vec<String>,
+    /// Tokens accepted; any other bearer token gets error 190.
+    pub valid_tokens: Vec<String>,
+    /// App secret that signs webhooks.
+    pub app_secret: String,
+    /// Where status webhooks go; none means statuses are only recorded.
+    pub webhook_url: Option<String>,
+    pub templates: Vec<ApprovedTemplate>,
+    pub throughput_per_second: u32,
+    pub pair_interval_ms: u64,
+    pub pair_burst: u32,
+    pub faults: Faults,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            phone_number_ids: vec!["106540352242922".into()],
+            valid_tokens: vec!["sandbox-token".into()],
+            app_secret: "sandbox-app-secret".into(),
+            webhook_url: None,
+            templates: Vec::new(),
+            throughput_per_second: 80,
+            pair_interval_ms: 6_000,
+            pair_burst: 45,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// A message the sandbox accepted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceivedMessage {
+    pub wamid: String,
+    pub phone_number_id: String,
+    pub to: String,
+    pub template: Option<String>,
+    pub language: Option<String>,
+    /// Body parameters in order (templates), or the text body.
+    pub parameters: Vec<String>,
+    /// The template text with the parameters filled in, as the person would read it.
+    pub rendered: String,
+    pub request: Value,
+    pub received_at_ms: i64,
+}
+
+/// Counters of what the sandbox answered.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub requests: u64,
+    pub accepted: u64,
+    /// Error answers by Meta code (`"500"` for injected server errors).
+    pub errors: HashMap<String, u64>,
+    pub webhooks_sent: u64,
+    pub webhooks_failed: u64,
+}
+
+struct Inner {
+    config: SandboxConfig,
+    messages: Vec<ReceivedMessage>,
+    stats: Stats,
+    window: HashMap<String, VecDeque<Instant>>,
+    /// GCRA theoretical arrival time per (number, recipient).
+    pair_tat: HashMap<(String, String), Instant>,
+    next_id: u64,
+}
+
+/// A running sandbox. Cheap to clone.
+#[derive(Clone)]
+pub struct Sandbox {
+    inner: Arc<Mutex<Inner>>,
+    http: reqwest::Client,
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("addr", &self.addr).finish()
+    }
+}
+
+fn graph_error(status: StatusCode, code: i64, title: &str, details: &str) -> Response {
+    let trace: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(22).map(char::from).collect();
+    let body = json!({"error": {
+        "message": format!("(#{code}) {title}"),
+        "type": "OAuthException",
+        "code": code,
+        "error_data": {"messaging_product": "whatsapp", "details": details},
+        "fbtrace_id": trace,
+    }});
+    (status, Json(body)).into_response()
+}
+
+/// HMAC-SHA256 signature header value over `body`, as Meta sends it.
+pub fn signature(app_secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Sandbox {
+    /// Starts the sandbox on `listen` (port 0 picks a free port) until `shutdown`.
+    pub async fn start(config: SandboxConfig, listen: SocketAddr, shutdown: CancellationToken) -> std::io::Result<Sandbox> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let sandbox = Sandbox {
+            inner: Arc::new(Mutex::new(Inner {
+                config,
+                messages: Vec::new(),
+                stats: Stats::default(),
+                window: HashMap::new(),
+                pair_tat: HashMap::new(),
+                next_id: 1,
+            })),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client"),
+            addr,
+        };
+        let app = Router::new()
+            .route("/{version}/{phone_number_id}/messages", post(send_message))
+            .route("/_sandbox/messages", get(list_messages).delete(clear_messages))
+            .route("/_sandbox/stats", get(stats))
+            .route("/_sandbox/faults", post(set_faults))
+            .route("/_sandbox/tokens", post(set_tokens))
+            .with_state(sandbox.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+        });
+        tracing::info!(%addr, "WhatsApp sandbox listening");
+        Ok(sandbox)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn messages(&self) -> Vec<ReceivedMessage> {
+        self.inner.lock().expect("sandbox").messages.clone()
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.inner.lock().expect("sandbox").stats.clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.inner.lock().expect("sandbox").config.faults = faults;
+    }
+
+    /// Replaces the accepted tokens: an empty list expires every token (error 190).
+    pub fn set_valid_tokens(&self, tokens: Vec<String>) {
+        self.inner.lock().expect("sandbox").config.valid_tokens = tokens;
+    }
+
+    pub fn set_webhook_url(&self, url: Option<String>) {
+        self.inner.lock().expect("sandbox").config.webhook_url = url;
+    }
+
+    /// Validates and, if allowed, accepts one request. Pure bookkeeping, no I/O.
+    fn handle(&self, version: &str, phone_number_id: &str, headers: &HeaderMap, body: &[u8]) -> Result<ReceivedMessage, Response> {
+        let mut inner = self.inner.lock().expect("sandbox");
+        inner.stats.requests += 1;
+        let result = validate_and_accept(&mut inner, version, phone_number_id, headers, body);
+        match &result {
+            Ok(_) => inner.stats.accepted += 1,
+            Err((code, _)) => *inner.stats.errors.entry(code.to_string()).or_default() += 1,
+        }
+        result.map_err(|(_, response)| response)
+    }
+
+    fn schedule_statuses(&self, message: &ReceivedMessage) {
+        let (url, secret) = {
+            let inner = self.inner.lock().expect("sandbox");
+            (inner.config.webhook_url.clone(), inner.config.app_secret.clone())
+        };
+        let Some(url) = url else { return };
+        let sandbox = self.clone();
+        let message = message.clone();
+        tokio::spawn(async move {
+            for (status, delay_ms) in [("sent", 50u64), ("delivered", 150), ("read", 400)] {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                let payload = json!({
+                    "object": "whatsapp_business_account",
+                    "entry": [{"id": "WABA-SANDBOX", "changes": [{"field": "messages", "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": {"display_phone_number": "15550783881", "phone_number_id": message.phone_number_id},
+                        "statuses": [{"id": message.wamid, "status": status,
+                                      "timestamp": (chrono::Utc::now().timestamp()).to_string(),
+                                      "recipient_id": message.to,
+                                      "pricing": {"pricing_model": "PMP", "category": "utility", "type": "regular"}}]
+                    }}]}]
+                });
+                let body = payload.to_string();
+                let result = sandbox
+                    .http
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .header("X-Hub-Signature-256", signature(&secret, body.as_bytes()))
+                    .body(body)
+                    .send()
+                    .await;
+                let ok = matches!(&result, Ok(r) if r.status().is_success());
+                let mut inner = sandbox.inner.lock().expect("sandbox");
+                if ok { inner.stats.webhooks_sent += 1 } else { inner.stats.webhooks_failed += 1 }
+            }
+        });
+    }
+}
+
+type Rejection = (i64, Response);
+
+fn reject(status: StatusCode, code: i64, title: &str, details: &str) -> Rejection {
+    (code, graph_error(status, code, title, details))
+}
+
+fn invalid(details: &str) -> Rejection {
+    reject(StatusCode::BAD_REQUEST, 100, "Invalid parameter", details)
+}
+
+fn validate_and_accept(inner: &mut Inner, _version: &str, phone_number_id: &str, headers: &HeaderMap, body: &[u8]) -> Result<ReceivedMessage, Rejection> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| reject(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token", "An access token is required to request this resource."))?;
+    if !inner.config.valid_tokens.iter().any(|t| t == token) {
+        return Err(reject(StatusCode::UNAUTHORIZED, 190, "Error validating access token", "Error validating access token: Session has expired or the token is invalid."));
+    }
+    if !inner.config.phone_number_ids.iter().any(|p| p == phone_number_id) {
+        return Err(invalid(&format!("Unsupported post request. Object with ID '{phone_number_id}' does not exist")));
+    }
+    let request: Value = serde_json::from_slice(body).map_err(|e| invalid(&format!("request body is not JSON: {e}")))?;
+    if request.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
+        return Err(invalid("messaging_product must be \"whatsapp\""));
+    }
+    let to = request.get("to").and_then(Value::as_str).ok_or_else(|| invalid("The parameter to is required."))?;
+    if !(8..=15).contains(&to.len()) || !to.chars().all(|c| c.is_ascii_digit()) || to.starts_with('0') {
+        return Err(invalid(&format!("to: {to:?} is not a valid WhatsApp phone number")));
+    }
+    let kind = request.get("type").and_then(Value::as_str).unwrap_or("text");
+    let (template, language, parameters, rendered) = match kind {
+        "template" => validate_template(inner, &request)?,
+        "text" => {
+            let text = request.pointer("/text/body").and_then(Value::as_str).ok_or_else(|| invalid("text.body is required"))?;
+            if text.chars().count() > 4096 {
+                return Err(invalid("text.body is longer than 4096 characters"));
+            }
+            (None, None, vec![text.to_string()], text.to_string())
+        }
+        "interactive" => {
+            let body = request.pointer("/interactive/body/text").and_then(Value::as_str).ok_or_else(|| invalid("interactive.body.text is required"))?;
+            if body.chars().count() > 1024 {
+                return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "interactive body is longer than 1024 characters"));
+            }
+            if let Some(buttons) = request.pointer("/interactive/action/buttons").and_then(Value::as_array) {
+                if buttons.is_empty() || buttons.len() > 3 {
+                    return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "buttons must have 1 to 3 entries"));
+                }
+                let mut titles = std::collections::HashSet::new();
+                for b in buttons {
+                    let title = b.pointer("/reply/title").and_then(Value::as_str).unwrap_or("");
+                    let id = b.pointer("/reply/id").and_then(Value::as_str).unwrap_or("");
+                    if title.is_empty() || title.chars().count() > 20 || !titles.insert(title) {
+                        return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "button titles must be unique and 1 to 20 characters"));
+                    }
+                    if id.is_empty() || id.len() > 256 {
+                        return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "button ids must be 1 to 256 characters"));
+                    }
+                }
+            }
+            (None, None, vec![body.to_string()], body.to_string())
+        }
+        other => return Err(invalid(&format!("message type {other} is not supported by the sandbox"))),
+    };
+    let now = Instant::now();
+    // Throughput: at most N accepted messages per number in any one-second window.
+    let limit = inner.config.throughput_per_second as usize;
+    let window = inner.window.entry(phone_number_id.to_string()).or_default();
+    while window.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
+        window.pop_front();
+    }
+    if window.len() >= limit {
+        return Err(reject(StatusCode::BAD_REQUEST, 130429, "Rate limit hit", "Message failed to send because there were too many messages sent from this phone number in a short period of time"));
+    }
+    // Pair limit: GCRA with emission interval T and burst B.
+    let interval = Duration::from_millis(inner.config.pair_interval_ms);
+    let tolerance = interval * inner.config.pair_burst.saturating_sub(1);
+    let key = (phone_number_id.to_string(), to.to_string());
+    let tat = inner.pair_tat.get(&key).copied().unwrap_or(now).max(now);
+    if tat.duration_since(now) > tolerance {
+        return Err(reject(StatusCode::BAD_REQUEST, 131056, "(Business Account, Consumer Account) pair rate limit hit", "Message failed to send because there were too many messages sent from this phone number to the same phone number in a short period of time"));
+    }
+    inner.pair_tat.insert(key, tat + interval);
+    inner.window.entry(phone_number_id.to_string()).or_default().push_back(now);
+    let id = inner.next_id;
+    inner.next_id += 1;
+    let wamid = format!("wamid.SBX{}{:012}", phone_number_id.chars().rev().take(4).collect::<String>(), id);
+    let message = ReceivedMessage {
+        wamid,
+        phone_number_id: phone_number_id.to_string(),
+        to: to.to_string(),
+        template,
+        language,
+        parameters,
+        rendered,
+        request,
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    inner.messages.push(message.clone());
+    Ok(message)
+}
+
+type TemplateParts = (Option<String>, Option<String>, Vec<String>, String);
+
+fn validate_template(inner: &Inner, request: &Value) -> Result<TemplateParts, Rejection> {
+    let name = request.pointer("/template/name").and_then(Value::as_str).ok_or_else(|| invalid("template.name is required"))?;
+    let language = request.pointer("/template/language/code").and_then(Value::as_str).ok_or_else(|| invalid("template.language.code is required"))?;
+    let missing = || reject(StatusCode::NOT_FOUND, 132001, "Template name does not exist in the translation", &format!("template name ({name}) does not exist in {language}"));
+    let approved = inner.config.templates.iter().find(|t| t.name == name).ok_or_else(missing)?;
+    if !approved.languages.iter().any(|l| l == language) {
+        return Err(missing());
+    }
+    let components = request.pointer("/template/components").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut body_params = Vec::new();
+    let mut quick_replies = 0;
+    for c in &components {
+        match c.get("type").and_then(Value::as_str) {
+            Some("body") => {
+                for p in c.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default() {
+                    let text = p.get("text").and_then(Value::as_str).ok_or_else(|| reject(StatusCode::BAD_REQUEST, 132012, "Parameter format does not match format in the created template", "body parameters must be text"))?;
+                    if text.contains('\n') || text.contains('\t') || text.contains("     ") {
+                        return Err(reject(StatusCode::BAD_REQUEST, 132008, "Template parameter value is invalid", "Param text cannot have new-line/tab characters or more than 4 consecutive spaces"));
+                    }
+                    body_params.push(text.to_string());
+                }
+            }
+            Some("button") => {
+                if c.get("sub_type").and_then(Value::as_str) == Some("quick_reply") {
+                    let payload = c.pointer("/parameters/0/payload").and_then(Value::as_str).unwrap_or("");
+                    if payload.is_empty() || payload.len() > 256 {
+                        return Err(invalid("quick_reply payload must be 1 to 256 characters"));
+                    }
+                    quick_replies += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    if body_params.len() != approved.body_parameters {
+        return Err(reject(StatusCode::BAD_REQUEST, 132000, "Number of parameters does not match the expected number of params", &format!("body: number of localizable_params ({}) does not match the expected number of params ({})", body_params.len(), approved.body_parameters)));
+    }
+    if quick_replies > approved.quick_replies {
+        return Err(reject(StatusCode::BAD_REQUEST, 132000, "Number of parameters does not match the expected number of params", &format!("buttons: {quick_replies} quick replies but the template has {}", approved.quick_replies)));
+    }
+    let mut rendered = approved.text.clone();
+    for (i, p) in body_params.iter().enumerate() {
+        rendered = rendered.replace(&format!("{{{{{}}}}}", i + 1), p);
+    }
+    Ok((Some(name.to_string()), Some(language.to_string()), body_params, rendered))
+}
+
+async fn send_message(
+    State(sandbox): State<Sandbox>,
+    Path((version, phone_number_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let faults = sandbox.inner.lock().expect("sandbox").config.faults.clone();
+    let (fail, slow) = {
+        let mut rng = rand::rng();
+        (rng.random_bool(faults.server_error_rate.clamp(0.0, 1.0)), rng.random_bool(faults.slow_rate.clamp(0.0, 1.0)))
+    };
+    if fail {
+        let mut inner = sandbox.inner.lock().expect("sandbox");
+        inner.stats.requests += 1;
+        *inner.stats.errors.entry("500".into()).or_default() += 1;
+        return (StatusCode::INTERNAL_SERVER_ERROR, "upstream unavailable").into_response();
+    }
+    if slow {
+        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
+    }
+    match sandbox.handle(&version, &phone_number_id, &headers, &body) {
+        Ok(message) => {
+            sandbox.schedule_statuses(&message);
+            Json(json!({
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": message.to, "wa_id": message.to}],
+                "messages": [{"id": message.wamid, "message_status": "accepted"}],
+            }))
+            .into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn list_messages(State(sandbox): State<Sandbox>) -> Json<Vec<ReceivedMessage>> {
+    Json(sandbox.messages())
+}
+
+async fn clear_messages(State(sandbox): State<Sandbox>) -> StatusCode {
+    sandbox.inner.lock().expect("sandbox").messages.clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn stats(State(sandbox): State<Sandbox>) -> Json<Stats> {
+    Json(sandbox.stats())
+}
+
+async fn set_faults(State(sandbox): State<Sandbox>, Json(faults): Json<Faults>) -> StatusCode {
+    sandbox.set_faults(faults);
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+struct Tokens {
+    valid: Vec<String>,
+}
+
+async fn set_tokens(State(sandbox): State<Sandbox>, Json(tokens): Json<Tokens>) -> StatusCode {
+    sandbox.set_valid_tokens(tokens.valid);
+    StatusCode::NO_CONTENT
+}
+
+/// The approved-template list matching gridtalk's template configuration.
+pub fn templates_from_config(templates: &[gridtalk_config::TemplateConfig]) -> Vec<ApprovedTemplate> {
+    templates
+        .iter()
+        .map(|t| ApprovedTemplate {
+            name: t.name.clone(),
+            languages: t.languages.clone(),
+            body_parameters: t.body.len(),
+            quick_replies: t.buttons.len(),
+            text: t.text.clone(),
+        })
+        .collect()
+}
