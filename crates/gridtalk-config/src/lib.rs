@@ -269,12 +269,7 @@ impl Config {
         for (key, value) in env {
             let Some(rest) = key.strip_prefix("GRIDTALK__") else { continue };
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-            let parsed = format!("v = {value}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or(toml::Value::String(value));
-            if let Err(e) = set_path(&mut merged, &path, parsed) {
+            if let Err(e) = set_path(&mut merged, &path, value) {
                 errors.push(format!("{key}: {e}"));
             }
         }
@@ -405,10 +400,28 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+/// Reads an environment value as the type the defaults give the key: a key that is a string by
+/// default (or has no default) stays a string unless written as a TOML array, table or quoted
+/// string; other keys are parsed as TOML (`80`, `true`, `["a", "b"]`).
+fn env_value(existing: Option<&toml::Value>, raw: String) -> toml::Value {
+    let parse = |raw: &str| {
+        format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+    };
+    let looks_structured = raw.starts_with('[') || raw.starts_with('{') || raw.starts_with('"');
+    match existing {
+        Some(toml::Value::String(_)) | None if !looks_structured => toml::Value::String(raw),
+        _ => parse(&raw).unwrap_or(toml::Value::String(raw)),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], raw: String) -> Result<(), String> {
     match path {
         [] => Err("empty key".into()),
         [last] => {
+            let value = env_value(table.get(last), raw);
             table.insert(last.clone(), value);
             Ok(())
         }
@@ -416,7 +429,7 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
             .entry(first.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         {
-            toml::Value::Table(t) => set_path(t, rest, value),
+            toml::Value::Table(t) => set_path(t, rest, raw),
             _ => Err(format!("{first} is not a section")),
         },
     }

@@ -1,1 +1,132 @@
-fn main() {}
+//! The gridtalk command: `run` (production), `check`, `dlq replay`, and `demo` (embedded default,
+//! only in builds with the `demo` feature).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gridtalk::{run_stages, Stage};
+use gridtalk_config::Config;
+use gridtalk_telemetry::Readiness;
+use tokio_util::sync::CancellationToken;
+
+#[cfg(feature = "demo")]
+mod demo;
+
+#[derive(Parser, Debug)]
+#[command(name = "gridtalk", version, about = "Trading Grid events to WhatsApp messages, and the replies back")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the stages against a Kafka cluster.
+    Run {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
+        /// Stages to run in this process (default: all).
+        #[arg(long, value_delimiter = ',', default_value = "route,send")]
+        stages: Vec<Stage>,
+    },
+    /// Validate the configuration, routing rules, templates and directory without starting anything.
+    Check {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Dead-letter topic tools.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Everything in one process: embedded broker, all stages, WhatsApp sandbox, sample traffic.
+    #[cfg(feature = "demo")]
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Re-publish dead letters to their source topic (or --to-topic).
+    Replay {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only letters with this reason code (e.g. unknown_partner).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only letters that came from this topic.
+        #[arg(long)]
+        source_topic: Option<String>,
+        #[arg(long)]
+        to_topic: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(Config::load(config.map(|p| p.as_path()), std::env::vars())?)
+}
+
+/// Cancels `token` on the first SIGINT/SIGTERM; a second signal exits at once.
+fn handle_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                tracing::info!("shutting down: draining in-flight work (a second signal exits at once)");
+                token.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, stages } => {
+            let config = Arc::new(load(config.as_ref())?);
+            gridtalk_telemetry::init_logging(&config.admin.log_format);
+            let shutdown = CancellationToken::new();
+            handle_signals(shutdown.clone());
+            let readiness = Readiness::default();
+            let admin = tokio::spawn(gridtalk_telemetry::serve_admin(config.admin.listen, readiness.clone(), shutdown.clone()));
+            let result = run_stages(config, &stages, readiness, shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = admin.await;
+            result
+        }
+        Command::Check { config } => {
+            let config = load(config.as_ref())?;
+            if let Some(path) = &config.directory.file {
+                let directory = gridtalk_route::Directory::load(path).map_err(anyhow::Error::msg)?;
+                let (partners, contacts) = directory.counts();
+                println!("directory: {partners} partners, {contacts} contacts");
+            }
+            println!("configuration valid: {} rules, {} templates, input topics {:?}", config.rules.len(), config.templates.len(), config.topics.inputs);
+            Ok(())
+        }
+        Command::Dlq { command: DlqCommand::Replay { config, reason, source_topic, to_topic, limit } } => {
+            let config = load(config.as_ref())?;
+            gridtalk_telemetry::init_logging("text");
+            let producer = gridtalk_kafka::producer(&config.kafka)?;
+            let filter = gridtalk_kafka::ReplayFilter { reason, source_topic, to_topic, limit };
+            let report = gridtalk_kafka::replay_dead_letters(&config.kafka, &producer, &config.topics.dlq, &filter)
+                .await
+                .context("replaying dead letters")?;
+            println!("scanned {} dead letters, replayed {}", report.scanned, report.replayed);
+            Ok(())
+        }
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo::run(args).await,
+    }
+}

@@ -1,0 +1,149 @@
+//! `gridtalk demo`: the embedded default. One process runs an in-memory Kafka-compatible broker,
+//! the route and send stages, the WhatsApp sandbox and a generator of Trading Grid events for all
+//! flows, and prints every message as the recipient's phone would show it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gridtalk_config::Config;
+use gridtalk_kafka::TopicSpec;
+use gridtalk_sandbox::{Sandbox, SandboxConfig};
+use gridtalk_telemetry::Readiness;
+use tokio_util::sync::CancellationToken;
+
+const DEMO_DIRECTORY: &str = include_str!("../../../deploy/demo/directory.toml");
+const DEMO_PHONE_NUMBER_ID: &str = "106540352242922";
+const DEMO_TOKEN: &str = "sandbox-token";
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Stop after this many events (and once their messages are delivered); default: run until Ctrl-C.
+    #[arg(long)]
+    events: Option<u64>,
+    /// Events generated per second.
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+    /// Port of the WhatsApp sandbox (0 picks a free one).
+    #[arg(long, default_value_t = 18080)]
+    sandbox_port: u16,
+    /// Port of /metrics, /healthz and /readyz.
+    #[arg(long, default_value_t = 9464)]
+    admin_port: u16,
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    gridtalk_telemetry::init_logging("text");
+    let shutdown = CancellationToken::new();
+    super::handle_signals(shutdown.clone());
+
+    let broker_port = gridtalk_embedded::free_port()?;
+    let bootstrap = gridtalk_embedded::start_broker(broker_port).await?;
+    let work_dir = std::env::temp_dir().join(format!("gridtalk-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir)?;
+    let directory_file = work_dir.join("directory.toml");
+    std::fs::write(&directory_file, DEMO_DIRECTORY)?;
+
+    let sandbox_config_templates = Config::load(None, [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), DEMO_TOKEN.to_string())])?.templates;
+    let sandbox = Sandbox::start(
+        SandboxConfig {
+            phone_number_ids: vec![DEMO_PHONE_NUMBER_ID.into()],
+            valid_tokens: vec![DEMO_TOKEN.into()],
+            templates: gridtalk_sandbox::templates_from_config(&sandbox_config_templates),
+            ..SandboxConfig::default()
+        },
+        ([127, 0, 0, 1], args.sandbox_port).into(),
+        shutdown.clone(),
+    )
+    .await?;
+
+    let overrides = [
+        ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+        ("TOPICS__PARTITIONS", "3".into()),
+        ("SEND__API_BASE_URL", sandbox.base_url()),
+        ("SEND__PHONE_NUMBER_ID", DEMO_PHONE_NUMBER_ID.into()),
+        ("SEND__ACCESS_TOKEN", DEMO_TOKEN.into()),
+        ("DIRECTORY__FILE", directory_file.display().to_string()),
+        ("ADMIN__LISTEN", format!("127.0.0.1:{}", args.admin_port)),
+        ("ADMIN__LOG_FORMAT", "text".into()),
+    ];
+    let config = Arc::new(Config::load(None, overrides.iter().map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())))?);
+    let inputs: Vec<TopicSpec> = config
+        .topics
+        .inputs
+        .iter()
+        .map(|t| TopicSpec { name: t.clone(), partitions: 3, configs: vec![] })
+        .collect();
+    gridtalk_kafka::ensure_topics(&config.kafka, &inputs).await?;
+
+    println!();
+    println!("gridtalk demo");
+    println!("  embedded Kafka broker   {bootstrap}");
+    println!("  WhatsApp sandbox        {}/_sandbox/messages  (stats: /_sandbox/stats)", sandbox.base_url());
+    println!("  metrics and health      http://127.0.0.1:{}/metrics  /healthz  /readyz", args.admin_port);
+    println!("  Ctrl-C stops (in-flight sends drain first)");
+    println!();
+
+    let readiness = Readiness::default();
+    let admin = tokio::spawn(gridtalk_telemetry::serve_admin(config.admin.listen, readiness.clone(), shutdown.clone()));
+    let stages = tokio::spawn(crate::run_stages(config.clone(), &[crate::Stage::Route, crate::Stage::Send], readiness, shutdown.clone()));
+
+    let generator = {
+        let (bootstrap, shutdown) = (bootstrap.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            gridtalk_embedded::generate(&bootstrap, &["ACME", "GLOBEX", "INITECH"], args.rate, args.events, shutdown).await
+        })
+    };
+
+    // Print what the phones receive, until Ctrl-C or (with --events) a quiet period after the last event.
+    let mut generator = Some(generator);
+    let mut generated: Option<u64> = None;
+    let mut shown = 0;
+    let mut last_new = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        let messages = sandbox.messages();
+        for m in &messages[shown..] {
+            println!(
+                "📱 {} [{} {}] {}",
+                gridtalk_telemetry::mask_phone(&m.to),
+                m.template.as_deref().unwrap_or("text"),
+                m.language.as_deref().unwrap_or("-"),
+                m.rendered
+            );
+            last_new = Instant::now();
+        }
+        shown = messages.len();
+        if generator.as_ref().is_some_and(|g| g.is_finished()) {
+            let finished = generator.take().expect("checked");
+            generated = Some(match finished.await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(e.context("traffic generator")),
+                Err(e) => anyhow::bail!("traffic generator panicked: {e}"),
+            });
+        }
+        if generated.is_some() && last_new.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    shutdown.cancel();
+    let stage_result = stages.await?;
+    let _ = admin.await;
+    let stats = sandbox.stats();
+    println!();
+    println!(
+        "demo finished: {} events generated, {} messages accepted by the sandbox, errors by code {:?}",
+        generated.map_or("?".into(), |g| g.to_string()),
+        stats.accepted,
+        stats.errors
+    );
+    let _ = std::fs::remove_dir_all(&work_dir);
+    stage_result?;
+    if args.events.is_some() && stats.accepted == 0 {
+        anyhow::bail!("no message reached the sandbox");
+    }
+    Ok(())
+}
+

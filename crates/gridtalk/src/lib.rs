@@ -1,0 +1,92 @@
+//! Wiring of gridtalk's stages into one process. The binary and the tests call [`run_stages`]; the
+//! stages themselves live in their own crates.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use gridtalk_config::Config;
+use gridtalk_kafka::TopicSpec;
+use gridtalk_telemetry::Readiness;
+use tokio_util::sync::CancellationToken;
+
+/// A stage that can run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Route,
+    Send,
+}
+
+impl FromStr for Stage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "route" => Ok(Stage::Route),
+            "send" => Ok(Stage::Send),
+            other => Err(format!("unknown stage {other:?} (route, send)")),
+        }
+    }
+}
+
+/// The topics gridtalk owns, with their partition counts and policies.
+pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
+    let t = &config.topics;
+    let plain = |name: &str| TopicSpec { name: name.to_string(), partitions: t.partitions, configs: vec![] };
+    vec![
+        plain(&t.outbox),
+        plain(&t.sent),
+        plain(&t.dlq),
+        TopicSpec {
+            name: t.directory.clone(),
+            partitions: 1,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        },
+    ]
+}
+
+/// Runs `stages` until `shutdown` is cancelled. A stage that fails cancels the others (through
+/// `shutdown`) and its error is returned.
+pub async fn run_stages(
+    config: Arc<Config>,
+    stages: &[Stage],
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if config.topics.create {
+        gridtalk_kafka::ensure_topics(&config.kafka, &internal_topics(&config)).await?;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for stage in stages {
+        let (config, readiness, shutdown) = (config.clone(), readiness.clone(), shutdown.clone());
+        match stage {
+            Stage::Route => tasks.spawn(async move {
+                let result = gridtalk_route::run(config, readiness, shutdown.clone()).await.map_err(anyhow::Error::from);
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result.map_err(|e| e.context("route stage"))
+            }),
+            Stage::Send => tasks.spawn(async move {
+                let result = gridtalk_send::run(config, readiness, shutdown.clone()).await.map_err(anyhow::Error::from);
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result.map_err(|e| e.context("send stage"))
+            }),
+        };
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = format!("{e:#}"), "stage failed");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                shutdown.cancel();
+                first_error.get_or_insert(anyhow::anyhow!("stage panicked: {e}"));
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
