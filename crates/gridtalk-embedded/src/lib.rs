@@ -19,27 +19,49 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts a tansu broker with memory storage on `127.0.0.1:port` on the current Tokio runtime and
-/// returns its bootstrap address once it accepts connections.
+/// Starts a tansu broker with memory storage on `127.0.0.1:port` and returns its bootstrap address
+/// once it accepts connections.
+///
+/// The broker runs on its own thread with its own Tokio runtime, so that clients which block a
+/// worker thread of the caller's runtime (librdkafka's synchronous commit on close, for example)
+/// can never starve the broker they are waiting for. The broker lives until the process exits.
 pub async fn start_broker(port: u16) -> anyhow::Result<String> {
     let address = format!("127.0.0.1:{port}");
     let url = url::Url::parse(&format!("tcp://{address}"))?;
-    let mut broker = Broker::<Controller<StorageContainer>, StorageContainer>::builder()
-        .node_id(111)
-        .cluster_id("gridtalk")
-        .incarnation_id(uuid::Uuid::new_v4())
-        .advertised_listener(url.clone())
-        .listener(url)
-        .storage(url::Url::parse("memory://tansu/")?)
-        .silent(true)
-        .build()
-        .await
-        .map_err(|e| anyhow::anyhow!("broker: {e:?}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = broker.serve(tokio::time::Instant::now()).await {
-            tracing::error!(error = ?e, "embedded broker stopped");
-        }
-    });
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    std::thread::Builder::new().name("embedded-broker".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.into()));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let built = Broker::<Controller<StorageContainer>, StorageContainer>::builder()
+                .node_id(111)
+                .cluster_id("gridtalk")
+                .incarnation_id(uuid::Uuid::new_v4())
+                .advertised_listener(url.clone())
+                .listener(url)
+                .storage(url::Url::parse("memory://tansu/").expect("static url"))
+                .silent(true)
+                .build()
+                .await;
+            let mut broker = match built {
+                Ok(broker) => broker,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("embedded broker: {e:?}")));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            if let Err(e) = broker.serve(tokio::time::Instant::now()).await {
+                tracing::error!(error = ?e, "embedded broker stopped");
+            }
+        });
+    })?;
+    ready_rx.await.map_err(|_| anyhow::anyhow!("embedded broker thread exited during start"))??;
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(&address).await.is_ok() {
             return Ok(address);
