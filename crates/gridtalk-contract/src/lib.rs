@@ -24,5 +24,5 @@ pub use codec::{
 };
 pub use records::{AvroRecord, OutboxMessage, SentMessage};
 pub use registry::{RegistryClient, RegistryError};
-pub use schemas::{ContractSchemas, KnownSchema, SchemaSet};
+pub use schemas::{ContractSchemas, KnownSchema, SchemaSet, TRADING_GRID_EVENT_AVSC};
 pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};

@@ -9,7 +9,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use gridtalk_config::KafkaConfig;
 
-use crate::{tail_consumer, KafkaError, ADMIN_TIMEOUT};
+use crate::{tail_consumer, KafkaError};
 
 /// Prefix of the headers gridtalk adds to a dead letter.
 pub const DLQ_HEADER_PREFIX: &str = "gridtalk.dlq.";
@@ -150,20 +150,15 @@ pub async fn replay_dead_letters(
     dlq_topic: &str,
     filter: &ReplayFilter,
 ) -> Result<ReplayReport, KafkaError> {
+    // Ends first (exactly, see `end_offsets`), so letters that replays produce are not replayed again.
+    let ends_now = crate::end_offsets(config, dlq_topic)?;
     let consumer: BaseConsumer = tail_consumer(config)?;
-    let metadata = consumer.fetch_metadata(Some(dlq_topic), ADMIN_TIMEOUT)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
     let mut assignment = TopicPartitionList::new();
     let mut ends = std::collections::HashMap::new();
-    for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(dlq_topic, *p, ADMIN_TIMEOUT)?;
-        if high > low {
-            ends.insert(*p, high);
-            assignment.add_partition_offset(dlq_topic, *p, Offset::Offset(low))?;
+    for (p, high) in ends_now {
+        if high > 0 {
+            ends.insert(p, high);
+            assignment.add_partition_offset(dlq_topic, p, Offset::Beginning)?;
         }
     }
     let mut report = ReplayReport::default();

@@ -12,6 +12,7 @@
 //!   [`dead_letter`] returns only once the broker has acknowledged it.
 
 mod dlq;
+mod ends;
 mod offsets;
 mod topics;
 
@@ -24,6 +25,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::ClientContext;
 
 pub use dlq::{dead_letter, replay_dead_letters, DeadLetterReason, ReplayFilter, ReplayReport, DLQ_HEADER_PREFIX};
+pub use ends::{end_offsets, partitions_of, reader};
 pub use offsets::OffsetTracker;
 pub use topics::{ensure_topics, missing_topics, TopicSpec};
 

@@ -150,23 +150,17 @@ pub fn tail_directory(
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
+    // The end as of start-up, exactly (see `gridtalk_kafka::end_offsets`): routing waits for it.
+    let ends = gridtalk_kafka::end_offsets(&kafka, &topic).map_err(|e| e.to_string())?;
     let consumer: BaseConsumer = gridtalk_kafka::tail_consumer(&kafka).map_err(|e| e.to_string())?;
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), gridtalk_kafka::ADMIN_TIMEOUT)
-        .map_err(|e| e.to_string())?;
     let mut assignment = TopicPartitionList::new();
     let mut catch_up: HashMap<i32, i64> = HashMap::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            assignment
-                .add_partition_offset(&topic, p.id(), Offset::Beginning)
-                .map_err(|e| e.to_string())?;
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, p.id(), gridtalk_kafka::ADMIN_TIMEOUT)
-                .map_err(|e| e.to_string())?;
-            if high > 0 {
-                catch_up.insert(p.id(), high);
-            }
+    for (partition, end) in ends {
+        assignment
+            .add_partition_offset(&topic, partition, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+        if end > 0 {
+            catch_up.insert(partition, end);
         }
     }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;

@@ -1,0 +1,579 @@
+//! Test harness shared by the end-to-end tests: one real Kafka-compatible broker (tansu, embedded,
+//! on its own thread) for the whole test binary, and per test a fresh namespace of topics and
+//! consumer groups, a WhatsApp sandbox, a directory file and a running pipeline.
+//!
+//! Waiting is always for a condition (a message count, a committed offset) with a deadline, never
+//! a fixed sleep.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value as Json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use gridtalk::{run_stages, Stage};
+use gridtalk_config::Config;
+use gridtalk_contract::samples::sample_event;
+use gridtalk_contract::{encode_single_object, json_to_avro, ContractSchemas};
+use gridtalk_kafka::TopicSpec;
+use gridtalk_sandbox::{Sandbox, SandboxConfig};
+use gridtalk_telemetry::Readiness;
+
+/// 2026-11-24T10:00:00Z: events occur at a fixed instant so rendered dates are known.
+pub const NOW_MS: i64 = 1_795_514_400_000;
+pub const PHONE_NUMBER_ID: &str = "106540352242922";
+pub const TOKEN: &str = "test-token";
+pub const INPUTS: [&str; 6] = [
+    "tg.documents.v1",
+    "tg.exceptions.v1",
+    "tg.onboarding.v1",
+    "wf.approvals.v1",
+    "wf.cases.v1",
+    "ops.summaries.v1",
+];
+
+/// The directory most tests use: partner ACME with a contact per role, GLOBEX's German billing
+/// desk, and the company's own people.
+pub const DIRECTORY: &str = r#"
+[[partners]]
+id = "ACME"
+name = "ACME Industrial Supply"
+[[partners]]
+id = "GLOBEX"
+name = "Globex Logistik GmbH"
+[[partners]]
+id = "BARE"
+name = "Partner without contacts"
+[[partners]]
+id = "BADPHONE"
+name = "Partner with a broken phone number"
+
+[[contacts]]
+id = "acme-order-desk"
+name = "Order desk ACME"
+phone = "+15550100001"
+language = "en_US"
+opted_in = true
+partner = "ACME"
+roles = ["order_desk"]
+[[contacts]]
+id = "acme-billing"
+name = "Billing ACME"
+phone = "+15550100002"
+language = "en_US"
+opted_in = true
+partner = "ACME"
+roles = ["billing"]
+[[contacts]]
+id = "acme-dispatch"
+name = "Dispatch ACME"
+phone = "+15550100003"
+opted_in = true
+partner = "ACME"
+roles = ["dispatch"]
+[[contacts]]
+id = "acme-onboarding"
+name = "Onboarding ACME"
+phone = "+15550100004"
+opted_in = true
+partner = "ACME"
+roles = ["onboarding"]
+[[contacts]]
+id = "acme-support"
+name = "Support ACME"
+phone = "+15550100005"
+opted_in = true
+partner = "ACME"
+roles = ["support"]
+[[contacts]]
+id = "acme-not-opted-in"
+name = "Order desk ACME (no consent)"
+phone = "+15550100009"
+opted_in = false
+partner = "ACME"
+roles = ["order_desk"]
+[[contacts]]
+id = "globex-billing"
+name = "Billing Globex"
+phone = "+49151100007"
+language = "de_DE"
+opted_in = true
+partner = "GLOBEX"
+roles = ["billing"]
+[[contacts]]
+id = "badphone-order-desk"
+name = "Order desk with a broken number"
+phone = "+1 555"
+opted_in = true
+partner = "BADPHONE"
+roles = ["order_desk"]
+[[contacts]]
+id = "buyer-maria"
+name = "Maria Keller"
+phone = "+14155550101"
+opted_in = true
+roles = ["procurement", "approver"]
+[[contacts]]
+id = "ap-sam"
+name = "Sam Ortiz"
+phone = "+14155550102"
+opted_in = true
+roles = ["accounts_payable"]
+[[contacts]]
+id = "logistics-li"
+name = "Li Wei"
+phone = "+14155550103"
+opted_in = true
+roles = ["logistics"]
+[[contacts]]
+id = "warehouse-jo"
+name = "Jo Brandt"
+phone = "+14155550104"
+opted_in = true
+roles = ["warehouse"]
+[[contacts]]
+id = "edi-priya"
+name = "Priya Nair"
+phone = "+14155550105"
+opted_in = true
+roles = ["edi_support"]
+[[contacts]]
+id = "ops-tom"
+name = "Tom Haas"
+phone = "+14155550106"
+opted_in = true
+roles = ["operations"]
+"#;
+
+/// The shared broker's bootstrap address; started on first use.
+pub fn broker() -> &'static str {
+    static BROKER: OnceLock<String> = OnceLock::new();
+    BROKER.get_or_init(|| {
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let port = gridtalk_embedded::free_port().expect("free port");
+            runtime.block_on(gridtalk_embedded::start_broker(port)).expect("embedded broker starts")
+        })
+        .join()
+        .expect("broker start thread")
+    })
+}
+
+/// A name unique to this test run.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis() % 1_000_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// How one test wants its pipeline.
+pub struct Setup {
+    pub directory: String,
+    pub sandbox: SandboxConfig,
+    /// Configuration overrides as environment variables would give them, without the `GRIDTALK__`
+    /// prefix: `("SEND__PAIR_BURST", "2")`.
+    pub overrides: Vec<(&'static str, String)>,
+    /// Partitions of each input topic.
+    pub input_partitions: i32,
+    /// Serve these writer schemas (id, schema JSON) as a Confluent schema registry.
+    pub registry: Vec<(u32, String)>,
+    /// Write the access token to a file the test can rewrite, instead of the configuration.
+    pub token_file: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        let config = Config::load(None, [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), "x".to_string())]).expect("defaults");
+        Setup {
+            directory: DIRECTORY.to_string(),
+            sandbox: SandboxConfig {
+                phone_number_ids: vec![PHONE_NUMBER_ID.into()],
+                valid_tokens: vec![TOKEN.into()],
+                templates: gridtalk_sandbox::templates_from_config(&config.templates),
+                ..SandboxConfig::default()
+            },
+            overrides: Vec::new(),
+            input_partitions: 2,
+            registry: Vec::new(),
+            token_file: false,
+        }
+    }
+}
+
+/// One test's running pipeline and the handles to look at it.
+pub struct Pipeline {
+    pub config: Arc<Config>,
+    pub sandbox: Sandbox,
+    pub dir: PathBuf,
+    pub namespace: String,
+    pub producer: FutureProducer,
+    pub registry_requests: Arc<Mutex<u64>>,
+    /// Stops the sandbox and the registry (at drop).
+    services: CancellationToken,
+    /// Stops the current run of the stages.
+    stages_token: CancellationToken,
+    stages: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Pipeline {
+    pub async fn start(setup: Setup) -> Pipeline {
+        // Logs only on request (RUST_LOG=info cargo test … -- --nocapture): the stages log to stdout.
+        static LOGGING: std::sync::Once = std::sync::Once::new();
+        if std::env::var_os("RUST_LOG").is_some() {
+            LOGGING.call_once(|| gridtalk_telemetry::init_logging("text"));
+        }
+        let namespace = unique("t");
+        let dir = std::env::temp_dir().join(format!("gridtalk-{namespace}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let services = CancellationToken::new();
+
+        let sandbox = Sandbox::start(setup.sandbox, ([127, 0, 0, 1], 0).into(), services.clone())
+            .await
+            .expect("sandbox starts");
+        let registry_requests = Arc::new(Mutex::new(0));
+        let registry_url = if setup.registry.is_empty() {
+            None
+        } else {
+            Some(serve_registry(setup.registry, registry_requests.clone(), services.clone()).await)
+        };
+
+        std::fs::write(dir.join("directory.toml"), &setup.directory).expect("directory file");
+        let token_line = if setup.token_file {
+            std::fs::write(dir.join("token"), TOKEN).expect("token file");
+            format!("access_token_file = {:?}", dir.join("token").display().to_string())
+        } else {
+            format!("access_token = {TOKEN:?}")
+        };
+        let inputs: Vec<String> = INPUTS.iter().map(|t| format!("{namespace}.{t}")).collect();
+        let toml = format!(
+            r#"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_prefix = "{namespace}"
+session_timeout_ms = 6000
+
+[topics]
+inputs = {inputs:?}
+outbox = "{namespace}.outbox"
+sent = "{namespace}.sent"
+dlq = "{namespace}.dlq"
+directory = "{namespace}.directory"
+partitions = 2
+
+[contract]
+{registry}
+
+[send]
+api_base_url = "{api}"
+phone_number_id = "{PHONE_NUMBER_ID}"
+{token_line}
+retry_initial_backoff_ms = 50
+retry_max_backoff_ms = 500
+halt_probe_interval_ms = 300
+
+[directory]
+file = {directory:?}
+
+[admin]
+log_format = "text"
+"#,
+            bootstrap = broker(),
+            registry = registry_url.map(|u| format!("schema_registry_url = {u:?}")).unwrap_or_default(),
+            api = sandbox.base_url(),
+            directory = dir.join("directory.toml").display().to_string(),
+        );
+        std::fs::write(dir.join("gridtalk.toml"), &toml).expect("config file");
+        let config = Config::load(
+            Some(&dir.join("gridtalk.toml")),
+            setup.overrides.iter().map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
+        )
+            .unwrap_or_else(|e| panic!("test configuration: {e}\n{toml}"));
+        let config = Arc::new(config);
+
+        let specs: Vec<TopicSpec> = config
+            .topics
+            .inputs
+            .iter()
+            .map(|t| TopicSpec { name: t.clone(), partitions: setup.input_partitions, configs: vec![] })
+            .collect();
+        gridtalk_kafka::ensure_topics(&config.kafka, &specs).await.expect("input topics");
+        gridtalk_kafka::ensure_topics(&config.kafka, &gridtalk::internal_topics(&config))
+            .await
+            .expect("internal topics");
+
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker())
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("producer");
+        let mut pipeline = Pipeline {
+            config,
+            sandbox,
+            dir,
+            namespace,
+            producer,
+            registry_requests,
+            services,
+            stages_token: CancellationToken::new(),
+            stages: None,
+        };
+        pipeline.start_stages();
+        pipeline
+    }
+
+    /// (Re)starts the route and send stages.
+    pub fn start_stages(&mut self) {
+        assert!(self.stages.is_none(), "stages already running");
+        self.stages_token = CancellationToken::new();
+        let (config, token) = (self.config.clone(), self.stages_token.clone());
+        self.stages = Some(tokio::spawn(async move {
+            run_stages(config, &[Stage::Route, Stage::Send], Readiness::default(), token).await
+        }));
+    }
+
+    /// The full name of input topic `short` (one of [`INPUTS`]).
+    pub fn input(&self, short: &str) -> String {
+        format!("{}.{short}", self.namespace)
+    }
+
+    pub fn route_group(&self) -> String {
+        format!("{}-route", self.config.kafka.group_prefix)
+    }
+
+    pub fn send_group(&self) -> String {
+        format!("{}-send", self.config.kafka.group_prefix)
+    }
+
+    /// Publishes raw bytes to input topic `short`, keyed by `key`; returns (partition, offset).
+    pub async fn publish_raw(&self, short: &str, key: &str, bytes: &[u8]) -> (i32, i64) {
+        let topic = self.input(short);
+        self.producer
+            .send(FutureRecord::to(&topic).key(key).payload(bytes), Duration::from_secs(30))
+            .await
+            .map(|delivery| (delivery.partition, delivery.offset))
+            .map_err(|(e, _)| e)
+            .expect("publish")
+    }
+
+    /// Publishes an event (JSON view of the contract) in single-object encoding on its topic.
+    pub async fn publish_event(&self, event: &Json) -> (i32, i64) {
+        let event_type = event["event_type"].as_str().expect("event_type");
+        let key = event["correlation_id"].as_str().unwrap_or_default().to_string();
+        self.publish_raw(topic_short(event_type), &key, &single_object(event)).await
+    }
+
+    /// Waits until `done` holds, failing the test with `what` after `deadline`.
+    pub async fn wait_until(&self, what: &str, deadline: Duration, mut done: impl FnMut(&Pipeline) -> bool) {
+        let started = Instant::now();
+        while !done(self) {
+            if started.elapsed() > deadline {
+                panic!(
+                    "timed out after {deadline:?} waiting for {what}; sandbox stats {:?}; dead letters {:?}",
+                    self.sandbox.stats(),
+                    self.dead_letters().iter().map(|d| d.reason.clone()).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the sandbox accepted at least `n` messages.
+    pub async fn wait_for_messages(&self, n: usize, deadline: Duration) {
+        self.wait_until(&format!("{n} messages at the sandbox"), deadline, |p| p.sandbox.messages().len() >= n)
+            .await;
+    }
+
+    /// Waits until `group` has committed every record of `topic` as of now (all partitions).
+    pub async fn wait_for_commits(&self, group: &str, topic: &str, deadline: Duration) {
+        let ends = end_offsets(topic);
+        self.wait_until(&format!("group {group} to commit {topic} up to {ends:?}"), deadline, |_| {
+            let committed = committed_offsets(group, topic);
+            ends.iter().all(|(p, end)| *end == 0 || committed.get(p).copied().unwrap_or(-1) >= *end)
+        })
+        .await;
+    }
+
+    /// Every record of the dead-letter topic so far.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        read_topic(&self.config.topics.dlq).into_iter().map(DeadLetter::from).collect()
+    }
+
+    /// Stops the stages (draining in-flight work) and returns their result.
+    pub async fn stop_stages(&mut self) -> anyhow::Result<()> {
+        let handle = self.stages.take().expect("stages running");
+        self.stages_token.cancel();
+        handle.await.expect("stages task")
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stages_token.cancel();
+        self.services.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A dead letter with its headers.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: String,
+    pub headers: BTreeMap<String, String>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl From<OwnedMessage> for DeadLetter {
+    fn from(m: OwnedMessage) -> Self {
+        let mut headers = BTreeMap::new();
+        if let Some(hs) = m.headers() {
+            for h in hs.iter() {
+                headers.insert(h.key.to_string(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default());
+            }
+        }
+        DeadLetter {
+            reason: headers.get("gridtalk.dlq.reason").cloned().unwrap_or_default(),
+            headers,
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// The input topic (short name) an event type is published on.
+pub fn topic_short(event_type: &str) -> &'static str {
+    gridtalk_embedded::topic_for(event_type)
+}
+
+/// A sample event of `event_type` from `partner` at [`NOW_MS`].
+pub fn event(event_type: &str, seq: u64, partner: &str) -> Json {
+    sample_event(event_type, seq, partner, NOW_MS).expect("known event type")
+}
+
+/// `event` in Avro single-object encoding with the contract's schema.
+pub fn single_object(event: &Json) -> Vec<u8> {
+    let schema = &ContractSchemas::get().trading_grid_event;
+    encode_single_object(schema, json_to_avro(event, schema).expect("event matches the contract")).expect("encode")
+}
+
+fn client(group: Option<&str>) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", broker())
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    config.set("group.id", group.unwrap_or("gridtalk-test-reader"));
+    config.create().expect("consumer")
+}
+
+/// The end offset of every partition of `topic` (exact, read from fetched data).
+pub fn end_offsets(topic: &str) -> HashMap<i32, i64> {
+    gridtalk_kafka::end_offsets(&kafka_config(), topic).expect("end offsets")
+}
+
+fn kafka_config() -> gridtalk_config::KafkaConfig {
+    let mut config = Config::load(None, [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), "x".to_string())])
+        .expect("defaults")
+        .kafka;
+    config.bootstrap_servers = broker().to_string();
+    config
+}
+
+/// Offsets `group` has committed on `topic` (partitions without a commit are absent).
+pub fn committed_offsets(group: &str, topic: &str) -> HashMap<i32, i64> {
+    let consumer = client(Some(group));
+    let mut tpl = TopicPartitionList::new();
+    for p in gridtalk_kafka::partitions_of(&consumer, topic).expect("partitions") {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return HashMap::new();
+    };
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every record of `topic` up to its end as of the call, partition by partition.
+pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
+    let ends = end_offsets(topic);
+    let wanted: i64 = ends.values().sum();
+    if wanted == 0 {
+        return Vec::new();
+    }
+    let consumer = client(None);
+    let mut tpl = TopicPartitionList::new();
+    for (p, end) in &ends {
+        if *end > 0 {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning).expect("partition");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut records = Vec::new();
+    let started = Instant::now();
+    while (records.len() as i64) < wanted {
+        assert!(started.elapsed() < Duration::from_secs(30), "could not read {topic} to {ends:?}");
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            if m.offset() < ends[&m.partition()] {
+                records.push(m.detach());
+            }
+        }
+    }
+    records
+}
+
+/// Serves `schemas` as a Confluent schema registry (`GET /schemas/ids/{id}`) and returns its URL.
+async fn serve_registry(schemas: Vec<(u32, String)>, requests: Arc<Mutex<u64>>, shutdown: CancellationToken) -> String {
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use axum::Json as AxumJson;
+
+    type Shared = (Arc<HashMap<u32, String>>, Arc<Mutex<u64>>);
+    async fn schema_by_id(State((schemas, requests)): State<Shared>, Path(id): Path<u32>) -> Result<AxumJson<Json>, (StatusCode, AxumJson<Json>)> {
+        *requests.lock().expect("counter") += 1;
+        match schemas.get(&id) {
+            Some(schema) => Ok(AxumJson(serde_json::json!({ "schema": schema }))),
+            None => Err((
+                StatusCode::NOT_FOUND,
+                AxumJson(serde_json::json!({"error_code": 40403, "message": format!("Schema {id} not found")})),
+            )),
+        }
+    }
+    let state: Shared = (Arc::new(schemas.into_iter().collect()), requests);
+    let app = axum::Router::new().route("/schemas/ids/{id}", get(schema_by_id)).with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("registry port");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    });
+    url
+}
+
+/// What the sandbox received, reduced to what a recipient sees: (to, template, language, parameters).
+pub fn received(p: &Pipeline) -> Vec<(String, String, String, Vec<String>)> {
+    p.sandbox
+        .messages()
+        .into_iter()
+        .map(|m| (m.to, m.template.unwrap_or_default(), m.language.unwrap_or_default(), m.parameters))
+        .collect()
+}
