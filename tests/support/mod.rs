@@ -160,9 +160,14 @@ pub fn broker() -> &'static str {
     static BROKER: OnceLock<String> = OnceLock::new();
     BROKER.get_or_init(|| {
         std::thread::spawn(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             let port = gridtalk_embedded::free_port().expect("free port");
-            runtime.block_on(gridtalk_embedded::start_broker(port)).expect("embedded broker starts")
+            runtime
+                .block_on(gridtalk_embedded::start_broker(port))
+                .expect("embedded broker starts")
         })
         .join()
         .expect("broker start thread")
@@ -197,7 +202,11 @@ pub struct Setup {
 
 impl Default for Setup {
     fn default() -> Self {
-        let config = Config::load(None, [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), "x".to_string())]).expect("defaults");
+        let config = Config::load(
+            None,
+            [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), "x".to_string())],
+        )
+        .expect("defaults");
         Setup {
             directory: DIRECTORY.to_string(),
             sandbox: SandboxConfig {
@@ -254,7 +263,10 @@ impl Pipeline {
         std::fs::write(dir.join("directory.toml"), &setup.directory).expect("directory file");
         let token_line = if setup.token_file {
             std::fs::write(dir.join("token"), TOKEN).expect("token file");
-            format!("access_token_file = {:?}", dir.join("token").display().to_string())
+            format!(
+                "access_token_file = {:?}",
+                dir.join("token").display().to_string()
+            )
         } else {
             format!("access_token = {TOKEN:?}")
         };
@@ -292,25 +304,36 @@ file = {directory:?}
 log_format = "text"
 "#,
             bootstrap = broker(),
-            registry = registry_url.map(|u| format!("schema_registry_url = {u:?}")).unwrap_or_default(),
+            registry = registry_url
+                .map(|u| format!("schema_registry_url = {u:?}"))
+                .unwrap_or_default(),
             api = sandbox.base_url(),
             directory = dir.join("directory.toml").display().to_string(),
         );
         std::fs::write(dir.join("gridtalk.toml"), &toml).expect("config file");
         let config = Config::load(
             Some(&dir.join("gridtalk.toml")),
-            setup.overrides.iter().map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
+            setup
+                .overrides
+                .iter()
+                .map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
         )
-            .unwrap_or_else(|e| panic!("test configuration: {e}\n{toml}"));
+        .unwrap_or_else(|e| panic!("test configuration: {e}\n{toml}"));
         let config = Arc::new(config);
 
         let specs: Vec<TopicSpec> = config
             .topics
             .inputs
             .iter()
-            .map(|t| TopicSpec { name: t.clone(), partitions: setup.input_partitions, configs: vec![] })
+            .map(|t| TopicSpec {
+                name: t.clone(),
+                partitions: setup.input_partitions,
+                configs: vec![],
+            })
             .collect();
-        gridtalk_kafka::ensure_topics(&config.kafka, &specs).await.expect("input topics");
+        gridtalk_kafka::ensure_topics(&config.kafka, &specs)
+            .await
+            .expect("input topics");
         gridtalk_kafka::ensure_topics(&config.kafka, &gridtalk::internal_topics(&config))
             .await
             .expect("internal topics");
@@ -341,7 +364,13 @@ log_format = "text"
         self.stages_token = CancellationToken::new();
         let (config, token) = (self.config.clone(), self.stages_token.clone());
         self.stages = Some(tokio::spawn(async move {
-            run_stages(config, &[Stage::Route, Stage::Send], Readiness::default(), token).await
+            run_stages(
+                config,
+                &[Stage::Route, Stage::Send],
+                Readiness::default(),
+                token,
+            )
+            .await
         }));
     }
 
@@ -362,7 +391,10 @@ log_format = "text"
     pub async fn publish_raw(&self, short: &str, key: &str, bytes: &[u8]) -> (i32, i64) {
         let topic = self.input(short);
         self.producer
-            .send(FutureRecord::to(&topic).key(key).payload(bytes), Duration::from_secs(30))
+            .send(
+                FutureRecord::to(&topic).key(key).payload(bytes),
+                Duration::from_secs(30),
+            )
             .await
             .map(|delivery| (delivery.partition, delivery.offset))
             .map_err(|(e, _)| e)
@@ -372,12 +404,21 @@ log_format = "text"
     /// Publishes an event (JSON view of the contract) in single-object encoding on its topic.
     pub async fn publish_event(&self, event: &Json) -> (i32, i64) {
         let event_type = event["event_type"].as_str().expect("event_type");
-        let key = event["correlation_id"].as_str().unwrap_or_default().to_string();
-        self.publish_raw(topic_short(event_type), &key, &single_object(event)).await
+        let key = event["correlation_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.publish_raw(topic_short(event_type), &key, &single_object(event))
+            .await
     }
 
     /// Waits until `done` holds, failing the test with `what` after `deadline`.
-    pub async fn wait_until(&self, what: &str, deadline: Duration, mut done: impl FnMut(&Pipeline) -> bool) {
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        deadline: Duration,
+        mut done: impl FnMut(&Pipeline) -> bool,
+    ) {
         let started = Instant::now();
         while !done(self) {
             if started.elapsed() > deadline {
@@ -393,23 +434,33 @@ log_format = "text"
 
     /// Waits until the sandbox accepted at least `n` messages.
     pub async fn wait_for_messages(&self, n: usize, deadline: Duration) {
-        self.wait_until(&format!("{n} messages at the sandbox"), deadline, |p| p.sandbox.messages().len() >= n)
-            .await;
+        self.wait_until(&format!("{n} messages at the sandbox"), deadline, |p| {
+            p.sandbox.messages().len() >= n
+        })
+        .await;
     }
 
     /// Waits until `group` has committed every record of `topic` as of now (all partitions).
     pub async fn wait_for_commits(&self, group: &str, topic: &str, deadline: Duration) {
         let ends = end_offsets(topic);
-        self.wait_until(&format!("group {group} to commit {topic} up to {ends:?}"), deadline, |_| {
-            let committed = committed_offsets(group, topic);
-            ends.iter().all(|(p, end)| *end == 0 || committed.get(p).copied().unwrap_or(-1) >= *end)
-        })
+        self.wait_until(
+            &format!("group {group} to commit {topic} up to {ends:?}"),
+            deadline,
+            |_| {
+                let committed = committed_offsets(group, topic);
+                ends.iter()
+                    .all(|(p, end)| *end == 0 || committed.get(p).copied().unwrap_or(-1) >= *end)
+            },
+        )
         .await;
     }
 
     /// Every record of the dead-letter topic so far.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        read_topic(&self.config.topics.dlq).into_iter().map(DeadLetter::from).collect()
+        read_topic(&self.config.topics.dlq)
+            .into_iter()
+            .map(DeadLetter::from)
+            .collect()
     }
 
     /// Stops the stages (draining in-flight work) and returns their result.
@@ -442,11 +493,19 @@ impl From<OwnedMessage> for DeadLetter {
         let mut headers = BTreeMap::new();
         if let Some(hs) = m.headers() {
             for h in hs.iter() {
-                headers.insert(h.key.to_string(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default());
+                headers.insert(
+                    h.key.to_string(),
+                    h.value
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default(),
+                );
             }
         }
         DeadLetter {
-            reason: headers.get("gridtalk.dlq.reason").cloned().unwrap_or_default(),
+            reason: headers
+                .get("gridtalk.dlq.reason")
+                .cloned()
+                .unwrap_or_default(),
             headers,
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec),
@@ -467,7 +526,11 @@ pub fn event(event_type: &str, seq: u64, partner: &str) -> Json {
 /// `event` in Avro single-object encoding with the contract's schema.
 pub fn single_object(event: &Json) -> Vec<u8> {
     let schema = &ContractSchemas::get().trading_grid_event;
-    encode_single_object(schema, json_to_avro(event, schema).expect("event matches the contract")).expect("encode")
+    encode_single_object(
+        schema,
+        json_to_avro(event, schema).expect("event matches the contract"),
+    )
+    .expect("encode")
 }
 
 fn client(group: Option<&str>) -> BaseConsumer {
@@ -486,9 +549,12 @@ pub fn end_offsets(topic: &str) -> HashMap<i32, i64> {
 }
 
 fn kafka_config() -> gridtalk_config::KafkaConfig {
-    let mut config = Config::load(None, [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), "x".to_string())])
-        .expect("defaults")
-        .kafka;
+    let mut config = Config::load(
+        None,
+        [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), "x".to_string())],
+    )
+    .expect("defaults")
+    .kafka;
     config.bootstrap_servers = broker().to_string();
     config
 }
@@ -524,14 +590,18 @@ pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
     let mut tpl = TopicPartitionList::new();
     for (p, end) in &ends {
         if *end > 0 {
-            tpl.add_partition_offset(topic, *p, Offset::Beginning).expect("partition");
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .expect("partition");
         }
     }
     consumer.assign(&tpl).expect("assign");
     let mut records = Vec::new();
     let started = Instant::now();
     while (records.len() as i64) < wanted {
-        assert!(started.elapsed() < Duration::from_secs(30), "could not read {topic} to {ends:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "could not read {topic} to {ends:?}"
+        );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             if m.offset() < ends[&m.partition()] {
                 records.push(m.detach());
@@ -542,29 +612,44 @@ pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
 }
 
 /// Serves `schemas` as a Confluent schema registry (`GET /schemas/ids/{id}`) and returns its URL.
-async fn serve_registry(schemas: Vec<(u32, String)>, requests: Arc<Mutex<u64>>, shutdown: CancellationToken) -> String {
+async fn serve_registry(
+    schemas: Vec<(u32, String)>,
+    requests: Arc<Mutex<u64>>,
+    shutdown: CancellationToken,
+) -> String {
     use axum::extract::{Path, State};
     use axum::http::StatusCode;
     use axum::routing::get;
     use axum::Json as AxumJson;
 
     type Shared = (Arc<HashMap<u32, String>>, Arc<Mutex<u64>>);
-    async fn schema_by_id(State((schemas, requests)): State<Shared>, Path(id): Path<u32>) -> Result<AxumJson<Json>, (StatusCode, AxumJson<Json>)> {
+    async fn schema_by_id(
+        State((schemas, requests)): State<Shared>,
+        Path(id): Path<u32>,
+    ) -> Result<AxumJson<Json>, (StatusCode, AxumJson<Json>)> {
         *requests.lock().expect("counter") += 1;
         match schemas.get(&id) {
             Some(schema) => Ok(AxumJson(serde_json::json!({ "schema": schema }))),
             None => Err((
                 StatusCode::NOT_FOUND,
-                AxumJson(serde_json::json!({"error_code": 40403, "message": format!("Schema {id} not found")})),
+                AxumJson(
+                    serde_json::json!({"error_code": 40403, "message": format!("Schema {id} not found")}),
+                ),
             )),
         }
     }
     let state: Shared = (Arc::new(schemas.into_iter().collect()), requests);
-    let app = axum::Router::new().route("/schemas/ids/{id}", get(schema_by_id)).with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("registry port");
+    let app = axum::Router::new()
+        .route("/schemas/ids/{id}", get(schema_by_id))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("registry port");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
     });
     url
 }
@@ -574,6 +659,13 @@ pub fn received(p: &Pipeline) -> Vec<(String, String, String, Vec<String>)> {
     p.sandbox
         .messages()
         .into_iter()
-        .map(|m| (m.to, m.template.unwrap_or_default(), m.language.unwrap_or_default(), m.parameters))
+        .map(|m| {
+            (
+                m.to,
+                m.template.unwrap_or_default(),
+                m.language.unwrap_or_default(),
+                m.parameters,
+            )
+        })
         .collect()
 }

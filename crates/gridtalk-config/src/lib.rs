@@ -267,7 +267,9 @@ impl Config {
             }
         }
         for (key, value) in env {
-            let Some(rest) = key.strip_prefix("GRIDTALK__") else { continue };
+            let Some(rest) = key.strip_prefix("GRIDTALK__") else {
+                continue;
+            };
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
             if let Err(e) = set_path(&mut merged, &path, value) {
                 errors.push(format!("{key}: {e}"));
@@ -308,7 +310,10 @@ impl Config {
             errors.push("send: set access_token or access_token_file".into());
         }
         if !["json", "text"].contains(&self.admin.log_format.as_str()) {
-            errors.push(format!("admin.log_format: {} is not json or text", self.admin.log_format));
+            errors.push(format!(
+                "admin.log_format: {} is not json or text",
+                self.admin.log_format
+            ));
         }
         let mut template_names = std::collections::HashSet::new();
         for t in &self.templates {
@@ -316,7 +321,10 @@ impl Config {
                 errors.push(format!("templates: {} is defined twice", t.name));
             }
             if t.languages.is_empty() {
-                errors.push(format!("templates.{}: at least one language is required", t.name));
+                errors.push(format!(
+                    "templates.{}: at least one language is required",
+                    t.name
+                ));
             }
             let placeholders = (1..=t.body.len() + 1)
                 .take_while(|i| t.text.contains(&format!("{{{{{i}}}}}")))
@@ -330,18 +338,30 @@ impl Config {
             }
             for p in &t.body {
                 if !PARAM_FORMATS.contains(&p.format.as_str()) {
-                    errors.push(format!("templates.{}: format {} is not one of {PARAM_FORMATS:?}", t.name, p.format));
+                    errors.push(format!(
+                        "templates.{}: format {} is not one of {PARAM_FORMATS:?}",
+                        t.name, p.format
+                    ));
                 }
                 if !p.path.starts_with('/') {
-                    errors.push(format!("templates.{}: path {} must be a JSON pointer", t.name, p.path));
+                    errors.push(format!(
+                        "templates.{}: path {} must be a JSON pointer",
+                        t.name, p.path
+                    ));
                 }
             }
             if t.buttons.len() > 3 {
-                errors.push(format!("templates.{}: at most 3 quick-reply buttons", t.name));
+                errors.push(format!(
+                    "templates.{}: at most 3 quick-reply buttons",
+                    t.name
+                ));
             }
             for b in &t.buttons {
                 if b.title.is_empty() || b.title.chars().count() > 20 {
-                    errors.push(format!("templates.{}: button title {:?} must have 1 to 20 characters", t.name, b.title));
+                    errors.push(format!(
+                        "templates.{}: button title {:?} must have 1 to 20 characters",
+                        t.name, b.title
+                    ));
                 }
             }
         }
@@ -351,24 +371,39 @@ impl Config {
                 errors.push(format!("rules: {} is defined twice", r.name));
             }
             if !template_names.contains(r.template.as_str()) {
-                errors.push(format!("rules.{}: template {} is not defined", r.name, r.template));
+                errors.push(format!(
+                    "rules.{}: template {} is not defined",
+                    r.name, r.template
+                ));
             }
             if r.event_types.is_empty() {
                 errors.push(format!("rules.{}: event_types is empty", r.name));
             }
             if let Some(s) = &r.min_severity {
                 if !SEVERITIES.contains(&s.as_str()) {
-                    errors.push(format!("rules.{}: min_severity {s} is not one of {SEVERITIES:?}", r.name));
+                    errors.push(format!(
+                        "rules.{}: min_severity {s} is not one of {SEVERITIES:?}",
+                        r.name
+                    ));
                 }
             }
             if r.min_amount.is_some() != r.amount_path.is_some() {
-                errors.push(format!("rules.{}: amount_path and min_amount go together", r.name));
+                errors.push(format!(
+                    "rules.{}: amount_path and min_amount go together",
+                    r.name
+                ));
             }
             if r.when_path.is_some() != r.when_equals.is_some() {
-                errors.push(format!("rules.{}: when_path and when_equals go together", r.name));
+                errors.push(format!(
+                    "rules.{}: when_path and when_equals go together",
+                    r.name
+                ));
             }
             let a = &r.audience;
-            if a.partner_roles.is_empty() && a.internal_roles.is_empty() && a.contacts_from.is_none() {
+            if a.partner_roles.is_empty()
+                && a.internal_roles.is_empty()
+                && a.contacts_from.is_none()
+            {
                 errors.push(format!("rules.{}: the audience names nobody", r.name));
             }
         }
@@ -461,7 +496,12 @@ mod tests {
         ];
         let errors = Config::load(None, env).unwrap_err().0;
         let joined = errors.join("\n");
-        for needle in ["max_messages_per_second", "pair_burst", "topics.inputs", "access_token"] {
+        for needle in [
+            "max_messages_per_second",
+            "pair_burst",
+            "topics.inputs",
+            "access_token",
+        ] {
             assert!(joined.contains(needle), "{needle} missing in {joined}");
         }
     }
@@ -473,6 +513,9 @@ mod tests {
         let file = dir.join("bad.toml");
         std::fs::write(&file, "[send]\nmax_mesages_per_second = 5\n").unwrap();
         let errors = Config::load(Some(&file), with_token()).unwrap_err().0;
-        assert!(errors.join(" ").contains("max_mesages_per_second"), "{errors:?}");
+        assert!(
+            errors.join(" ").contains("max_mesages_per_second"),
+            "{errors:?}"
+        );
     }
 }

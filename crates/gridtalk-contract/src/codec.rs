@@ -213,7 +213,10 @@ fn read_datum(writer: &Schema, body: &[u8]) -> Result<Value, DecodeError> {
     // just before trailing optional fields would decode. Re-encoding tells: the real record must
     // take exactly the bytes it was read from.
     let reencoded = apache_avro::to_avro_datum(writer, value.clone()).map_err(|e| {
-        DecodeError::new(DecodeErrorKind::Malformed, format!("record does not re-encode: {e}"))
+        DecodeError::new(
+            DecodeErrorKind::Malformed,
+            format!("record does not re-encode: {e}"),
+        )
     })?;
     if reencoded.len() != body.len() {
         return Err(DecodeError::new(
@@ -283,7 +286,10 @@ fn record_field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
 /// Resolves a writer-shaped value to the reader schema. The top-level `payload` union is matched
 /// by record name.
 fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, DecodeError> {
-    let writer_branch = match (top_level_union(writer, "payload"), record_field(&value, "payload")) {
+    let writer_branch = match (
+        top_level_union(writer, "payload"),
+        record_field(&value, "payload"),
+    ) {
         (Some(union), Some(Value::Union(index, _))) => union_branch_name(union, *index as usize),
         _ => None,
     };
@@ -304,10 +310,13 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
             ));
         }
     }
-    let payload_inner = writer_branch.as_ref().and_then(|_| match record_field(&value, "payload") {
-        Some(Value::Union(_, inner)) => Some((**inner).clone()),
-        _ => None,
-    });
+    let payload_inner =
+        writer_branch
+            .as_ref()
+            .and_then(|_| match record_field(&value, "payload") {
+                Some(Value::Union(_, inner)) => Some((**inner).clone()),
+                _ => None,
+            });
     let resolved = value.resolve(reader);
     match (resolved, writer_branch, payload_inner) {
         (Ok(resolved), None, _) => Ok(resolved),
@@ -320,7 +329,10 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
                     let already = matches!(slot, Value::Union(i, _) if *i as usize == index);
                     if !already {
                         let inner = inner.resolve_schemata(branch, vec![reader]).map_err(|e| {
-                            DecodeError::new(DecodeErrorKind::Incompatible, format!("payload {name}: {e}"))
+                            DecodeError::new(
+                                DecodeErrorKind::Incompatible,
+                                format!("payload {name}: {e}"),
+                            )
                         })?;
                         *slot = Value::Union(index as u32, Box::new(inner));
                     }
@@ -336,10 +348,16 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
                     DecodeErrorKind::Incompatible,
                     format!("payload {name}: {pe}"),
                 )),
-                Ok(_) => Err(DecodeError::new(DecodeErrorKind::Incompatible, e.to_string())),
+                Ok(_) => Err(DecodeError::new(
+                    DecodeErrorKind::Incompatible,
+                    e.to_string(),
+                )),
             }
         }
-        (Err(e), _, _) => Err(DecodeError::new(DecodeErrorKind::Incompatible, e.to_string())),
+        (Err(e), _, _) => Err(DecodeError::new(
+            DecodeErrorKind::Incompatible,
+            e.to_string(),
+        )),
         (Ok(_), Some(name), None) => Err(DecodeError::new(
             DecodeErrorKind::Incompatible,
             format!("payload {name} could not be read"),

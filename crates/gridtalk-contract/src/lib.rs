@@ -14,8 +14,8 @@
 mod codec;
 mod records;
 mod registry;
-mod schemas;
 pub mod samples;
+mod schemas;
 mod view;
 
 pub use codec::{

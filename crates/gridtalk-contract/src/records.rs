@@ -32,7 +32,10 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
                 if fingerprint != rabin_fingerprint(schema) {
                     return Err(DecodeError {
                         kind: DecodeErrorKind::UnknownSchema,
-                        detail: format!("fingerprint {fingerprint:016x} is not the {} schema", std::any::type_name::<Self>()),
+                        detail: format!(
+                            "fingerprint {fingerprint:016x} is not the {} schema",
+                            std::any::type_name::<Self>()
+                        ),
                     });
                 }
                 &rest[8..]

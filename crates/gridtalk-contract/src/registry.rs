@@ -48,7 +48,10 @@ impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryClient")
             .field("base_url", &self.base_url)
-            .field("basic_auth", &self.basic_auth.as_ref().map(|(u, _)| (u, "***")))
+            .field(
+                "basic_auth",
+                &self.basic_auth.as_ref().map(|(u, _)| (u, "***")),
+            )
             .finish()
     }
 }
@@ -96,13 +99,10 @@ impl RegistryClient {
                 "GET {url} answered {status}"
             )));
         }
-        let body: SchemaResponse = response
-            .json()
-            .await
-            .map_err(|e| RegistryError::Invalid {
-                id,
-                detail: e.to_string(),
-            })?;
+        let body: SchemaResponse = response.json().await.map_err(|e| RegistryError::Invalid {
+            id,
+            detail: e.to_string(),
+        })?;
         if let Some(kind) = body.schema_type.as_deref().filter(|k| *k != "AVRO") {
             return Err(RegistryError::Invalid {
                 id,

@@ -11,7 +11,11 @@ pub const EVENT_TYPES: &[(&str, &str, char)] = &[
     ("tg.invoice.delivered", "InvoiceStatusChanged", 'b'),
     ("tg.invoice.acknowledged", "InvoiceStatusChanged", 'b'),
     ("tg.invoice.rejected", "InvoiceStatusChanged", 'b'),
-    ("tg.invoice.correction_required", "InvoiceStatusChanged", 'b'),
+    (
+        "tg.invoice.correction_required",
+        "InvoiceStatusChanged",
+        'b',
+    ),
     ("tg.asn.sent", "ShipmentEvent", 'c'),
     ("tg.delivery.confirmed", "ShipmentEvent", 'c'),
     ("tg.shipment.status_updated", "ShipmentEvent", 'c'),
@@ -41,7 +45,8 @@ pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -
     let invoice = format!("INV-{}", 900_000 + seq);
     let shipment = format!("SH-{}", 700_000 + seq);
     let amount = format!("{}.{:02}", 1_000 + (seq * 7_919) % 90_000, seq % 100);
-    let (payload_type, payload, doc_type, document): (&str, Value, &str, String) = match event_type {
+    let (payload_type, payload, doc_type, document): (&str, Value, &str, String) = match event_type
+    {
         "tg.po.received" => (
             "PurchaseOrderReceived",
             json!({"po_number": po, "po_date": now_ms, "buyer_name": "Northwind Retail",
@@ -56,13 +61,29 @@ pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -
             "850",
             po,
         ),
-        "tg.invoice.delivered" | "tg.invoice.acknowledged" | "tg.invoice.rejected"
+        "tg.invoice.delivered"
+        | "tg.invoice.acknowledged"
+        | "tg.invoice.rejected"
         | "tg.invoice.correction_required" => {
             let (status, ack, raw, source, reason) = match event_type {
                 "tg.invoice.delivered" => ("DELIVERED", "UNKNOWN", None, None, None),
-                "tg.invoice.acknowledged" => ("ACKNOWLEDGED", "ACCEPTED", Some("A"), Some("FA_997"), None),
-                "tg.invoice.rejected" => ("REJECTED", "REJECTED", Some("R"), Some("AR_824"), Some("Unit price differs from PO line 2")),
-                _ => ("CORRECTION_REQUIRED", "UNKNOWN", Some("IR"), Some("AR_824"), Some("Missing remit-to address (N1*RI)")),
+                "tg.invoice.acknowledged" => {
+                    ("ACKNOWLEDGED", "ACCEPTED", Some("A"), Some("FA_997"), None)
+                }
+                "tg.invoice.rejected" => (
+                    "REJECTED",
+                    "REJECTED",
+                    Some("R"),
+                    Some("AR_824"),
+                    Some("Unit price differs from PO line 2"),
+                ),
+                _ => (
+                    "CORRECTION_REQUIRED",
+                    "UNKNOWN",
+                    Some("IR"),
+                    Some("AR_824"),
+                    Some("Missing remit-to address (N1*RI)"),
+                ),
             };
             (
                 "InvoiceStatusChanged",
@@ -74,13 +95,27 @@ pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -
                 invoice,
             )
         }
-        "tg.asn.sent" | "tg.delivery.confirmed" | "tg.shipment.status_updated" | "tg.shipment.exception" => {
-            let (status, raw, kind, detail): (&str, Option<&str>, Option<&str>, Option<&str>) = match event_type {
-                "tg.asn.sent" => ("ASN_SENT", None, None, None),
-                "tg.delivery.confirmed" => ("DELIVERED", Some("D1"), None, None),
-                "tg.shipment.status_updated" => ("IN_TRANSIT", Some("X6"), None, Some("En route to destination")),
-                _ => ("EXCEPTION", Some("SD"), Some("DELAYED"), Some("Carrier reports weather delay at hub")),
-            };
+        "tg.asn.sent"
+        | "tg.delivery.confirmed"
+        | "tg.shipment.status_updated"
+        | "tg.shipment.exception" => {
+            let (status, raw, kind, detail): (&str, Option<&str>, Option<&str>, Option<&str>) =
+                match event_type {
+                    "tg.asn.sent" => ("ASN_SENT", None, None, None),
+                    "tg.delivery.confirmed" => ("DELIVERED", Some("D1"), None, None),
+                    "tg.shipment.status_updated" => (
+                        "IN_TRANSIT",
+                        Some("X6"),
+                        None,
+                        Some("En route to destination"),
+                    ),
+                    _ => (
+                        "EXCEPTION",
+                        Some("SD"),
+                        Some("DELAYED"),
+                        Some("Carrier reports weather delay at hub"),
+                    ),
+                };
             (
                 "ShipmentEvent",
                 json!({"shipment_id": shipment, "po_numbers": [po], "carrier_scac": "ODFL", "bol": format!("BOL{}", 10_000 + seq),
@@ -101,9 +136,19 @@ pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -
         ),
         "tg.document.validation_failed" | "tg.document.delivery_failed" => {
             let (stage, status, code, text) = if event_type == "tg.document.validation_failed" {
-                ("TRANSLATION", "Translation Error", "TE-017", "Segment N1*ST missing mandatory element N104")
+                (
+                    "TRANSLATION",
+                    "Translation Error",
+                    "TE-017",
+                    "Segment N1*ST missing mandatory element N104",
+                )
             } else {
-                ("DELIVERY", "Send Failed", "DF-503", "AS2 endpoint returned 503; 3 attempts failed")
+                (
+                    "DELIVERY",
+                    "Send Failed",
+                    "DF-503",
+                    "AS2 endpoint returned 503; 3 attempts failed",
+                )
             };
             (
                 "DocumentFailure",
@@ -142,7 +187,9 @@ pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -
         _ => return None,
     };
     let severity = match event_type {
-        "tg.document.validation_failed" | "tg.document.delivery_failed" | "tg.shipment.exception" => "CRITICAL",
+        "tg.document.validation_failed"
+        | "tg.document.delivery_failed"
+        | "tg.shipment.exception" => "CRITICAL",
         "tg.invoice.rejected" | "tg.po.ack_overdue" => "WARNING",
         _ => "INFO",
     };

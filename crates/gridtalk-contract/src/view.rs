@@ -151,7 +151,12 @@ fn convert(
     names: &HashMap<String, &Schema>,
     path: &str,
 ) -> Result<Value, String> {
-    let mismatch = |what: &str| format!("{}: expected {what}, found {json}", if path.is_empty() { "/" } else { path });
+    let mismatch = |what: &str| {
+        format!(
+            "{}: expected {what}, found {json}",
+            if path.is_empty() { "/" } else { path }
+        )
+    };
     Ok(match schema {
         Schema::Ref { name } => {
             let target = names
@@ -171,19 +176,23 @@ fn convert(
                 .ok_or_else(|| mismatch("int"))?,
         ),
         Schema::Long => Value::Long(json.as_i64().ok_or_else(|| mismatch("long"))?),
-        Schema::TimestampMillis => {
-            Value::TimestampMillis(json.as_i64().ok_or_else(|| mismatch("epoch milliseconds"))?)
-        }
+        Schema::TimestampMillis => Value::TimestampMillis(
+            json.as_i64()
+                .ok_or_else(|| mismatch("epoch milliseconds"))?,
+        ),
         Schema::Float => Value::Float(json.as_f64().ok_or_else(|| mismatch("float"))? as f32),
         Schema::Double => Value::Double(json.as_f64().ok_or_else(|| mismatch("double"))?),
-        Schema::String => Value::String(json.as_str().ok_or_else(|| mismatch("string"))?.to_string()),
+        Schema::String => {
+            Value::String(json.as_str().ok_or_else(|| mismatch("string"))?.to_string())
+        }
         Schema::Decimal(d) => {
             let text = match json {
                 Json::String(s) => s.clone(),
                 Json::Number(n) => n.to_string(),
                 _ => return Err(mismatch("decimal as string")),
             };
-            let unscaled = parse_decimal(&text, d.scale as u32).map_err(|e| format!("{path}: {e}"))?;
+            let unscaled =
+                parse_decimal(&text, d.scale as u32).map_err(|e| format!("{path}: {e}"))?;
             Value::Decimal(apache_avro::Decimal::from(decimal_bytes(unscaled)))
         }
         Schema::Enum(e) => {
@@ -207,7 +216,12 @@ fn convert(
             json.as_object()
                 .ok_or_else(|| mismatch("object"))?
                 .iter()
-                .map(|(k, v)| Ok((k.clone(), convert(v, &m.types, names, &format!("{path}/{k}"))?)))
+                .map(|(k, v)| {
+                    Ok((
+                        k.clone(),
+                        convert(v, &m.types, names, &format!("{path}/{k}"))?,
+                    ))
+                })
                 .collect::<Result<_, String>>()?,
         ),
         Schema::Record(r) => {
@@ -234,7 +248,11 @@ fn convert(
                 return Ok(Value::Union(index as u32, Box::new(Value::Null)));
             }
             // {"BranchName": {...}} selects a named branch explicitly.
-            if let Some((key, inner)) = json.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next()) {
+            if let Some((key, inner)) = json
+                .as_object()
+                .filter(|o| o.len() == 1)
+                .and_then(|o| o.iter().next())
+            {
                 let named = variants.iter().enumerate().find(|(_, s)| {
                     let name = match s {
                         Schema::Ref { name } => Some(name.clone()),
@@ -243,7 +261,10 @@ fn convert(
                     name.is_some_and(|n| n.name == *key || n.fullname(None) == *key)
                 });
                 if let Some((index, branch)) = named {
-                    return Ok(Value::Union(index as u32, Box::new(convert(inner, branch, names, path)?)));
+                    return Ok(Value::Union(
+                        index as u32,
+                        Box::new(convert(inner, branch, names, path)?),
+                    ));
                 }
             }
             let mut last_error = mismatch("a value for one of the union's branches");
@@ -258,7 +279,11 @@ fn convert(
             }
             return Err(last_error);
         }
-        other => return Err(format!("{path}: schema type {other:?} is not used by the contract")),
+        other => {
+            return Err(format!(
+                "{path}: schema type {other:?} is not used by the contract"
+            ))
+        }
     })
 }
 
@@ -282,10 +307,17 @@ impl EventView {
                     _ => None,
                 })
                 .and_then(|i| {
-                    r.fields.iter().find(|f| f.name == "payload").and_then(|f| match &f.schema {
-                        Schema::Union(u) => u.variants().get(i).and_then(|s| s.name()).map(|n| n.name.clone()),
-                        _ => None,
-                    })
+                    r.fields
+                        .iter()
+                        .find(|f| f.name == "payload")
+                        .and_then(|f| match &f.schema {
+                            Schema::Union(u) => u
+                                .variants()
+                                .get(i)
+                                .and_then(|s| s.name())
+                                .map(|n| n.name.clone()),
+                            _ => None,
+                        })
                 }),
             _ => None,
         };
@@ -334,7 +366,13 @@ mod tests {
 
     #[test]
     fn decimals_round_trip_through_bytes() {
-        for text in ["0.0000", "1250.0000", "-17.5000", "99999999999999.9999", "-0.0001"] {
+        for text in [
+            "0.0000",
+            "1250.0000",
+            "-17.5000",
+            "99999999999999.9999",
+            "-0.0001",
+        ] {
             let unscaled = parse_decimal(text, 4).unwrap();
             assert_eq!(decimal_string(&decimal_bytes(unscaled), 4), text);
         }

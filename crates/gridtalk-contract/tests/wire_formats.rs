@@ -42,12 +42,21 @@ async fn every_sample_event_round_trips_in_single_object_encoding() {
 #[tokio::test]
 async fn money_is_read_back_as_a_decimal_string() {
     let json = sample_event("tg.po.received", 1, "ACME", 0).unwrap();
-    let expected = json.pointer("/payload/PurchaseOrderReceived/total/amount").unwrap().as_str().unwrap().to_string();
-    let bytes = encode_single_object(event_schema(), json_to_avro(&json, event_schema()).unwrap()).unwrap();
+    let expected = json
+        .pointer("/payload/PurchaseOrderReceived/total/amount")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes =
+        encode_single_object(event_schema(), json_to_avro(&json, event_schema()).unwrap()).unwrap();
     let decoded = decoder().decode(&bytes).await.unwrap();
     let view = EventView::from_resolved(&decoded.value, event_schema());
     let amount = view.str_at("/payload/total/amount").unwrap();
-    assert_eq!(amount.trim_end_matches('0').trim_end_matches('.'), expected.trim_end_matches('0').trim_end_matches('.'));
+    assert_eq!(
+        amount.trim_end_matches('0').trim_end_matches('.'),
+        expected.trim_end_matches('0').trim_end_matches('.')
+    );
     assert_eq!(amount.split('.').nth(1).unwrap().len(), 4);
 }
 
@@ -55,15 +64,36 @@ async fn money_is_read_back_as_a_decimal_string() {
 /// producer lacks a defaulted field. Both must decode against our reader schema.
 #[tokio::test]
 async fn compatible_writer_schemas_decode() {
-    let mut newer: serde_json::Value = serde_json::from_str(gridtalk_contract_schema_text()).unwrap();
-    newer["fields"].as_array_mut().unwrap().push(json!({"name": "region", "type": ["null", "string"], "default": null}));
-    let payload = newer["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "payload").unwrap();
-    let po = payload["type"].as_array_mut().unwrap().iter_mut().find(|t| t["name"] == "PurchaseOrderReceived").unwrap();
-    po["fields"].as_array_mut().unwrap().push(json!({"name": "incoterms", "type": ["null", "string"], "default": null}));
+    let mut newer: serde_json::Value =
+        serde_json::from_str(gridtalk_contract_schema_text()).unwrap();
+    newer["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "region", "type": ["null", "string"], "default": null}));
+    let payload = newer["fields"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|f| f["name"] == "payload")
+        .unwrap();
+    let po = payload["type"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|t| t["name"] == "PurchaseOrderReceived")
+        .unwrap();
+    po["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "incoterms", "type": ["null", "string"], "default": null}));
     let newer = Schema::parse_str(&newer.to_string()).unwrap();
 
-    let mut older: serde_json::Value = serde_json::from_str(gridtalk_contract_schema_text()).unwrap();
-    older["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "causation_id" && f["name"] != "tenant_buid");
+    let mut older: serde_json::Value =
+        serde_json::from_str(gridtalk_contract_schema_text()).unwrap();
+    older["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "causation_id" && f["name"] != "tenant_buid");
     let older = Schema::parse_str(&older.to_string()).unwrap();
 
     let mut known = SchemaSet::contract();
@@ -75,13 +105,18 @@ async fn compatible_writer_schemas_decode() {
     json["region"] = json!("EMEA");
     json["payload"]["PurchaseOrderReceived"]["incoterms"] = json!("FOB");
     let bytes = encode_single_object(&newer, json_to_avro(&json, &newer).unwrap()).unwrap();
-    let view = EventView::from_resolved(&decoder.decode(&bytes).await.unwrap().value, event_schema());
+    let view =
+        EventView::from_resolved(&decoder.decode(&bytes).await.unwrap().value, event_schema());
     assert_eq!(view.payload_type(), "PurchaseOrderReceived");
-    assert!(view.json.get("region").is_none(), "fields unknown to the reader are dropped");
+    assert!(
+        view.json.get("region").is_none(),
+        "fields unknown to the reader are dropped"
+    );
 
     let json = sample_event("tg.shipment.exception", 4, "ACME", 0).unwrap();
     let bytes = encode_single_object(&older, json_to_avro(&json, &older).unwrap()).unwrap();
-    let view = EventView::from_resolved(&decoder.decode(&bytes).await.unwrap().value, event_schema());
+    let view =
+        EventView::from_resolved(&decoder.decode(&bytes).await.unwrap().value, event_schema());
     assert_eq!(view.payload_type(), "ShipmentEvent");
     assert_eq!(view.json["tenant_buid"], serde_json::Value::Null);
 }
@@ -106,24 +141,49 @@ async fn bad_bytes_get_precise_reasons() {
     // Trailing garbage.
     let mut trailing = good.clone();
     trailing.extend_from_slice(&[1, 2, 3]);
-    assert_eq!(decoder.decode(&trailing).await.unwrap_err().kind, DecodeErrorKind::Malformed);
+    assert_eq!(
+        decoder.decode(&trailing).await.unwrap_err().kind,
+        DecodeErrorKind::Malformed
+    );
     // Unknown fingerprint.
     let mut unknown = good.clone();
     unknown[2] ^= 0xFF;
-    assert_eq!(decoder.decode(&unknown).await.unwrap_err().kind, DecodeErrorKind::UnknownSchema);
+    assert_eq!(
+        decoder.decode(&unknown).await.unwrap_err().kind,
+        DecodeErrorKind::UnknownSchema
+    );
     // Confluent framing without a registry.
-    let confluent = encode_confluent(event_schema(), 7, json_to_avro(&sample_event("tg.po.received", 1, "A", 0).unwrap(), event_schema()).unwrap()).unwrap();
-    assert_eq!(decoder.decode(&confluent).await.unwrap_err().kind, DecodeErrorKind::UnknownSchema);
+    let confluent = encode_confluent(
+        event_schema(),
+        7,
+        json_to_avro(
+            &sample_event("tg.po.received", 1, "A", 0).unwrap(),
+            event_schema(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        decoder.decode(&confluent).await.unwrap_err().kind,
+        DecodeErrorKind::UnknownSchema
+    );
     // Oversized.
     let small = EventDecoder::new(event_schema().clone(), SchemaSet::contract(), None, 16);
-    assert_eq!(small.decode(&good).await.unwrap_err().kind, DecodeErrorKind::Oversized);
+    assert_eq!(
+        small.decode(&good).await.unwrap_err().kind,
+        DecodeErrorKind::Oversized
+    );
 }
 
 /// A writer schema without a field our reader requires (no default) is a missing-field error.
 #[tokio::test]
 async fn a_missing_required_field_is_incompatible() {
-    let mut text: serde_json::Value = serde_json::from_str(gridtalk_contract_schema_text()).unwrap();
-    text["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "correlation_id");
+    let mut text: serde_json::Value =
+        serde_json::from_str(gridtalk_contract_schema_text()).unwrap();
+    text["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "correlation_id");
     let lacking = Schema::parse_str(&text.to_string()).unwrap();
     let mut known = SchemaSet::contract();
     known.insert("lacking", lacking.clone());

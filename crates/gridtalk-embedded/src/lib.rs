@@ -29,39 +29,47 @@ pub async fn start_broker(port: u16) -> anyhow::Result<String> {
     let address = format!("127.0.0.1:{port}");
     let url = url::Url::parse(&format!("tcp://{address}"))?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
-    std::thread::Builder::new().name("embedded-broker".into()).spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-            Ok(runtime) => runtime,
-            Err(e) => {
-                let _ = ready_tx.send(Err(e.into()));
-                return;
-            }
-        };
-        runtime.block_on(async move {
-            let built = Broker::<Controller<StorageContainer>, StorageContainer>::builder()
-                .node_id(111)
-                .cluster_id("gridtalk")
-                .incarnation_id(uuid::Uuid::new_v4())
-                .advertised_listener(url.clone())
-                .listener(url)
-                .storage(url::Url::parse("memory://tansu/").expect("static url"))
-                .silent(true)
+    std::thread::Builder::new()
+        .name("embedded-broker".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
                 .build()
-                .await;
-            let mut broker = match built {
-                Ok(broker) => broker,
+            {
+                Ok(runtime) => runtime,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow::anyhow!("embedded broker: {e:?}")));
+                    let _ = ready_tx.send(Err(e.into()));
                     return;
                 }
             };
-            let _ = ready_tx.send(Ok(()));
-            if let Err(e) = broker.serve(tokio::time::Instant::now()).await {
-                tracing::error!(error = ?e, "embedded broker stopped");
-            }
-        });
-    })?;
-    ready_rx.await.map_err(|_| anyhow::anyhow!("embedded broker thread exited during start"))??;
+            runtime.block_on(async move {
+                let built = Broker::<Controller<StorageContainer>, StorageContainer>::builder()
+                    .node_id(111)
+                    .cluster_id("gridtalk")
+                    .incarnation_id(uuid::Uuid::new_v4())
+                    .advertised_listener(url.clone())
+                    .listener(url)
+                    .storage(url::Url::parse("memory://tansu/").expect("static url"))
+                    .silent(true)
+                    .build()
+                    .await;
+                let mut broker = match built {
+                    Ok(broker) => broker,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("embedded broker: {e:?}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                if let Err(e) = broker.serve(tokio::time::Instant::now()).await {
+                    tracing::error!(error = ?e, "embedded broker stopped");
+                }
+            });
+        })?;
+    ready_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("embedded broker thread exited during start"))??;
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(&address).await.is_ok() {
             return Ok(address);
@@ -74,7 +82,9 @@ pub async fn start_broker(port: u16) -> anyhow::Result<String> {
 /// Which input topic an event type belongs on (the default topic layout).
 pub fn topic_for(event_type: &str) -> &'static str {
     match event_type {
-        t if t.starts_with("tg.shipment.exception") || t.starts_with("tg.document.") => "tg.exceptions.v1",
+        t if t.starts_with("tg.shipment.exception") || t.starts_with("tg.document.") => {
+            "tg.exceptions.v1"
+        }
         t if t.starts_with("tg.onboarding.") => "tg.onboarding.v1",
         t if t.starts_with("wf.approval.") => "wf.approvals.v1",
         t if t.starts_with("wf.case.") => "wf.cases.v1",
@@ -109,11 +119,19 @@ pub async fn generate(
         let partner = partners[(seq as usize / EVENT_TYPES.len()) % partners.len()];
         let now = chrono::Utc::now().timestamp_millis();
         let json = sample_event(event_type, seq, partner, now).expect("known event type");
-        let key = json["correlation_id"].as_str().unwrap_or_default().to_string();
+        let key = json["correlation_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let value = json_to_avro(&json, schema).map_err(|e| anyhow::anyhow!(e))?;
         let bytes = encode_single_object(schema, value)?;
         producer
-            .send(FutureRecord::to(topic_for(event_type)).key(&key).payload(&bytes), Duration::from_secs(30))
+            .send(
+                FutureRecord::to(topic_for(event_type))
+                    .key(&key)
+                    .payload(&bytes),
+                Duration::from_secs(30),
+            )
             .await
             .map_err(|(e, _)| e)?;
         seq += 1;

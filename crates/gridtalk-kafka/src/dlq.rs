@@ -66,8 +66,14 @@ pub async fn dead_letter<M: Message>(
 ) -> Result<(), KafkaError> {
     let mut headers = OwnedHeaders::new();
     if let Some(original) = source.headers() {
-        for h in original.iter().filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX)) {
-            headers = headers.insert(Header { key: h.key, value: h.value });
+        for h in original
+            .iter()
+            .filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX))
+        {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
         }
     }
     let failed_at = std::time::SystemTime::now()
@@ -110,7 +116,15 @@ pub async fn dead_letter<M: Message>(
         .dead_letters
         .with_label_values(&[stage, reason.as_str()])
         .inc();
-    tracing::warn!(stage, reason = reason.as_str(), detail, source_topic = source.topic(), source_partition = source.partition(), source_offset = source.offset(), "record dead-lettered");
+    tracing::warn!(
+        stage,
+        reason = reason.as_str(),
+        detail,
+        source_topic = source.topic(),
+        source_partition = source.partition(),
+        source_offset = source.offset(),
+        "record dead-lettered"
+    );
     Ok(())
 }
 
@@ -171,7 +185,9 @@ pub async fn replay_dead_letters(
         if filter.limit.is_some_and(|l| report.replayed >= l) {
             break;
         }
-        let Some(result) = consumer.poll(Duration::from_secs(5)) else { continue };
+        let Some(result) = consumer.poll(Duration::from_secs(5)) else {
+            continue;
+        };
         let message = result?;
         let end = ends[&message.partition()];
         if message.offset() + 1 >= end {
@@ -187,21 +203,34 @@ pub async fn replay_dead_letters(
         if filter.reason.as_deref().is_some_and(|r| Some(r) != reason) {
             continue;
         }
-        if filter.source_topic.as_deref().is_some_and(|t| Some(t) != source) {
+        if filter
+            .source_topic
+            .as_deref()
+            .is_some_and(|t| Some(t) != source)
+        {
             continue;
         }
         let Some(target) = filter.to_topic.as_deref().or(source) else {
-            tracing::warn!(offset = message.offset(), "dead letter without a source topic; skipped");
+            tracing::warn!(
+                offset = message.offset(),
+                "dead letter without a source topic; skipped"
+            );
             continue;
         };
         let mut out = OwnedHeaders::new();
         if let Some(h) = headers {
             for h in h.iter().filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX)) {
-                out = out.insert(Header { key: h.key, value: h.value });
+                out = out.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
             }
         }
         let origin = format!("{dlq_topic}/{}/{}", message.partition(), message.offset());
-        out = out.insert(Header { key: "gridtalk.replayed_from", value: Some(origin.as_bytes()) });
+        out = out.insert(Header {
+            key: "gridtalk.replayed_from",
+            value: Some(origin.as_bytes()),
+        });
         let mut record = FutureRecord::<[u8], [u8]>::to(target).headers(out);
         if let Some(k) = message.key() {
             record = record.key(k);

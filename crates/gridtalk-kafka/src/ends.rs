@@ -58,9 +58,11 @@ pub fn end_offsets(config: &KafkaConfig, topic: &str) -> Result<HashMap<i32, i64
     while ends.len() < partitions.len() {
         match consumer.poll(Duration::from_millis(200)) {
             None if last_progress.elapsed() > ADMIN_TIMEOUT => {
-                return Err(KafkaError::Client(rdkafka::error::KafkaError::MessageConsumption(
-                    rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-                )))
+                return Err(KafkaError::Client(
+                    rdkafka::error::KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                    ),
+                ))
             }
             None => {}
             Some(Ok(m)) => {

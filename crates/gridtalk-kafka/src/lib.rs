@@ -24,7 +24,10 @@ use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientContext;
 
-pub use dlq::{dead_letter, replay_dead_letters, DeadLetterReason, ReplayFilter, ReplayReport, DLQ_HEADER_PREFIX};
+pub use dlq::{
+    dead_letter, replay_dead_letters, DeadLetterReason, ReplayFilter, ReplayReport,
+    DLQ_HEADER_PREFIX,
+};
 pub use ends::{end_offsets, partitions_of, reader};
 pub use offsets::OffsetTracker;
 pub use topics::{ensure_topics, missing_topics, TopicSpec};
@@ -69,18 +72,41 @@ pub struct StageContext {
 impl ClientContext for StageContext {}
 
 impl ConsumerContext for StageContext {
-    fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         match rebalance {
-            Rebalance::Revoke(tpl) => tracing::info!(stage = self.stage, partitions = tpl.count(), "partitions revoked"),
-            Rebalance::Assign(tpl) => tracing::info!(stage = self.stage, partitions = tpl.count(), "partitions assigned"),
-            Rebalance::Error(e) => tracing::warn!(stage = self.stage, error = %e, "rebalance error"),
+            Rebalance::Revoke(tpl) => tracing::info!(
+                stage = self.stage,
+                partitions = tpl.count(),
+                "partitions revoked"
+            ),
+            Rebalance::Assign(tpl) => tracing::info!(
+                stage = self.stage,
+                partitions = tpl.count(),
+                "partitions assigned"
+            ),
+            Rebalance::Error(e) => {
+                tracing::warn!(stage = self.stage, error = %e, "rebalance error")
+            }
         }
     }
 
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &rdkafka::TopicPartitionList) {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &rdkafka::TopicPartitionList,
+    ) {
         if let Err(e) = result {
             // "No offset stored" is the normal answer when nothing new finished.
-            if !matches!(e, rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) {
+            if !matches!(
+                e,
+                rdkafka::error::KafkaError::ConsumerCommit(
+                    rdkafka::types::RDKafkaErrorCode::NoOffset
+                )
+            ) {
                 tracing::warn!(stage = self.stage, error = %e, "offset commit failed; will retry with the next commit");
             }
         }

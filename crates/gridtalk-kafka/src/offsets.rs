@@ -40,7 +40,11 @@ impl OffsetTracker {
         if !state.in_flight.remove(&offset) {
             return None;
         }
-        let committable = state.in_flight.first().copied().unwrap_or(state.next_after_started);
+        let committable = state
+            .in_flight
+            .first()
+            .copied()
+            .unwrap_or(state.next_after_started);
         if committable > state.last_committable {
             state.last_committable = committable;
             Some(committable)
@@ -70,7 +74,11 @@ mod tests {
         for o in 10..15 {
             t.start("in", 0, o);
         }
-        assert_eq!(t.finish("in", 0, 12), None, "10 and 11 are still unfinished");
+        assert_eq!(
+            t.finish("in", 0, 12),
+            None,
+            "10 and 11 are still unfinished"
+        );
         assert_eq!(t.finish("in", 0, 10), Some(11));
         assert_eq!(t.finish("in", 0, 11), Some(13), "12 was already done");
         assert_eq!(t.finish("in", 0, 14), None);

@@ -56,8 +56,12 @@ pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<
 pub fn missing_topics(config: &KafkaConfig, names: &[String]) -> Result<Vec<String>, KafkaError> {
     let consumer: BaseConsumer = client_config(config).create()?;
     let metadata = consumer.fetch_metadata(None, ADMIN_TIMEOUT)?;
-    let existing: std::collections::HashSet<&str> =
-        metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name()).collect();
+    let existing: std::collections::HashSet<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.name())
+        .collect();
     Ok(names
         .iter()
         .filter(|n| !existing.contains(n.as_str()))

@@ -79,14 +79,17 @@ impl Directory {
 
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let file: DirectoryFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: DirectoryFile =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Self::from_file_data(file))
     }
 
     /// Applies one directory-topic record. Returns an error for a record it cannot read (the
     /// entry is then left as it was).
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), String> {
-        let (kind, id) = key.split_once(':').ok_or_else(|| format!("key {key:?} is not kind:id"))?;
+        let (kind, id) = key
+            .split_once(':')
+            .ok_or_else(|| format!("key {key:?} is not kind:id"))?;
         match (kind, value) {
             ("partner", None) => {
                 self.partners.remove(id);
@@ -120,7 +123,9 @@ impl Directory {
         let mut found: Vec<&Contact> = self
             .contacts
             .values()
-            .filter(|c| c.partner.as_deref() == partner && c.roles.iter().any(|r| roles.contains(r)))
+            .filter(|c| {
+                c.partner.as_deref() == partner && c.roles.iter().any(|r| roles.contains(r))
+            })
             .collect();
         found.sort_by(|a, b| a.id.cmp(&b.id));
         found
@@ -137,8 +142,12 @@ pub type SharedDirectory = Arc<RwLock<Directory>>;
 fn publish_counts(directory: &Directory) {
     let (partners, contacts) = directory.counts();
     let m = gridtalk_telemetry::Metrics::global();
-    m.directory_entries.with_label_values(&["partner"]).set(partners as i64);
-    m.directory_entries.with_label_values(&["contact"]).set(contacts as i64);
+    m.directory_entries
+        .with_label_values(&["partner"])
+        .set(partners as i64);
+    m.directory_entries
+        .with_label_values(&["contact"])
+        .set(contacts as i64);
 }
 
 /// Tails the directory topic into `directory` until `shutdown`. Sets `ready` once the end of the
@@ -152,7 +161,8 @@ pub fn tail_directory(
 ) -> Result<(), String> {
     // The end as of start-up, exactly (see `gridtalk_kafka::end_offsets`): routing waits for it.
     let ends = gridtalk_kafka::end_offsets(&kafka, &topic).map_err(|e| e.to_string())?;
-    let consumer: BaseConsumer = gridtalk_kafka::tail_consumer(&kafka).map_err(|e| e.to_string())?;
+    let consumer: BaseConsumer =
+        gridtalk_kafka::tail_consumer(&kafka).map_err(|e| e.to_string())?;
     let mut assignment = TopicPartitionList::new();
     let mut catch_up: HashMap<i32, i64> = HashMap::new();
     for (partition, end) in ends {
@@ -169,7 +179,9 @@ pub fn tail_directory(
     }
     publish_counts(&directory.read().expect("directory lock"));
     while !shutdown.is_cancelled() {
-        let Some(result) = consumer.poll(Duration::from_millis(250)) else { continue };
+        let Some(result) = consumer.poll(Duration::from_millis(250)) else {
+            continue;
+        };
         let message = match result {
             Ok(m) => m,
             Err(e) => {
@@ -177,12 +189,17 @@ pub fn tail_directory(
                 continue;
             }
         };
-        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+        let key = message
+            .key()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
         {
             let mut d = directory.write().expect("directory lock");
             match d.apply(&key, message.payload()) {
                 Ok(()) => tracing::debug!(key = %key, "directory entry updated"),
-                Err(e) => tracing::warn!(error = %e, offset = message.offset(), "directory record ignored"),
+                Err(e) => {
+                    tracing::warn!(error = %e, offset = message.offset(), "directory record ignored")
+                }
             }
             publish_counts(&d);
         }

@@ -85,7 +85,9 @@ fn rule_matches(rule: &RuleConfig, view: &EventView) -> bool {
 
 /// Formats a decimal string for people: thousands separators, two decimals unless more are needed.
 fn format_amount(amount: &str) -> String {
-    let (negative, digits) = amount.strip_prefix('-').map_or((false, amount), |d| (true, d));
+    let (negative, digits) = amount
+        .strip_prefix('-')
+        .map_or((false, amount), |d| (true, d));
     let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
     let mut fraction = fraction.trim_end_matches('0').to_string();
     while fraction.len() < 2 {
@@ -102,13 +104,22 @@ fn format_amount(amount: &str) -> String {
 }
 
 /// Renders one template parameter from the event.
-fn render_param(view: &EventView, template: &str, index: usize, p: &ParamConfig) -> Result<String, RouteFailure> {
+fn render_param(
+    view: &EventView,
+    template: &str,
+    index: usize,
+    p: &ParamConfig,
+) -> Result<String, RouteFailure> {
     let value = view.json.pointer(&p.path).filter(|v| !v.is_null());
     let missing = || {
         p.default.clone().ok_or_else(|| {
             fail(
                 DeadLetterReason::MissingField,
-                format!("template {template} parameter {{{{{}}}}} needs {} but the event has none", index + 1, p.path),
+                format!(
+                    "template {template} parameter {{{{{}}}}} needs {} but the event has none",
+                    index + 1,
+                    p.path
+                ),
             )
         })
     };
@@ -116,18 +127,30 @@ fn render_param(view: &EventView, template: &str, index: usize, p: &ParamConfig)
     let wrong = |what: &str| {
         fail(
             DeadLetterReason::MissingField,
-            format!("template {template} parameter {{{{{}}}}}: {} is not {what}: {value}", index + 1, p.path),
+            format!(
+                "template {template} parameter {{{{{}}}}}: {} is not {what}: {value}",
+                index + 1,
+                p.path
+            ),
         )
     };
     let text = match p.format.as_str() {
         "money" => {
-            let amount = value.get("amount").and_then(Value::as_str).ok_or_else(|| wrong("money"))?;
+            let amount = value
+                .get("amount")
+                .and_then(Value::as_str)
+                .ok_or_else(|| wrong("money"))?;
             let currency = value.get("currency").and_then(Value::as_str).unwrap_or("");
-            format!("{currency} {}", format_amount(amount)).trim().to_string()
+            format!("{currency} {}", format_amount(amount))
+                .trim()
+                .to_string()
         }
         "date" | "datetime" => {
             let ms = value.as_i64().ok_or_else(|| wrong("a timestamp"))?;
-            let at = Utc.timestamp_millis_opt(ms).single().ok_or_else(|| wrong("a valid timestamp"))?;
+            let at = Utc
+                .timestamp_millis_opt(ms)
+                .single()
+                .ok_or_else(|| wrong("a valid timestamp"))?;
             if p.format == "date" {
                 at.format("%Y-%m-%d").to_string()
             } else {
@@ -135,7 +158,11 @@ fn render_param(view: &EventView, template: &str, index: usize, p: &ParamConfig)
             }
         }
         "list" => match value {
-            Value::Array(items) => items.iter().filter_map(scalar_text).collect::<Vec<_>>().join(", "),
+            Value::Array(items) => items
+                .iter()
+                .filter_map(scalar_text)
+                .collect::<Vec<_>>()
+                .join(", "),
             other => scalar_text(other).ok_or_else(|| wrong("a list"))?,
         },
         _ => scalar_text(value).ok_or_else(|| wrong("text"))?,
@@ -167,7 +194,9 @@ fn audience<'d>(rule: &RuleConfig, view: &EventView, directory: &'d Directory) -
             for id in ids.iter().filter_map(Value::as_str) {
                 match directory.contact(id) {
                     Some(c) => found.push(c),
-                    None => tracing::warn!(contact = id, rule = %rule.name, "event names a contact the directory does not know"),
+                    None => {
+                        tracing::warn!(contact = id, rule = %rule.name, "event names a contact the directory does not know")
+                    }
                 }
             }
         }
@@ -176,14 +205,27 @@ fn audience<'d>(rule: &RuleConfig, view: &EventView, directory: &'d Directory) -
 }
 
 /// Plans the messages for one event. `now_ms` stamps `created_at`.
-pub fn plan(view: &EventView, config: &Config, directory: &Directory, now_ms: i64) -> Result<RoutePlan, RouteFailure> {
+pub fn plan(
+    view: &EventView,
+    config: &Config,
+    directory: &Directory,
+    now_ms: i64,
+) -> Result<RoutePlan, RouteFailure> {
     let event_type = view.event_type();
     match payload_type_of(event_type) {
-        None => return Err(fail(DeadLetterReason::UnknownEventType, format!("event type {event_type:?} is not part of the contract"))),
+        None => {
+            return Err(fail(
+                DeadLetterReason::UnknownEventType,
+                format!("event type {event_type:?} is not part of the contract"),
+            ))
+        }
         Some(expected) if expected != view.payload_type() => {
             return Err(fail(
                 DeadLetterReason::MissingField,
-                format!("event type {event_type} needs a {expected} payload, got {}", view.payload_type()),
+                format!(
+                    "event type {event_type} needs a {expected} payload, got {}",
+                    view.payload_type()
+                ),
             ))
         }
         Some(_) => {}
@@ -205,8 +247,16 @@ pub fn plan(view: &EventView, config: &Config, directory: &Directory, now_ms: i6
             .templates
             .iter()
             .find(|t| t.name == rule.template)
-            .ok_or_else(|| fail(DeadLetterReason::UnknownTemplate, format!("rule {} names template {}", rule.name, rule.template)))?;
-        let recipients: Vec<&Contact> = audience(rule, view, directory).into_iter().filter(|c| c.opted_in).collect();
+            .ok_or_else(|| {
+                fail(
+                    DeadLetterReason::UnknownTemplate,
+                    format!("rule {} names template {}", rule.name, rule.template),
+                )
+            })?;
+        let recipients: Vec<&Contact> = audience(rule, view, directory)
+            .into_iter()
+            .filter(|c| c.opted_in)
+            .collect();
         if recipients.is_empty() {
             return Err(fail(
                 DeadLetterReason::NoRecipient,
@@ -217,7 +267,8 @@ pub fn plan(view: &EventView, config: &Config, directory: &Directory, now_ms: i6
             if !seen.insert((contact.id.clone(), template.name.clone())) {
                 continue;
             }
-            plan.messages.push(render(view, config, rule, template, contact, now_ms)?);
+            plan.messages
+                .push(render(view, config, rule, template, contact, now_ms)?);
         }
     }
     Ok(plan)
@@ -231,8 +282,12 @@ fn render(
     contact: &Contact,
     now_ms: i64,
 ) -> Result<OutboxMessage, RouteFailure> {
-    let to = gridtalk_whatsapp::normalize_phone(&contact.phone)
-        .map_err(|e| fail(DeadLetterReason::InvalidPhone, format!("contact {}: {e}", contact.id)))?;
+    let to = gridtalk_whatsapp::normalize_phone(&contact.phone).map_err(|e| {
+        fail(
+            DeadLetterReason::InvalidPhone,
+            format!("contact {}: {e}", contact.id),
+        )
+    })?;
     let language = contact
         .language
         .as_deref()
@@ -257,7 +312,8 @@ fn render(
         .iter()
         .map(|b| format!("gt1.{}.{}", b.action, document_key))
         .collect();
-    let body = gridtalk_whatsapp::template_message(&to, &template.name, &language, &params, &payloads);
+    let body =
+        gridtalk_whatsapp::template_message(&to, &template.name, &language, &params, &payloads);
     Ok(OutboxMessage {
         message_id: message_id(view.event_id(), &contact.id, &template.name),
         event_id: view.event_id().to_string(),

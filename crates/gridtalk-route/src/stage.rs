@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::Config;
 use gridtalk_contract::{
-    AvroRecord, ContractSchemas, DecodeErrorKind, EventDecoder, EventView, RegistryClient, SchemaSet,
+    AvroRecord, ContractSchemas, DecodeErrorKind, EventDecoder, EventView, RegistryClient,
+    SchemaSet,
 };
 use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, StageContext};
 use gridtalk_telemetry::{Metrics, Readiness};
@@ -51,10 +52,17 @@ struct Shared {
 impl Shared {
     /// Marks `offset` done and stores the new committable position if it advanced.
     fn finish(&self, topic: &str, partition: i32, offset: i64) {
-        let next = self.tracker.lock().expect("tracker").finish(topic, partition, offset);
+        let next = self
+            .tracker
+            .lock()
+            .expect("tracker")
+            .finish(topic, partition, offset);
         if let Some(next) = next {
             let mut tpl = TopicPartitionList::new();
-            if tpl.add_partition_offset(topic, partition, Offset::Offset(next)).is_ok() {
+            if tpl
+                .add_partition_offset(topic, partition, Offset::Offset(next))
+                .is_ok()
+            {
                 if let Err(e) = self.consumer.store_offsets(&tpl) {
                     // The partition was revoked meanwhile; its new owner replays from the last commit.
                     tracing::debug!(error = %e, topic, partition, "offset not stored");
@@ -77,14 +85,22 @@ impl Shared {
 fn decoder(config: &Config) -> Result<EventDecoder, RouteError> {
     let mut known = SchemaSet::contract();
     if let Some(dir) = &config.contract.extra_schema_dir {
-        known.load_dir(dir).map_err(|e| RouteError::Config(e.join("; ")))?;
+        known
+            .load_dir(dir)
+            .map_err(|e| RouteError::Config(e.join("; ")))?;
     }
     let registry = config.contract.schema_registry_url.as_deref().map(|url| {
-        let auth = config
-            .contract
-            .schema_registry_username
-            .clone()
-            .map(|u| (u, config.contract.schema_registry_password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default()));
+        let auth = config.contract.schema_registry_username.clone().map(|u| {
+            (
+                u,
+                config
+                    .contract
+                    .schema_registry_password
+                    .as_ref()
+                    .map(|p| p.expose().to_string())
+                    .unwrap_or_default(),
+            )
+        });
         RegistryClient::new(url, auth, Duration::from_secs(10))
     });
     Ok(EventDecoder::new(
@@ -96,7 +112,11 @@ fn decoder(config: &Config) -> Result<EventDecoder, RouteError> {
 }
 
 /// Runs the route stage until `shutdown` is cancelled or a hand-off fails.
-pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: CancellationToken) -> Result<(), RouteError> {
+pub async fn run(
+    config: Arc<Config>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), RouteError> {
     let ready = readiness.register("route");
     let missing = gridtalk_kafka::missing_topics(&config.kafka, &config.topics.inputs)?;
     if !missing.is_empty() {
@@ -167,22 +187,35 @@ pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: Cancellati
             _ = shared.stop.cancelled() => break,
             p = in_flight.clone().acquire_owned() => p.expect("semaphore open"),
         };
-        shared.tracker.lock().expect("tracker").start(message.topic(), message.partition(), message.offset());
-        Metrics::global().events_consumed.with_label_values(&[message.topic()]).inc();
+        shared.tracker.lock().expect("tracker").start(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        );
+        Metrics::global()
+            .events_consumed
+            .with_label_values(&[message.topic()])
+            .inc();
         route_one(&shared, &decoder, &directory, &mut dedupe, message, permit).await;
     }
 
     // Drain: every started hand-off finishes (or fails) before the final commit.
     let drain = async {
-        let _all = in_flight.acquire_many(config.route.max_in_flight.max(1) as u32).await;
+        let _all = in_flight
+            .acquire_many(config.route.max_in_flight.max(1) as u32)
+            .await;
     };
     if tokio::time::timeout(shared.timeout(), drain).await.is_err() {
         tracing::warn!("route drain deadline passed; unfinished records will be replayed");
     }
     match shared.consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => {}
-        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "final commit failed; records since the last commit will be replayed"),
+        Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "final commit failed; records since the last commit will be replayed")
+        }
     }
     shared.consumer.unsubscribe();
     if let Some(detail) = shared.failure.lock().expect("failure").take() {
@@ -200,10 +233,25 @@ fn spawn_dead_letter(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     tokio::spawn(async move {
-        let result = dead_letter(&shared.producer, &shared.config.topics.dlq, STAGE, reason, &detail, &message, &[], shared.timeout()).await;
+        let result = dead_letter(
+            &shared.producer,
+            &shared.config.topics.dlq,
+            STAGE,
+            reason,
+            &detail,
+            &message,
+            &[],
+            shared.timeout(),
+        )
+        .await;
         match result {
             Ok(()) => shared.finish(message.topic(), message.partition(), message.offset()),
-            Err(e) => shared.fail(format!("dead letter for {}/{}/{}: {e}", message.topic(), message.partition(), message.offset())),
+            Err(e) => shared.fail(format!(
+                "dead letter for {}/{}/{}: {e}",
+                message.topic(),
+                message.partition(),
+                message.offset()
+            )),
         }
         drop(permit);
     });
@@ -221,7 +269,11 @@ async fn route_one(
         spawn_dead_letter(shared.clone(), message.clone(), reason, detail, permit)
     };
     let Some(payload) = message.payload() else {
-        return dead(DeadLetterReason::MalformedAvro, "record has no value".into(), permit);
+        return dead(
+            DeadLetterReason::MalformedAvro,
+            "record has no value".into(),
+            permit,
+        );
     };
     let decoded = loop {
         match decoder.decode(payload).await {
@@ -248,8 +300,15 @@ async fn route_one(
     let view = EventView::from_resolved(&decoded.value, decoder.reader_schema());
     let now = now_ms();
     if dedupe.contains(view.event_id(), now) {
-        Metrics::global().events_deduplicated.with_label_values(&[view.event_type()]).inc();
-        tracing::info!(event_id = view.event_id(), event_type = view.event_type(), "duplicate event dropped");
+        Metrics::global()
+            .events_deduplicated
+            .with_label_values(&[view.event_type()])
+            .inc();
+        tracing::info!(
+            event_id = view.event_id(),
+            event_type = view.event_type(),
+            "duplicate event dropped"
+        );
         shared.finish(message.topic(), message.partition(), message.offset());
         return;
     }
@@ -262,8 +321,15 @@ async fn route_one(
         Err(failure) => return dead(failure.reason, failure.detail, permit),
     };
     if plan.messages.is_empty() {
-        Metrics::global().events_unrouted.with_label_values(&[view.event_type()]).inc();
-        tracing::info!(event_id = view.event_id(), event_type = view.event_type(), "no rule matched");
+        Metrics::global()
+            .events_unrouted
+            .with_label_values(&[view.event_type()])
+            .inc();
+        tracing::info!(
+            event_id = view.event_id(),
+            event_type = view.event_type(),
+            "no rule matched"
+        );
         shared.finish(message.topic(), message.partition(), message.offset());
         return;
     }
@@ -272,8 +338,14 @@ async fn route_one(
     for outbox in &plan.messages {
         let bytes = outbox.to_avro();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "gridtalk.event_id", value: Some(outbox.event_id.as_bytes()) })
-            .insert(Header { key: "gridtalk.message_id", value: Some(outbox.message_id.as_bytes()) });
+            .insert(Header {
+                key: "gridtalk.event_id",
+                value: Some(outbox.event_id.as_bytes()),
+            })
+            .insert(Header {
+                key: "gridtalk.message_id",
+                value: Some(outbox.message_id.as_bytes()),
+            });
         let record = FutureRecord::to(&shared.config.topics.outbox)
             .key(outbox.phone_number_id.as_bytes())
             .payload(&bytes)
@@ -291,8 +363,16 @@ async fn route_one(
             .with_label_values(&[outbox.template_name.as_deref().unwrap_or("none")])
             .inc();
     }
-    Metrics::global().events_routed.with_label_values(&[view.event_type()]).inc();
-    tracing::info!(event_id = view.event_id(), event_type = view.event_type(), messages = plan.messages.len(), "event routed");
+    Metrics::global()
+        .events_routed
+        .with_label_values(&[view.event_type()])
+        .inc();
+    tracing::info!(
+        event_id = view.event_id(),
+        event_type = view.event_type(),
+        messages = plan.messages.len(),
+        "event routed"
+    );
     let shared = shared.clone();
     tokio::spawn(async move {
         for delivery in join_all(deliveries).await {

@@ -10,6 +10,9 @@
 //! configured URL with `X-Hub-Signature-256`. `GET /_sandbox/messages` and `/_sandbox/stats` show
 //! what it received, for tests and people.
 
+// A rejection is the HTTP answer itself (status, Graph error body), built once per refused request.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -135,7 +138,11 @@ impl std::fmt::Debug for Sandbox {
 }
 
 fn graph_error(status: StatusCode, code: i64, title: &str, details: &str) -> Response {
-    let trace: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(22).map(char::from).collect();
+    let trace: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(22)
+        .map(char::from)
+        .collect();
     let body = json!({"error": {
         "message": format!("(#{code}) {title}"),
         "type": "OAuthException",
@@ -155,7 +162,11 @@ pub fn signature(app_secret: &str, body: &[u8]) -> String {
 
 impl Sandbox {
     /// Starts the sandbox on `listen` (port 0 picks a free port) until `shutdown`.
-    pub async fn start(config: SandboxConfig, listen: SocketAddr, shutdown: CancellationToken) -> std::io::Result<Sandbox> {
+    pub async fn start(
+        config: SandboxConfig,
+        listen: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Sandbox> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let sandbox = Sandbox {
@@ -167,12 +178,18 @@ impl Sandbox {
                 pair_tat: HashMap::new(),
                 next_id: 1,
             })),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("client"),
             addr,
         };
         let app = Router::new()
             .route("/{version}/{phone_number_id}/messages", post(send_message))
-            .route("/_sandbox/messages", get(list_messages).delete(clear_messages))
+            .route(
+                "/_sandbox/messages",
+                get(list_messages).delete(clear_messages),
+            )
             .route("/_sandbox/stats", get(stats))
             .route("/_sandbox/faults", post(set_faults))
             .route("/_sandbox/tokens", post(set_tokens))
@@ -212,7 +229,13 @@ impl Sandbox {
     }
 
     /// Validates and, if allowed, accepts one request. Pure bookkeeping, no I/O.
-    fn handle(&self, version: &str, phone_number_id: &str, headers: &HeaderMap, body: &[u8]) -> Result<ReceivedMessage, Response> {
+    fn handle(
+        &self,
+        version: &str,
+        phone_number_id: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<ReceivedMessage, Response> {
         let mut inner = self.inner.lock().expect("sandbox");
         inner.stats.requests += 1;
         let result = validate_and_accept(&mut inner, version, phone_number_id, headers, body);
@@ -226,7 +249,10 @@ impl Sandbox {
     fn schedule_statuses(&self, message: &ReceivedMessage) {
         let (url, secret) = {
             let inner = self.inner.lock().expect("sandbox");
-            (inner.config.webhook_url.clone(), inner.config.app_secret.clone())
+            (
+                inner.config.webhook_url.clone(),
+                inner.config.app_secret.clone(),
+            )
         };
         let Some(url) = url else { return };
         let sandbox = self.clone();
@@ -256,7 +282,11 @@ impl Sandbox {
                     .await;
                 let ok = matches!(&result, Ok(r) if r.status().is_success());
                 let mut inner = sandbox.inner.lock().expect("sandbox");
-                if ok { inner.stats.webhooks_sent += 1 } else { inner.stats.webhooks_failed += 1 }
+                if ok {
+                    inner.stats.webhooks_sent += 1
+                } else {
+                    inner.stats.webhooks_failed += 1
+                }
             }
         });
     }
@@ -272,66 +302,142 @@ fn invalid(details: &str) -> Rejection {
     reject(StatusCode::BAD_REQUEST, 100, "Invalid parameter", details)
 }
 
-fn validate_and_accept(inner: &mut Inner, _version: &str, phone_number_id: &str, headers: &HeaderMap, body: &[u8]) -> Result<ReceivedMessage, Rejection> {
+fn validate_and_accept(
+    inner: &mut Inner,
+    _version: &str,
+    phone_number_id: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<ReceivedMessage, Rejection> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| reject(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token", "An access token is required to request this resource."))?;
+        .ok_or_else(|| {
+            reject(
+                StatusCode::UNAUTHORIZED,
+                190,
+                "Invalid OAuth access token",
+                "An access token is required to request this resource.",
+            )
+        })?;
     if !inner.config.valid_tokens.iter().any(|t| t == token) {
-        return Err(reject(StatusCode::UNAUTHORIZED, 190, "Error validating access token", "Error validating access token: Session has expired or the token is invalid."));
+        return Err(reject(
+            StatusCode::UNAUTHORIZED,
+            190,
+            "Error validating access token",
+            "Error validating access token: Session has expired or the token is invalid.",
+        ));
     }
-    if !inner.config.phone_number_ids.iter().any(|p| p == phone_number_id) {
-        return Err(invalid(&format!("Unsupported post request. Object with ID '{phone_number_id}' does not exist")));
+    if !inner
+        .config
+        .phone_number_ids
+        .iter()
+        .any(|p| p == phone_number_id)
+    {
+        return Err(invalid(&format!(
+            "Unsupported post request. Object with ID '{phone_number_id}' does not exist"
+        )));
     }
-    let request: Value = serde_json::from_slice(body).map_err(|e| invalid(&format!("request body is not JSON: {e}")))?;
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(&format!("request body is not JSON: {e}")))?;
     if request.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
         return Err(invalid("messaging_product must be \"whatsapp\""));
     }
-    let to = request.get("to").and_then(Value::as_str).ok_or_else(|| invalid("The parameter to is required."))?;
-    if !(8..=15).contains(&to.len()) || !to.chars().all(|c| c.is_ascii_digit()) || to.starts_with('0') {
-        return Err(invalid(&format!("to: {to:?} is not a valid WhatsApp phone number")));
+    let to = request
+        .get("to")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("The parameter to is required."))?;
+    if !(8..=15).contains(&to.len())
+        || !to.chars().all(|c| c.is_ascii_digit())
+        || to.starts_with('0')
+    {
+        return Err(invalid(&format!(
+            "to: {to:?} is not a valid WhatsApp phone number"
+        )));
     }
-    let kind = request.get("type").and_then(Value::as_str).unwrap_or("text");
+    let kind = request
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("text");
     let (template, language, parameters, rendered) = match kind {
         "template" => validate_template(inner, &request)?,
         "text" => {
-            let text = request.pointer("/text/body").and_then(Value::as_str).ok_or_else(|| invalid("text.body is required"))?;
+            let text = request
+                .pointer("/text/body")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("text.body is required"))?;
             if text.chars().count() > 4096 {
                 return Err(invalid("text.body is longer than 4096 characters"));
             }
             (None, None, vec![text.to_string()], text.to_string())
         }
         "interactive" => {
-            let body = request.pointer("/interactive/body/text").and_then(Value::as_str).ok_or_else(|| invalid("interactive.body.text is required"))?;
+            let body = request
+                .pointer("/interactive/body/text")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("interactive.body.text is required"))?;
             if body.chars().count() > 1024 {
-                return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "interactive body is longer than 1024 characters"));
+                return Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    131009,
+                    "Parameter value is not valid",
+                    "interactive body is longer than 1024 characters",
+                ));
             }
-            if let Some(buttons) = request.pointer("/interactive/action/buttons").and_then(Value::as_array) {
+            if let Some(buttons) = request
+                .pointer("/interactive/action/buttons")
+                .and_then(Value::as_array)
+            {
                 if buttons.is_empty() || buttons.len() > 3 {
-                    return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "buttons must have 1 to 3 entries"));
+                    return Err(reject(
+                        StatusCode::BAD_REQUEST,
+                        131009,
+                        "Parameter value is not valid",
+                        "buttons must have 1 to 3 entries",
+                    ));
                 }
                 let mut titles = std::collections::HashSet::new();
                 for b in buttons {
-                    let title = b.pointer("/reply/title").and_then(Value::as_str).unwrap_or("");
+                    let title = b
+                        .pointer("/reply/title")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
                     let id = b.pointer("/reply/id").and_then(Value::as_str).unwrap_or("");
                     if title.is_empty() || title.chars().count() > 20 || !titles.insert(title) {
-                        return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "button titles must be unique and 1 to 20 characters"));
+                        return Err(reject(
+                            StatusCode::BAD_REQUEST,
+                            131009,
+                            "Parameter value is not valid",
+                            "button titles must be unique and 1 to 20 characters",
+                        ));
                     }
                     if id.is_empty() || id.len() > 256 {
-                        return Err(reject(StatusCode::BAD_REQUEST, 131009, "Parameter value is not valid", "button ids must be 1 to 256 characters"));
+                        return Err(reject(
+                            StatusCode::BAD_REQUEST,
+                            131009,
+                            "Parameter value is not valid",
+                            "button ids must be 1 to 256 characters",
+                        ));
                     }
                 }
             }
             (None, None, vec![body.to_string()], body.to_string())
         }
-        other => return Err(invalid(&format!("message type {other} is not supported by the sandbox"))),
+        other => {
+            return Err(invalid(&format!(
+                "message type {other} is not supported by the sandbox"
+            )))
+        }
     };
     let now = Instant::now();
     // Throughput: at most N accepted messages per number in any one-second window.
     let limit = inner.config.throughput_per_second as usize;
     let window = inner.window.entry(phone_number_id.to_string()).or_default();
-    while window.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
+    while window
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+    {
         window.pop_front();
     }
     if window.len() >= limit {
@@ -346,10 +452,18 @@ fn validate_and_accept(inner: &mut Inner, _version: &str, phone_number_id: &str,
         return Err(reject(StatusCode::BAD_REQUEST, 131056, "(Business Account, Consumer Account) pair rate limit hit", "Message failed to send because there were too many messages sent from this phone number to the same phone number in a short period of time"));
     }
     inner.pair_tat.insert(key, tat + interval);
-    inner.window.entry(phone_number_id.to_string()).or_default().push_back(now);
+    inner
+        .window
+        .entry(phone_number_id.to_string())
+        .or_default()
+        .push_back(now);
     let id = inner.next_id;
     inner.next_id += 1;
-    let wamid = format!("wamid.SBX{}{:012}", phone_number_id.chars().rev().take(4).collect::<String>(), id);
+    let wamid = format!(
+        "wamid.SBX{}{:012}",
+        phone_number_id.chars().rev().take(4).collect::<String>(),
+        id
+    );
     let message = ReceivedMessage {
         wamid,
         phone_number_id: phone_number_id.to_string(),
@@ -368,35 +482,70 @@ fn validate_and_accept(inner: &mut Inner, _version: &str, phone_number_id: &str,
 type TemplateParts = (Option<String>, Option<String>, Vec<String>, String);
 
 fn validate_template(inner: &Inner, request: &Value) -> Result<TemplateParts, Rejection> {
-    let name = request.pointer("/template/name").and_then(Value::as_str).ok_or_else(|| invalid("template.name is required"))?;
-    let language = request.pointer("/template/language/code").and_then(Value::as_str).ok_or_else(|| invalid("template.language.code is required"))?;
-    let missing = || reject(StatusCode::NOT_FOUND, 132001, "Template name does not exist in the translation", &format!("template name ({name}) does not exist in {language}"));
-    let approved = inner.config.templates.iter().find(|t| t.name == name).ok_or_else(missing)?;
+    let name = request
+        .pointer("/template/name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("template.name is required"))?;
+    let language = request
+        .pointer("/template/language/code")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("template.language.code is required"))?;
+    let missing = || {
+        reject(
+            StatusCode::NOT_FOUND,
+            132001,
+            "Template name does not exist in the translation",
+            &format!("template name ({name}) does not exist in {language}"),
+        )
+    };
+    let approved = inner
+        .config
+        .templates
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(missing)?;
     if !approved.languages.iter().any(|l| l == language) {
         return Err(missing());
     }
-    let components = request.pointer("/template/components").and_then(Value::as_array).cloned().unwrap_or_default();
+    let components = request
+        .pointer("/template/components")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let mut body_params = Vec::new();
     let mut quick_replies = 0;
     for c in &components {
         match c.get("type").and_then(Value::as_str) {
             Some("body") => {
-                for p in c.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default() {
-                    let text = p.get("text").and_then(Value::as_str).ok_or_else(|| reject(StatusCode::BAD_REQUEST, 132012, "Parameter format does not match format in the created template", "body parameters must be text"))?;
+                for p in c
+                    .get("parameters")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    let text = p.get("text").and_then(Value::as_str).ok_or_else(|| {
+                        reject(
+                            StatusCode::BAD_REQUEST,
+                            132012,
+                            "Parameter format does not match format in the created template",
+                            "body parameters must be text",
+                        )
+                    })?;
                     if text.contains('\n') || text.contains('\t') || text.contains("     ") {
                         return Err(reject(StatusCode::BAD_REQUEST, 132008, "Template parameter value is invalid", "Param text cannot have new-line/tab characters or more than 4 consecutive spaces"));
                     }
                     body_params.push(text.to_string());
                 }
             }
-            Some("button") => {
-                if c.get("sub_type").and_then(Value::as_str) == Some("quick_reply") {
-                    let payload = c.pointer("/parameters/0/payload").and_then(Value::as_str).unwrap_or("");
-                    if payload.is_empty() || payload.len() > 256 {
-                        return Err(invalid("quick_reply payload must be 1 to 256 characters"));
-                    }
-                    quick_replies += 1;
+            Some("button") if c.get("sub_type").and_then(Value::as_str) == Some("quick_reply") => {
+                let payload = c
+                    .pointer("/parameters/0/payload")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if payload.is_empty() || payload.len() > 256 {
+                    return Err(invalid("quick_reply payload must be 1 to 256 characters"));
                 }
+                quick_replies += 1;
             }
             _ => {}
         }
@@ -405,13 +554,26 @@ fn validate_template(inner: &Inner, request: &Value) -> Result<TemplateParts, Re
         return Err(reject(StatusCode::BAD_REQUEST, 132000, "Number of parameters does not match the expected number of params", &format!("body: number of localizable_params ({}) does not match the expected number of params ({})", body_params.len(), approved.body_parameters)));
     }
     if quick_replies > approved.quick_replies {
-        return Err(reject(StatusCode::BAD_REQUEST, 132000, "Number of parameters does not match the expected number of params", &format!("buttons: {quick_replies} quick replies but the template has {}", approved.quick_replies)));
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            132000,
+            "Number of parameters does not match the expected number of params",
+            &format!(
+                "buttons: {quick_replies} quick replies but the template has {}",
+                approved.quick_replies
+            ),
+        ));
     }
     let mut rendered = approved.text.clone();
     for (i, p) in body_params.iter().enumerate() {
         rendered = rendered.replace(&format!("{{{{{}}}}}", i + 1), p);
     }
-    Ok((Some(name.to_string()), Some(language.to_string()), body_params, rendered))
+    Ok((
+        Some(name.to_string()),
+        Some(language.to_string()),
+        body_params,
+        rendered,
+    ))
 }
 
 async fn send_message(
@@ -423,7 +585,10 @@ async fn send_message(
     let faults = sandbox.inner.lock().expect("sandbox").config.faults.clone();
     let (fail, slow) = {
         let mut rng = rand::rng();
-        (rng.random_bool(faults.server_error_rate.clamp(0.0, 1.0)), rng.random_bool(faults.slow_rate.clamp(0.0, 1.0)))
+        (
+            rng.random_bool(faults.server_error_rate.clamp(0.0, 1.0)),
+            rng.random_bool(faults.slow_rate.clamp(0.0, 1.0)),
+        )
     };
     if fail {
         let mut inner = sandbox.inner.lock().expect("sandbox");
@@ -477,7 +642,9 @@ async fn set_tokens(State(sandbox): State<Sandbox>, Json(tokens): Json<Tokens>) 
 }
 
 /// The approved-template list matching gridtalk's template configuration.
-pub fn templates_from_config(templates: &[gridtalk_config::TemplateConfig]) -> Vec<ApprovedTemplate> {
+pub fn templates_from_config(
+    templates: &[gridtalk_config::TemplateConfig],
+) -> Vec<ApprovedTemplate> {
     templates
         .iter()
         .map(|t| ApprovedTemplate {

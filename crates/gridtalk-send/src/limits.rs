@@ -30,8 +30,11 @@ impl SendLimits {
         // the limit even when Meta counts in sliding windows.
         let per_second = (config.max_messages_per_second as f64 * (1.0 - margin)).max(0.1);
         let spacing = Duration::from_secs_f64(1.0 / per_second);
-        let throughput = Quota::with_period(spacing).expect("positive spacing").allow_burst(NonZeroU32::MIN);
-        let pair_spacing = Duration::from_secs_f64(config.pair_interval_ms as f64 / 1000.0 * (1.0 + margin));
+        let throughput = Quota::with_period(spacing)
+            .expect("positive spacing")
+            .allow_burst(NonZeroU32::MIN);
+        let pair_spacing =
+            Duration::from_secs_f64(config.pair_interval_ms as f64 / 1000.0 * (1.0 + margin));
         let pair = Quota::with_period(pair_spacing.max(Duration::from_millis(1)))
             .expect("positive spacing")
             .allow_burst(NonZeroU32::new(config.pair_burst).unwrap_or(NonZeroU32::MIN));
@@ -46,10 +49,16 @@ impl SendLimits {
         let metrics = Metrics::global();
         let started = Instant::now();
         self.pair.until_key_ready(&recipient.to_string()).await;
-        metrics.rate_limit_wait_seconds.with_label_values(&["pair"]).observe(started.elapsed().as_secs_f64());
+        metrics
+            .rate_limit_wait_seconds
+            .with_label_values(&["pair"])
+            .observe(started.elapsed().as_secs_f64());
         let started = Instant::now();
         self.throughput.until_ready().await;
-        metrics.rate_limit_wait_seconds.with_label_values(&["throughput"]).observe(started.elapsed().as_secs_f64());
+        metrics
+            .rate_limit_wait_seconds
+            .with_label_values(&["throughput"])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Drops limiter state of recipients idle long enough to be full again.

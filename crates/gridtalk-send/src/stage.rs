@@ -58,14 +58,17 @@ struct Shared {
 
 impl Shared {
     fn finish(&self, message: &OwnedMessage) {
-        let next = self
-            .tracker
-            .lock()
-            .expect("tracker")
-            .finish(message.topic(), message.partition(), message.offset());
+        let next = self.tracker.lock().expect("tracker").finish(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        );
         if let Some(next) = next {
             let mut tpl = TopicPartitionList::new();
-            if tpl.add_partition_offset(message.topic(), message.partition(), Offset::Offset(next)).is_ok() {
+            if tpl
+                .add_partition_offset(message.topic(), message.partition(), Offset::Offset(next))
+                .is_ok()
+            {
                 if let Err(e) = self.consumer.store_offsets(&tpl) {
                     tracing::debug!(error = %e, "offset not stored (partition revoked)");
                 }
@@ -101,16 +104,27 @@ impl Shared {
 }
 
 /// Runs the send stage until `shutdown` is cancelled or a hand-off fails.
-pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: CancellationToken) -> Result<(), SendError> {
+pub async fn run(
+    config: Arc<Config>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), SendError> {
     let ready = readiness.register("send");
     let token = config.read_access_token().map_err(SendError::Config)?;
     let group = format!("{}-send", config.kafka.group_prefix);
     let consumer = gridtalk_kafka::stage_consumer(&config.kafka, &group, STAGE)?;
-    consumer.subscribe(&[config.topics.outbox.as_str()]).map_err(KafkaError::from)?;
+    consumer
+        .subscribe(&[config.topics.outbox.as_str()])
+        .map_err(KafkaError::from)?;
     let send = &config.send;
     let shared = Arc::new(Shared {
         producer: gridtalk_kafka::producer(&config.kafka)?,
-        client: CloudApiClient::new(&send.api_base_url, &send.api_version, &send.phone_number_id, Duration::from_millis(send.request_timeout_ms)),
+        client: CloudApiClient::new(
+            &send.api_base_url,
+            &send.api_version,
+            &send.phone_number_id,
+            Duration::from_millis(send.request_timeout_ms),
+        ),
         token: RwLock::new(token),
         limits: SendLimits::new(send),
         tracker: Mutex::new(OffsetTracker::default()),
@@ -143,8 +157,14 @@ pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: Cancellati
                 }
             },
         };
-        shared.tracker.lock().expect("tracker").start(message.topic(), message.partition(), message.offset());
-        Metrics::global().sends_in_flight.set((max_in_flight - in_flight.available_permits()) as i64);
+        shared.tracker.lock().expect("tracker").start(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        );
+        Metrics::global()
+            .sends_in_flight
+            .set((max_in_flight - in_flight.available_permits()) as i64);
         let outbox = match message.payload().map(OutboxMessage::from_avro) {
             Some(Ok(o)) => o,
             other => {
@@ -154,14 +174,25 @@ pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: Cancellati
                 };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    dead_letter_job(&shared, &message, DeadLetterReason::MalformedOutbox, &detail, &[]).await;
+                    dead_letter_job(
+                        &shared,
+                        &message,
+                        DeadLetterReason::MalformedOutbox,
+                        &detail,
+                        &[],
+                    )
+                    .await;
                     drop(permit);
                 });
                 continue;
             }
         };
         let recipient = outbox.recipient.clone();
-        let job = Job { message, outbox, _permit: permit };
+        let job = Job {
+            message,
+            outbox,
+            _permit: permit,
+        };
         let spawn_worker = {
             let mut queues = shared.queues.lock().expect("queues");
             match queues.get_mut(&recipient) {
@@ -192,8 +223,13 @@ pub async fn run(config: Arc<Config>, readiness: Readiness, shutdown: Cancellati
         tracing::warn!("send drain deadline passed; unfinished messages will be replayed");
     }
     match shared.consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "final commit failed; messages since the last commit will be replayed"),
+        Ok(())
+        | Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "final commit failed; messages since the last commit will be replayed")
+        }
     }
     shared.consumer.unsubscribe();
     if let Some(detail) = shared.failure.lock().expect("failure").take() {
@@ -207,7 +243,9 @@ async fn recipient_worker(shared: Arc<Shared>, recipient: String) {
     loop {
         let job = {
             let mut queues = shared.queues.lock().expect("queues");
-            let Some(queue) = queues.get_mut(&recipient) else { return };
+            let Some(queue) = queues.get_mut(&recipient) else {
+                return;
+            };
             match queue.pop_front() {
                 Some(job) => job,
                 None => {
@@ -224,8 +262,25 @@ async fn recipient_worker(shared: Arc<Shared>, recipient: String) {
     }
 }
 
-async fn dead_letter_job(shared: &Shared, message: &OwnedMessage, reason: DeadLetterReason, detail: &str, extra: &[(&str, &str)]) {
-    match dead_letter(&shared.producer, &shared.config.topics.dlq, STAGE, reason, detail, message, extra, shared.timeout()).await {
+async fn dead_letter_job(
+    shared: &Shared,
+    message: &OwnedMessage,
+    reason: DeadLetterReason,
+    detail: &str,
+    extra: &[(&str, &str)],
+) {
+    match dead_letter(
+        &shared.producer,
+        &shared.config.topics.dlq,
+        STAGE,
+        reason,
+        detail,
+        message,
+        extra,
+        shared.timeout(),
+    )
+    .await
+    {
         Ok(()) => shared.finish(message),
         Err(e) => shared.fail(format!("dead letter: {e}")),
     }
@@ -242,7 +297,12 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
             match shared.prober.try_lock() {
                 Ok(_probe) => {
                     // This worker probes for the number: wait, pick up a rotated token, try.
-                    if !shared.pause(Duration::from_millis(shared.config.send.halt_probe_interval_ms)).await {
+                    if !shared
+                        .pause(Duration::from_millis(
+                            shared.config.send.halt_probe_interval_ms,
+                        ))
+                        .await
+                    {
                         return false;
                     }
                     match shared.config.read_access_token() {
@@ -270,7 +330,10 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
         attempt += 1;
         match result {
             Ok(accepted) => {
-                metrics.send_request_seconds.with_label_values(&["accepted"]).observe(started.elapsed().as_secs_f64());
+                metrics
+                    .send_request_seconds
+                    .with_label_values(&["accepted"])
+                    .observe(started.elapsed().as_secs_f64());
                 metrics.sends.with_label_values(&["accepted", "none"]).inc();
                 if shared.halted.send_replace(false) {
                     metrics.sender_halted.set(0);
@@ -294,39 +357,72 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                     accepted_at: chrono::Utc::now().timestamp_millis(),
                 };
                 let bytes = sent.to_avro();
-                let record = FutureRecord::to(&shared.config.topics.sent).key(outbox.contact_id.as_bytes()).payload(&bytes);
+                let record = FutureRecord::to(&shared.config.topics.sent)
+                    .key(outbox.contact_id.as_bytes())
+                    .payload(&bytes);
                 if let Err((e, _)) = shared.producer.send(record, shared.timeout()).await {
                     shared.fail(format!("sent log: {e}"));
                     return false;
                 }
                 let age = (sent.accepted_at - outbox.created_at).max(0) as f64 / 1000.0;
-                metrics.end_to_end_seconds.with_label_values(&[&outbox.event_type]).observe(age);
+                metrics
+                    .end_to_end_seconds
+                    .with_label_values(&[&outbox.event_type])
+                    .observe(age);
                 tracing::info!(wamid = %accepted.wamid, to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, "message accepted by WhatsApp");
                 shared.finish(&job.message);
                 return true;
             }
             Err(error) => {
                 let class = error.class();
-                let code = error.code().map(|c| c.to_string()).unwrap_or_else(|| "transport".into());
-                metrics.send_request_seconds.with_label_values(&["error"]).observe(started.elapsed().as_secs_f64());
+                let code = error
+                    .code()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "transport".into());
+                metrics
+                    .send_request_seconds
+                    .with_label_values(&["error"])
+                    .observe(started.elapsed().as_secs_f64());
                 metrics.send_errors.with_label_values(&[&code]).inc();
                 let wait = match class {
                     ErrorClass::Retry(RetryScope::Number) => shared.backoff(attempt - 1),
                     ErrorClass::Retry(RetryScope::Recipient) => {
                         // Meta's advice for the pair limit: 4^x seconds, only for this recipient.
                         recipient_attempt += 1;
-                        Duration::from_secs(4u64.pow(recipient_attempt.min(4) - 1))
-                            .min(Duration::from_millis(shared.config.send.retry_max_backoff_ms))
+                        Duration::from_secs(4u64.pow(recipient_attempt.min(4) - 1)).min(
+                            Duration::from_millis(shared.config.send.retry_max_backoff_ms),
+                        )
                     }
-                    ErrorClass::Retry(RetryScope::Limited) if attempt < shared.config.send.max_unknown_error_attempts => shared.backoff(attempt - 1),
+                    ErrorClass::Retry(RetryScope::Limited)
+                        if attempt < shared.config.send.max_unknown_error_attempts =>
+                    {
+                        shared.backoff(attempt - 1)
+                    }
                     ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent => {
-                        metrics.sends.with_label_values(&["dead_letter", class.label()]).inc();
-                        let reason = if class == ErrorClass::Permanent { DeadLetterReason::WhatsappPermanent } else { DeadLetterReason::WhatsappRetriesExhausted };
-                        dead_letter_job(shared, &job.message, reason, &error.to_string(), &[("whatsapp_code", &code)]).await;
+                        metrics
+                            .sends
+                            .with_label_values(&["dead_letter", class.label()])
+                            .inc();
+                        let reason = if class == ErrorClass::Permanent {
+                            DeadLetterReason::WhatsappPermanent
+                        } else {
+                            DeadLetterReason::WhatsappRetriesExhausted
+                        };
+                        dead_letter_job(
+                            shared,
+                            &job.message,
+                            reason,
+                            &error.to_string(),
+                            &[("whatsapp_code", &code)],
+                        )
+                        .await;
                         return true;
                     }
                     ErrorClass::HaltSender => {
-                        metrics.sends.with_label_values(&["halt", class.label()]).inc();
+                        metrics
+                            .sends
+                            .with_label_values(&["halt", class.label()])
+                            .inc();
                         if !shared.halted.send_replace(true) {
                             metrics.sender_halted.set(1);
                             tracing::error!(code = %code, error = %error, phone_number_id = %outbox.phone_number_id, "sending halted for the number: operator action needed (token, account or policy); messages are kept");
@@ -334,7 +430,10 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                         continue;
                     }
                 };
-                metrics.sends.with_label_values(&["retry", class.label()]).inc();
+                metrics
+                    .sends
+                    .with_label_values(&["retry", class.label()])
+                    .inc();
                 tracing::info!(code = %code, attempt, wait_ms = wait.as_millis() as u64, to = %mask_phone(&outbox.recipient), "send will be retried");
                 if !shared.pause(wait).await {
                     return false;

@@ -62,43 +62,113 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .expect("metric definition");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("metric definition");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
-        let wait_buckets = vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
-        let latency_buckets = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let wait_buckets = vec![
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+        ];
+        let latency_buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         Metrics {
-            events_consumed: counter("gridtalk_route_events_consumed_total", "Input records read by the route stage.", &["topic"]),
-            events_routed: counter("gridtalk_route_events_routed_total", "Events that produced outbox messages.", &["event_type"]),
-            events_deduplicated: counter("gridtalk_route_events_deduplicated_total", "Events dropped as duplicates within the dedupe window.", &["event_type"]),
-            events_unrouted: counter("gridtalk_route_events_unrouted_total", "Events that matched no routing rule.", &["event_type"]),
-            dead_letters: counter("gridtalk_dead_letters_total", "Records written to the dead-letter topic.", &["stage", "reason"]),
-            messages_rendered: counter("gridtalk_route_messages_rendered_total", "Outbox messages produced.", &["template"]),
-            sends: counter("gridtalk_send_attempts_total", "WhatsApp send attempts by outcome and error class.", &["outcome", "class"]),
-            send_errors: counter("gridtalk_send_errors_total", "WhatsApp error codes received.", &["code"]),
-            rate_limit_wait_seconds: histogram("gridtalk_send_rate_limit_wait_seconds", "Time spent waiting for a rate limiter.", &["limiter"], wait_buckets),
-            send_request_seconds: histogram("gridtalk_send_request_seconds", "Cloud API request latency.", &["outcome"], latency_buckets.clone()),
-            end_to_end_seconds: histogram("gridtalk_end_to_end_seconds", "Event occurred-at to WhatsApp acceptance.", &["event_type"], vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
-            sender_halted: gauge("gridtalk_send_halted", "1 while the sending number is halted and alerting."),
+            events_consumed: counter(
+                "gridtalk_route_events_consumed_total",
+                "Input records read by the route stage.",
+                &["topic"],
+            ),
+            events_routed: counter(
+                "gridtalk_route_events_routed_total",
+                "Events that produced outbox messages.",
+                &["event_type"],
+            ),
+            events_deduplicated: counter(
+                "gridtalk_route_events_deduplicated_total",
+                "Events dropped as duplicates within the dedupe window.",
+                &["event_type"],
+            ),
+            events_unrouted: counter(
+                "gridtalk_route_events_unrouted_total",
+                "Events that matched no routing rule.",
+                &["event_type"],
+            ),
+            dead_letters: counter(
+                "gridtalk_dead_letters_total",
+                "Records written to the dead-letter topic.",
+                &["stage", "reason"],
+            ),
+            messages_rendered: counter(
+                "gridtalk_route_messages_rendered_total",
+                "Outbox messages produced.",
+                &["template"],
+            ),
+            sends: counter(
+                "gridtalk_send_attempts_total",
+                "WhatsApp send attempts by outcome and error class.",
+                &["outcome", "class"],
+            ),
+            send_errors: counter(
+                "gridtalk_send_errors_total",
+                "WhatsApp error codes received.",
+                &["code"],
+            ),
+            rate_limit_wait_seconds: histogram(
+                "gridtalk_send_rate_limit_wait_seconds",
+                "Time spent waiting for a rate limiter.",
+                &["limiter"],
+                wait_buckets,
+            ),
+            send_request_seconds: histogram(
+                "gridtalk_send_request_seconds",
+                "Cloud API request latency.",
+                &["outcome"],
+                latency_buckets.clone(),
+            ),
+            end_to_end_seconds: histogram(
+                "gridtalk_end_to_end_seconds",
+                "Event occurred-at to WhatsApp acceptance.",
+                &["event_type"],
+                vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0],
+            ),
+            sender_halted: gauge(
+                "gridtalk_send_halted",
+                "1 while the sending number is halted and alerting.",
+            ),
             sends_in_flight: gauge("gridtalk_send_in_flight", "Sends in flight."),
-            consumer_lag: gauge_vec("gridtalk_consumer_lag", "Consumer lag per stage and partition.", &["stage", "topic", "partition"]),
-            directory_entries: gauge_vec("gridtalk_directory_entries", "Directory entries loaded.", &["kind"]),
+            consumer_lag: gauge_vec(
+                "gridtalk_consumer_lag",
+                "Consumer lag per stage and partition.",
+                &["stage", "topic", "partition"],
+            ),
+            directory_entries: gauge_vec(
+                "gridtalk_directory_entries",
+                "Directory entries loaded.",
+                &["kind"],
+            ),
             registry,
         }
     }
@@ -113,17 +183,23 @@ impl Metrics {
     }
 }
 
+/// Named readiness flags, one per stage.
+type Checks = Vec<(String, Arc<AtomicBool>)>;
+
 /// Readiness of the process: ready once every stage that runs has its assignment and state.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
-    checks: Arc<std::sync::Mutex<Vec<(String, Arc<AtomicBool>)>>>,
+    checks: Arc<std::sync::Mutex<Checks>>,
 }
 
 impl Readiness {
     /// Registers a named check, initially not ready. Set it with the returned flag.
     pub fn register(&self, name: &str) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
-        self.checks.lock().expect("readiness").push((name.to_string(), flag.clone()));
+        self.checks
+            .lock()
+            .expect("readiness")
+            .push((name.to_string(), flag.clone()));
         flag
     }
 
@@ -163,7 +239,10 @@ pub fn admin_router(readiness: Readiness) -> Router {
                 if pending.is_empty() {
                     (StatusCode::OK, "ready".to_string())
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, format!("waiting for: {}", pending.join(", ")))
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("waiting for: {}", pending.join(", ")),
+                    )
                 }
             }),
         )
@@ -174,8 +253,9 @@ pub fn admin_router(readiness: Readiness) -> Router {
 /// Safe to call more than once; later calls do nothing.
 pub fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,tansu=warn,tansu_broker=warn,tansu_storage=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,rdkafka=warn,tansu=warn,tansu_broker=warn,tansu_storage=warn")
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = if format == "json" {
         builder.json().flatten_event(true).try_init()
@@ -208,8 +288,12 @@ mod tests {
     #[test]
     fn metrics_render_with_conventional_names() {
         let m = Metrics::global();
-        m.dead_letters.with_label_values(&["route", "malformed_avro"]).inc();
+        m.dead_letters
+            .with_label_values(&["route", "malformed_avro"])
+            .inc();
         let text = m.render();
-        assert!(text.contains("gridtalk_dead_letters_total{reason=\"malformed_avro\",stage=\"route\"}"));
+        assert!(
+            text.contains("gridtalk_dead_letters_total{reason=\"malformed_avro\",stage=\"route\"}")
+        );
     }
 }

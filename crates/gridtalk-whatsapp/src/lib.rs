@@ -52,9 +52,18 @@ pub fn classify(code: i64) -> ErrorClass {
         130429 | 4 | 80007 | 1 | 2 | 131016 | 131057 => ErrorClass::Retry(RetryScope::Number),
         131056 => ErrorClass::Retry(RetryScope::Recipient),
         131000 | 131053 => ErrorClass::Retry(RetryScope::Limited),
-        190 | 0 | 3 | 10 | 200..=299 | 368 | 131031 | 131042 | 133010 | 131048 | 132015 | 132016 => {
-            ErrorClass::HaltSender
-        }
+        190
+        | 0
+        | 3
+        | 10
+        | 200..=299
+        | 368
+        | 131031
+        | 131042
+        | 133010
+        | 131048
+        | 132015
+        | 132016 => ErrorClass::HaltSender,
         _ => ErrorClass::Permanent,
     }
 }
@@ -156,7 +165,12 @@ pub struct CloudApiClient {
 }
 
 impl CloudApiClient {
-    pub fn new(base_url: &str, api_version: &str, phone_number_id: &str, timeout: Duration) -> Self {
+    pub fn new(
+        base_url: &str,
+        api_version: &str,
+        phone_number_id: &str,
+        timeout: Duration,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .build()
@@ -191,14 +205,18 @@ impl CloudApiClient {
         if (200..300).contains(&status) {
             let parsed: SendResponse = serde_json::from_slice(&bytes)
                 .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))?;
-            let message = parsed
-                .messages
-                .into_iter()
-                .next()
-                .ok_or_else(|| SendError::Transport("success body without a message id".into()))?;
+            let message =
+                parsed.messages.into_iter().next().ok_or_else(|| {
+                    SendError::Transport("success body without a message id".into())
+                })?;
             return Ok(Accepted {
                 wamid: message.id,
-                wa_id: parsed.contacts.into_iter().next().map(|c| c.wa_id).unwrap_or_default(),
+                wa_id: parsed
+                    .contacts
+                    .into_iter()
+                    .next()
+                    .map(|c| c.wa_id)
+                    .unwrap_or_default(),
                 message_status: message.message_status.unwrap_or_else(|| "accepted".into()),
             });
         }
@@ -231,7 +249,10 @@ pub fn normalize_phone(input: &str) -> Result<String, String> {
         return Err("phone number must start with a country code, not 0".into());
     }
     if !(8..=15).contains(&digits.len()) {
-        return Err(format!("phone number has {} digits, expected 8 to 15", digits.len()));
+        return Err(format!(
+            "phone number has {} digits, expected 8 to 15",
+            digits.len()
+        ));
     }
     Ok(digits)
 }
@@ -274,10 +295,15 @@ mod tests {
         assert_eq!(classify(130429), ErrorClass::Retry(RetryScope::Number));
         assert_eq!(classify(131056), ErrorClass::Retry(RetryScope::Recipient));
         assert_eq!(classify(131000), ErrorClass::Retry(RetryScope::Limited));
-        for halt in [190, 0, 3, 10, 200, 299, 368, 131031, 131042, 133010, 131048, 132015, 132016] {
+        for halt in [
+            190, 0, 3, 10, 200, 299, 368, 131031, 131042, 133010, 131048, 132015, 132016,
+        ] {
             assert_eq!(classify(halt), ErrorClass::HaltSender, "{halt}");
         }
-        for permanent in [131047, 131026, 131050, 132000, 132001, 132005, 132007, 132008, 132012, 100, 131008, 131009, 131030] {
+        for permanent in [
+            131047, 131026, 131050, 132000, 132001, 132005, 132007, 132008, 132012, 100, 131008,
+            131009, 131030,
+        ] {
             assert_eq!(classify(permanent), ErrorClass::Permanent, "{permanent}");
         }
     }

@@ -43,7 +43,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let directory_file = work_dir.join("directory.toml");
     std::fs::write(&directory_file, DEMO_DIRECTORY)?;
 
-    let sandbox_config_templates = Config::load(None, [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), DEMO_TOKEN.to_string())])?.templates;
+    let sandbox_config_templates = Config::load(
+        None,
+        [(
+            "GRIDTALK__SEND__ACCESS_TOKEN".to_string(),
+            DEMO_TOKEN.to_string(),
+        )],
+    )?
+    .templates;
     let sandbox = Sandbox::start(
         SandboxConfig {
             phone_number_ids: vec![DEMO_PHONE_NUMBER_ID.into()],
@@ -66,31 +73,62 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ("ADMIN__LISTEN", format!("127.0.0.1:{}", args.admin_port)),
         ("ADMIN__LOG_FORMAT", "text".into()),
     ];
-    let config = Arc::new(Config::load(None, overrides.iter().map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())))?);
+    let config = Arc::new(Config::load(
+        None,
+        overrides
+            .iter()
+            .map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
+    )?);
     let inputs: Vec<TopicSpec> = config
         .topics
         .inputs
         .iter()
-        .map(|t| TopicSpec { name: t.clone(), partitions: 3, configs: vec![] })
+        .map(|t| TopicSpec {
+            name: t.clone(),
+            partitions: 3,
+            configs: vec![],
+        })
         .collect();
     gridtalk_kafka::ensure_topics(&config.kafka, &inputs).await?;
 
     println!();
     println!("gridtalk demo");
     println!("  embedded Kafka broker   {bootstrap}");
-    println!("  WhatsApp sandbox        {}/_sandbox/messages  (stats: /_sandbox/stats)", sandbox.base_url());
-    println!("  metrics and health      http://127.0.0.1:{}/metrics  /healthz  /readyz", args.admin_port);
+    println!(
+        "  WhatsApp sandbox        {}/_sandbox/messages  (stats: /_sandbox/stats)",
+        sandbox.base_url()
+    );
+    println!(
+        "  metrics and health      http://127.0.0.1:{}/metrics  /healthz  /readyz",
+        args.admin_port
+    );
     println!("  Ctrl-C stops (in-flight sends drain first)");
     println!();
 
     let readiness = Readiness::default();
-    let admin = tokio::spawn(gridtalk_telemetry::serve_admin(config.admin.listen, readiness.clone(), shutdown.clone()));
-    let stages = tokio::spawn(crate::run_stages(config.clone(), &[crate::Stage::Route, crate::Stage::Send], readiness, shutdown.clone()));
+    let admin = tokio::spawn(gridtalk_telemetry::serve_admin(
+        config.admin.listen,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+    let stages = tokio::spawn(crate::run_stages(
+        config.clone(),
+        &[crate::Stage::Route, crate::Stage::Send],
+        readiness,
+        shutdown.clone(),
+    ));
 
     let generator = {
         let (bootstrap, shutdown) = (bootstrap.clone(), shutdown.clone());
         tokio::spawn(async move {
-            gridtalk_embedded::generate(&bootstrap, &["ACME", "GLOBEX", "INITECH"], args.rate, args.events, shutdown).await
+            gridtalk_embedded::generate(
+                &bootstrap,
+                &["ACME", "GLOBEX", "INITECH"],
+                args.rate,
+                args.events,
+                shutdown,
+            )
+            .await
         })
     };
 
@@ -146,4 +184,3 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

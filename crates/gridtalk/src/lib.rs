@@ -30,7 +30,11 @@ impl FromStr for Stage {
 /// The topics gridtalk owns, with their partition counts and policies.
 pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
     let t = &config.topics;
-    let plain = |name: &str| TopicSpec { name: name.to_string(), partitions: t.partitions, configs: vec![] };
+    let plain = |name: &str| TopicSpec {
+        name: name.to_string(),
+        partitions: t.partitions,
+        configs: vec![],
+    };
     vec![
         plain(&t.outbox),
         plain(&t.sent),
@@ -59,14 +63,18 @@ pub async fn run_stages(
         let (config, readiness, shutdown) = (config.clone(), readiness.clone(), shutdown.clone());
         match stage {
             Stage::Route => tasks.spawn(async move {
-                let result = gridtalk_route::run(config, readiness, shutdown.clone()).await.map_err(anyhow::Error::from);
+                let result = gridtalk_route::run(config, readiness, shutdown.clone())
+                    .await
+                    .map_err(anyhow::Error::from);
                 if result.is_err() {
                     shutdown.cancel();
                 }
                 result.map_err(|e| e.context("route stage"))
             }),
             Stage::Send => tasks.spawn(async move {
-                let result = gridtalk_send::run(config, readiness, shutdown.clone()).await.map_err(anyhow::Error::from);
+                let result = gridtalk_send::run(config, readiness, shutdown.clone())
+                    .await
+                    .map_err(anyhow::Error::from);
                 if result.is_err() {
                     shutdown.cancel();
                 }

@@ -15,7 +15,11 @@ use tokio_util::sync::CancellationToken;
 mod demo;
 
 #[derive(Parser, Debug)]
-#[command(name = "gridtalk", version, about = "Trading Grid events to WhatsApp messages, and the replies back")]
+#[command(
+    name = "gridtalk",
+    version,
+    about = "Trading Grid events to WhatsApp messages, and the replies back"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,14 +76,17 @@ fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
 /// Cancels `token` on the first SIGINT/SIGTERM; a second signal exits at once.
 fn handle_signals(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         for round in 0..2 {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
             if round == 0 {
-                tracing::info!("shutting down: draining in-flight work (a second signal exits at once)");
+                tracing::info!(
+                    "shutting down: draining in-flight work (a second signal exits at once)"
+                );
                 token.cancel();
             } else {
                 tracing::warn!("second signal: exiting now");
@@ -99,7 +106,11 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             handle_signals(shutdown.clone());
             let readiness = Readiness::default();
-            let admin = tokio::spawn(gridtalk_telemetry::serve_admin(config.admin.listen, readiness.clone(), shutdown.clone()));
+            let admin = tokio::spawn(gridtalk_telemetry::serve_admin(
+                config.admin.listen,
+                readiness.clone(),
+                shutdown.clone(),
+            ));
             let result = run_stages(config, &stages, readiness, shutdown.clone()).await;
             shutdown.cancel();
             let _ = admin.await;
@@ -108,22 +119,50 @@ async fn main() -> anyhow::Result<()> {
         Command::Check { config } => {
             let config = load(config.as_ref())?;
             if let Some(path) = &config.directory.file {
-                let directory = gridtalk_route::Directory::load(path).map_err(anyhow::Error::msg)?;
+                let directory =
+                    gridtalk_route::Directory::load(path).map_err(anyhow::Error::msg)?;
                 let (partners, contacts) = directory.counts();
                 println!("directory: {partners} partners, {contacts} contacts");
             }
-            println!("configuration valid: {} rules, {} templates, input topics {:?}", config.rules.len(), config.templates.len(), config.topics.inputs);
+            println!(
+                "configuration valid: {} rules, {} templates, input topics {:?}",
+                config.rules.len(),
+                config.templates.len(),
+                config.topics.inputs
+            );
             Ok(())
         }
-        Command::Dlq { command: DlqCommand::Replay { config, reason, source_topic, to_topic, limit } } => {
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    config,
+                    reason,
+                    source_topic,
+                    to_topic,
+                    limit,
+                },
+        } => {
             let config = load(config.as_ref())?;
             gridtalk_telemetry::init_logging("text");
             let producer = gridtalk_kafka::producer(&config.kafka)?;
-            let filter = gridtalk_kafka::ReplayFilter { reason, source_topic, to_topic, limit };
-            let report = gridtalk_kafka::replay_dead_letters(&config.kafka, &producer, &config.topics.dlq, &filter)
-                .await
-                .context("replaying dead letters")?;
-            println!("scanned {} dead letters, replayed {}", report.scanned, report.replayed);
+            let filter = gridtalk_kafka::ReplayFilter {
+                reason,
+                source_topic,
+                to_topic,
+                limit,
+            };
+            let report = gridtalk_kafka::replay_dead_letters(
+                &config.kafka,
+                &producer,
+                &config.topics.dlq,
+                &filter,
+            )
+            .await
+            .context("replaying dead letters")?;
+            println!(
+                "scanned {} dead letters, replayed {}",
+                report.scanned, report.replayed
+            );
             Ok(())
         }
         #[cfg(feature = "demo")]

@@ -1,0 +1,131 @@
+//! The WhatsApp sandbox answers like the Cloud API where the outbound tests rely on it: the same
+//! error codes and bodies for a bad token, an unknown template, a wrong parameter count, and the
+//! throughput and pair limits. Without this, "no 130429 / 131056 seen" would prove nothing.
+
+use gridtalk_config::Config;
+use gridtalk_sandbox::{Sandbox, SandboxConfig};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const NUMBER: &str = "106540352242922";
+
+async fn sandbox(configure: impl FnOnce(&mut SandboxConfig)) -> (Sandbox, CancellationToken) {
+    let defaults = Config::load(
+        None,
+        [("GRIDTALK__SEND__ACCESS_TOKEN".to_string(), "x".to_string())],
+    )
+    .expect("defaults");
+    let mut config = SandboxConfig {
+        phone_number_ids: vec![NUMBER.into()],
+        valid_tokens: vec!["good".into()],
+        templates: gridtalk_sandbox::templates_from_config(&defaults.templates),
+        ..SandboxConfig::default()
+    };
+    configure(&mut config);
+    let stop = CancellationToken::new();
+    let sandbox = Sandbox::start(config, ([127, 0, 0, 1], 0).into(), stop.clone())
+        .await
+        .expect("sandbox");
+    (sandbox, stop)
+}
+
+fn summary(to: &str) -> Value {
+    let parameters: Vec<Value> = ["2026-11-24", "45", "7", "2", "3"]
+        .iter()
+        .map(|t| json!({"type": "text", "text": t}))
+        .collect();
+    json!({
+        "messaging_product": "whatsapp", "recipient_type": "individual", "to": to, "type": "template",
+        "template": {"name": "daily_summary", "language": {"code": "en_US"}, "components": [
+            {"type": "body", "parameters": parameters}
+        ]}
+    })
+}
+
+async fn post(sandbox: &Sandbox, token: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v25.0/{NUMBER}/messages", sandbox.base_url()))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("json body"))
+}
+
+fn code(body: &Value) -> i64 {
+    body["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("Graph error body: {body}"))
+}
+
+#[tokio::test]
+async fn accepted_messages_get_a_wamid() {
+    let (sandbox, _stop) = sandbox(|_| {}).await;
+    let (status, body) = post(&sandbox, "good", &summary("14155550106")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["messaging_product"], "whatsapp");
+    assert_eq!(body["contacts"][0]["wa_id"], "14155550106");
+    assert!(body["messages"][0]["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("wamid."));
+    assert_eq!(sandbox.messages()[0].rendered, "Summary to 2026-11-24: 45 POs completed, 7 invoices pending, 2 failed acknowledgements, 3 open exceptions.");
+}
+
+#[tokio::test]
+async fn errors_carry_metas_codes_and_shape() {
+    let (sandbox, _stop) = sandbox(|_| {}).await;
+    let (status, body) = post(&sandbox, "expired", &summary("14155550106")).await;
+    assert_eq!((status, code(&body)), (401, 190));
+    assert_eq!(body["error"]["type"], "OAuthException");
+    assert!(body["error"]["fbtrace_id"].is_string());
+
+    let mut unknown = summary("14155550106");
+    unknown["template"]["name"] = json!("no_such_template");
+    let (_, body) = post(&sandbox, "good", &unknown).await;
+    assert_eq!(code(&body), 132001);
+
+    let mut short = summary("14155550106");
+    short["template"]["components"][0]["parameters"]
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    let (_, body) = post(&sandbox, "good", &short).await;
+    assert_eq!(code(&body), 132000);
+    assert!(body["error"]["error_data"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("number of"));
+    assert!(sandbox.messages().is_empty());
+}
+
+#[tokio::test]
+async fn the_pair_limit_answers_131056() {
+    let (sandbox, _stop) = sandbox(|c| {
+        c.pair_interval_ms = 60_000;
+        c.pair_burst = 2;
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(post(&sandbox, "good", &summary("14155550106")).await.0, 200);
+    }
+    let (status, body) = post(&sandbox, "good", &summary("14155550106")).await;
+    assert_eq!((status, code(&body)), (400, 131056));
+    // Another recipient is not affected.
+    assert_eq!(post(&sandbox, "good", &summary("14155550107")).await.0, 200);
+}
+
+#[tokio::test]
+async fn the_throughput_limit_answers_130429() {
+    let (sandbox, _stop) = sandbox(|c| c.throughput_per_second = 5).await;
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        let (_, body) = post(&sandbox, "good", &summary(&format!("1415555{i:04}"))).await;
+        codes.push(body["error"]["code"].as_i64().unwrap_or(0));
+    }
+    // Sent back to back well within one second: the sixth and later are refused.
+    assert_eq!(codes.iter().filter(|c| **c == 0).count(), 5, "{codes:?}");
+    assert!(codes[5..].iter().all(|c| *c == 130429), "{codes:?}");
+}
