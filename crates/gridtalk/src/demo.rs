@@ -3,7 +3,7 @@
 //! flows, and prints every message as the recipient's phone would show it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gridtalk_config::Config;
 use gridtalk_kafka::TopicSpec;
@@ -17,7 +17,8 @@ const DEMO_TOKEN: &str = "sandbox-token";
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Stop after this many events (and once their messages are delivered); default: run until Ctrl-C.
+    /// Stop after this many events, once every one of them is routed and every message is sent or
+    /// dead-lettered; default: run until Ctrl-C.
     #[arg(long)]
     events: Option<u64>,
     /// Events generated per second.
@@ -31,11 +32,47 @@ pub struct DemoArgs {
     admin_port: u16,
 }
 
+/// Prints the messages the sandbox accepted since the first `shown`, as the phone shows them;
+/// returns the new count.
+fn print_new_messages(sandbox: &Sandbox, shown: usize) -> usize {
+    let messages = sandbox.messages();
+    for m in messages.iter().skip(shown) {
+        println!(
+            "📱 {} [{} {}] {}",
+            gridtalk_telemetry::mask_phone(&m.to),
+            m.template.as_deref().unwrap_or("text"),
+            m.language.as_deref().unwrap_or("-"),
+            m.rendered
+        );
+    }
+    messages.len()
+}
+
+/// Whether the route group committed every input event and the send group every outbox message,
+/// i.e. every event is routed and every message sent or dead-lettered.
+async fn worked_off(config: &Arc<Config>) -> bool {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let route = format!("{}-route", config.kafka.group_prefix);
+        let send = format!("{}-send", config.kafka.group_prefix);
+        let inputs: Vec<&str> = config.topics.inputs.iter().map(String::as_str).collect();
+        gridtalk_kafka::caught_up(&config.kafka, &route, &inputs).unwrap_or(false)
+            && gridtalk_kafka::caught_up(&config.kafka, &send, &[&config.topics.outbox])
+                .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     gridtalk_telemetry::init_logging("text");
     let shutdown = CancellationToken::new();
     super::handle_signals(shutdown.clone());
 
+    let admin_port = match args.admin_port {
+        0 => gridtalk_embedded::free_port()?,
+        port => port,
+    };
     let broker_port = gridtalk_embedded::free_port()?;
     let bootstrap = gridtalk_embedded::start_broker(broker_port).await?;
     let work_dir = std::env::temp_dir().join(format!("gridtalk-demo-{}", std::process::id()));
@@ -70,7 +107,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ("SEND__PHONE_NUMBER_ID", DEMO_PHONE_NUMBER_ID.into()),
         ("SEND__ACCESS_TOKEN", DEMO_TOKEN.into()),
         ("DIRECTORY__FILE", directory_file.display().to_string()),
-        ("ADMIN__LISTEN", format!("127.0.0.1:{}", args.admin_port)),
+        ("ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
         ("ADMIN__LOG_FORMAT", "text".into()),
     ];
     let config = Arc::new(Config::load(
@@ -100,7 +137,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!(
         "  metrics and health      http://127.0.0.1:{}/metrics  /healthz  /readyz",
-        args.admin_port
+        admin_port
     );
     println!("  Ctrl-C stops (in-flight sends drain first)");
     println!();
@@ -132,28 +169,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
     };
 
-    // Print what the phones receive, until Ctrl-C or (with --events) a quiet period after the last event.
+    // Print what the phones receive, until Ctrl-C or (with --events) everything is worked off.
     let mut generator = Some(generator);
     let mut generated: Option<u64> = None;
     let mut shown = 0;
-    let mut last_new = Instant::now();
+    let mut polls = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
-        let messages = sandbox.messages();
-        for m in &messages[shown..] {
-            println!(
-                "📱 {} [{} {}] {}",
-                gridtalk_telemetry::mask_phone(&m.to),
-                m.template.as_deref().unwrap_or("text"),
-                m.language.as_deref().unwrap_or("-"),
-                m.rendered
-            );
-            last_new = Instant::now();
-        }
-        shown = messages.len();
+        shown = print_new_messages(&sandbox, shown);
         if generator.as_ref().is_some_and(|g| g.is_finished()) {
             let finished = generator.take().expect("checked");
             generated = Some(match finished.await {
@@ -162,12 +188,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 Err(e) => anyhow::bail!("traffic generator panicked: {e}"),
             });
         }
-        if generated.is_some() && last_new.elapsed() > Duration::from_secs(10) {
+        polls += 1;
+        if generated.is_some() && polls % 5 == 0 && worked_off(&config).await {
             break;
         }
     }
+    shown = print_new_messages(&sandbox, shown);
     shutdown.cancel();
     let stage_result = stages.await?;
+    print_new_messages(&sandbox, shown);
     let _ = admin.await;
     let stats = sandbox.stats();
     println!();
