@@ -69,7 +69,21 @@ pub struct StageContext {
     pub stage: &'static str,
 }
 
-impl ClientContext for StageContext {}
+impl ClientContext for StageContext {
+    /// Publishes consumer lag per assigned partition from librdkafka's statistics.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag = &gridtalk_telemetry::Metrics::global().consumer_lag;
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // Partition -1 is librdkafka's internal unassigned queue; -1 lag means unknown.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    lag.with_label_values(&[self.stage, topic, &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for StageContext {
     fn pre_rebalance(
@@ -129,6 +143,7 @@ pub fn stage_consumer(
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", "300000")
+        .set("statistics.interval.ms", "5000")
         .create_with_context(StageContext { stage })?)
 }
 

@@ -1,0 +1,19 @@
+# Production image: the gridtalk binary only (no embedded broker, no WhatsApp sandbox).
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config zlib1g-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p gridtalk \
+    && cp target/release/gridtalk /usr/local/bin/gridtalk
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home gridtalk
+COPY --from=build /usr/local/bin/gridtalk /usr/local/bin/gridtalk
+COPY deploy/kubernetes/gridtalk.toml /etc/gridtalk/gridtalk.toml
+USER 10001
+EXPOSE 9464
+ENTRYPOINT ["/usr/local/bin/gridtalk"]
+CMD ["run", "--config", "/etc/gridtalk/gridtalk.toml"]
