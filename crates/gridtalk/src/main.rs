@@ -12,6 +12,8 @@ use gridtalk_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "demo")]
+mod bench;
+#[cfg(feature = "demo")]
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -48,6 +50,9 @@ enum Command {
     /// Everything in one process: embedded broker, all stages, WhatsApp sandbox, sample traffic.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+    /// Measure decode, planning and pipeline throughput on this machine (embedded broker and sandbox).
+    #[cfg(feature = "demo")]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,5 +172,7 @@ async fn main() -> anyhow::Result<()> {
         }
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args).await,
+        #[cfg(feature = "demo")]
+        Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -1,0 +1,248 @@
+//! `gridtalk bench`: measures gridtalk on this machine and prints figures for
+//! `docs/benchmarks.md`. Two parts:
+//! - **decode and plan**: the route stage's CPU work per event (Avro decode with schema
+//!   resolution, JSON view, rule matching and template rendering), in-process, no I/O;
+//! - **pipeline**: events through the embedded broker, the route and send stages and the WhatsApp
+//!   sandbox, with the sandbox's limits raised so the pipeline itself is measured, not Meta's tier.
+//!
+//! Numbers, never assertions: performance is tracked here, not in tests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gridtalk_config::Config;
+use gridtalk_contract::samples::{sample_event, EVENT_TYPES};
+use gridtalk_contract::{
+    encode_single_object, json_to_avro, ContractSchemas, EventDecoder, EventView, SchemaSet,
+};
+use gridtalk_kafka::TopicSpec;
+use gridtalk_sandbox::{Sandbox, SandboxConfig};
+use gridtalk_telemetry::Readiness;
+use tokio_util::sync::CancellationToken;
+
+const DIRECTORY: &str = include_str!("../../../deploy/demo/directory.toml");
+const PHONE_NUMBER_ID: &str = "106540352242922";
+const TOKEN: &str = "bench-token";
+const PARTNERS: [&str; 3] = ["ACME", "GLOBEX", "INITECH"];
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Events for the decode-and-plan part.
+    #[arg(long, default_value_t = 20_000)]
+    decode_events: u64,
+    /// Events for the pipeline part.
+    #[arg(long, default_value_t = 3_000)]
+    pipeline_events: u64,
+    /// Throughput limit of the sending number in the pipeline part (messages per second).
+    #[arg(long, default_value_t = 1_000)]
+    send_rate: u32,
+}
+
+fn encoded_events(count: u64) -> Vec<Vec<u8>> {
+    let schema = &ContractSchemas::get().trading_grid_event;
+    let now = chrono::Utc::now().timestamp_millis();
+    (0..count)
+        .map(|seq| {
+            let (event_type, _, _) = EVENT_TYPES[(seq as usize) % EVENT_TYPES.len()];
+            let partner = PARTNERS[(seq as usize / EVENT_TYPES.len()) % PARTNERS.len()];
+            let json = sample_event(event_type, seq, partner, now).expect("known type");
+            encode_single_object(schema, json_to_avro(&json, schema).expect("sample fits"))
+                .expect("encode")
+        })
+        .collect()
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    println!(
+        "gridtalk bench ({} build)",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!(
+        "machine: {} logical CPUs, {}",
+        num_cpus(),
+        std::env::consts::ARCH
+    );
+
+    // Part 1: decode and plan.
+    let work_dir = std::env::temp_dir().join(format!("gridtalk-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir)?;
+    let directory_file = work_dir.join("directory.toml");
+    std::fs::write(&directory_file, DIRECTORY)?;
+    let config = Config::load(
+        None,
+        [(
+            "GRIDTALK__SEND__ACCESS_TOKEN".to_string(),
+            TOKEN.to_string(),
+        )],
+    )?;
+    let directory = gridtalk_route::Directory::load(&directory_file).map_err(anyhow::Error::msg)?;
+    let reader = ContractSchemas::get().trading_grid_event.clone();
+    let decoder = EventDecoder::new(
+        reader.clone(),
+        SchemaSet::contract(),
+        None,
+        config.contract.max_event_bytes,
+    );
+    let events = encoded_events(args.decode_events);
+    let bytes: usize = events.iter().map(Vec::len).sum();
+    let started = Instant::now();
+    let mut views = Vec::with_capacity(events.len());
+    for e in &events {
+        let decoded = decoder.decode(e).await?;
+        views.push(EventView::from_resolved(&decoded.value, &reader));
+    }
+    let decode = started.elapsed();
+    let started = Instant::now();
+    let mut messages = 0usize;
+    let now = chrono::Utc::now().timestamp_millis();
+    for view in &views {
+        messages += gridtalk_route::plan(view, &config, &directory, now)
+            .map(|p| p.messages.len())
+            .unwrap_or(0);
+    }
+    let plan = started.elapsed();
+    println!();
+    println!(
+        "decode and plan: {} events ({} bytes average), {messages} messages planned",
+        events.len(),
+        bytes / events.len().max(1)
+    );
+    println!(
+        "  decode + view   {:>10.0} events/s  ({:.1} µs/event)",
+        rate(events.len(), decode),
+        micros(decode, events.len())
+    );
+    println!(
+        "  rules + render  {:>10.0} events/s  ({:.1} µs/event)",
+        rate(events.len(), plan),
+        micros(plan, events.len())
+    );
+
+    // Part 2: the pipeline on the embedded broker.
+    let shutdown = CancellationToken::new();
+    let bootstrap = gridtalk_embedded::start_broker(gridtalk_embedded::free_port()?).await?;
+    let sandbox = Sandbox::start(
+        SandboxConfig {
+            phone_number_ids: vec![PHONE_NUMBER_ID.into()],
+            valid_tokens: vec![TOKEN.into()],
+            templates: gridtalk_sandbox::templates_from_config(&config.templates),
+            throughput_per_second: args.send_rate.saturating_mul(2),
+            pair_burst: u32::MAX,
+            ..SandboxConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+        shutdown.clone(),
+    )
+    .await?;
+    let overrides = [
+        ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+        ("TOPICS__PARTITIONS", "3".into()),
+        ("SEND__API_BASE_URL", sandbox.base_url()),
+        ("SEND__PHONE_NUMBER_ID", PHONE_NUMBER_ID.into()),
+        ("SEND__ACCESS_TOKEN", TOKEN.into()),
+        ("SEND__MAX_MESSAGES_PER_SECOND", args.send_rate.to_string()),
+        ("SEND__PAIR_BURST", "1000000".into()),
+        ("DIRECTORY__FILE", directory_file.display().to_string()),
+    ];
+    let config = Arc::new(Config::load(
+        None,
+        overrides
+            .iter()
+            .map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
+    )?);
+    let inputs: Vec<TopicSpec> = config
+        .topics
+        .inputs
+        .iter()
+        .map(|t| TopicSpec {
+            name: t.clone(),
+            partitions: 3,
+            configs: vec![],
+        })
+        .collect();
+    gridtalk_kafka::ensure_topics(&config.kafka, &inputs).await?;
+
+    // Publish first, then start the stages: the run measures draining a backlog.
+    let published = Instant::now();
+    let generated = gridtalk_embedded::generate(
+        &bootstrap,
+        &PARTNERS,
+        1_000_000.0,
+        Some(args.pipeline_events),
+        shutdown.clone(),
+    )
+    .await?;
+    let publish = published.elapsed();
+    let started = Instant::now();
+    let stages = tokio::spawn(crate::run_stages(
+        config.clone(),
+        &[crate::Stage::Route, crate::Stage::Send],
+        Readiness::default(),
+        shutdown.clone(),
+    ));
+    let expected_messages =
+        (messages as f64 * args.pipeline_events as f64 / args.decode_events as f64).round() as u64;
+    let mut last_count = 0;
+    let mut last_change = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let count = sandbox.stats().accepted;
+        if count != last_count {
+            last_count = count;
+            last_change = Instant::now();
+        }
+        if count >= expected_messages
+            || last_change.elapsed() > Duration::from_secs(20)
+            || stages.is_finished()
+        {
+            break;
+        }
+    }
+    let drained = started.elapsed();
+    let stats = sandbox.stats();
+    shutdown.cancel();
+    let _ = stages.await;
+    let _ = std::fs::remove_dir_all(&work_dir);
+    println!();
+    println!(
+        "pipeline: {generated} events published in {:.2} s; route + send drained them into {} messages in {:.2} s",
+        publish.as_secs_f64(),
+        stats.accepted,
+        drained.as_secs_f64()
+    );
+    println!(
+        "  events          {:>10.0} /s",
+        rate(generated as usize, drained)
+    );
+    println!(
+        "  messages sent   {:>10.0} /s  (number limit {}/s less the safety margin)",
+        rate(stats.accepted as usize, drained),
+        args.send_rate
+    );
+    println!("  sandbox errors  {:?}", stats.errors);
+    if stats.accepted < expected_messages {
+        anyhow::bail!(
+            "only {} of {expected_messages} messages were sent",
+            stats.accepted
+        );
+    }
+    Ok(())
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn micros(d: Duration, n: usize) -> f64 {
+    d.as_secs_f64() * 1e6 / n.max(1) as f64
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
