@@ -681,40 +681,51 @@ async fn a_dead_letter_replayed_after_the_directory_is_fixed_is_delivered() {
             .map_err(|(e, _)| e)
             .expect("directory update");
     }
-    // Give the directory reader the update: wait until a probe event for the new partner routes.
-    let producer = gridtalk_kafka::producer(&pipeline.config.kafka).expect("producer");
-    let filter = gridtalk_kafka::ReplayFilter {
-        reason: Some("unknown_partner".into()),
-        ..Default::default()
-    };
-    let mut report = gridtalk_kafka::ReplayReport::default();
-    let started = Instant::now();
-    // The directory is applied asynchronously; replay until the letter stops coming back.
+    // The directory applies asynchronously: a new event for the partner shows when it has. (A probe
+    // that arrives first is dead-lettered like the original and replayed with it.)
+    let mut seq = 51;
     while received(&pipeline).is_empty() {
-        assert!(
-            started.elapsed() < WAIT,
-            "replayed event never delivered; letters {:?}",
-            pipeline.dead_letters()
-        );
-        let before = pipeline.dead_letters().len();
-        report = gridtalk_kafka::replay_dead_letters(
-            &pipeline.config.kafka,
-            &producer,
-            &pipeline.config.topics.dlq,
-            &filter,
-        )
-        .await
-        .expect("replay");
+        let letters = pipeline.dead_letters().len();
         pipeline
-            .wait_until(
-                "the replay to be routed or dead-lettered again",
-                WAIT,
-                |p| !p.sandbox.messages().is_empty() || p.dead_letters().len() > before,
-            )
+            .publish_event(&event("tg.po.received", seq, "LATECOMER"))
             .await;
+        pipeline
+            .wait_until("the probe to be delivered or dead-lettered", WAIT, |p| {
+                !p.sandbox.messages().is_empty() || p.dead_letters().len() > letters
+            })
+            .await;
+        seq += 1;
     }
-    assert!(report.replayed >= 1);
-    let got = received(&pipeline);
+    let letters = pipeline.dead_letters().len();
+
+    // The operator replays the letter with the CLI.
+    let config_file = pipeline.config_file();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
+            .args(["dlq", "replay", "--reason", "unknown_partner", "--config"])
+            .arg(&config_file)
+            .output()
+            .expect("gridtalk dlq replay runs")
+    })
+    .await
+    .expect("replay task");
+    assert!(
+        output.status.success(),
+        "dlq replay failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "scanned {letters} dead letters, replayed {letters}"
+        )),
+        "{stdout}"
+    );
+    pipeline.wait_for_messages(1 + letters, WAIT).await;
+    let got: Vec<_> = received(&pipeline)
+        .into_iter()
+        .filter(|m| m.3[0] == "PO-4500050")
+        .collect();
     assert_eq!(
         got,
         vec![(
@@ -927,4 +938,99 @@ async fn server_errors_and_an_expired_token_lose_nothing_and_duplicate_nothing()
         stats.errors.get("500").is_some_and(|n| *n > 0),
         "server errors were injected: {stats:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_about_one_document_arrive_in_event_order() {
+    let pipeline = Pipeline::start(Setup::default()).await;
+    // Five status changes of shipment SH-700070, one correlation key, published in order.
+    let steps = [
+        "tg.asn.sent",
+        "tg.shipment.status_updated",
+        "tg.shipment.status_updated",
+        "tg.shipment.status_updated",
+        "tg.delivery.confirmed",
+    ];
+    for (i, event_type) in steps.iter().enumerate() {
+        let mut e = event(event_type, 70, "ACME");
+        e["event_id"] = json!(format!("00000000-0000-4000-8000-0000000007{i:02}"));
+        e["payload"]["ShipmentEvent"]["location"] = json!(format!("stop {i}"));
+        if *event_type == "tg.shipment.status_updated" {
+            e["payload"]["ShipmentEvent"]["status"] =
+                json!(["IN_TRANSIT", "DELAYED", "IN_TRANSIT"][i - 1]);
+        }
+        pipeline.publish_event(&e).await;
+    }
+    pipeline.wait_for_messages(5, WAIT).await;
+    let statuses: Vec<String> = received(&pipeline)
+        .into_iter()
+        .map(|m| m.3[2].clone())
+        .collect();
+    assert_eq!(
+        statuses,
+        strings(&[
+            "ASN_SENT",
+            "IN_TRANSIT",
+            "DELAYED",
+            "IN_TRANSIT",
+            "DELIVERED"
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_liveness_readiness_and_metrics() {
+    let pipeline = Pipeline::start(Setup::default()).await;
+    let port = gridtalk_embedded::free_port().expect("port");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(gridtalk_telemetry::serve_admin(
+        ([127, 0, 0, 1], port).into(),
+        pipeline.readiness.clone(),
+        stop.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            for _ in 0..100 {
+                if let Ok(r) = http
+                    .get(format!("http://127.0.0.1:{port}{path}"))
+                    .send()
+                    .await
+                {
+                    return (r.status().as_u16(), r.text().await.unwrap_or_default());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("admin endpoint {path} never answered");
+        }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    pipeline
+        .publish_event(&event("tg.invoice.delivered", 3, "ACME"))
+        .await;
+    pipeline.wait_for_messages(1, WAIT).await;
+    let started = Instant::now();
+    while get("/readyz").await.0 != 200 {
+        assert!(
+            started.elapsed() < WAIT,
+            "never ready: {:?}",
+            get("/readyz").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "gridtalk_route_events_routed_total{event_type=\"tg.invoice.delivered\"}",
+        "gridtalk_send_attempts_total{",
+        "gridtalk_send_halted",
+    ] {
+        assert!(metrics.contains(line), "/metrics has {line}:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("14155550102"),
+        "no phone number in metrics"
+    );
+    stop.cancel();
 }

@@ -231,6 +231,8 @@ pub struct Pipeline {
     pub namespace: String,
     pub producer: FutureProducer,
     pub registry_requests: Arc<Mutex<u64>>,
+    /// Readiness of the current run of the stages.
+    pub readiness: Readiness,
     /// Stops the sandbox and the registry (at drop).
     services: CancellationToken,
     /// Stops the current run of the stages.
@@ -350,6 +352,7 @@ log_format = "text"
             namespace,
             producer,
             registry_requests,
+            readiness: Readiness::default(),
             services,
             stages_token: CancellationToken::new(),
             stages: None,
@@ -372,6 +375,11 @@ log_format = "text"
             )
             .await
         }));
+    }
+
+    /// The configuration file the pipeline runs with (for the CLI).
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("gridtalk.toml")
     }
 
     /// The full name of input topic `short` (one of [`INPUTS`]).

@@ -13,7 +13,11 @@ fn examples() -> String {
     let schema = &ContractSchemas::get().trading_grid_event;
     let mut out = String::new();
     for (i, (event_type, payload, flow)) in EVENT_TYPES.iter().enumerate() {
-        let partner = if *flow == 'b' && event_type.ends_with("rejected") { "GLOBEX" } else { "ACME" };
+        let partner = if *flow == 'b' && event_type.ends_with("rejected") {
+            "GLOBEX"
+        } else {
+            "ACME"
+        };
         let event = sample_event(event_type, i as u64 + 1, partner, AT).expect("sample");
         let value = json_to_avro(&event, schema).unwrap_or_else(|e| panic!("{event_type}: {e}"));
         encode_single_object(schema, value).expect("encodes");
@@ -33,11 +37,18 @@ fn the_readme_shows_one_valid_example_per_event_type() {
     let (current, after) = rest.split_once(END).expect("end marker");
     let wanted = examples();
     if std::env::var_os("GRIDTALK_UPDATE_DOCS").is_some() {
-        std::fs::write(&path, format!("{before}{START}{wanted}{END}{after}")).expect("write README");
+        std::fs::write(&path, format!("{before}{START}{wanted}{END}{after}"))
+            .expect("write README");
         return;
     }
-    assert!(current == wanted, "schemas/README.md examples are out of date; run with GRIDTALK_UPDATE_DOCS=1");
+    assert!(
+        current == wanted,
+        "schemas/README.md examples are out of date; run with GRIDTALK_UPDATE_DOCS=1"
+    );
     for (event_type, _, _) in EVENT_TYPES {
-        assert!(current.contains(&format!("### `{event_type}`")), "{event_type} has an example");
+        assert!(
+            current.contains(&format!("### `{event_type}`")),
+            "{event_type} has an example"
+        );
     }
 }
