@@ -129,3 +129,86 @@ async fn the_throughput_limit_answers_130429() {
     assert_eq!(codes.iter().filter(|c| **c == 0).count(), 5, "{codes:?}");
     assert!(codes[5..].iter().all(|c| *c == 130429), "{codes:?}");
 }
+
+/// Receives webhook posts: (X-Hub-Signature-256 header, body).
+async fn webhook_receiver() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    use axum::http::HeaderMap;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/webhook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let tx = tx.clone();
+            async move {
+                let signature = headers
+                    .get("x-hub-signature-256")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send((signature, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("port");
+    let url = format!("http://{}/webhook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rx)
+}
+
+async fn statuses(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    n: usize,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let (signature, body) = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("webhook within 10 s")
+            .expect("receiver open");
+        assert_eq!(
+            signature,
+            gridtalk_sandbox::signature("sandbox-app-secret", body.as_bytes()),
+            "signed with the app secret"
+        );
+        assert!(signature.starts_with("sha256="));
+        let payload: Value = serde_json::from_str(&body).expect("JSON webhook");
+        assert_eq!(payload["object"], "whatsapp_business_account");
+        out.push(payload["entry"][0]["changes"][0]["value"]["statuses"][0].clone());
+    }
+    out
+}
+
+#[tokio::test]
+async fn status_webhooks_are_signed_and_follow_the_message() {
+    let (url, mut rx) = webhook_receiver().await;
+    let (sandbox, _stop) = sandbox(|c| {
+        c.webhook_url = Some(url);
+        c.undeliverable = vec!["14155550199".into()];
+    })
+    .await;
+    let (_, body) = post(&sandbox, "good", &summary("14155550106")).await;
+    let wamid = body["messages"][0]["id"]
+        .as_str()
+        .expect("wamid")
+        .to_string();
+    let delivered = statuses(&mut rx, 3).await;
+    let names: Vec<&str> = delivered
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["sent", "delivered", "read"]);
+    assert!(delivered
+        .iter()
+        .all(|s| s["id"] == wamid.as_str() && s["recipient_id"] == "14155550106"));
+
+    let (status, _) = post(&sandbox, "good", &summary("14155550199")).await;
+    assert_eq!(status, 200, "accepted first, like Meta");
+    let failed = statuses(&mut rx, 1).await;
+    assert_eq!(failed[0]["status"], "failed");
+    assert_eq!(failed[0]["errors"][0]["code"], 131026);
+}

@@ -68,6 +68,9 @@ pub struct SandboxConfig {
     pub pair_interval_ms: u64,
     pub pair_burst: u32,
     pub faults: Faults,
+    /// Recipients (digits) whose messages are accepted but then fail delivery: their status
+    /// webhook is `failed` with error 131026, as Meta reports an undeliverable message.
+    pub undeliverable: Vec<String>,
 }
 
 impl Default for SandboxConfig {
@@ -82,6 +85,7 @@ impl Default for SandboxConfig {
             pair_interval_ms: 6_000,
             pair_burst: 45,
             faults: Faults::default(),
+            undeliverable: Vec::new(),
         }
     }
 }
@@ -247,28 +251,41 @@ impl Sandbox {
     }
 
     fn schedule_statuses(&self, message: &ReceivedMessage) {
-        let (url, secret) = {
+        let (url, secret, undeliverable) = {
             let inner = self.inner.lock().expect("sandbox");
             (
                 inner.config.webhook_url.clone(),
                 inner.config.app_secret.clone(),
+                inner.config.undeliverable.contains(&message.to),
             )
         };
         let Some(url) = url else { return };
         let sandbox = self.clone();
         let message = message.clone();
         tokio::spawn(async move {
-            for (status, delay_ms) in [("sent", 50u64), ("delivered", 150), ("read", 400)] {
-                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let statuses: &[(&str, u64)] = if undeliverable {
+                &[("failed", 100)]
+            } else {
+                &[("sent", 50), ("delivered", 150), ("read", 400)]
+            };
+            for (status, delay_ms) in statuses {
+                tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+                let mut entry = json!({"id": message.wamid, "status": status,
+                                       "timestamp": (chrono::Utc::now().timestamp()).to_string(),
+                                       "recipient_id": message.to});
+                if *status == "failed" {
+                    entry["errors"] = json!([{"code": 131026, "title": "Message undeliverable",
+                        "message": "Message undeliverable",
+                        "error_data": {"details": "Message could not be delivered to the recipient"}}]);
+                } else {
+                    entry["pricing"] = json!({"billable": true, "pricing_model": "PMP", "category": "utility", "type": "regular"});
+                }
                 let payload = json!({
                     "object": "whatsapp_business_account",
                     "entry": [{"id": "WABA-SANDBOX", "changes": [{"field": "messages", "value": {
                         "messaging_product": "whatsapp",
                         "metadata": {"display_phone_number": "15550783881", "phone_number_id": message.phone_number_id},
-                        "statuses": [{"id": message.wamid, "status": status,
-                                      "timestamp": (chrono::Utc::now().timestamp()).to_string(),
-                                      "recipient_id": message.to,
-                                      "pricing": {"pricing_model": "PMP", "category": "utility", "type": "regular"}}]
+                        "statuses": [entry]
                     }}]}]
                 });
                 let body = payload.to_string();
