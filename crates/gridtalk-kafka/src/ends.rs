@@ -30,7 +30,10 @@ pub fn reader(config: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
 }
 
 /// The partitions of `topic`, or [`KafkaError::MissingTopics`].
-pub fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
+pub fn partitions_of<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -86,16 +89,7 @@ pub fn end_offsets_of(
     let mut assignment = TopicPartitionList::new();
     let mut pending: Vec<(String, i32)> = Vec::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err(KafkaError::MissingTopics(topic.to_string()));
-        }
+        let partitions = partitions_of(&consumer, topic)?;
         for p in partitions {
             assignment.add_partition_offset(topic, p, Offset::Beginning)?;
             pending.push((topic.to_string(), p));

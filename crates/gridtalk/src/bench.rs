@@ -7,23 +7,16 @@
 //!
 //! Numbers, never assertions: performance is tracked here, not in tests.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gridtalk_config::Config;
 use gridtalk_contract::samples::{sample_event, EVENT_TYPES};
 use gridtalk_contract::{
     encode_single_object, json_to_avro, ContractSchemas, EventDecoder, EventView, SchemaSet,
 };
-use gridtalk_kafka::TopicSpec;
-use gridtalk_sandbox::{Sandbox, SandboxConfig};
 use gridtalk_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
-const DIRECTORY: &str = include_str!("../../../deploy/demo/directory.toml");
-const PHONE_NUMBER_ID: &str = "106540352242922";
-const TOKEN: &str = "bench-token";
-const PARTNERS: [&str; 3] = ["ACME", "GLOBEX", "INITECH"];
+use crate::stack::PARTNERS;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -67,19 +60,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::env::consts::ARCH
     );
 
+    // The embedded stack (idle during part 1, which only borrows its configuration).
+    let shutdown = CancellationToken::new();
+    let stack = crate::stack::EmbeddedStack::start(
+        "bench",
+        0,
+        |sandbox| {
+            sandbox.throughput_per_second = args.send_rate.saturating_mul(2);
+            sandbox.pair_burst = u32::MAX;
+        },
+        vec![
+            ("SEND__MAX_MESSAGES_PER_SECOND", args.send_rate.to_string()),
+            ("SEND__PAIR_BURST", "1000000".into()),
+        ],
+        shutdown.clone(),
+    )
+    .await?;
+    let (bootstrap, sandbox, config) = (
+        stack.bootstrap.clone(),
+        &stack.sandbox,
+        stack.config.clone(),
+    );
+
     // Part 1: decode and plan.
-    let work_dir = std::env::temp_dir().join(format!("gridtalk-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work_dir)?;
-    let directory_file = work_dir.join("directory.toml");
-    std::fs::write(&directory_file, DIRECTORY)?;
-    let config = Config::load(
-        None,
-        [(
-            "GRIDTALK__SEND__ACCESS_TOKEN".to_string(),
-            TOKEN.to_string(),
-        )],
-    )?;
-    let directory = gridtalk_route::Directory::load(&directory_file).map_err(anyhow::Error::msg)?;
+    let directory =
+        gridtalk_route::Directory::load(&stack.directory_file).map_err(anyhow::Error::msg)?;
     let reader = ContractSchemas::get().trading_grid_event.clone();
     let decoder = EventDecoder::new(
         reader.clone(),
@@ -123,49 +128,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
 
     // Part 2: the pipeline on the embedded broker.
-    let shutdown = CancellationToken::new();
-    let bootstrap = gridtalk_embedded::start_broker(gridtalk_embedded::free_port()?).await?;
-    let sandbox = Sandbox::start(
-        SandboxConfig {
-            phone_number_ids: vec![PHONE_NUMBER_ID.into()],
-            valid_tokens: vec![TOKEN.into()],
-            templates: gridtalk_sandbox::templates_from_config(&config.templates),
-            throughput_per_second: args.send_rate.saturating_mul(2),
-            pair_burst: u32::MAX,
-            ..SandboxConfig::default()
-        },
-        ([127, 0, 0, 1], 0).into(),
-        shutdown.clone(),
-    )
-    .await?;
-    let overrides = [
-        ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
-        ("TOPICS__PARTITIONS", "3".into()),
-        ("SEND__API_BASE_URL", sandbox.base_url()),
-        ("SEND__PHONE_NUMBER_ID", PHONE_NUMBER_ID.into()),
-        ("SEND__ACCESS_TOKEN", TOKEN.into()),
-        ("SEND__MAX_MESSAGES_PER_SECOND", args.send_rate.to_string()),
-        ("SEND__PAIR_BURST", "1000000".into()),
-        ("DIRECTORY__FILE", directory_file.display().to_string()),
-    ];
-    let config = Arc::new(Config::load(
-        None,
-        overrides
-            .iter()
-            .map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
-    )?);
-    let inputs: Vec<TopicSpec> = config
-        .topics
-        .inputs
-        .iter()
-        .map(|t| TopicSpec {
-            name: t.clone(),
-            partitions: 3,
-            configs: vec![],
-        })
-        .collect();
-    gridtalk_kafka::ensure_topics(&config.kafka, &inputs).await?;
-
     // Publish first, then start the stages: the run measures draining a backlog.
     let published = Instant::now();
     let generated = gridtalk_embedded::generate(
@@ -178,6 +140,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
     let publish = published.elapsed();
     let started = Instant::now();
+    let started_ms = chrono::Utc::now().timestamp_millis();
     let stages = tokio::spawn(crate::run_stages(
         config.clone(),
         &[crate::Stage::Route, crate::Stage::Send],
@@ -206,7 +169,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let stats = sandbox.stats();
     shutdown.cancel();
     let _ = stages.await;
-    let _ = std::fs::remove_dir_all(&work_dir);
     println!();
     println!(
         "pipeline: {generated} events published in {:.2} s; route + send drained them into {} messages in {:.2} s",
@@ -223,6 +185,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rate(stats.accepted as usize, drained),
         args.send_rate
     );
+    // Steady state: from the first to the last message at the sandbox (no group join, no start-up).
+    let times: Vec<i64> = sandbox
+        .messages()
+        .iter()
+        .map(|m| m.received_at_ms)
+        .collect();
+    if let (Some(first), Some(last)) = (times.iter().min(), times.iter().max()) {
+        let span = Duration::from_millis((last - first).max(1) as u64);
+        println!(
+            "  steady state    {:>10.0} messages/s  (first message {:.2} s after start, last {:.2} s later)",
+            rate(times.len().saturating_sub(1), span),
+            (*first - started_ms) as f64 / 1000.0,
+            span.as_secs_f64()
+        );
+    }
     println!("  sandbox errors  {:?}", stats.errors);
     if stats.accepted < expected_messages {
         anyhow::bail!(

@@ -6,14 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gridtalk_config::Config;
-use gridtalk_kafka::TopicSpec;
-use gridtalk_sandbox::{Sandbox, SandboxConfig};
+use gridtalk_sandbox::Sandbox;
 use gridtalk_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
-
-const DEMO_DIRECTORY: &str = include_str!("../../../deploy/demo/directory.toml");
-const DEMO_PHONE_NUMBER_ID: &str = "106540352242922";
-const DEMO_TOKEN: &str = "sandbox-token";
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -73,61 +68,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         0 => gridtalk_embedded::free_port()?,
         port => port,
     };
-    let broker_port = gridtalk_embedded::free_port()?;
-    let bootstrap = gridtalk_embedded::start_broker(broker_port).await?;
-    let work_dir = std::env::temp_dir().join(format!("gridtalk-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&work_dir)?;
-    let directory_file = work_dir.join("directory.toml");
-    std::fs::write(&directory_file, DEMO_DIRECTORY)?;
-
-    let sandbox_config_templates = Config::load(
-        None,
-        [(
-            "GRIDTALK__SEND__ACCESS_TOKEN".to_string(),
-            DEMO_TOKEN.to_string(),
-        )],
-    )?
-    .templates;
-    let sandbox = Sandbox::start(
-        SandboxConfig {
-            phone_number_ids: vec![DEMO_PHONE_NUMBER_ID.into()],
-            valid_tokens: vec![DEMO_TOKEN.into()],
-            templates: gridtalk_sandbox::templates_from_config(&sandbox_config_templates),
-            ..SandboxConfig::default()
-        },
-        ([127, 0, 0, 1], args.sandbox_port).into(),
+    let stack = crate::stack::EmbeddedStack::start(
+        "demo",
+        args.sandbox_port,
+        |_| {},
+        vec![("ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))],
         shutdown.clone(),
     )
     .await?;
-
-    let overrides = [
-        ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
-        ("TOPICS__PARTITIONS", "3".into()),
-        ("SEND__API_BASE_URL", sandbox.base_url()),
-        ("SEND__PHONE_NUMBER_ID", DEMO_PHONE_NUMBER_ID.into()),
-        ("SEND__ACCESS_TOKEN", DEMO_TOKEN.into()),
-        ("DIRECTORY__FILE", directory_file.display().to_string()),
-        ("ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
-        ("ADMIN__LOG_FORMAT", "text".into()),
-    ];
-    let config = Arc::new(Config::load(
-        None,
-        overrides
-            .iter()
-            .map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
-    )?);
-    let inputs: Vec<TopicSpec> = config
-        .topics
-        .inputs
-        .iter()
-        .map(|t| TopicSpec {
-            name: t.clone(),
-            partitions: 3,
-            configs: vec![],
-        })
-        .collect();
-    gridtalk_kafka::ensure_topics(&config.kafka, &inputs).await?;
-
+    let (bootstrap, sandbox, config) = (
+        stack.bootstrap.clone(),
+        &stack.sandbox,
+        stack.config.clone(),
+    );
     println!();
     println!("gridtalk demo");
     println!("  embedded Kafka broker   {bootstrap}");
@@ -160,7 +113,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             gridtalk_embedded::generate(
                 &bootstrap,
-                &["ACME", "GLOBEX", "INITECH"],
+                &crate::stack::PARTNERS,
                 args.rate,
                 args.events,
                 shutdown,
@@ -179,7 +132,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
-        shown = print_new_messages(&sandbox, shown);
+        shown = print_new_messages(sandbox, shown);
         if generator.as_ref().is_some_and(|g| g.is_finished()) {
             let finished = generator.take().expect("checked");
             generated = Some(match finished.await {
@@ -193,10 +146,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             break;
         }
     }
-    shown = print_new_messages(&sandbox, shown);
+    shown = print_new_messages(sandbox, shown);
     shutdown.cancel();
     let stage_result = stages.await?;
-    print_new_messages(&sandbox, shown);
+    print_new_messages(sandbox, shown);
     let _ = admin.await;
     let stats = sandbox.stats();
     println!();
@@ -206,7 +159,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         stats.accepted,
         stats.errors
     );
-    let _ = std::fs::remove_dir_all(&work_dir);
     stage_result?;
     if args.events.is_some() && stats.accepted == 0 {
         anyhow::bail!("no message reached the sandbox");

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 mod bench;
 #[cfg(feature = "demo")]
 mod demo;
+#[cfg(feature = "demo")]
+mod stack;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,0 +1,108 @@
+//! The embedded stack the `demo` and `bench` commands share: an in-process broker, the WhatsApp
+//! sandbox, the demo directory and a configuration pointing at them, with the input topics
+//! created. Only in builds with the `demo` feature.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use gridtalk_config::Config;
+use gridtalk_kafka::TopicSpec;
+use gridtalk_sandbox::{Sandbox, SandboxConfig};
+use tokio_util::sync::CancellationToken;
+
+const DIRECTORY: &str = include_str!("../../../deploy/demo/directory.toml");
+const PHONE_NUMBER_ID: &str = "106540352242922";
+const TOKEN: &str = "sandbox-token";
+/// Partitions of every topic of the embedded stack.
+const PARTITIONS: i32 = 3;
+
+/// Partners of the demo directory, for the traffic generator.
+pub const PARTNERS: [&str; 3] = ["ACME", "GLOBEX", "INITECH"];
+
+pub struct EmbeddedStack {
+    pub bootstrap: String,
+    pub sandbox: Sandbox,
+    pub config: Arc<Config>,
+    pub directory_file: PathBuf,
+    work_dir: PathBuf,
+}
+
+impl EmbeddedStack {
+    /// Starts the broker and the sandbox (on `sandbox_port`, 0 for any), adjusted by `sandbox`;
+    /// `overrides` are extra configuration keys (`SEND__MAX_MESSAGES_PER_SECOND`, …).
+    pub async fn start(
+        name: &str,
+        sandbox_port: u16,
+        sandbox: impl FnOnce(&mut SandboxConfig),
+        overrides: Vec<(&'static str, String)>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let bootstrap = gridtalk_embedded::start_broker(gridtalk_embedded::free_port()?).await?;
+        let work_dir = std::env::temp_dir().join(format!("gridtalk-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&work_dir)?;
+        let directory_file = work_dir.join("directory.toml");
+        std::fs::write(&directory_file, DIRECTORY)?;
+
+        let defaults = Config::load(
+            None,
+            [(
+                "GRIDTALK__SEND__ACCESS_TOKEN".to_string(),
+                TOKEN.to_string(),
+            )],
+        )?;
+        let mut sandbox_config = SandboxConfig {
+            phone_number_ids: vec![PHONE_NUMBER_ID.into()],
+            valid_tokens: vec![TOKEN.into()],
+            templates: gridtalk_sandbox::templates_from_config(&defaults.templates),
+            ..SandboxConfig::default()
+        };
+        sandbox(&mut sandbox_config);
+        let sandbox = Sandbox::start(
+            sandbox_config,
+            ([127, 0, 0, 1], sandbox_port).into(),
+            shutdown,
+        )
+        .await?;
+
+        let mut settings = vec![
+            ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+            ("TOPICS__PARTITIONS", PARTITIONS.to_string()),
+            ("SEND__API_BASE_URL", sandbox.base_url()),
+            ("SEND__PHONE_NUMBER_ID", PHONE_NUMBER_ID.into()),
+            ("SEND__ACCESS_TOKEN", TOKEN.into()),
+            ("DIRECTORY__FILE", directory_file.display().to_string()),
+            ("ADMIN__LOG_FORMAT", "text".into()),
+        ];
+        settings.extend(overrides);
+        let config = Arc::new(Config::load(
+            None,
+            settings
+                .iter()
+                .map(|(k, v)| (format!("GRIDTALK__{k}"), v.clone())),
+        )?);
+        let inputs: Vec<TopicSpec> = config
+            .topics
+            .inputs
+            .iter()
+            .map(|t| TopicSpec {
+                name: t.clone(),
+                partitions: PARTITIONS,
+                configs: vec![],
+            })
+            .collect();
+        gridtalk_kafka::ensure_topics(&config.kafka, &inputs).await?;
+        Ok(EmbeddedStack {
+            bootstrap,
+            sandbox,
+            config,
+            directory_file,
+            work_dir,
+        })
+    }
+}
+
+impl Drop for EmbeddedStack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
