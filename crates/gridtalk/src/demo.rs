@@ -148,6 +148,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     shown = print_new_messages(sandbox, shown);
     shutdown.cancel();
+    if let Some(generator) = generator.take() {
+        // Stopped by Ctrl-C: the generator returns how many events it published.
+        if let Ok(Ok(n)) = generator.await {
+            generated = Some(n);
+        }
+    }
     let stage_result = stages.await?;
     print_new_messages(sandbox, shown);
     let _ = admin.await;
