@@ -33,6 +33,9 @@ use gridtalk_telemetry::Readiness;
 pub const NOW_MS: i64 = 1_795_514_400_000;
 pub const PHONE_NUMBER_ID: &str = "106540352242922";
 pub const TOKEN: &str = "test-token";
+/// The webhook verify token and the app secret (the sandbox signs with its default secret).
+pub const VERIFY_TOKEN: &str = "test-verify-token";
+pub const APP_SECRET: &str = "sandbox-app-secret";
 pub const INPUTS: [&str; 6] = [
     "tg.documents.v1",
     "tg.exceptions.v1",
@@ -198,6 +201,8 @@ pub struct Setup {
     pub registry: Vec<(u32, String)>,
     /// Write the access token to a file the test can rewrite, instead of the configuration.
     pub token_file: bool,
+    /// Also run the ingest stage, with the sandbox posting its webhooks to it.
+    pub ingest: bool,
 }
 
 impl Default for Setup {
@@ -219,6 +224,7 @@ impl Default for Setup {
             input_partitions: 2,
             registry: Vec::new(),
             token_file: false,
+            ingest: false,
         }
     }
 }
@@ -233,6 +239,9 @@ pub struct Pipeline {
     pub registry_requests: Arc<Mutex<u64>>,
     /// Readiness of the current run of the stages.
     pub readiness: Readiness,
+    /// The ingest stage's webhook endpoint (served only with `Setup::ingest`).
+    pub webhook_url: String,
+    stage_list: Vec<Stage>,
     /// Stops the sandbox and the registry (at drop).
     services: CancellationToken,
     /// Stops the current run of the stages.
@@ -263,6 +272,16 @@ impl Pipeline {
         };
 
         std::fs::write(dir.join("directory.toml"), &setup.directory).expect("directory file");
+        let ingest_port = gridtalk_embedded::free_port().expect("ingest port");
+        let webhook_url = format!("http://127.0.0.1:{ingest_port}/webhook");
+        if setup.ingest {
+            sandbox.set_webhook_url(Some(webhook_url.clone()));
+        }
+        let stages = if setup.ingest {
+            vec![Stage::Route, Stage::Send, Stage::Ingest]
+        } else {
+            vec![Stage::Route, Stage::Send]
+        };
         let token_line = if setup.token_file {
             std::fs::write(dir.join("token"), TOKEN).expect("token file");
             format!(
@@ -286,6 +305,7 @@ outbox = "{namespace}.outbox"
 sent = "{namespace}.sent"
 dlq = "{namespace}.dlq"
 directory = "{namespace}.directory"
+webhook = "{namespace}.webhook"
 partitions = 2
 
 [contract]
@@ -304,8 +324,15 @@ file = {directory:?}
 
 [admin]
 log_format = "text"
+
+[ingest]
+listen = "127.0.0.1:{ingest_port}"
+verify_token = "{VERIFY_TOKEN}"
+app_secret = "{APP_SECRET}"
+max_body_bytes = 65536
 "#,
             bootstrap = broker(),
+            ingest_port = ingest_port,
             registry = registry_url
                 .map(|u| format!("schema_registry_url = {u:?}"))
                 .unwrap_or_default(),
@@ -353,6 +380,8 @@ log_format = "text"
             producer,
             registry_requests,
             readiness: Readiness::default(),
+            webhook_url,
+            stage_list: stages,
             services,
             stages_token: CancellationToken::new(),
             stages: None,
@@ -365,15 +394,15 @@ log_format = "text"
     pub fn start_stages(&mut self) {
         assert!(self.stages.is_none(), "stages already running");
         self.stages_token = CancellationToken::new();
-        let (config, token) = (self.config.clone(), self.stages_token.clone());
+        self.readiness = Readiness::default();
+        let (config, readiness, token) = (
+            self.config.clone(),
+            self.readiness.clone(),
+            self.stages_token.clone(),
+        );
+        let stages = self.stage_list.clone();
         self.stages = Some(tokio::spawn(async move {
-            run_stages(
-                config,
-                &[Stage::Route, Stage::Send],
-                Readiness::default(),
-                token,
-            )
-            .await
+            run_stages(config, &stages, readiness, token).await
         }));
     }
 

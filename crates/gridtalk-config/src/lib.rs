@@ -27,6 +27,7 @@ pub struct Config {
     pub route: RouteConfig,
     pub send: SendConfig,
     pub admin: AdminConfig,
+    pub ingest: IngestConfig,
     pub directory: DirectoryConfig,
     /// Routing rules: which events go to whom with which template. Evaluated in order; every
     /// matching rule produces messages (a recipient reached by two rules for one event gets one).
@@ -69,6 +70,8 @@ pub struct TopicsConfig {
     pub dlq: String,
     /// Compacted directory overrides: key `partner:<id>` or `contact:<id>`, JSON value, null deletes.
     pub directory: String,
+    /// Verified webhook items (one message or status each), keyed by contact like the sent log.
+    pub webhook: String,
     /// Partition count used when gridtalk creates its own topics.
     pub partitions: i32,
     /// Create the internal topics (outbox, sent, dlq, directory) at start-up if missing.
@@ -141,6 +144,23 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Log format: `json` or `text`.
     pub log_format: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Address of the webhook endpoint Meta calls (separate from the admin port).
+    pub listen: SocketAddr,
+    /// Path of the webhook endpoint.
+    pub path: String,
+    /// The verify token configured in the Meta app, answered in the GET handshake.
+    pub verify_token: Option<Secret>,
+    /// The Meta app secret that signs webhook bodies (`X-Hub-Signature-256`).
+    pub app_secret: Option<Secret>,
+    /// A file holding the app secret instead (read at start).
+    pub app_secret_file: Option<PathBuf>,
+    /// Larger bodies are refused with 413 before any parsing.
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -411,6 +431,28 @@ impl Config {
     }
 
     /// The access token: from the file when one is configured (read fresh each call), else inline.
+    /// The ingest stage's secrets: (verify token, app secret). Both are required to run it.
+    pub fn ingest_secrets(&self) -> Result<(Secret, Secret), String> {
+        let verify =
+            self.ingest.verify_token.clone().ok_or_else(|| {
+                "ingest.verify_token is required to run the ingest stage".to_string()
+            })?;
+        let app_secret = match (&self.ingest.app_secret_file, &self.ingest.app_secret) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map(|t| Secret::new(t.trim()))
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            (None, Some(secret)) => secret.clone(),
+            (None, None) => return Err(
+                "ingest.app_secret or ingest.app_secret_file is required to run the ingest stage"
+                    .into(),
+            ),
+        };
+        if app_secret.expose().is_empty() || verify.expose().is_empty() {
+            return Err("ingest secrets must not be empty".into());
+        }
+        Ok((verify, app_secret))
+    }
+
     pub fn read_access_token(&self) -> Result<Secret, String> {
         if let Some(path) = &self.send.access_token_file {
             return std::fs::read_to_string(path)

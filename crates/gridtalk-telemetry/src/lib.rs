@@ -50,6 +50,11 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Directory entries loaded, by kind (partner, contact).
     pub directory_entries: IntGaugeVec,
+    /// Webhook requests by outcome (accepted, bad_signature, too_large, malformed, publish_failed,
+    /// verified_handshake, refused_handshake).
+    pub webhooks: IntCounterVec,
+    /// Webhook items published, by kind (message, status).
+    pub webhook_items: IntCounterVec,
 }
 
 impl Metrics {
@@ -167,6 +172,16 @@ impl Metrics {
             directory_entries: gauge_vec(
                 "gridtalk_directory_entries",
                 "Directory entries loaded.",
+                &["kind"],
+            ),
+            webhooks: counter(
+                "gridtalk_ingest_webhooks_total",
+                "Webhook requests by outcome.",
+                &["outcome"],
+            ),
+            webhook_items: counter(
+                "gridtalk_ingest_items_total",
+                "Webhook items (messages, statuses) published to the webhook topic.",
                 &["kind"],
             ),
             registry,

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub enum Stage {
     Route,
     Send,
+    /// The webhook endpoint (needs `ingest.verify_token` and the app secret).
+    Ingest,
 }
 
 impl FromStr for Stage {
@@ -22,7 +24,8 @@ impl FromStr for Stage {
         match s {
             "route" => Ok(Stage::Route),
             "send" => Ok(Stage::Send),
-            other => Err(format!("unknown stage {other:?} (route, send)")),
+            "ingest" => Ok(Stage::Ingest),
+            other => Err(format!("unknown stage {other:?} (route, send, ingest)")),
         }
     }
 }
@@ -39,6 +42,8 @@ pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
         plain(&t.outbox),
         plain(&t.sent),
         plain(&t.dlq),
+        // Same partition count as the sent log: both are keyed by contact (co-partitioned).
+        plain(&t.webhook),
         TopicSpec {
             name: t.directory.clone(),
             partitions: 1,
@@ -70,6 +75,15 @@ pub async fn run_stages(
                     shutdown.cancel();
                 }
                 result.map_err(|e| e.context("route stage"))
+            }),
+            Stage::Ingest => tasks.spawn(async move {
+                let result = gridtalk_ingest::run(config, readiness, shutdown.clone())
+                    .await
+                    .map_err(anyhow::Error::from);
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result.map_err(|e| e.context("ingest stage"))
             }),
             Stage::Send => tasks.spawn(async move {
                 let result = gridtalk_send::run(config, readiness, shutdown.clone())

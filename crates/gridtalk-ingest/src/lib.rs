@@ -1,0 +1,205 @@
+//! The ingest stage: the HTTPS endpoint Meta posts WhatsApp webhooks to.
+//!
+//! Guarantees:
+//! - **Nobody gets in uninvited.** A POST is accepted only if `X-Hub-Signature-256` is the
+//!   HMAC-SHA256 of the raw body under the app secret, compared in constant time, before the body
+//!   is parsed. Anything else is answered 401, counted, and nothing is published. Bodies above
+//!   `ingest.max_body_bytes` are refused with 413 unread. The GET subscription handshake answers
+//!   the challenge only for the configured verify token (constant-time compare).
+//! - **Nothing lost.** A verified body is split into its items (every message and every status of
+//!   every change of every entry) and each is produced to the webhook topic, keyed by the contact's
+//!   WhatsApp id, with `acks=all`. Only when every item is acknowledged does Meta get 200; if any
+//!   produce fails Meta gets 500 and redelivers, and the converse stage drops the repeats by item id.
+//! - The endpoint runs on its own port, apart from `/metrics` and the health checks.
+
+mod items;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hmac::{Hmac, Mac};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use gridtalk_config::{Config, Secret};
+use gridtalk_kafka::KafkaError;
+use gridtalk_telemetry::{Metrics, Readiness};
+
+pub use items::{split, WebhookItem};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("webhook endpoint on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    verify_token: Secret,
+    app_secret: Secret,
+    producer: FutureProducer,
+    topic: String,
+    timeout: Duration,
+}
+
+/// Whether `header` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under `secret`.
+pub fn signature_valid(secret: &[u8], body: &[u8], header: Option<&str>) -> bool {
+    let Some(hex_digest) = header.and_then(|h| h.strip_prefix("sha256=")) else {
+        return false;
+    };
+    let Ok(given) = hex::decode(hex_digest.trim()) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    // verify_slice compares in constant time.
+    mac.verify_slice(&given).is_ok()
+}
+
+/// The router of the webhook endpoint (exposed for tests and embedding).
+fn router(shared: Arc<Shared>, path: &str, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route(path, get(handshake).post(receive))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(shared)
+}
+
+async fn handshake(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let mode = query.get("hub.mode").map(String::as_str);
+    let token = query
+        .get("hub.verify_token")
+        .map(String::as_bytes)
+        .unwrap_or_default();
+    let expected = shared.verify_token.expose().as_bytes();
+    let token_ok: bool = token.ct_eq(expected).into();
+    match (mode, token_ok, query.get("hub.challenge")) {
+        (Some("subscribe"), true, Some(challenge)) => {
+            Metrics::global()
+                .webhooks
+                .with_label_values(&["verified_handshake"])
+                .inc();
+            (StatusCode::OK, challenge.clone()).into_response()
+        }
+        _ => {
+            Metrics::global()
+                .webhooks
+                .with_label_values(&["refused_handshake"])
+                .inc();
+            tracing::warn!("webhook subscription handshake refused");
+            StatusCode::FORBIDDEN.into_response()
+        }
+    }
+}
+
+async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let metrics = Metrics::global();
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok());
+    if !signature_valid(shared.app_secret.expose().as_bytes(), &body, signature) {
+        metrics.webhooks.with_label_values(&["bad_signature"]).inc();
+        tracing::warn!(
+            bytes = body.len(),
+            "webhook refused: missing or invalid X-Hub-Signature-256"
+        );
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let received_at = chrono::Utc::now().timestamp_millis();
+    let items = match split(&body, received_at) {
+        Ok(items) => items,
+        Err(detail) => {
+            // Signed by Meta but not a payload we understand: 200 would lose it silently, 4xx makes
+            // Meta retry forever; keep it on the topic as an "unparsed" item for inspection.
+            metrics.webhooks.with_label_values(&["malformed"]).inc();
+            tracing::warn!(error = %detail, "signed webhook body is not a WhatsApp payload; kept as unparsed");
+            vec![WebhookItem::unparsed(&body, received_at, &detail)]
+        }
+    };
+    let values: Vec<Vec<u8>> = items.iter().map(WebhookItem::to_json).collect();
+    let deliveries: Vec<_> = items
+        .iter()
+        .zip(&values)
+        .map(|(item, value)| {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "gridtalk.webhook.kind",
+                    value: Some(item.kind.as_bytes()),
+                })
+                .insert(Header {
+                    key: "gridtalk.webhook.item_id",
+                    value: Some(item.item_id.as_bytes()),
+                });
+            let record = FutureRecord::to(&shared.topic)
+                .key(&item.contact)
+                .payload(value)
+                .headers(headers);
+            shared.producer.send(record, shared.timeout)
+        })
+        .collect();
+    for (delivery, item) in futures::future::join_all(deliveries)
+        .await
+        .into_iter()
+        .zip(&items)
+    {
+        if let Err((e, _)) = delivery {
+            metrics
+                .webhooks
+                .with_label_values(&["publish_failed"])
+                .inc();
+            tracing::error!(error = %e, "webhook item not published; answering 500 so Meta redelivers");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        metrics.webhook_items.with_label_values(&[&item.kind]).inc();
+    }
+    metrics.webhooks.with_label_values(&["accepted"]).inc();
+    StatusCode::OK.into_response()
+}
+
+/// Runs the webhook endpoint until `shutdown`.
+pub async fn run(
+    config: Arc<Config>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let ready = readiness.register("ingest");
+    let (verify_token, app_secret) = config.ingest_secrets().map_err(IngestError::Config)?;
+    let shared = Arc::new(Shared {
+        verify_token,
+        app_secret,
+        producer: gridtalk_kafka::producer(&config.kafka)?,
+        topic: config.topics.webhook.clone(),
+        timeout: Duration::from_millis(config.kafka.request_timeout_ms),
+    });
+    let addr = config.ingest.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| IngestError::Listen { addr, source })?;
+    let app = router(shared, &config.ingest.path, config.ingest.max_body_bytes);
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(listen = %addr, path = %config.ingest.path, topic = %config.topics.webhook, "ingest stage listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|source| IngestError::Listen { addr, source })?;
+    tracing::info!("ingest stage stopped");
+    Ok(())
+}

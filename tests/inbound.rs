@@ -1,0 +1,229 @@
+//! The way back, first leg: the ingest stage takes Meta's webhooks, verifies them and puts every
+//! item durably on the webhook topic, keyed by contact. Runs on the real embedded broker with the
+//! sandbox posting signed webhooks as Meta does.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn webhook_items(p: &Pipeline) -> Vec<(String, Value)> {
+    read_topic(&p.config.topics.webhook)
+        .into_iter()
+        .map(|m| {
+            use rdkafka::message::Message;
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            (
+                key,
+                serde_json::from_slice(m.payload().unwrap_or_default()).expect("JSON item"),
+            )
+        })
+        .collect()
+}
+
+async fn post(p: &Pipeline, body: &[u8], signature: Option<String>) -> u16 {
+    let mut request = reqwest::Client::new()
+        .post(&p.webhook_url)
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("X-Hub-Signature-256", signature);
+    }
+    request
+        .send()
+        .await
+        .expect("webhook endpoint answers")
+        .status()
+        .as_u16()
+}
+
+async fn started(setup: Setup) -> Pipeline {
+    let pipeline = Pipeline::start(setup).await;
+    // The endpoint is up once the stage has bound its port and registered as ready.
+    pipeline
+        .wait_until("the ingest stage to listen", WAIT, |p| {
+            p.readiness.pending().is_empty()
+                && std::net::TcpStream::connect(
+                    p.webhook_url
+                        .trim_start_matches("http://")
+                        .trim_end_matches("/webhook"),
+                )
+                .is_ok()
+        })
+        .await;
+    pipeline
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_webhooks_of_sent_messages_land_on_the_webhook_topic_by_contact() {
+    let pipeline = started(Setup {
+        ingest: true,
+        ..Setup::default()
+    })
+    .await;
+    pipeline
+        .publish_event(&event("tg.invoice.delivered", 3, "ACME"))
+        .await;
+    pipeline.wait_for_messages(1, WAIT).await;
+    let wamid = pipeline.sandbox.messages()[0].wamid.clone();
+    pipeline
+        .wait_until("three statuses on the webhook topic", WAIT, |p| {
+            webhook_items(p).len() >= 3
+        })
+        .await;
+    let items = webhook_items(&pipeline);
+    let mut ids: Vec<String> = items
+        .iter()
+        .map(|(_, v)| v["item_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            format!("{wamid}:delivered"),
+            format!("{wamid}:read"),
+            format!("{wamid}:sent")
+        ]
+    );
+    assert!(items.iter().all(|(key, v)| key == "14155550102"
+        && v["kind"] == "status"
+        && v["phone_number_id"] == PHONE_NUMBER_ID));
+    assert_eq!(pipeline.sandbox.stats().webhooks_failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_correctly_signed_webhooks_are_published_and_batches_are_split() {
+    let pipeline = started(Setup {
+        ingest: true,
+        ..Setup::default()
+    })
+    .await;
+    let body = json!({
+        "object": "whatsapp_business_account",
+        "entry": [
+            {"id": "WABA", "changes": [{"field": "messages", "value": {
+                "messaging_product": "whatsapp",
+                "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+                "contacts": [{"profile": {"name": "Maria Keller"}, "wa_id": "14155550101"}],
+                "messages": [{"from": "14155550101", "id": "wamid.IN1", "timestamp": "1795514400", "type": "text", "text": {"body": "Looks good"}}]
+            }}]},
+            {"id": "WABA", "changes": [{"field": "messages", "value": {
+                "messaging_product": "whatsapp",
+                "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+                "messages": [{"from": "15550100001", "id": "wamid.IN2", "timestamp": "1795514401", "type": "button",
+                              "button": {"payload": "ACCEPT", "text": "Accept"}, "context": {"id": "wamid.OUT9"}}],
+                "statuses": [{"id": "wamid.OUT9", "status": "read", "timestamp": "1795514402", "recipient_id": "15550100001"}]
+            }}]}
+        ]
+    })
+    .to_string();
+    let good = gridtalk_sandbox::signature(APP_SECRET, body.as_bytes());
+    let forged = gridtalk_sandbox::signature("not-the-app-secret", body.as_bytes());
+    let mut tampered = body.clone().into_bytes();
+    let at = tampered
+        .iter()
+        .position(|b| *b == b'L')
+        .expect("a letter to change");
+    tampered[at] = b'l';
+
+    assert_eq!(
+        post(&pipeline, body.as_bytes(), None).await,
+        401,
+        "no signature"
+    );
+    assert_eq!(
+        post(&pipeline, body.as_bytes(), Some(forged)).await,
+        401,
+        "signed with another secret"
+    );
+    assert_eq!(
+        post(&pipeline, &tampered, Some(good.clone())).await,
+        401,
+        "body changed after signing"
+    );
+    assert_eq!(
+        post(&pipeline, body.as_bytes(), Some("sha256=zz".into())).await,
+        401,
+        "garbage signature"
+    );
+    assert_eq!(
+        post(&pipeline, &vec![b' '; 70_000], Some(good.clone())).await,
+        413,
+        "over the body limit"
+    );
+    assert!(
+        webhook_items(&pipeline).is_empty(),
+        "nothing published for refused webhooks"
+    );
+
+    assert_eq!(post(&pipeline, body.as_bytes(), Some(good)).await, 200);
+    let items = webhook_items(&pipeline);
+    let mut summary: Vec<(String, String, String)> = items
+        .iter()
+        .map(|(key, v)| {
+            (
+                key.clone(),
+                v["kind"].as_str().unwrap().to_string(),
+                v["item_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    summary.sort();
+    assert_eq!(
+        summary,
+        [
+            (
+                "14155550101".to_string(),
+                "message".to_string(),
+                "wamid.IN1".to_string()
+            ),
+            (
+                "15550100001".to_string(),
+                "message".to_string(),
+                "wamid.IN2".to_string()
+            ),
+            (
+                "15550100001".to_string(),
+                "status".to_string(),
+                "wamid.OUT9:read".to_string()
+            ),
+        ]
+    );
+    let maria = items
+        .iter()
+        .find(|(_, v)| v["item_id"] == "wamid.IN1")
+        .unwrap();
+    assert_eq!(maria.1["profile_name"], "Maria Keller");
+    assert_eq!(maria.1["item"]["text"]["body"], "Looks good");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_handshake_answers_only_the_right_verify_token() {
+    let pipeline = started(Setup {
+        ingest: true,
+        ..Setup::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let ask = |token: &str| {
+        http.get(&pipeline.webhook_url)
+            .query(&[
+                ("hub.mode", "subscribe"),
+                ("hub.verify_token", token),
+                ("hub.challenge", "1158201444"),
+            ])
+            .send()
+    };
+    let ok = ask(VERIFY_TOKEN).await.expect("answers");
+    assert_eq!(ok.status().as_u16(), 200);
+    assert_eq!(ok.text().await.unwrap(), "1158201444");
+    assert_eq!(
+        ask("wrong-token").await.expect("answers").status().as_u16(),
+        403
+    );
+    assert_eq!(ask("").await.expect("answers").status().as_u16(), 403);
+}
