@@ -364,6 +364,18 @@ async fn every_outbound_flow_reaches_the_right_people_with_the_right_template() 
     // The sent log holds one record per accepted message.
     let sent = read_topic(&pipeline.config.topics.sent);
     assert_eq!(sent.len(), expected.len());
+    // Keyed by the recipient's WhatsApp id, like the webhooks that will answer them.
+    let mut keys: Vec<String> = sent
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(rdkafka::message::Message::key(m).unwrap_or_default())
+                .into_owned()
+        })
+        .collect();
+    keys.sort();
+    let mut recipients: Vec<String> = expected.iter().map(|m| m.0.clone()).collect();
+    recipients.sort();
+    assert_eq!(keys, recipients);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

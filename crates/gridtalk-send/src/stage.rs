@@ -358,7 +358,9 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                 };
                 let bytes = sent.to_avro();
                 let record = FutureRecord::to(&shared.config.topics.sent)
-                    .key(outbox.contact_id.as_bytes())
+                    // Keyed by the WhatsApp id Meta resolved the recipient to: webhooks name the
+                    // contact by that id, so replies and statuses land on the same partition number.
+                    .key(accepted.wa_id.as_bytes())
                     .payload(&bytes);
                 if let Err((e, _)) = shared.producer.send(record, shared.timeout()).await {
                     shared.fail(format!("sent log: {e}"));
