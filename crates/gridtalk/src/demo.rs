@@ -76,6 +76,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    // The sandbox posts its signed status webhooks to the ingest stage, as Meta would.
+    stack.sandbox.set_webhook_url(Some(stack.webhook_url()));
     let (bootstrap, sandbox, config) = (
         stack.bootstrap.clone(),
         &stack.sandbox,
@@ -92,6 +94,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  metrics and health      http://127.0.0.1:{}/metrics  /healthz  /readyz",
         admin_port
     );
+    println!(
+        "  webhook endpoint        {}  (ingest stage; the sandbox posts status webhooks here)",
+        stack.webhook_url()
+    );
     println!("  Ctrl-C stops (in-flight sends drain first)");
     println!();
 
@@ -103,7 +109,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ));
     let stages = tokio::spawn(crate::run_stages(
         config.clone(),
-        &[crate::Stage::Route, crate::Stage::Send],
+        &[
+            crate::Stage::Route,
+            crate::Stage::Send,
+            crate::Stage::Ingest,
+        ],
         readiness,
         shutdown.clone(),
     ));
@@ -160,10 +170,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stats = sandbox.stats();
     println!();
     println!(
-        "demo finished: {} events generated, {} messages accepted by the sandbox, errors by code {:?}",
+        "demo finished: {} events generated, {} messages accepted by the sandbox, errors by code {:?}, {} status webhooks delivered to gridtalk",
         generated.map_or("?".into(), |g| g.to_string()),
         stats.accepted,
-        stats.errors
+        stats.errors,
+        stats.webhooks_sent
     );
     stage_result?;
     if args.events.is_some() && stats.accepted == 0 {

@@ -28,6 +28,14 @@ pub struct EmbeddedStack {
 }
 
 impl EmbeddedStack {
+    /// The URL of the ingest stage's webhook endpoint (served when the ingest stage runs).
+    pub fn webhook_url(&self) -> String {
+        format!(
+            "http://{}{}",
+            self.config.ingest.listen, self.config.ingest.path
+        )
+    }
+
     /// Starts the broker and the sandbox (on `sandbox_port`, 0 for any), adjusted by `sandbox`;
     /// `overrides` are extra configuration keys (`SEND__MAX_MESSAGES_PER_SECOND`, …).
     pub async fn start(
@@ -64,7 +72,12 @@ impl EmbeddedStack {
         )
         .await?;
 
+        // The ingest stage's endpoint; the sandbox posts its signed webhooks there when asked to.
+        let ingest_port = gridtalk_embedded::free_port()?;
         let mut settings = vec![
+            ("INGEST__LISTEN", format!("127.0.0.1:{ingest_port}")),
+            ("INGEST__VERIFY_TOKEN", "sandbox-verify-token".into()),
+            ("INGEST__APP_SECRET", SandboxConfig::default().app_secret),
             ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
             ("TOPICS__PARTITIONS", PARTITIONS.to_string()),
             ("SEND__API_BASE_URL", sandbox.base_url()),
