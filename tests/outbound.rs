@@ -361,6 +361,25 @@ async fn every_outbound_flow_reaches_the_right_people_with_the_right_template() 
         "three quick replies on a PO: {}",
         po.request
     );
+    // Each payload is a signed token for this PO and one of its actions, valid for a week.
+    let now_secs = chrono::Utc::now().timestamp();
+    let tokens: Vec<_> = payloads
+        .iter()
+        .map(|p| {
+            gridtalk_whatsapp::buttons::verify(BUTTON_SECRET.as_bytes(), p, now_secs)
+                .expect("valid token")
+        })
+        .collect();
+    let document = &po.parameters[0];
+    assert!(tokens
+        .iter()
+        .all(|t| &t.request_id == document && t.expires_at_secs > now_secs + 6 * 86_400));
+    let actions: Vec<&str> = tokens.iter().map(|t| t.action.as_str()).collect();
+    assert_eq!(actions, ["ACCEPT", "ACCEPT_WITH_CHANGES", "REJECT"]);
+    assert!(
+        gridtalk_whatsapp::buttons::verify(b"some-other-secret-value", payloads[0], now_secs)
+            .is_err()
+    );
     // The sent log holds one record per accepted message.
     let sent = read_topic(&pipeline.config.topics.sent);
     assert_eq!(sent.len(), expected.len());

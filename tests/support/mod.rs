@@ -36,6 +36,8 @@ pub const TOKEN: &str = "test-token";
 /// The webhook verify token and the app secret (the sandbox signs with its default secret).
 pub const VERIFY_TOKEN: &str = "test-verify-token";
 pub const APP_SECRET: &str = "sandbox-app-secret";
+/// Signs the button tokens of the test pipelines.
+pub const BUTTON_SECRET: &str = "test-button-secret-0123456789";
 pub const INPUTS: [&str; 6] = [
     "tg.documents.v1",
     "tg.exceptions.v1",
@@ -321,6 +323,9 @@ halt_probe_interval_ms = 300
 
 [directory]
 file = {directory:?}
+
+[route]
+button_secret = "{BUTTON_SECRET}"
 
 [admin]
 log_format = "text"

@@ -102,6 +102,13 @@ pub struct RouteConfig {
     pub max_in_flight: usize,
     /// Language used when a contact has none.
     pub default_language: String,
+    /// Secret that signs button tokens (request, action, expiry). Required when a template has
+    /// buttons; keep it stable across restarts so that buttons already sent stay valid.
+    pub button_secret: Option<Secret>,
+    /// A file holding the button secret instead (read at start).
+    pub button_secret_file: Option<PathBuf>,
+    /// How long a button stays valid after the message is rendered.
+    pub button_ttl_hours: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -431,6 +438,24 @@ impl Config {
     }
 
     /// The access token: from the file when one is configured (read fresh each call), else inline.
+    /// The secret that signs button tokens, if configured.
+    pub fn button_secret(&self) -> Result<Option<Secret>, String> {
+        let secret = match (&self.route.button_secret_file, &self.route.button_secret) {
+            (Some(path), _) => Some(
+                std::fs::read_to_string(path)
+                    .map(|t| Secret::new(t.trim()))
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            ),
+            (None, secret) => secret.clone(),
+        };
+        match secret {
+            Some(s) if s.expose().len() < 16 => {
+                Err("route.button_secret must be at least 16 characters".into())
+            }
+            other => Ok(other),
+        }
+    }
+
     /// The ingest stage's secrets: (verify token, app secret). Both are required to run it.
     pub fn ingest_secrets(&self) -> Result<(Secret, Secret), String> {
         let verify =

@@ -204,11 +204,13 @@ fn audience<'d>(rule: &RuleConfig, view: &EventView, directory: &'d Directory) -
     found
 }
 
-/// Plans the messages for one event. `now_ms` stamps `created_at`.
+/// Plans the messages for one event. `button_secret` signs button tokens (templates with buttons
+/// need it); `now_ms` stamps `created_at` and starts the buttons' validity.
 pub fn plan(
     view: &EventView,
     config: &Config,
     directory: &Directory,
+    button_secret: Option<&[u8]>,
     now_ms: i64,
 ) -> Result<RoutePlan, RouteFailure> {
     let event_type = view.event_type();
@@ -267,8 +269,15 @@ pub fn plan(
             if !seen.insert((contact.id.clone(), template.name.clone())) {
                 continue;
             }
-            plan.messages
-                .push(render(view, config, rule, template, contact, now_ms)?);
+            plan.messages.push(render(
+                view,
+                config,
+                rule,
+                template,
+                contact,
+                button_secret,
+                now_ms,
+            )?);
         }
     }
     Ok(plan)
@@ -280,6 +289,7 @@ fn render(
     rule: &RuleConfig,
     template: &TemplateConfig,
     contact: &Contact,
+    button_secret: Option<&[u8]>,
     now_ms: i64,
 ) -> Result<OutboxMessage, RouteFailure> {
     let to = gridtalk_whatsapp::normalize_phone(&contact.phone).map_err(|e| {
@@ -306,12 +316,32 @@ fn render(
         .pointer(&template.document_key)
         .and_then(scalar_text)
         .unwrap_or_else(|| view.correlation_id().to_string());
-    // Button payloads name the action and the document; they come back in the reply webhook.
+    // Button payloads are signed tokens naming the action and the document; they come back in the
+    // reply webhook, where signature and expiry are checked before anything is believed.
+    let expires = now_ms / 1000 + (config.route.button_ttl_hours * 3600) as i64;
     let payloads: Vec<String> = template
         .buttons
         .iter()
-        .map(|b| format!("gt1.{}.{}", b.action, document_key))
-        .collect();
+        .map(|b| {
+            let secret = button_secret.ok_or_else(|| {
+                fail(
+                    DeadLetterReason::UnknownTemplate,
+                    format!(
+                        "template {} has buttons but no route.button_secret is set",
+                        template.name
+                    ),
+                )
+            })?;
+            gridtalk_whatsapp::buttons::sign(secret, &b.action, &document_key, expires).map_err(
+                |e| {
+                    fail(
+                        DeadLetterReason::MissingField,
+                        format!("button {} of template {}: {e}", b.action, template.name),
+                    )
+                },
+            )
+        })
+        .collect::<Result<_, _>>()?;
     let body =
         gridtalk_whatsapp::template_message(&to, &template.name, &language, &params, &payloads);
     Ok(OutboxMessage {

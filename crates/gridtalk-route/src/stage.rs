@@ -47,6 +47,7 @@ struct Shared {
     tracker: Mutex<OffsetTracker>,
     failure: Mutex<Option<String>>,
     stop: CancellationToken,
+    button_secret: Option<gridtalk_config::Secret>,
 }
 
 impl Shared {
@@ -123,6 +124,15 @@ pub async fn run(
         return Err(KafkaError::MissingTopics(missing.join(", ")).into());
     }
     let decoder = decoder(&config)?;
+    let button_secret = config.button_secret().map_err(RouteError::Config)?;
+    if button_secret.is_none() {
+        if let Some(t) = config.templates.iter().find(|t| !t.buttons.is_empty()) {
+            return Err(RouteError::Config(format!(
+                "template {} has buttons: set route.button_secret or route.button_secret_file",
+                t.name
+            )));
+        }
+    }
 
     // The directory: file baseline, then the topic's overrides, caught up before routing starts.
     let directory: SharedDirectory = Arc::new(RwLock::new(match &config.directory.file {
@@ -163,6 +173,7 @@ pub async fn run(
         tracker: Mutex::new(OffsetTracker::default()),
         failure: Mutex::new(None),
         stop: shutdown.child_token(),
+        button_secret,
     });
     let in_flight = Arc::new(Semaphore::new(config.route.max_in_flight.max(1)));
     let mut dedupe = DedupeWindow::new(
@@ -314,7 +325,13 @@ async fn route_one(
     }
     let planned = {
         let directory = directory.read().expect("directory lock");
-        plan(&view, &shared.config, &directory, now)
+        plan(
+            &view,
+            &shared.config,
+            &directory,
+            shared.button_secret.as_ref().map(|s| s.expose().as_bytes()),
+            now,
+        )
     };
     let plan = match planned {
         Ok(p) => p,

@@ -5,6 +5,8 @@
 //! [`ErrorClass`]) and the send stage decides. Classification follows Meta's advice to act on
 //! `error.code`, never on the HTTP status or the message text.
 
+pub mod buttons;
+
 use std::time::Duration;
 
 use gridtalk_config::Secret;

@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::stack::PARTNERS;
 
+const BENCH_BUTTON_SECRET: &[u8] = b"bench-button-secret-0123456789";
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Events for the decode-and-plan part.
@@ -105,7 +107,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut messages = 0usize;
     let now = chrono::Utc::now().timestamp_millis();
     for view in &views {
-        messages += gridtalk_route::plan(view, &config, &directory, now)
+        messages += gridtalk_route::plan(view, &config, &directory, Some(BENCH_BUTTON_SECRET), now)
             .map(|p| p.messages.len())
             .unwrap_or(0);
     }

@@ -125,6 +125,21 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let config = load(config.as_ref())?;
+            let with_buttons = config
+                .templates
+                .iter()
+                .filter(|t| !t.buttons.is_empty())
+                .count();
+            if with_buttons > 0
+                && config
+                    .button_secret()
+                    .map_err(anyhow::Error::msg)?
+                    .is_none()
+            {
+                anyhow::bail!(
+                    "{with_buttons} templates have buttons: set route.button_secret or route.button_secret_file"
+                );
+            }
             if let Some(path) = &config.directory.file {
                 let directory =
                     gridtalk_route::Directory::load(path).map_err(anyhow::Error::msg)?;

@@ -77,6 +77,10 @@ impl EmbeddedStack {
         let mut settings = vec![
             ("INGEST__LISTEN", format!("127.0.0.1:{ingest_port}")),
             ("INGEST__VERIFY_TOKEN", "sandbox-verify-token".into()),
+            (
+                "ROUTE__BUTTON_SECRET",
+                "demo-button-secret-not-for-production".into(),
+            ),
             ("INGEST__APP_SECRET", SandboxConfig::default().app_secret),
             ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
             ("TOPICS__PARTITIONS", PARTITIONS.to_string()),
