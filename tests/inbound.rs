@@ -227,3 +227,72 @@ async fn the_subscription_handshake_answers_only_the_right_verify_token() {
     );
     assert_eq!(ask("").await.expect("answers").status().as_u16(), 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tapped_button_comes_back_with_its_signed_token_and_the_quoted_message() {
+    let pipeline = started(Setup {
+        ingest: true,
+        ..Setup::default()
+    })
+    .await;
+    pipeline
+        .publish_event(&event("wf.approval.requested", 15, "ACME"))
+        .await;
+    pipeline.wait_for_messages(1, WAIT).await;
+    let sent = pipeline.sandbox.messages()[0].clone();
+    assert_eq!(sent.template.as_deref(), Some("approval_request"));
+
+    // Maria taps "Approve" (the first quick reply), then writes a text quoting the message.
+    let tap = pipeline
+        .sandbox
+        .reply(&sent.wamid, gridtalk_sandbox::Reply::Button { index: 0 })
+        .await
+        .expect("tap delivered to gridtalk");
+    let text = pipeline
+        .sandbox
+        .reply(
+            &sent.wamid,
+            gridtalk_sandbox::Reply::Text {
+                body: "Approved, thanks".into(),
+            },
+        )
+        .await
+        .expect("text delivered to gridtalk");
+
+    pipeline
+        .wait_until("both replies on the webhook topic", WAIT, |p| {
+            let ids: Vec<String> = webhook_items(p)
+                .iter()
+                .map(|(_, v)| v["item_id"].as_str().unwrap_or("").to_string())
+                .collect();
+            ids.contains(&tap) && ids.contains(&text)
+        })
+        .await;
+    let items = webhook_items(&pipeline);
+    let (key, button) = items
+        .iter()
+        .find(|(_, v)| v["item_id"] == tap.as_str())
+        .unwrap();
+    assert_eq!(key, "14155550101", "keyed by the approver's WhatsApp id");
+    assert_eq!(button["kind"], "message");
+    assert_eq!(button["item"]["type"], "button");
+    assert_eq!(button["item"]["button"]["text"], "Approve");
+    assert_eq!(button["item"]["context"]["id"], sent.wamid.as_str());
+    let token = gridtalk_whatsapp::buttons::verify(
+        BUTTON_SECRET.as_bytes(),
+        button["item"]["button"]["payload"].as_str().unwrap(),
+        chrono::Utc::now().timestamp(),
+    )
+    .expect("the payload is the token gridtalk signed");
+    assert_eq!(
+        (token.action.as_str(), token.request_id.as_str()),
+        ("APPROVE", "APR-8015")
+    );
+
+    let (_, reply) = items
+        .iter()
+        .find(|(_, v)| v["item_id"] == text.as_str())
+        .unwrap();
+    assert_eq!(reply["item"]["text"]["body"], "Approved, thanks");
+    assert_eq!(reply["item"]["context"]["id"], sent.wamid.as_str());
+}

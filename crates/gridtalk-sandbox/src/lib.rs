@@ -6,9 +6,11 @@
 //! interactive limits, phone format) answered with Meta's error bodies and codes; the throughput
 //! limit of a number (130429, sliding one-second window) and the pair limit of a recipient
 //! (131056, GCRA with Meta's 6 s / burst 45 by default); fault injection (5xx, slow answers,
-//! expired token 190); and signed status webhooks (`sent`, `delivered`, `read`) posted to a
-//! configured URL with `X-Hub-Signature-256`. `GET /_sandbox/messages` and `/_sandbox/stats` show
-//! what it received, for tests and people.
+//! expired token 190); signed status webhooks (`sent`, `delivered`, `read`, or `failed` with 131026
+//! for recipients marked undeliverable) posted to a configured URL with `X-Hub-Signature-256`; and
+//! the person's side: [`Sandbox::reply`] (or `POST /_sandbox/messages/{wamid}/reply`) taps a
+//! quick-reply button or writes a text quoting a message, and posts the inbound-message webhook
+//! exactly as Meta would. `GET /_sandbox/messages` and `/_sandbox/stats` show what it received.
 
 // A rejection is the HTTP answer itself (status, Graph error body), built once per refused request.
 #![allow(clippy::result_large_err)]
@@ -41,6 +43,19 @@ pub struct ApprovedTemplate {
     /// Body text with `{{n}}` placeholders, for people looking at the sandbox.
     #[serde(default)]
     pub text: String,
+    /// Titles of the quick-reply buttons, in order (shown on the phone, sent back on a tap).
+    #[serde(default)]
+    pub button_titles: Vec<String>,
+}
+
+/// What the person on a phone does in answer to a message they received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Taps quick-reply button `index` (0-based) of the message.
+    Button { index: usize },
+    /// Writes a text, quoting the message.
+    Text { body: String },
 }
 
 /// Faults to inject, changeable at run time through `POST /_sandbox/faults`.
@@ -194,6 +209,7 @@ impl Sandbox {
                 "/_sandbox/messages",
                 get(list_messages).delete(clear_messages),
             )
+            .route("/_sandbox/messages/{wamid}/reply", post(reply_to_message))
             .route("/_sandbox/stats", get(stats))
             .route("/_sandbox/faults", post(set_faults))
             .route("/_sandbox/tokens", post(set_tokens))
@@ -205,6 +221,108 @@ impl Sandbox {
         });
         tracing::info!(%addr, "WhatsApp sandbox listening");
         Ok(sandbox)
+    }
+
+    /// The person who received `wamid` answers it (taps a button or writes quoting it); the
+    /// sandbox posts the inbound-message webhook, signed, as Meta would. Returns the new inbound
+    /// message's wamid.
+    pub async fn reply(&self, wamid: &str, reply: Reply) -> Result<String, String> {
+        let (url, secret, message, title, id) = {
+            let mut inner = self.inner.lock().expect("sandbox");
+            let message = inner
+                .messages
+                .iter()
+                .find(|m| m.wamid == wamid)
+                .cloned()
+                .ok_or_else(|| format!("no message {wamid}"))?;
+            let title = match &reply {
+                Reply::Button { index } => {
+                    let template = message.template.as_deref().unwrap_or_default();
+                    inner
+                        .config
+                        .templates
+                        .iter()
+                        .find(|t| t.name == template)
+                        .and_then(|t| t.button_titles.get(*index).cloned())
+                }
+                Reply::Text { .. } => None,
+            };
+            let url = inner
+                .config
+                .webhook_url
+                .clone()
+                .ok_or("no webhook URL is configured")?;
+            let id = format!("wamid.SBXIN{:016}", inner.next_id);
+            inner.next_id += 1;
+            (url, inner.config.app_secret.clone(), message, title, id)
+        };
+        let mut inbound = json!({
+            "from": message.to,
+            "id": id,
+            "timestamp": chrono::Utc::now().timestamp().to_string(),
+            "context": {"from": "15550783881", "id": message.wamid},
+        });
+        match &reply {
+            Reply::Button { index } => {
+                let payload = message
+                    .request
+                    .pointer("/template/components")
+                    .and_then(Value::as_array)
+                    .and_then(|components| {
+                        components
+                            .iter()
+                            .filter(|c| c["type"] == "button" && c["sub_type"] == "quick_reply")
+                            .nth(*index)
+                            .and_then(|c| c.pointer("/parameters/0/payload"))
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                    })
+                    .ok_or_else(|| format!("message {wamid} has no quick-reply button {index}"))?;
+                inbound["type"] = json!("button");
+                inbound["button"] =
+                    json!({"payload": payload, "text": title.unwrap_or_else(|| payload.clone())});
+            }
+            Reply::Text { body } => {
+                inbound["type"] = json!("text");
+                inbound["text"] = json!({"body": body});
+            }
+        }
+        let value = json!({
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": message.phone_number_id},
+            "contacts": [{"profile": {"name": format!("Contact {}", message.to)}, "wa_id": message.to}],
+            "messages": [inbound],
+        });
+        if self.post_webhook(&url, &secret, value).await {
+            Ok(id)
+        } else {
+            Err(format!("webhook to {url} was not accepted"))
+        }
+    }
+
+    /// Posts one `messages` change to `url`, signed; records the outcome in the stats.
+    async fn post_webhook(&self, url: &str, secret: &str, value: Value) -> bool {
+        let payload = json!({
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "WABA-SANDBOX", "changes": [{"field": "messages", "value": value}]}]
+        });
+        let body = payload.to_string();
+        let result = self
+            .http
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header("X-Hub-Signature-256", signature(secret, body.as_bytes()))
+            .body(body)
+            .send()
+            .await;
+        let ok = matches!(&result, Ok(r) if r.status().is_success());
+        let mut inner = self.inner.lock().expect("sandbox");
+        if ok {
+            inner.stats.webhooks_sent += 1
+        } else {
+            inner.stats.webhooks_failed += 1
+        }
+        ok
     }
 
     pub fn base_url(&self) -> String {
@@ -280,30 +398,12 @@ impl Sandbox {
                 } else {
                     entry["pricing"] = json!({"billable": true, "pricing_model": "PMP", "category": "utility", "type": "regular"});
                 }
-                let payload = json!({
-                    "object": "whatsapp_business_account",
-                    "entry": [{"id": "WABA-SANDBOX", "changes": [{"field": "messages", "value": {
-                        "messaging_product": "whatsapp",
-                        "metadata": {"display_phone_number": "15550783881", "phone_number_id": message.phone_number_id},
-                        "statuses": [entry]
-                    }}]}]
+                let value = json!({
+                    "messaging_product": "whatsapp",
+                    "metadata": {"display_phone_number": "15550783881", "phone_number_id": message.phone_number_id},
+                    "statuses": [entry]
                 });
-                let body = payload.to_string();
-                let result = sandbox
-                    .http
-                    .post(&url)
-                    .header("Content-Type", "application/json")
-                    .header("X-Hub-Signature-256", signature(&secret, body.as_bytes()))
-                    .body(body)
-                    .send()
-                    .await;
-                let ok = matches!(&result, Ok(r) if r.status().is_success());
-                let mut inner = sandbox.inner.lock().expect("sandbox");
-                if ok {
-                    inner.stats.webhooks_sent += 1
-                } else {
-                    inner.stats.webhooks_failed += 1
-                }
+                sandbox.post_webhook(&url, &secret, value).await;
             }
         });
     }
@@ -630,6 +730,19 @@ async fn send_message(
     }
 }
 
+/// `POST /_sandbox/messages/{wamid}/reply` with `{"button": {"index": 0}}` or
+/// `{"text": {"body": "…"}}`: the recipient answers, and the signed webhook goes to gridtalk.
+async fn reply_to_message(
+    State(sandbox): State<Sandbox>,
+    axum::extract::Path(wamid): axum::extract::Path<String>,
+    Json(reply): Json<Reply>,
+) -> Response {
+    match sandbox.reply(&wamid, reply).await {
+        Ok(id) => Json(json!({"inbound_wamid": id})).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
+    }
+}
+
 async fn list_messages(State(sandbox): State<Sandbox>) -> Json<Vec<ReceivedMessage>> {
     Json(sandbox.messages())
 }
@@ -670,6 +783,7 @@ pub fn templates_from_config(
             body_parameters: t.body.len(),
             quick_replies: t.buttons.len(),
             text: t.text.clone(),
+            button_titles: t.buttons.iter().map(|b| b.title.clone()).collect(),
         })
         .collect()
 }
