@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -575,16 +575,6 @@ pub fn single_object(event: &Json) -> Vec<u8> {
     .expect("encode")
 }
 
-fn client(group: Option<&str>) -> BaseConsumer {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", broker())
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
-    config.set("group.id", group.unwrap_or("gridtalk-test-reader"));
-    config.create().expect("consumer")
-}
-
 /// The end offset of every partition of `topic` (exact, read from fetched data).
 pub fn end_offsets(topic: &str) -> HashMap<i32, i64> {
     gridtalk_kafka::end_offsets(&kafka_config(), topic).expect("end offsets")
@@ -601,24 +591,10 @@ fn kafka_config() -> gridtalk_config::KafkaConfig {
     config
 }
 
-/// Offsets `group` has committed on `topic` (partitions without a commit are absent).
+/// Offsets `group` has committed on `topic` (partitions without a commit are absent; a failed
+/// query reads as nothing committed, so waiting loops simply ask again).
 pub fn committed_offsets(group: &str, topic: &str) -> HashMap<i32, i64> {
-    let consumer = client(Some(group));
-    let mut tpl = TopicPartitionList::new();
-    for p in gridtalk_kafka::partitions_of(&consumer, topic).expect("partitions") {
-        tpl.add_partition(topic, p);
-    }
-    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
-        return HashMap::new();
-    };
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect()
+    gridtalk_kafka::committed_offsets(&kafka_config(), group, topic).unwrap_or_default()
 }
 
 /// Every record of `topic` up to its end as of the call, partition by partition.
@@ -628,7 +604,7 @@ pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
     if wanted == 0 {
         return Vec::new();
     }
-    let consumer = client(None);
+    let consumer = gridtalk_kafka::tail_consumer(&kafka_config()).expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for (p, end) in &ends {
         if *end > 0 {

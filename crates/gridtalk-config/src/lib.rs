@@ -437,18 +437,9 @@ impl Config {
         errors
     }
 
-    /// The access token: from the file when one is configured (read fresh each call), else inline.
     /// The secret that signs button tokens, if configured.
     pub fn button_secret(&self) -> Result<Option<Secret>, String> {
-        let secret = match (&self.route.button_secret_file, &self.route.button_secret) {
-            (Some(path), _) => Some(
-                std::fs::read_to_string(path)
-                    .map(|t| Secret::new(t.trim()))
-                    .map_err(|e| format!("{}: {e}", path.display()))?,
-            ),
-            (None, secret) => secret.clone(),
-        };
-        match secret {
+        match file_or_inline(&self.route.button_secret_file, &self.route.button_secret)? {
             Some(s) if s.expose().len() < 16 => {
                 Err("route.button_secret must be at least 16 characters".into())
             }
@@ -462,32 +453,33 @@ impl Config {
             self.ingest.verify_token.clone().ok_or_else(|| {
                 "ingest.verify_token is required to run the ingest stage".to_string()
             })?;
-        let app_secret = match (&self.ingest.app_secret_file, &self.ingest.app_secret) {
-            (Some(path), _) => std::fs::read_to_string(path)
-                .map(|t| Secret::new(t.trim()))
-                .map_err(|e| format!("{}: {e}", path.display()))?,
-            (None, Some(secret)) => secret.clone(),
-            (None, None) => return Err(
-                "ingest.app_secret or ingest.app_secret_file is required to run the ingest stage"
-                    .into(),
-            ),
-        };
+        let app_secret = file_or_inline(&self.ingest.app_secret_file, &self.ingest.app_secret)?
+            .ok_or(
+                "ingest.app_secret or ingest.app_secret_file is required to run the ingest stage",
+            )?;
         if app_secret.expose().is_empty() || verify.expose().is_empty() {
             return Err("ingest secrets must not be empty".into());
         }
         Ok((verify, app_secret))
     }
 
+    /// The access token: from the file when one is configured (read fresh each call), else inline.
     pub fn read_access_token(&self) -> Result<Secret, String> {
-        if let Some(path) = &self.send.access_token_file {
-            return std::fs::read_to_string(path)
-                .map(|t| Secret::new(t.trim()))
-                .map_err(|e| format!("{}: {e}", path.display()));
-        }
-        self.send
-            .access_token
-            .clone()
+        file_or_inline(&self.send.access_token_file, &self.send.access_token)?
             .ok_or_else(|| "no access token configured".to_string())
+    }
+}
+
+/// A secret from `file` (trimmed, read now) when one is configured, else the inline value.
+fn file_or_inline(
+    file: &Option<PathBuf>,
+    inline: &Option<Secret>,
+) -> Result<Option<Secret>, String> {
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|t| Some(Secret::new(t.trim())))
+            .map_err(|e| format!("{}: {e}", path.display())),
+        None => Ok(inline.clone()),
     }
 }
 

@@ -56,6 +56,23 @@ impl WebhookItem {
     }
 }
 
+/// The elements of the array `value[key]` (none when absent).
+fn list<'a>(value: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+/// The string `value[key]`, or an error naming what lacks it.
+fn text<'a>(value: &'a Value, key: &str, what: &str) -> Result<&'a str, String> {
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{what} without {key}"))
+}
+
 /// Splits a WhatsApp Business Account webhook body into its items.
 pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, String> {
     let payload: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
@@ -79,99 +96,57 @@ pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, Strin
                 .and_then(Value::as_str)
                 .map(String::from);
             let fallback_contact = phone_number_id.clone().unwrap_or_else(|| "unknown".into());
-            let field = change.get("field").and_then(Value::as_str).unwrap_or("");
-            if field != "messages" {
-                items.push(WebhookItem {
-                    kind: "other".into(),
-                    item_id: format!("other:{}", digest(change.to_string().as_bytes())),
-                    contact: fallback_contact,
-                    phone_number_id,
-                    profile_name: None,
-                    received_at_ms,
-                    item: change.clone(),
-                });
+            let item = |kind: &str,
+                        item_id: String,
+                        contact: &str,
+                        profile_name: Option<String>,
+                        item: &Value| WebhookItem {
+                kind: kind.into(),
+                item_id,
+                contact: contact.into(),
+                phone_number_id: phone_number_id.clone(),
+                profile_name,
+                received_at_ms,
+                item: item.clone(),
+            };
+            if change.get("field").and_then(Value::as_str) != Some("messages") {
+                let id = format!("other:{}", digest(change.to_string().as_bytes()));
+                items.push(item("other", id, &fallback_contact, None, change));
                 continue;
             }
             let profile = |wa_id: &str| {
-                value
-                    .get("contacts")
-                    .and_then(Value::as_array)
-                    .and_then(|contacts| {
-                        contacts
-                            .iter()
-                            .find(|c| c.get("wa_id").and_then(Value::as_str) == Some(wa_id))
-                            .and_then(|c| c.pointer("/profile/name"))
-                            .and_then(Value::as_str)
-                            .map(String::from)
-                    })
+                list(&value, "contacts")
+                    .find(|c| c.get("wa_id").and_then(Value::as_str) == Some(wa_id))
+                    .and_then(|c| c.pointer("/profile/name"))
+                    .and_then(Value::as_str)
+                    .map(String::from)
             };
-            for message in value
-                .get("messages")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let from = message
-                    .get("from")
-                    .and_then(Value::as_str)
-                    .ok_or("message without from")?;
-                let id = message
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .ok_or("message without id")?;
-                items.push(WebhookItem {
-                    kind: "message".into(),
-                    item_id: id.to_string(),
-                    contact: from.to_string(),
-                    phone_number_id: phone_number_id.clone(),
-                    profile_name: profile(from),
-                    received_at_ms,
-                    item: message.clone(),
-                });
+            for message in list(&value, "messages") {
+                let from = text(message, "from", "message")?;
+                let id = text(message, "id", "message")?;
+                items.push(item(
+                    "message",
+                    id.to_string(),
+                    from,
+                    profile(from),
+                    message,
+                ));
             }
-            for status in value
-                .get("statuses")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let id = status
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .ok_or("status without id")?;
-                let state = status
-                    .get("status")
-                    .and_then(Value::as_str)
-                    .ok_or("status without status")?;
-                let recipient = status
-                    .get("recipient_id")
-                    .and_then(Value::as_str)
-                    .ok_or("status without recipient_id")?;
-                items.push(WebhookItem {
-                    kind: "status".into(),
-                    item_id: format!("{id}:{state}"),
-                    contact: recipient.to_string(),
-                    phone_number_id: phone_number_id.clone(),
-                    profile_name: None,
-                    received_at_ms,
-                    item: status.clone(),
-                });
+            for status in list(&value, "statuses") {
+                let id = text(status, "id", "status")?;
+                let state = text(status, "status", "status")?;
+                let recipient = text(status, "recipient_id", "status")?;
+                items.push(item(
+                    "status",
+                    format!("{id}:{state}"),
+                    recipient,
+                    None,
+                    status,
+                ));
             }
-            for error in value
-                .get("errors")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                items.push(WebhookItem {
-                    kind: "error".into(),
-                    item_id: format!("error:{}", digest(error.to_string().as_bytes())),
-                    contact: fallback_contact.clone(),
-                    phone_number_id: phone_number_id.clone(),
-                    profile_name: None,
-                    received_at_ms,
-                    item: error.clone(),
-                });
+            for error in list(&value, "errors") {
+                let id = format!("error:{}", digest(error.to_string().as_bytes()));
+                items.push(item("error", id, &fallback_contact, None, error));
             }
         }
     }

@@ -20,15 +20,6 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::{client_config, KafkaError, ADMIN_TIMEOUT};
 
-/// A consumer without a group, for reading topics to their end.
-pub fn reader(config: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
-    Ok(client_config(config)
-        .set("group.id", "gridtalk-reader")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?)
-}
-
 /// The partitions of `topic`, or [`KafkaError::MissingTopics`].
 pub fn partitions_of<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,

@@ -28,7 +28,7 @@ pub use dlq::{
     dead_letter, replay_dead_letters, DeadLetterReason, ReplayFilter, ReplayReport,
     DLQ_HEADER_PREFIX,
 };
-pub use ends::{caught_up, committed_offsets, end_offsets, end_offsets_of, partitions_of, reader};
+pub use ends::{caught_up, committed_offsets, end_offsets, end_offsets_of, partitions_of};
 pub use offsets::OffsetTracker;
 pub use topics::{ensure_topics, missing_topics, TopicSpec};
 

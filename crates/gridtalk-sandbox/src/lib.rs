@@ -333,6 +333,18 @@ impl Sandbox {
         self.inner.lock().expect("sandbox").messages.clone()
     }
 
+    /// The messages accepted after the first `skip` (for following along without copying all).
+    pub fn messages_since(&self, skip: usize) -> Vec<ReceivedMessage> {
+        self.inner
+            .lock()
+            .expect("sandbox")
+            .messages
+            .iter()
+            .skip(skip)
+            .cloned()
+            .collect()
+    }
+
     pub fn stats(&self) -> Stats {
         self.inner.lock().expect("sandbox").stats.clone()
     }

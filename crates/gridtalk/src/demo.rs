@@ -30,8 +30,8 @@ pub struct DemoArgs {
 /// Prints the messages the sandbox accepted since the first `shown`, as the phone shows them;
 /// returns the new count.
 fn print_new_messages(sandbox: &Sandbox, shown: usize) -> usize {
-    let messages = sandbox.messages();
-    for m in messages.iter().skip(shown) {
+    let new = sandbox.messages_since(shown);
+    for m in &new {
         println!(
             "📱 {} [{} {}] {}",
             gridtalk_telemetry::mask_phone(&m.to),
@@ -40,7 +40,7 @@ fn print_new_messages(sandbox: &Sandbox, shown: usize) -> usize {
             m.rendered
         );
     }
-    messages.len()
+    shown + new.len()
 }
 
 /// Whether the route group committed every input event and the send group every outbox message,

@@ -1,6 +1,8 @@
 //! Wiring of gridtalk's stages into one process. The binary and the tests call [`run_stages`]; the
 //! stages themselves live in their own crates.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -8,6 +10,9 @@ use gridtalk_config::Config;
 use gridtalk_kafka::TopicSpec;
 use gridtalk_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
+
+/// A stage's run, boxed so that the stages can be spawned alike.
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A stage that can run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,36 +70,30 @@ pub async fn run_stages(
     }
     let mut tasks = tokio::task::JoinSet::new();
     for stage in stages {
-        let (config, readiness, shutdown) = (config.clone(), readiness.clone(), shutdown.clone());
-        match stage {
-            Stage::Route => tasks.spawn(async move {
-                let result = gridtalk_route::run(config, readiness, shutdown.clone())
-                    .await
-                    .map_err(anyhow::Error::from);
-                if result.is_err() {
-                    shutdown.cancel();
-                }
-                result.map_err(|e| e.context("route stage"))
-            }),
-            Stage::Ingest => tasks.spawn(async move {
-                let result = gridtalk_ingest::run(config, readiness, shutdown.clone())
-                    .await
-                    .map_err(anyhow::Error::from);
-                if result.is_err() {
-                    shutdown.cancel();
-                }
-                result.map_err(|e| e.context("ingest stage"))
-            }),
-            Stage::Send => tasks.spawn(async move {
-                let result = gridtalk_send::run(config, readiness, shutdown.clone())
-                    .await
-                    .map_err(anyhow::Error::from);
-                if result.is_err() {
-                    shutdown.cancel();
-                }
-                result.map_err(|e| e.context("send stage"))
-            }),
+        let (config, readiness, token) = (config.clone(), readiness.clone(), shutdown.clone());
+        let (name, run): (&str, BoxFuture<'static, anyhow::Result<()>>) = match stage {
+            Stage::Route => (
+                "route stage",
+                Box::pin(async move { Ok(gridtalk_route::run(config, readiness, token).await?) }),
+            ),
+            Stage::Send => (
+                "send stage",
+                Box::pin(async move { Ok(gridtalk_send::run(config, readiness, token).await?) }),
+            ),
+            Stage::Ingest => (
+                "ingest stage",
+                Box::pin(async move { Ok(gridtalk_ingest::run(config, readiness, token).await?) }),
+            ),
         };
+        // A stage that fails stops the others.
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let result = run.await;
+            if result.is_err() {
+                shutdown.cancel();
+            }
+            result.map_err(|e| e.context(name))
+        });
     }
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
