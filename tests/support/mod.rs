@@ -203,7 +203,7 @@ pub struct Setup {
     pub registry: Vec<(u32, String)>,
     /// Write the access token to a file the test can rewrite, instead of the configuration.
     pub token_file: bool,
-    /// Also run the ingest stage, with the sandbox posting its webhooks to it.
+    /// Also run the way back (ingest and converse), with the sandbox posting its webhooks to it.
     pub ingest: bool,
 }
 
@@ -280,7 +280,7 @@ impl Pipeline {
             sandbox.set_webhook_url(Some(webhook_url.clone()));
         }
         let stages = if setup.ingest {
-            vec![Stage::Route, Stage::Send, Stage::Ingest]
+            vec![Stage::Route, Stage::Send, Stage::Ingest, Stage::Converse]
         } else {
             vec![Stage::Route, Stage::Send]
         };
@@ -308,6 +308,8 @@ sent = "{namespace}.sent"
 dlq = "{namespace}.dlq"
 directory = "{namespace}.directory"
 webhook = "{namespace}.webhook"
+responses = "{namespace}.responses"
+audit = "{namespace}.audit"
 partitions = 2
 
 [contract]
@@ -503,6 +505,71 @@ max_body_bytes = 65536
             .into_iter()
             .map(DeadLetter::from)
             .collect()
+    }
+
+    /// Every record on the response topic so far, decoded.
+    pub fn responses(&self) -> Vec<gridtalk_contract::WorkflowResponse> {
+        read_topic(&self.config.topics.responses)
+            .iter()
+            .map(|m| {
+                gridtalk_contract::WorkflowResponse::from_avro(m.payload().unwrap_or_default())
+                    .expect("responses are WorkflowResponse records")
+            })
+            .collect()
+    }
+
+    /// Every record on the audit topic so far, decoded.
+    pub fn audits(&self) -> Vec<gridtalk_contract::AuditRecord> {
+        use gridtalk_contract::AvroRecord;
+        read_topic(&self.config.topics.audit)
+            .iter()
+            .map(|m| {
+                gridtalk_contract::AuditRecord::from_avro(m.payload().unwrap_or_default())
+                    .expect("audits are AuditRecord records")
+            })
+            .collect()
+    }
+
+    /// Posts a WhatsApp webhook carrying `value` (one `messages` change) to the ingest stage,
+    /// signed with the app secret as Meta signs; returns the HTTP status.
+    pub async fn post_webhook(&self, value: &Json) -> u16 {
+        let body = serde_json::json!({
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "WABA", "changes": [{"field": "messages", "value": value}]}]
+        })
+        .to_string();
+        reqwest::Client::new()
+            .post(&self.webhook_url)
+            .header("content-type", "application/json")
+            .header(
+                "X-Hub-Signature-256",
+                gridtalk_sandbox::signature(APP_SECRET, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .expect("webhook endpoint answers")
+            .status()
+            .as_u16()
+    }
+
+    /// Waits until the way back is serving: the ingest endpoint accepts connections and every
+    /// stage reports ready.
+    pub async fn wait_for_way_back(&self, deadline: Duration) {
+        self.wait_until(
+            "the ingest and converse stages to be ready",
+            deadline,
+            |p| {
+                p.readiness.pending().is_empty()
+                    && std::net::TcpStream::connect(
+                        p.webhook_url
+                            .trim_start_matches("http://")
+                            .trim_end_matches("/webhook"),
+                    )
+                    .is_ok()
+            },
+        )
+        .await;
     }
 
     /// Stops the stages (draining in-flight work) and returns their result.

@@ -28,6 +28,7 @@ pub struct Config {
     pub send: SendConfig,
     pub admin: AdminConfig,
     pub ingest: IngestConfig,
+    pub converse: ConverseConfig,
     pub directory: DirectoryConfig,
     /// Routing rules: which events go to whom with which template. Evaluated in order; every
     /// matching rule produces messages (a recipient reached by two rules for one event gets one).
@@ -72,6 +73,11 @@ pub struct TopicsConfig {
     pub directory: String,
     /// Verified webhook items (one message or status each), keyed by contact like the sent log.
     pub webhook: String,
+    /// Typed replies, decisions and delivery statuses for workflow systems (Avro), keyed by
+    /// correlation id.
+    pub responses: String,
+    /// Refused inbounds (bad signature, bad token, unauthorised contact, second decision), Avro.
+    pub audit: String,
     /// Partition count used when gridtalk creates its own topics.
     pub partitions: i32,
     /// Create the internal topics (outbox, sent, dlq, directory) at start-up if missing.
@@ -168,6 +174,22 @@ pub struct IngestConfig {
     pub app_secret_file: Option<PathBuf>,
     /// Larger bodies are refused with 413 before any parsing.
     pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConverseConfig {
+    /// How long a reply or status waits for the sent-log record of the message it refers to
+    /// (the webhook can overtake the sender's own record) before it is judged unknown.
+    pub join_wait_ms: u64,
+    /// Replies to a person are free-form while they wrote within this window (Meta's customer
+    /// service window, less a margin); after it, the confirmation template is used.
+    pub service_window_minutes: u64,
+    /// The approved template that confirms an answer outside the window: two body parameters,
+    /// the request id and a sentence.
+    pub confirmation_template: String,
+    /// Webhook item ids remembered to drop Meta's redeliveries.
+    pub remembered_items: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -391,6 +413,21 @@ impl Config {
                     ));
                 }
             }
+        }
+        match self
+            .templates
+            .iter()
+            .find(|t| t.name == self.converse.confirmation_template)
+        {
+            None => errors.push(format!(
+                "converse.confirmation_template: template {} is not defined",
+                self.converse.confirmation_template
+            )),
+            Some(t) if t.body.len() != 2 || !t.buttons.is_empty() => errors.push(format!(
+                "converse.confirmation_template: template {} needs exactly two body parameters and no buttons",
+                t.name
+            )),
+            Some(_) => {}
         }
         let mut rule_names = std::collections::HashSet::new();
         for r in &self.rules {

@@ -22,7 +22,9 @@ pub use codec::{
     encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
     WireFormat,
 };
-pub use records::{AvroRecord, OutboxMessage, SentMessage};
+pub use records::{
+    AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse,
+};
 pub use registry::{RegistryClient, RegistryError};
 pub use schemas::{ContractSchemas, KnownSchema, SchemaSet, TRADING_GRID_EVENT_AVSC};
 pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};

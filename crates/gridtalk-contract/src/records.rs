@@ -1,4 +1,4 @@
-//! Typed records of gridtalk's internal topics (outbox, sent log). They are written in Avro
+//! Typed records of gridtalk's own topics (outbox, sent log, responses, audit). They are written in Avro
 //! single-object encoding with the contract's schemas, so any Avro tool can read them, and read
 //! back with resolution so a rolling upgrade between two gridtalk versions keeps working.
 
@@ -100,6 +100,154 @@ impl AvroRecord for SentMessage {
     }
 }
 
+/// A refused inbound on the audit topic (see `schemas/audit_record.avsc`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub audit_id: String,
+    pub reason: String,
+    pub stage: String,
+    pub detail: String,
+    pub wa_id: Option<String>,
+    pub contact_id: Option<String>,
+    pub request_id: Option<String>,
+    pub action: Option<String>,
+    pub correlation_id: Option<String>,
+    pub wa_message_id: Option<String>,
+    pub at: i64,
+}
+
+impl AvroRecord for AuditRecord {
+    fn schema() -> &'static Schema {
+        &ContractSchemas::get().audit_record
+    }
+}
+
+/// What came back from WhatsApp, for workflow systems (see `schemas/workflow_response.avsc`).
+/// Enumerations travel as their Avro symbols.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowResponse {
+    pub response_id: String,
+    pub response_type: String,
+    pub correlation_id: String,
+    pub in_reply_to_event_id: Option<String>,
+    pub request_id: Option<String>,
+    pub contact_id: Option<String>,
+    pub partner_id: Option<String>,
+    pub wa_message_id: String,
+    pub wa_context_message_id: Option<String>,
+    pub received_at: i64,
+    pub body: ResponseBody,
+}
+
+/// The typed body of a [`WorkflowResponse`]: one branch of the schema's union, named as there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    PoAckDecision {
+        po_number: String,
+        decision: String,
+        comment: Option<String>,
+    },
+    ApprovalDecision {
+        approval_id: String,
+        decision: String,
+        comment: Option<String>,
+    },
+    OnboardingAcknowledgement {
+        onboarding_id: String,
+        action: String,
+        item_code: Option<String>,
+        comment: Option<String>,
+    },
+    CaseMessage {
+        case_id: Option<String>,
+        text: String,
+    },
+    CorrectionAnswer {
+        document_key: String,
+        answer: String,
+        new_eta: Option<i64>,
+        comment: Option<String>,
+    },
+    DeliveryStatus {
+        status: String,
+        error_code: Option<i32>,
+        error_title: Option<String>,
+    },
+}
+
+impl WorkflowResponse {
+    /// Single-object encoding. The union branch is chosen by name, so two branches with similar
+    /// fields can never be confused.
+    pub fn to_avro(&self) -> Vec<u8> {
+        let schema = &ContractSchemas::get().workflow_response;
+        let json = serde_json::to_value(self).expect("response serialises");
+        let value = crate::view::json_to_avro(&json, schema).expect("response matches its schema");
+        encode_single_object(schema, value).expect("response encodes")
+    }
+
+    /// Reads a record written by [`WorkflowResponse::to_avro`].
+    pub fn from_avro(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let schema = &ContractSchemas::get().workflow_response;
+        let malformed = |detail: String| DecodeError {
+            kind: DecodeErrorKind::Malformed,
+            detail,
+        };
+        let body = match bytes {
+            [0xC3, 0x01, rest @ ..]
+                if rest.len() >= 8
+                    && u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"))
+                        == rabin_fingerprint(schema) =>
+            {
+                &rest[8..]
+            }
+            _ => {
+                return Err(DecodeError {
+                    kind: DecodeErrorKind::UnknownSchema,
+                    detail: "not a WorkflowResponse single-object record".into(),
+                })
+            }
+        };
+        let value = apache_avro::from_avro_datum(schema, &mut std::io::Cursor::new(body), None)
+            .map_err(|e| malformed(e.to_string()))?;
+        let apache_avro::types::Value::Record(fields) = value else {
+            return Err(malformed("not a record".into()));
+        };
+        let branches: Vec<String> = match schema {
+            Schema::Record(r) => r
+                .fields
+                .iter()
+                .find(|f| f.name == "body")
+                .and_then(|f| match &f.schema {
+                    Schema::Union(u) => Some(
+                        u.variants()
+                            .iter()
+                            .map(|v| v.name().map(|n| n.name.clone()).unwrap_or_default())
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let mut json = serde_json::Map::new();
+        for (name, field) in fields {
+            let converted = match (&*name, &field) {
+                ("body", apache_avro::types::Value::Union(index, inner)) => {
+                    let branch = branches
+                        .get(*index as usize)
+                        .cloned()
+                        .ok_or_else(|| malformed(format!("body branch {index}")))?;
+                    serde_json::json!({ branch: crate::view::avro_to_json(inner) })
+                }
+                _ => crate::view::avro_to_json(&field),
+            };
+            json.insert(name, converted);
+        }
+        serde_json::from_value(serde_json::Value::Object(json))
+            .map_err(|e| malformed(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +276,68 @@ mod tests {
             SentMessage::from_avro(&bytes).unwrap_err().kind,
             DecodeErrorKind::UnknownSchema
         );
+    }
+
+    #[test]
+    fn workflow_responses_round_trip_with_their_branch() {
+        let bodies = [
+            ResponseBody::ApprovalDecision {
+                approval_id: "APR-1".into(),
+                decision: "APPROVE".into(),
+                comment: None,
+            },
+            ResponseBody::CorrectionAnswer {
+                document_key: "INV-1".into(),
+                answer: "NEW_ETA".into(),
+                new_eta: Some(1_700_000_000_000),
+                comment: Some("Friday".into()),
+            },
+            ResponseBody::CaseMessage {
+                case_id: None,
+                text: "Pallet 3 is damaged".into(),
+            },
+            ResponseBody::DeliveryStatus {
+                status: "FAILED".into(),
+                error_code: Some(131026),
+                error_title: Some("Message undeliverable".into()),
+            },
+        ];
+        for body in bodies {
+            let response = WorkflowResponse {
+                response_id: "r".into(),
+                response_type: "wa.approval.decided".into(),
+                correlation_id: "c".into(),
+                in_reply_to_event_id: Some("e".into()),
+                request_id: Some("APR-1".into()),
+                contact_id: None,
+                partner_id: Some("ACME".into()),
+                wa_message_id: "wamid.X".into(),
+                wa_context_message_id: None,
+                received_at: 1_700_000_000_000,
+                body,
+            };
+            assert_eq!(
+                WorkflowResponse::from_avro(&response.to_avro()).unwrap(),
+                response
+            );
+        }
+    }
+
+    #[test]
+    fn audit_records_round_trip() {
+        let audit = AuditRecord {
+            audit_id: "wamid.X:token_expired".into(),
+            reason: "token_expired".into(),
+            stage: "converse".into(),
+            detail: "button token expired".into(),
+            wa_id: Some("14155550101".into()),
+            contact_id: None,
+            request_id: None,
+            action: None,
+            correlation_id: None,
+            wa_message_id: Some("wamid.X".into()),
+            at: 1,
+        };
+        assert_eq!(AuditRecord::from_avro(&audit.to_avro()).unwrap(), audit);
     }
 }

@@ -13,6 +13,7 @@ pub const TRADING_GRID_EVENT_AVSC: &str = include_str!("../../../schemas/trading
 pub const OUTBOX_MESSAGE_AVSC: &str = include_str!("../../../schemas/outbox_message.avsc");
 pub const SENT_MESSAGE_AVSC: &str = include_str!("../../../schemas/sent_message.avsc");
 pub const WORKFLOW_RESPONSE_AVSC: &str = include_str!("../../../schemas/workflow_response.avsc");
+pub const AUDIT_RECORD_AVSC: &str = include_str!("../../../schemas/audit_record.avsc");
 
 /// The parsed reader schemas of the contract. Parsed once per process.
 #[derive(Debug)]
@@ -21,6 +22,7 @@ pub struct ContractSchemas {
     pub outbox_message: Schema,
     pub sent_message: Schema,
     pub workflow_response: Schema,
+    pub audit_record: Schema,
 }
 
 impl ContractSchemas {
@@ -35,6 +37,7 @@ impl ContractSchemas {
                 outbox_message: parse(OUTBOX_MESSAGE_AVSC),
                 sent_message: parse(SENT_MESSAGE_AVSC),
                 workflow_response: parse(WORKFLOW_RESPONSE_AVSC),
+                audit_record: parse(AUDIT_RECORD_AVSC),
             }
         })
     }

@@ -41,6 +41,30 @@ impl WebhookItem {
         }
     }
 
+    /// Reads an item as [`WebhookItem::to_json`] wrote it.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        let field = |key: &str| {
+            v.get(key)
+                .and_then(Value::as_str)
+                .map(String::from)
+                .ok_or_else(|| format!("webhook item without {key}"))
+        };
+        let optional = |key: &str| v.get(key).and_then(Value::as_str).map(String::from);
+        Ok(WebhookItem {
+            kind: field("kind")?,
+            item_id: field("item_id")?,
+            contact: field("contact")?,
+            phone_number_id: optional("phone_number_id"),
+            profile_name: optional("profile_name"),
+            received_at_ms: v
+                .get("received_at_ms")
+                .and_then(Value::as_i64)
+                .ok_or("webhook item without received_at_ms")?,
+            item: v.get("item").cloned().unwrap_or(Value::Null),
+        })
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         json!({
             "kind": self.kind,
@@ -198,6 +222,9 @@ mod tests {
         assert_eq!(items[4].kind, "other");
         assert_eq!(items.len(), 5);
         assert_eq!(items[0].profile_name.as_deref(), Some("Maria"));
+        for item in &items {
+            assert_eq!(&WebhookItem::from_json(&item.to_json()).unwrap(), item);
+        }
         assert_eq!(items[1].profile_name, None);
     }
 

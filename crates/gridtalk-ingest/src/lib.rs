@@ -55,6 +55,7 @@ struct Shared {
     app_secret: Secret,
     producer: FutureProducer,
     topic: String,
+    audit_topic: String,
     timeout: Duration,
 }
 
@@ -117,10 +118,15 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
         .and_then(|v| v.to_str().ok());
     if !signature_valid(shared.app_secret.expose().as_bytes(), &body, signature) {
         metrics.webhooks.with_label_values(&["bad_signature"]).inc();
+        metrics
+            .refusals
+            .with_label_values(&["ingest", "bad_signature"])
+            .inc();
         tracing::warn!(
             bytes = body.len(),
             "webhook refused: missing or invalid X-Hub-Signature-256"
         );
+        audit_bad_signature(&shared, &body, signature.is_some()).await;
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let received_at = chrono::Utc::now().timestamp_millis();
@@ -174,6 +180,43 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     StatusCode::OK.into_response()
 }
 
+/// Records a refused webhook on the audit topic. The body is not parsed (it is untrusted); the
+/// record carries its size and digest. A failed publish is logged: the refusal stands regardless.
+async fn audit_bad_signature(shared: &Shared, body: &[u8], had_signature: bool) {
+    use gridtalk_contract::AvroRecord;
+    use sha2::Digest;
+    let digest = hex::encode(&Sha256::digest(body)[..12]);
+    let at = chrono::Utc::now().timestamp_millis();
+    let audit = gridtalk_contract::AuditRecord {
+        audit_id: format!("webhook:{digest}:{at}"),
+        reason: "bad_signature".into(),
+        stage: "ingest".into(),
+        detail: format!(
+            "{} X-Hub-Signature-256 on a {}-byte body (sha256 prefix {digest}); refused with 401 unread",
+            if had_signature { "invalid" } else { "missing" },
+            body.len()
+        ),
+        wa_id: None,
+        contact_id: None,
+        request_id: None,
+        action: None,
+        correlation_id: None,
+        wa_message_id: None,
+        at,
+    };
+    let bytes = audit.to_avro();
+    let record = FutureRecord::to(&shared.audit_topic)
+        .key("webhook")
+        .payload(&bytes)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "gridtalk.audit.reason",
+            value: Some("bad_signature".as_bytes()),
+        }));
+    if let Err((e, _)) = shared.producer.send(record, shared.timeout).await {
+        tracing::error!(error = %e, "audit record for a refused webhook not published");
+    }
+}
+
 /// Runs the webhook endpoint until `shutdown`.
 pub async fn run(
     config: Arc<Config>,
@@ -187,6 +230,7 @@ pub async fn run(
         app_secret,
         producer: gridtalk_kafka::producer(&config.kafka)?,
         topic: config.topics.webhook.clone(),
+        audit_topic: config.topics.audit.clone(),
         timeout: Duration::from_millis(config.kafka.request_timeout_ms),
     });
     let addr = config.ingest.listen;

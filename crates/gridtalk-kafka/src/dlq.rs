@@ -30,6 +30,7 @@ pub enum DeadLetterReason {
     WhatsappPermanent,
     WhatsappRetriesExhausted,
     MalformedOutbox,
+    MalformedWebhookItem,
 }
 
 impl DeadLetterReason {
@@ -47,6 +48,7 @@ impl DeadLetterReason {
             DeadLetterReason::WhatsappPermanent => "whatsapp_permanent",
             DeadLetterReason::WhatsappRetriesExhausted => "whatsapp_retries_exhausted",
             DeadLetterReason::MalformedOutbox => "malformed_outbox",
+            DeadLetterReason::MalformedWebhookItem => "malformed_webhook_item",
         }
     }
 }

@@ -147,6 +147,28 @@ pub fn stage_consumer(
         .create_with_context(StageContext { stage })?)
 }
 
+/// A group consumer for topics that are co-partitioned (same key, same partition count): the range
+/// assignor gives one member the same partition numbers of every subscribed topic, so a stage can
+/// join them locally.
+pub fn co_partitioned_consumer(
+    config: &KafkaConfig,
+    group_id: &str,
+    stage: &'static str,
+) -> Result<StreamConsumer<StageContext>, KafkaError> {
+    let consumer = client_config(config)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("max.poll.interval.ms", "300000")
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(StageContext { stage })?;
+    Ok(consumer)
+}
+
 /// A consumer without a group, for tailing a topic from the beginning (the directory).
 pub fn tail_consumer(config: &KafkaConfig) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {
     Ok(client_config(config)

@@ -14,11 +14,10 @@
 //! stops the stage with an error (the process restarts and replays), never skips.
 
 mod dedupe;
-pub mod directory;
 mod render;
 mod stage;
 
 pub use dedupe::DedupeWindow;
-pub use directory::{Contact, Directory, DirectoryFile, Partner, SharedDirectory};
+pub use gridtalk_directory::{Contact, Directory, DirectoryFile, Partner, SharedDirectory};
 pub use render::{plan, RouteFailure, RoutePlan};
 pub use stage::{run, RouteError};

@@ -13,7 +13,7 @@ use gridtalk_contract::samples::payload_type_of;
 use gridtalk_contract::{EventView, OutboxMessage};
 use gridtalk_kafka::DeadLetterReason;
 
-use crate::directory::{Contact, Directory};
+use gridtalk_directory::{Contact, Directory};
 
 /// Why an event produced no messages and must be dead-lettered.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! The route stage's consumer loop (see the crate docs for its guarantees).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -21,8 +21,8 @@ use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, S
 use gridtalk_telemetry::{Metrics, Readiness};
 
 use crate::dedupe::DedupeWindow;
-use crate::directory::{tail_directory, Directory, SharedDirectory};
 use crate::render::plan;
+use gridtalk_directory::SharedDirectory;
 
 const STAGE: &str = "route";
 
@@ -135,32 +135,9 @@ pub async fn run(
     }
 
     // The directory: file baseline, then the topic's overrides, caught up before routing starts.
-    let directory: SharedDirectory = Arc::new(RwLock::new(match &config.directory.file {
-        Some(path) => Directory::load(path).map_err(RouteError::Config)?,
-        None => Directory::default(),
-    }));
-    let directory_ready = Arc::new(AtomicBool::new(false));
-    let tail = {
-        let (kafka, topic, directory, ready, stop) = (
-            config.kafka.clone(),
-            config.topics.directory.clone(),
-            directory.clone(),
-            directory_ready.clone(),
-            shutdown.child_token(),
-        );
-        tokio::task::spawn_blocking(move || tail_directory(kafka, topic, directory, ready, stop))
-    };
-    while !directory_ready.load(Ordering::Acquire) {
-        if shutdown.is_cancelled() || tail.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if tail.is_finished() && !shutdown.is_cancelled() {
-        let result = tail.await.map_err(|e| RouteError::Config(e.to_string()))?;
-        result.map_err(RouteError::Config)?;
-        return Err(RouteError::Config("directory reader stopped".into()));
-    }
+    let directory = gridtalk_directory::open(&config, &shutdown)
+        .await
+        .map_err(RouteError::Config)?;
 
     let group = format!("{}-route", config.kafka.group_prefix);
     let consumer = gridtalk_kafka::stage_consumer(&config.kafka, &group, STAGE)?;

@@ -52,10 +52,27 @@ pub struct ApprovedTemplate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    /// Taps quick-reply button `index` (0-based) of the message.
+    /// Taps button `index` (0-based) of the message: a template's quick reply or an interactive
+    /// reply button.
     Button { index: usize },
+    /// Picks the row with `id` of an interactive list message.
+    ListRow { id: String },
     /// Writes a text, quoting the message.
     Text { body: String },
+}
+
+/// A message a person sent (a tap, a list pick or a text), as the sandbox delivered it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboundMessage {
+    pub wamid: String,
+    pub from: String,
+    /// What the person's phone shows: the button title, the row title or the text.
+    pub shown: String,
+    /// The wamid of the message quoted, if any.
+    pub context: Option<String>,
+    pub sent_at_ms: i64,
+    /// Whether gridtalk's webhook endpoint accepted it (2xx).
+    pub delivered: bool,
 }
 
 /// Faults to inject, changeable at run time through `POST /_sandbox/faults`.
@@ -78,6 +95,8 @@ pub struct SandboxConfig {
     pub app_secret: String,
     /// Where status webhooks go; none means statuses are only recorded.
     pub webhook_url: Option<String>,
+    /// Whether accepted messages get their status webhooks (sent, delivered, read) by themselves.
+    pub auto_statuses: bool,
     pub templates: Vec<ApprovedTemplate>,
     pub throughput_per_second: u32,
     pub pair_interval_ms: u64,
@@ -95,6 +114,7 @@ impl Default for SandboxConfig {
             valid_tokens: vec!["sandbox-token".into()],
             app_secret: "sandbox-app-secret".into(),
             webhook_url: None,
+            auto_statuses: true,
             templates: Vec::new(),
             throughput_per_second: 80,
             pair_interval_ms: 6_000,
@@ -117,6 +137,15 @@ pub struct ReceivedMessage {
     pub parameters: Vec<String>,
     /// The template text with the parameters filled in, as the person would read it.
     pub rendered: String,
+    /// Titles of the buttons the phone shows (template quick replies, interactive reply buttons).
+    #[serde(default)]
+    pub buttons: Vec<String>,
+    /// Rows of an interactive list: (id, title, description).
+    #[serde(default)]
+    pub list_rows: Vec<(String, String, String)>,
+    /// The last delivery status the sandbox reported for it (sent, delivered, read, failed).
+    #[serde(default)]
+    pub status: Option<String>,
     pub request: Value,
     pub received_at_ms: i64,
 }
@@ -135,6 +164,9 @@ pub struct Stats {
 struct Inner {
     config: SandboxConfig,
     messages: Vec<ReceivedMessage>,
+    inbound: Vec<InboundMessage>,
+    /// Last time each recipient wrote (ms): free-form messages need it within 24 hours.
+    last_inbound_ms: HashMap<String, i64>,
     stats: Stats,
     window: HashMap<String, VecDeque<Instant>>,
     /// GCRA theoretical arrival time per (number, recipient).
@@ -192,6 +224,8 @@ impl Sandbox {
             inner: Arc::new(Mutex::new(Inner {
                 config,
                 messages: Vec::new(),
+                inbound: Vec::new(),
+                last_inbound_ms: HashMap::new(),
                 stats: Stats::default(),
                 window: HashMap::new(),
                 pair_tat: HashMap::new(),
@@ -210,6 +244,8 @@ impl Sandbox {
                 get(list_messages).delete(clear_messages),
             )
             .route("/_sandbox/messages/{wamid}/reply", post(reply_to_message))
+            .route("/", get(page))
+            .route("/_sandbox/conversations", get(conversations))
             .route("/_sandbox/stats", get(stats))
             .route("/_sandbox/faults", post(set_faults))
             .route("/_sandbox/tokens", post(set_tokens))
@@ -223,30 +259,92 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// The person who received `wamid` answers it (taps a button or writes quoting it); the
-    /// sandbox posts the inbound-message webhook, signed, as Meta would. Returns the new inbound
-    /// message's wamid.
+    /// The person who received `wamid` answers it (taps a button, picks a list row or writes
+    /// quoting it); the sandbox posts the inbound-message webhook, signed, as Meta would. Returns
+    /// the new inbound message's wamid.
     pub async fn reply(&self, wamid: &str, reply: Reply) -> Result<String, String> {
-        let (url, secret, message, title, id) = {
-            let mut inner = self.inner.lock().expect("sandbox");
-            let message = inner
-                .messages
-                .iter()
-                .find(|m| m.wamid == wamid)
-                .cloned()
-                .ok_or_else(|| format!("no message {wamid}"))?;
-            let title = match &reply {
-                Reply::Button { index } => {
-                    let template = message.template.as_deref().unwrap_or_default();
-                    inner
-                        .config
-                        .templates
-                        .iter()
-                        .find(|t| t.name == template)
-                        .and_then(|t| t.button_titles.get(*index).cloned())
+        let message = self
+            .messages()
+            .into_iter()
+            .find(|m| m.wamid == wamid)
+            .ok_or_else(|| format!("no message {wamid}"))?;
+        let context = json!({"from": "15550783881", "id": message.wamid});
+        let (inbound, shown) = match &reply {
+            Reply::Button { index } => {
+                let title = message
+                    .buttons
+                    .get(*index)
+                    .cloned()
+                    .ok_or_else(|| format!("message {wamid} has no button {index}"))?;
+                if message.template.is_some() {
+                    let payload = message
+                        .request
+                        .pointer("/template/components")
+                        .and_then(Value::as_array)
+                        .and_then(|components| {
+                            components
+                                .iter()
+                                .filter(|c| c["type"] == "button" && c["sub_type"] == "quick_reply")
+                                .nth(*index)
+                                .and_then(|c| c.pointer("/parameters/0/payload"))
+                                .and_then(Value::as_str)
+                                .map(String::from)
+                        })
+                        .unwrap_or_else(|| title.clone());
+                    (
+                        json!({"type": "button", "context": context,
+                               "button": {"payload": payload, "text": title}}),
+                        title,
+                    )
+                } else {
+                    let id = message
+                        .request
+                        .pointer(&format!("/interactive/action/buttons/{index}/reply/id"))
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    (
+                        json!({"type": "interactive", "context": context, "interactive":
+                               {"type": "button_reply", "button_reply": {"id": id, "title": title}}}),
+                        title,
+                    )
                 }
-                Reply::Text { .. } => None,
-            };
+            }
+            Reply::ListRow { id } => {
+                let (_, title, description) = message
+                    .list_rows
+                    .iter()
+                    .find(|(row, _, _)| row == id)
+                    .cloned()
+                    .ok_or_else(|| format!("message {wamid} has no list row {id}"))?;
+                (
+                    json!({"type": "interactive", "context": context, "interactive":
+                           {"type": "list_reply", "list_reply": {"id": id, "title": title, "description": description}}}),
+                    title,
+                )
+            }
+            Reply::Text { body } => (
+                json!({"type": "text", "context": context, "text": {"body": body}}),
+                body.clone(),
+            ),
+        };
+        self.deliver_inbound(&message.phone_number_id, &message.to, inbound, shown)
+            .await
+    }
+
+    /// Delivers a message from `from` to gridtalk as Meta would: `message` is the inbound message
+    /// object without `from`, `id` and `timestamp`, which the sandbox fills in; the webhook is
+    /// signed with the app secret. Opens the sender's 24-hour window. Returns the new wamid.
+    pub async fn deliver_inbound(
+        &self,
+        phone_number_id: &str,
+        from: &str,
+        mut message: Value,
+        shown: String,
+    ) -> Result<String, String> {
+        let now = chrono::Utc::now();
+        let (url, secret, id) = {
+            let mut inner = self.inner.lock().expect("sandbox");
             let url = inner
                 .config
                 .webhook_url
@@ -254,50 +352,47 @@ impl Sandbox {
                 .ok_or("no webhook URL is configured")?;
             let id = format!("wamid.SBXIN{:016}", inner.next_id);
             inner.next_id += 1;
-            (url, inner.config.app_secret.clone(), message, title, id)
+            inner
+                .last_inbound_ms
+                .insert(from.to_string(), now.timestamp_millis());
+            (url, inner.config.app_secret.clone(), id)
         };
-        let mut inbound = json!({
-            "from": message.to,
-            "id": id,
-            "timestamp": chrono::Utc::now().timestamp().to_string(),
-            "context": {"from": "15550783881", "id": message.wamid},
-        });
-        match &reply {
-            Reply::Button { index } => {
-                let payload = message
-                    .request
-                    .pointer("/template/components")
-                    .and_then(Value::as_array)
-                    .and_then(|components| {
-                        components
-                            .iter()
-                            .filter(|c| c["type"] == "button" && c["sub_type"] == "quick_reply")
-                            .nth(*index)
-                            .and_then(|c| c.pointer("/parameters/0/payload"))
-                            .and_then(Value::as_str)
-                            .map(String::from)
-                    })
-                    .ok_or_else(|| format!("message {wamid} has no quick-reply button {index}"))?;
-                inbound["type"] = json!("button");
-                inbound["button"] =
-                    json!({"payload": payload, "text": title.unwrap_or_else(|| payload.clone())});
-            }
-            Reply::Text { body } => {
-                inbound["type"] = json!("text");
-                inbound["text"] = json!({"body": body});
-            }
-        }
+        message["from"] = json!(from);
+        message["id"] = json!(id);
+        message["timestamp"] = json!(now.timestamp().to_string());
+        let context = message
+            .pointer("/context/id")
+            .and_then(Value::as_str)
+            .map(String::from);
         let value = json!({
             "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550783881", "phone_number_id": message.phone_number_id},
-            "contacts": [{"profile": {"name": format!("Contact {}", message.to)}, "wa_id": message.to}],
-            "messages": [inbound],
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": phone_number_id},
+            "contacts": [{"profile": {"name": format!("Contact {from}")}, "wa_id": from}],
+            "messages": [message],
         });
-        if self.post_webhook(&url, &secret, value).await {
+        let delivered = self.post_webhook(&url, &secret, value).await;
+        self.inner
+            .lock()
+            .expect("sandbox")
+            .inbound
+            .push(InboundMessage {
+                wamid: id.clone(),
+                from: from.to_string(),
+                shown,
+                context,
+                sent_at_ms: now.timestamp_millis(),
+                delivered,
+            });
+        if delivered {
             Ok(id)
         } else {
             Err(format!("webhook to {url} was not accepted"))
         }
+    }
+
+    /// What the people sent, in order.
+    pub fn inbound(&self) -> Vec<InboundMessage> {
+        self.inner.lock().expect("sandbox").inbound.clone()
     }
 
     /// Posts one `messages` change to `url`, signed; records the outcome in the stats.
@@ -358,6 +453,13 @@ impl Sandbox {
         self.inner.lock().expect("sandbox").config.valid_tokens = tokens;
     }
 
+    fn set_status(&self, wamid: &str, status: &str) {
+        let mut inner = self.inner.lock().expect("sandbox");
+        if let Some(m) = inner.messages.iter_mut().rev().find(|m| m.wamid == wamid) {
+            m.status = Some(status.to_string());
+        }
+    }
+
     pub fn set_webhook_url(&self, url: Option<String>) {
         self.inner.lock().expect("sandbox").config.webhook_url = url;
     }
@@ -383,6 +485,9 @@ impl Sandbox {
     fn schedule_statuses(&self, message: &ReceivedMessage) {
         let (url, secret, undeliverable) = {
             let inner = self.inner.lock().expect("sandbox");
+            if !inner.config.auto_statuses {
+                return;
+            }
             (
                 inner.config.webhook_url.clone(),
                 inner.config.app_secret.clone(),
@@ -400,6 +505,7 @@ impl Sandbox {
             };
             for (status, delay_ms) in statuses {
                 tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+                sandbox.set_status(&message.wamid, status);
                 let mut entry = json!({"id": message.wamid, "status": status,
                                        "timestamp": (chrono::Utc::now().timestamp()).to_string(),
                                        "recipient_id": message.to});
@@ -489,8 +595,30 @@ fn validate_and_accept(
         .get("type")
         .and_then(Value::as_str)
         .unwrap_or("text");
+    // Outside the 24-hour customer service window only templates may be sent.
+    if kind != "template" {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let open = inner
+            .last_inbound_ms
+            .get(to)
+            .is_some_and(|at| now_ms - at < 24 * 3_600_000);
+        if !open {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                131047,
+                "Re-engagement message",
+                "Message failed to send because more than 24 hours have passed since the customer last replied to this number.",
+            ));
+        }
+    }
+    let mut buttons = Vec::new();
+    let mut list_rows = Vec::new();
     let (template, language, parameters, rendered) = match kind {
-        "template" => validate_template(inner, &request)?,
+        "template" => {
+            let (parts, titles) = validate_template(inner, &request)?;
+            buttons = titles;
+            parts
+        }
         "text" => {
             let text = request
                 .pointer("/text/body")
@@ -514,11 +642,11 @@ fn validate_and_accept(
                     "interactive body is longer than 1024 characters",
                 ));
             }
-            if let Some(buttons) = request
+            if let Some(requested) = request
                 .pointer("/interactive/action/buttons")
                 .and_then(Value::as_array)
             {
-                if buttons.is_empty() || buttons.len() > 3 {
+                if requested.is_empty() || requested.len() > 3 {
                     return Err(reject(
                         StatusCode::BAD_REQUEST,
                         131009,
@@ -527,7 +655,7 @@ fn validate_and_accept(
                     ));
                 }
                 let mut titles = std::collections::HashSet::new();
-                for b in buttons {
+                for b in requested {
                     let title = b
                         .pointer("/reply/title")
                         .and_then(Value::as_str)
@@ -549,6 +677,45 @@ fn validate_and_accept(
                             "button ids must be 1 to 256 characters",
                         ));
                     }
+                    buttons.push(title.to_string());
+                }
+            }
+            if let Some(sections) = request
+                .pointer("/interactive/action/sections")
+                .and_then(Value::as_array)
+            {
+                for row in sections
+                    .iter()
+                    .filter_map(|s| s.get("rows").and_then(Value::as_array))
+                    .flatten()
+                {
+                    let text = |key: &str| row.get(key).and_then(Value::as_str).unwrap_or("");
+                    if text("id").is_empty()
+                        || text("id").len() > 200
+                        || text("title").is_empty()
+                        || text("title").chars().count() > 24
+                        || text("description").chars().count() > 72
+                    {
+                        return Err(reject(
+                            StatusCode::BAD_REQUEST,
+                            131009,
+                            "Parameter value is not valid",
+                            "list rows need an id (at most 200), a title (at most 24) and at most 72 characters of description",
+                        ));
+                    }
+                    list_rows.push((
+                        text("id").to_string(),
+                        text("title").to_string(),
+                        text("description").to_string(),
+                    ));
+                }
+                if list_rows.is_empty() || list_rows.len() > 10 {
+                    return Err(reject(
+                        StatusCode::BAD_REQUEST,
+                        131009,
+                        "Parameter value is not valid",
+                        "a list has 1 to 10 rows",
+                    ));
                 }
             }
             (None, None, vec![body.to_string()], body.to_string())
@@ -601,6 +768,9 @@ fn validate_and_accept(
         language,
         parameters,
         rendered,
+        buttons,
+        list_rows,
+        status: None,
         request,
         received_at_ms: chrono::Utc::now().timestamp_millis(),
     };
@@ -610,7 +780,11 @@ fn validate_and_accept(
 
 type TemplateParts = (Option<String>, Option<String>, Vec<String>, String);
 
-fn validate_template(inner: &Inner, request: &Value) -> Result<TemplateParts, Rejection> {
+/// Validates a template message; returns its parts and the titles of its quick-reply buttons.
+fn validate_template(
+    inner: &Inner,
+    request: &Value,
+) -> Result<(TemplateParts, Vec<String>), Rejection> {
     let name = request
         .pointer("/template/name")
         .and_then(Value::as_str)
@@ -697,11 +871,20 @@ fn validate_template(inner: &Inner, request: &Value) -> Result<TemplateParts, Re
     for (i, p) in body_params.iter().enumerate() {
         rendered = rendered.replace(&format!("{{{{{}}}}}", i + 1), p);
     }
+    let titles = approved
+        .button_titles
+        .iter()
+        .take(quick_replies)
+        .cloned()
+        .collect();
     Ok((
-        Some(name.to_string()),
-        Some(language.to_string()),
-        body_params,
-        rendered,
+        (
+            Some(name.to_string()),
+            Some(language.to_string()),
+            body_params,
+            rendered,
+        ),
+        titles,
     ))
 }
 
@@ -753,6 +936,17 @@ async fn reply_to_message(
         Ok(id) => Json(json!({"inbound_wamid": id})).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
     }
+}
+
+/// The phones page: every contact's chat, live.
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("phones.html"))
+}
+
+/// What the phones page shows: messages received from gridtalk and what people sent back.
+async fn conversations(State(sandbox): State<Sandbox>) -> Json<Value> {
+    let inner = sandbox.inner.lock().expect("sandbox");
+    Json(json!({"messages": inner.messages, "inbound": inner.inbound}))
 }
 
 async fn list_messages(State(sandbox): State<Sandbox>) -> Json<Vec<ReceivedMessage>> {

@@ -55,6 +55,16 @@ pub struct Metrics {
     pub webhooks: IntCounterVec,
     /// Webhook items published, by kind (message, status).
     pub webhook_items: IntCounterVec,
+    /// Webhook items the converse stage handled, by outcome (answered, status, stale_status,
+    /// redelivery, refused, waited, unknown, ignored).
+    pub converse_items: IntCounterVec,
+    /// Records published on the response topic, by response type.
+    pub responses: IntCounterVec,
+    /// Refused inbounds (each also an audit record), by stage and reason.
+    pub refusals: IntCounterVec,
+    /// Replies to people queued on the outbox by the converse stage, by kind (recorded,
+    /// already_decided) and form (text, template).
+    pub confirmations: IntCounterVec,
 }
 
 impl Metrics {
@@ -183,6 +193,26 @@ impl Metrics {
                 "gridtalk_ingest_items_total",
                 "Webhook items (messages, statuses) published to the webhook topic.",
                 &["kind"],
+            ),
+            converse_items: counter(
+                "gridtalk_converse_items_total",
+                "Webhook items handled by the converse stage, by outcome.",
+                &["outcome"],
+            ),
+            responses: counter(
+                "gridtalk_responses_total",
+                "Records published on the response topic, by response type.",
+                &["type"],
+            ),
+            refusals: counter(
+                "gridtalk_refusals_total",
+                "Refused inbounds (bad signature, bad token, unauthorised, already decided), by stage and reason.",
+                &["stage", "reason"],
+            ),
+            confirmations: counter(
+                "gridtalk_confirmations_total",
+                "Replies to people queued by the converse stage, by kind and form.",
+                &["kind", "form"],
             ),
             registry,
         }

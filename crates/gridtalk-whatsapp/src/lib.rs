@@ -288,6 +288,17 @@ pub fn template_message(
     })
 }
 
+/// The Cloud API request for a free-form text message (only inside the customer service window).
+pub fn text_message(to: &str, body: &str) -> Value {
+    json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "text",
+        "text": {"preview_url": false, "body": body},
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

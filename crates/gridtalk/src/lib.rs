@@ -21,6 +21,8 @@ pub enum Stage {
     Send,
     /// The webhook endpoint (needs `ingest.verify_token` and the app secret).
     Ingest,
+    /// Replies and statuses joined with the sent log, published on the response topic.
+    Converse,
 }
 
 impl FromStr for Stage {
@@ -30,7 +32,10 @@ impl FromStr for Stage {
             "route" => Ok(Stage::Route),
             "send" => Ok(Stage::Send),
             "ingest" => Ok(Stage::Ingest),
-            other => Err(format!("unknown stage {other:?} (route, send, ingest)")),
+            "converse" => Ok(Stage::Converse),
+            other => Err(format!(
+                "unknown stage {other:?} (route, send, ingest, converse)"
+            )),
         }
     }
 }
@@ -49,6 +54,8 @@ pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
         plain(&t.dlq),
         // Same partition count as the sent log: both are keyed by contact (co-partitioned).
         plain(&t.webhook),
+        plain(&t.responses),
+        plain(&t.audit),
         TopicSpec {
             name: t.directory.clone(),
             partitions: 1,
@@ -83,6 +90,12 @@ pub async fn run_stages(
             Stage::Ingest => (
                 "ingest stage",
                 Box::pin(async move { Ok(gridtalk_ingest::run(config, readiness, token).await?) }),
+            ),
+            Stage::Converse => (
+                "converse stage",
+                Box::pin(
+                    async move { Ok(gridtalk_converse::run(config, readiness, token).await?) },
+                ),
             ),
         };
         // A stage that fails stops the others.

@@ -35,8 +35,8 @@ enum Command {
     Run {
         #[arg(long, env = "GRIDTALK_CONFIG")]
         config: Option<PathBuf>,
-        /// Stages to run in this process (default: all).
-        #[arg(long, value_delimiter = ',', default_value = "route,send")]
+        /// Stages to run in this process: route, send, ingest (needs the webhook secrets), converse.
+        #[arg(long, value_delimiter = ',', default_value = "route,send,converse")]
         stages: Vec<Stage>,
     },
     /// Validate the configuration, routing rules, templates and directory without starting anything.

@@ -131,6 +131,19 @@ impl Directory {
         found
     }
 
+    /// The contact whose phone number is the WhatsApp id `wa_id` (digits of E.164), if any.
+    /// Numbers in the directory are compared after the same normalisation as when sending.
+    pub fn contact_by_wa_id(&self, wa_id: &str) -> Option<&Contact> {
+        let mut found: Vec<&Contact> = self
+            .contacts
+            .values()
+            .filter(|c| gridtalk_whatsapp::normalize_phone(&c.phone).is_ok_and(|p| p == wa_id))
+            .collect();
+        // One number shared by two directory entries is ambiguous: the lowest id decides, stably.
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found.into_iter().next()
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         (self.partners.len(), self.contacts.len())
     }
@@ -214,4 +227,42 @@ pub fn tail_directory(
         }
     }
     Ok(())
+}
+
+/// Opens the directory a stage works with: the file baseline, then the directory topic's
+/// overrides, tailed in the background. Returns once the topic is caught up (as of start-up), so
+/// nothing is decided on a stale directory; an error if the file is unreadable or the reader stops.
+pub async fn open(
+    config: &gridtalk_config::Config,
+    shutdown: &CancellationToken,
+) -> Result<SharedDirectory, String> {
+    let directory: SharedDirectory = Arc::new(RwLock::new(match &config.directory.file {
+        Some(path) => Directory::load(path)?,
+        None => Directory::default(),
+    }));
+    let ready = Arc::new(AtomicBool::new(false));
+    let tail = {
+        let (kafka, topic, directory, ready, stop) = (
+            config.kafka.clone(),
+            config.topics.directory.clone(),
+            directory.clone(),
+            ready.clone(),
+            shutdown.child_token(),
+        );
+        tokio::task::spawn_blocking(move || tail_directory(kafka, topic, directory, ready, stop))
+    };
+    while !ready.load(Ordering::Acquire) {
+        if shutdown.is_cancelled() {
+            return Ok(directory);
+        }
+        if tail.is_finished() {
+            return Err(match tail.await {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => "directory reader stopped".into(),
+                Err(e) => e.to_string(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(directory)
 }

@@ -1,0 +1,901 @@
+//! The conversation state of the contacts of the partitions a converse process owns, and the
+//! interpretation of what they send back. Pure: no Kafka, no clock (the caller passes `now`), so
+//! every rule here is tested directly.
+//!
+//! What it guarantees, given the items of one contact in order:
+//! - a webhook item is answered at most once (redeliveries are dropped by item id);
+//! - a delivery status only ever moves a message forward (sent → delivered → read, or failed), so
+//!   statuses arriving out of order end in the right state and a stale one publishes nothing;
+//! - a button counts only if its token verifies (signature, expiry) and names the request of the
+//!   message it quotes, and only from a contact the directory authorises for that request;
+//! - a request is decided once: the first valid decision wins, later ones are refused politely;
+//! - every refusal yields an audit record, never a response.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use gridtalk_contract::{AuditRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse};
+use gridtalk_directory::{Contact, Directory};
+use gridtalk_ingest::WebhookItem;
+use gridtalk_whatsapp::buttons::{self, TokenError};
+
+/// What kind of request a sent message opened, from the event that caused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RequestKind {
+    PoAcknowledgement,
+    Approval,
+    Onboarding,
+    InvoiceCorrection,
+    ShipmentException,
+    Case,
+    /// A notice (status, alert, summary) or gridtalk's own confirmation: nothing to decide.
+    Notice,
+}
+
+impl RequestKind {
+    pub fn of_event_type(event_type: &str) -> Self {
+        match event_type {
+            "tg.po.received" | "tg.po.ack_overdue" => RequestKind::PoAcknowledgement,
+            "wf.approval.requested" => RequestKind::Approval,
+            "tg.onboarding.reminder" => RequestKind::Onboarding,
+            "tg.invoice.correction_required" => RequestKind::InvoiceCorrection,
+            "tg.shipment.exception" => RequestKind::ShipmentException,
+            "wf.case.opened" | "wf.case.updated" => RequestKind::Case,
+            _ => RequestKind::Notice,
+        }
+    }
+
+    /// Whether `action` settles the request (first one wins) rather than adding to it.
+    fn is_final(self, action: &str) -> bool {
+        !matches!(action, "NEED_INFO" | "NEED_HELP" | "NEW_ETA" | "COMMENT") && self.decidable()
+    }
+
+    fn decidable(self) -> bool {
+        !matches!(self, RequestKind::Case | RequestKind::Notice)
+    }
+
+    /// Whether the request is open for free text until decided (cases stay open).
+    fn takes_free_text(self) -> bool {
+        self != RequestKind::Notice
+    }
+
+    fn response_type(self) -> &'static str {
+        match self {
+            RequestKind::PoAcknowledgement => "wa.po.ack_decision",
+            RequestKind::Approval => "wa.approval.decided",
+            RequestKind::Onboarding => "wa.onboarding.acknowledged",
+            RequestKind::InvoiceCorrection => "wa.invoice.correction_ack",
+            RequestKind::ShipmentException => "wa.shipment.exception_response",
+            RequestKind::Case | RequestKind::Notice => "wa.case.message_received",
+        }
+    }
+}
+
+/// A request a person can answer: one document or workflow request, whichever messages asked it.
+#[derive(Debug, Clone)]
+struct Request {
+    kind: RequestKind,
+    id: String,
+    correlation_id: String,
+    event_id: String,
+    partner_id: String,
+    /// WhatsApp id → directory contact id of everyone it was sent to.
+    recipients: HashMap<String, String>,
+    decided: Option<Decision>,
+}
+
+#[derive(Debug, Clone)]
+struct Decision {
+    action: String,
+    by_contact: String,
+}
+
+/// What the sent log says about one message gridtalk sent.
+#[derive(Debug, Clone)]
+struct Sent {
+    request: (RequestKind, String),
+    correlation_id: String,
+    event_id: String,
+    contact_id: String,
+    partner_id: String,
+    wa_id: String,
+    /// Rank of the last status applied (0 none, 1 sent, 2 delivered, 3 read, 4 failed).
+    status_rank: u8,
+}
+
+fn status_rank(status: &str) -> Option<u8> {
+    match status {
+        "sent" => Some(1),
+        "delivered" => Some(2),
+        "read" => Some(3),
+        "failed" => Some(4),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Default)]
+struct ContactState {
+    /// Time of the person's last message (Meta's timestamp), for the customer service window.
+    last_inbound_ms: i64,
+    /// Requests sent to them that free text can attach to, oldest first.
+    open: BTreeSet<(RequestKind, String)>,
+}
+
+/// Settings of the interpretation.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub button_secret: Vec<u8>,
+    pub service_window_ms: i64,
+    pub confirmation_template: String,
+    pub confirmation_languages: Vec<String>,
+    pub phone_number_id: String,
+    pub remembered_items: usize,
+}
+
+/// What handling one item produced, in the order to publish it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Response(WorkflowResponse),
+    Audit(AuditRecord),
+    /// A reply to the person, for the outbox.
+    Reply(OutboxMessage),
+}
+
+/// The result of offering an item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handled {
+    /// Done; `outcomes` may be empty (a redelivery, a stale status, an item of no interest).
+    Done {
+        outcome: &'static str,
+        outcomes: Vec<Outcome>,
+    },
+    /// The item refers to message `wamid`, which the sent log has not shown yet: offer it again
+    /// once it has (or with `give_up` after the join wait).
+    Wait { wamid: String },
+}
+
+fn done(outcome: &'static str, outcomes: Vec<Outcome>) -> Handled {
+    Handled::Done { outcome, outcomes }
+}
+
+/// The state of the conversations of the contacts this process owns.
+#[derive(Debug)]
+pub struct Conversations {
+    settings: Settings,
+    sent: HashMap<String, Sent>,
+    requests: HashMap<(RequestKind, String), Request>,
+    contacts: HashMap<String, ContactState>,
+    seen: HashSet<String>,
+    seen_order: VecDeque<String>,
+}
+
+fn short_hash(parts: &[&str]) -> String {
+    hex::encode(&Sha256::digest(parts.join("\u{1f}"))[..16])
+}
+
+fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
+    value.pointer(pointer).and_then(Value::as_str)
+}
+
+/// Meta's `timestamp` (unix seconds as a string) in milliseconds.
+fn meta_time_ms(item: &Value) -> Option<i64> {
+    str_at(item, "/timestamp")
+        .and_then(|t| t.parse::<i64>().ok())
+        .map(|s| s * 1000)
+}
+
+/// Parses `YYYY-MM-DD` anywhere in a text as midnight UTC, for a new ETA written by a person.
+fn date_in(text: &str) -> Option<i64> {
+    text.split(|c: char| c.is_whitespace() || c == ',')
+        .find_map(|word| chrono::NaiveDate::parse_from_str(word.trim_matches('.'), "%Y-%m-%d").ok())
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_millis())
+}
+
+/// How a person answered.
+#[derive(Debug, Clone)]
+enum Answer {
+    /// A quick-reply or interactive button/list row: its id/payload and title.
+    Button { token: String, title: String },
+    /// Text (or a caption or file name), possibly quoting a message.
+    Text { text: String, document: bool },
+}
+
+impl Conversations {
+    pub fn new(settings: Settings) -> Self {
+        Conversations {
+            settings,
+            sent: HashMap::new(),
+            requests: HashMap::new(),
+            contacts: HashMap::new(),
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+        }
+    }
+
+    /// Number of sent messages known (for metrics and tests).
+    pub fn sent_count(&self) -> usize {
+        self.sent.len()
+    }
+
+    pub fn knows_message(&self, wamid: &str) -> bool {
+        self.sent.contains_key(wamid)
+    }
+
+    /// Applies one sent-log record. Idempotent: the sent log is re-read from its start whenever a
+    /// partition is assigned.
+    pub fn apply_sent(&mut self, sent: &SentMessage) {
+        if self.sent.contains_key(&sent.wamid) {
+            return;
+        }
+        let kind = RequestKind::of_event_type(&sent.event_type);
+        let key = (kind, sent.document_key.clone());
+        let request = self.requests.entry(key.clone()).or_insert_with(|| Request {
+            kind,
+            id: sent.document_key.clone(),
+            correlation_id: sent.correlation_id.clone(),
+            event_id: sent.event_id.clone(),
+            partner_id: sent.partner_id.clone(),
+            recipients: HashMap::new(),
+            decided: None,
+        });
+        // gridtalk's own replies about a request (event ids are inbound wamids) add no recipient.
+        if !sent.event_type.starts_with("gridtalk.") {
+            request
+                .recipients
+                .insert(sent.wa_id.clone(), sent.contact_id.clone());
+            if kind.takes_free_text() && request.decided.is_none() {
+                self.contacts
+                    .entry(sent.wa_id.clone())
+                    .or_default()
+                    .open
+                    .insert(key.clone());
+            }
+        }
+        self.sent.insert(
+            sent.wamid.clone(),
+            Sent {
+                request: key,
+                correlation_id: sent.correlation_id.clone(),
+                event_id: sent.event_id.clone(),
+                contact_id: sent.contact_id.clone(),
+                partner_id: sent.partner_id.clone(),
+                wa_id: sent.wa_id.clone(),
+                status_rank: 0,
+            },
+        );
+    }
+
+    fn remember(&mut self, item_id: &str) {
+        if self.seen.insert(item_id.to_string()) {
+            self.seen_order.push_back(item_id.to_string());
+            while self.seen_order.len() > self.settings.remembered_items.max(1) {
+                if let Some(old) = self.seen_order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Offers one webhook item. With `give_up`, an item whose message is still unknown is judged
+    /// now (audited as unknown) instead of waiting.
+    pub fn handle(
+        &mut self,
+        item: &WebhookItem,
+        directory: &Directory,
+        now_ms: i64,
+        give_up: bool,
+    ) -> Handled {
+        if self.seen.contains(&item.item_id) {
+            return done("redelivery", Vec::new());
+        }
+        let handled = match item.kind.as_str() {
+            "status" => self.status(item, give_up),
+            "message" => self.message(item, directory, now_ms, give_up),
+            _ => done("ignored", Vec::new()),
+        };
+        if matches!(handled, Handled::Done { .. }) {
+            self.remember(&item.item_id);
+        }
+        handled
+    }
+
+    fn status(&mut self, item: &WebhookItem, give_up: bool) -> Handled {
+        let v = &item.item;
+        let (Some(wamid), Some(status)) = (str_at(v, "/id"), str_at(v, "/status")) else {
+            return done("ignored", Vec::new());
+        };
+        let Some(rank) = status_rank(status) else {
+            return done("ignored", Vec::new());
+        };
+        let Some(sent) = self.sent.get_mut(wamid) else {
+            if !give_up {
+                return Handled::Wait {
+                    wamid: wamid.to_string(),
+                };
+            }
+            let audit = self.audit(
+                item,
+                "unknown_message",
+                format!("status {status} for message {wamid}, which gridtalk did not send"),
+                None,
+                None,
+                None,
+            );
+            return done("unknown", vec![Outcome::Audit(audit)]);
+        };
+        if rank <= sent.status_rank {
+            return done("stale_status", Vec::new());
+        }
+        sent.status_rank = rank;
+        let error = v.pointer("/errors/0");
+        let body = ResponseBody::DeliveryStatus {
+            status: status.to_ascii_uppercase(),
+            error_code: error
+                .and_then(|e| e.get("code"))
+                .and_then(Value::as_i64)
+                .map(|c| c as i32),
+            error_title: error
+                .and_then(|e| e.get("title").or_else(|| e.get("message")))
+                .and_then(Value::as_str)
+                .map(String::from),
+        };
+        let response = WorkflowResponse {
+            response_id: item.item_id.clone(),
+            response_type: "wa.message.status".into(),
+            correlation_id: sent.correlation_id.clone(),
+            in_reply_to_event_id: Some(sent.event_id.clone()),
+            request_id: Some(sent.request.1.clone()),
+            contact_id: Some(sent.contact_id.clone()),
+            partner_id: Some(sent.partner_id.clone()),
+            wa_message_id: wamid.to_string(),
+            wa_context_message_id: None,
+            received_at: meta_time_ms(v).unwrap_or(item.received_at_ms),
+            body,
+        };
+        done("status", vec![Outcome::Response(response)])
+    }
+
+    fn answer_of(v: &Value) -> Option<Answer> {
+        let kind = str_at(v, "/type")?;
+        let button = |id: Option<&str>, title: Option<&str>| {
+            id.map(|id| Answer::Button {
+                token: id.to_string(),
+                title: title.unwrap_or(id).to_string(),
+            })
+        };
+        match kind {
+            "button" => button(str_at(v, "/button/payload"), str_at(v, "/button/text")),
+            "interactive" => match str_at(v, "/interactive/type")? {
+                "button_reply" => button(
+                    str_at(v, "/interactive/button_reply/id"),
+                    str_at(v, "/interactive/button_reply/title"),
+                ),
+                "list_reply" => button(
+                    str_at(v, "/interactive/list_reply/id"),
+                    str_at(v, "/interactive/list_reply/title"),
+                ),
+                _ => None,
+            },
+            "text" => Some(Answer::Text {
+                text: str_at(v, "/text/body")?.to_string(),
+                document: false,
+            }),
+            "document" | "image" => Some(Answer::Text {
+                text: str_at(v, &format!("/{kind}/caption"))
+                    .or_else(|| str_at(v, &format!("/{kind}/filename")))
+                    .unwrap_or(kind)
+                    .to_string(),
+                document: true,
+            }),
+            _ => None,
+        }
+    }
+
+    fn message(
+        &mut self,
+        item: &WebhookItem,
+        directory: &Directory,
+        now_ms: i64,
+        give_up: bool,
+    ) -> Handled {
+        let v = &item.item;
+        let from = item.contact.clone();
+        let context = str_at(v, "/context/id").map(String::from);
+        if let Some(quoted) = &context {
+            if !self.sent.contains_key(quoted) && !give_up {
+                return Handled::Wait {
+                    wamid: quoted.clone(),
+                };
+            }
+        }
+        let at = meta_time_ms(v).unwrap_or(item.received_at_ms);
+        {
+            let state = self.contacts.entry(from.clone()).or_default();
+            state.last_inbound_ms = state.last_inbound_ms.max(at);
+        }
+        let Some(answer) = Self::answer_of(v) else {
+            return done("ignored", Vec::new());
+        };
+        match answer {
+            Answer::Button { token, title } => {
+                self.button(item, directory, now_ms, context, &token, &title)
+            }
+            Answer::Text { text, document } => {
+                self.text(item, directory, context, text, document, at)
+            }
+        }
+    }
+
+    /// The contact the directory knows for `wa_id`, preferring the one the request was sent to.
+    fn contact_of<'d>(
+        directory: &'d Directory,
+        request: Option<&Request>,
+        wa_id: &str,
+    ) -> Option<&'d Contact> {
+        request
+            .and_then(|r| r.recipients.get(wa_id))
+            .and_then(|id| directory.contact(id))
+            .or_else(|| directory.contact_by_wa_id(wa_id))
+    }
+
+    /// Whether the contact behind `wa_id` may answer `request`: the designated approver (someone it
+    /// was sent to) for approvals, the partner's own contacts for its POs and onboarding, and for
+    /// the others someone it was sent to or a contact of the partner.
+    fn authorise(request: &Request, contact: Option<&Contact>, wa_id: &str) -> Result<(), String> {
+        let Some(contact) = contact else {
+            return Err(format!(
+                "{} is not a contact in the directory",
+                gridtalk_telemetry::mask_phone(wa_id)
+            ));
+        };
+        let of_partner = contact.partner.as_deref() == Some(request.partner_id.as_str());
+        let addressed = request.recipients.contains_key(wa_id);
+        let allowed = match request.kind {
+            RequestKind::Approval => addressed,
+            RequestKind::PoAcknowledgement | RequestKind::Onboarding => of_partner,
+            _ => of_partner || addressed,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "contact {} is not authorised to answer {} {}",
+                contact.id,
+                request.kind.response_type(),
+                request.id
+            ))
+        }
+    }
+
+    fn button(
+        &mut self,
+        item: &WebhookItem,
+        directory: &Directory,
+        now_ms: i64,
+        context: Option<String>,
+        token_text: &str,
+        title: &str,
+    ) -> Handled {
+        let token = match buttons::verify(&self.settings.button_secret, token_text, now_ms / 1000) {
+            Ok(token) => token,
+            Err(e) => {
+                let reason = match e {
+                    TokenError::Expired => "token_expired",
+                    TokenError::BadSignature => "token_forged",
+                    TokenError::Malformed | TokenError::TooLong => "token_malformed",
+                };
+                let audit = self.audit(
+                    item,
+                    reason,
+                    format!("button {title:?}: {e}"),
+                    None,
+                    None,
+                    None,
+                );
+                return done("refused", vec![Outcome::Audit(audit)]);
+            }
+        };
+        // The quoted message names the request; without a quote (some interactive replies) the
+        // token's request id is looked up among the requests this contact was asked.
+        let key = match context.as_deref().and_then(|c| self.sent.get(c)) {
+            Some(sent) => Some(sent.request.clone()),
+            None => self
+                .requests
+                .iter()
+                .filter(|(k, r)| k.1 == token.request_id && r.kind.decidable())
+                .map(|(k, _)| k.clone())
+                .next(),
+        };
+        let Some(key) = key else {
+            let audit = self.audit(
+                item,
+                "unknown_message",
+                format!(
+                    "button {} for {} answers no message gridtalk sent",
+                    token.action, token.request_id
+                ),
+                Some(&token.request_id),
+                Some(&token.action),
+                None,
+            );
+            return done("unknown", vec![Outcome::Audit(audit)]);
+        };
+        let request = self
+            .requests
+            .get(&key)
+            .expect("sent messages have requests");
+        let correlation = Some(request.correlation_id.clone());
+        if token.request_id != request.id || !request.kind.decidable() {
+            let audit = self.audit(
+                item,
+                "token_forged",
+                format!(
+                    "button token names {} but the quoted message is about {}",
+                    token.request_id, request.id
+                ),
+                Some(&token.request_id),
+                Some(&token.action),
+                correlation,
+            );
+            return done("refused", vec![Outcome::Audit(audit)]);
+        }
+        let contact = Self::contact_of(directory, Some(request), &item.contact);
+        if let Err(detail) = Self::authorise(request, contact, &item.contact) {
+            let mut audit = self.audit(
+                item,
+                "unauthorised_contact",
+                detail,
+                Some(&token.request_id),
+                Some(&token.action),
+                correlation,
+            );
+            audit.contact_id = contact.map(|c| c.id.clone());
+            return done("refused", vec![Outcome::Audit(audit)]);
+        }
+        let contact = contact.expect("authorised contacts exist").clone();
+        let request = request.clone();
+        let is_final = request.kind.is_final(&token.action);
+        if is_final {
+            if let Some(decided) = &request.decided {
+                let mut audit = self.audit(
+                    item,
+                    "already_decided",
+                    format!(
+                        "{} was already decided ({} by {}); {} not recorded",
+                        request.id, decided.action, decided.by_contact, token.action
+                    ),
+                    Some(&request.id),
+                    Some(&token.action),
+                    correlation,
+                );
+                audit.contact_id = Some(contact.id.clone());
+                let note = format!(
+                    "this was already answered ({}), so your answer {title:?} was not recorded.",
+                    title_case(&decided.action)
+                );
+                let reply = self.reply(
+                    item,
+                    &request,
+                    &contact,
+                    "already_decided",
+                    format!(
+                        "{} was already answered ({}), so your answer \"{title}\" was not recorded. Thank you all the same.",
+                        request.id,
+                        title_case(&decided.action)
+                    ),
+                    note,
+                    now_ms,
+                );
+                return done(
+                    "refused",
+                    vec![Outcome::Audit(audit), Outcome::Reply(reply)],
+                );
+            }
+            let key = (request.kind, request.id.clone());
+            if let Some(r) = self.requests.get_mut(&key) {
+                r.decided = Some(Decision {
+                    action: token.action.clone(),
+                    by_contact: contact.id.clone(),
+                });
+                for wa_id in r.recipients.keys() {
+                    if let Some(state) = self.contacts.get_mut(wa_id) {
+                        if request.kind != RequestKind::Case {
+                            state.open.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        let body = body_for(&request, Some(&token.action), None, false);
+        let response = self.response(item, &request, &contact, context, body);
+        let reply = self.reply(
+            item,
+            &request,
+            &contact,
+            "recorded",
+            format!(
+                "Thank you, your answer \"{title}\" on {} is recorded.",
+                request.id
+            ),
+            format!("your answer {title:?} is recorded."),
+            now_ms,
+        );
+        done(
+            "answered",
+            vec![Outcome::Response(response), Outcome::Reply(reply)],
+        )
+    }
+
+    fn text(
+        &mut self,
+        item: &WebhookItem,
+        directory: &Directory,
+        context: Option<String>,
+        text: String,
+        document: bool,
+        at: i64,
+    ) -> Handled {
+        let from = item.contact.as_str();
+        // A quoted message names the request; otherwise the contact's single open request does.
+        let quoted = context.as_deref().and_then(|c| self.sent.get(c));
+        if let Some(sent) = quoted {
+            if sent.wa_id != from {
+                let audit = self.audit(
+                    item,
+                    "unauthorised_contact",
+                    format!(
+                        "{} quotes a message sent to someone else",
+                        gridtalk_telemetry::mask_phone(from)
+                    ),
+                    Some(&sent.request.1),
+                    None,
+                    Some(sent.correlation_id.clone()),
+                );
+                return done("refused", vec![Outcome::Audit(audit)]);
+            }
+        }
+        let key = match quoted {
+            Some(sent) => Some(sent.request.clone()),
+            None => {
+                let open = self
+                    .contacts
+                    .get(from)
+                    .map(|c| c.open.iter().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default();
+                (open.len() == 1).then(|| open[0].clone())
+            }
+        };
+        let request = key.and_then(|k| self.requests.get(&k)).cloned();
+        let contact = Self::contact_of(directory, request.as_ref(), from).cloned();
+        let Some(request) = request.filter(|r| r.kind != RequestKind::Notice) else {
+            // Nothing to attach to: the text opens a case, correlated to the message it quotes
+            // if any, else to itself.
+            let correlation_id = quoted
+                .map(|s| s.correlation_id.clone())
+                .unwrap_or_else(|| format!("wa:{}", item.item_id));
+            let response = WorkflowResponse {
+                response_id: item.item_id.clone(),
+                response_type: RequestKind::Case.response_type().into(),
+                correlation_id,
+                in_reply_to_event_id: quoted.map(|s| s.event_id.clone()),
+                request_id: None,
+                contact_id: contact.as_ref().map(|c| c.id.clone()),
+                partner_id: contact
+                    .as_ref()
+                    .and_then(|c| c.partner.clone())
+                    .or_else(|| quoted.map(|s| s.partner_id.clone())),
+                wa_message_id: item.item_id.clone(),
+                wa_context_message_id: context,
+                received_at: at,
+                body: ResponseBody::CaseMessage {
+                    case_id: None,
+                    text,
+                },
+            };
+            return done("answered", vec![Outcome::Response(response)]);
+        };
+        let Some(contact) = contact else {
+            let audit = self.audit(
+                item,
+                "unauthorised_contact",
+                format!(
+                    "{} is not a contact in the directory",
+                    gridtalk_telemetry::mask_phone(from)
+                ),
+                Some(&request.id),
+                None,
+                Some(request.correlation_id.clone()),
+            );
+            return done("refused", vec![Outcome::Audit(audit)]);
+        };
+        let body = body_for(&request, None, Some(text), document);
+        let response = self.response(item, &request, &contact, context, body);
+        done("answered", vec![Outcome::Response(response)])
+    }
+
+    fn response(
+        &self,
+        item: &WebhookItem,
+        request: &Request,
+        contact: &Contact,
+        context: Option<String>,
+        body: ResponseBody,
+    ) -> WorkflowResponse {
+        WorkflowResponse {
+            response_id: item.item_id.clone(),
+            response_type: request.kind.response_type().into(),
+            correlation_id: request.correlation_id.clone(),
+            in_reply_to_event_id: Some(request.event_id.clone()),
+            request_id: Some(request.id.clone()),
+            contact_id: Some(contact.id.clone()),
+            partner_id: Some(request.partner_id.clone()),
+            wa_message_id: item.item_id.clone(),
+            wa_context_message_id: context,
+            received_at: meta_time_ms(&item.item).unwrap_or(item.received_at_ms),
+            body,
+        }
+    }
+
+    fn audit(
+        &self,
+        item: &WebhookItem,
+        reason: &str,
+        detail: String,
+        request_id: Option<&str>,
+        action: Option<&str>,
+        correlation_id: Option<String>,
+    ) -> AuditRecord {
+        AuditRecord {
+            audit_id: format!("{}:{reason}", item.item_id),
+            reason: reason.into(),
+            stage: "converse".into(),
+            detail,
+            wa_id: Some(item.contact.clone()),
+            contact_id: None,
+            request_id: request_id.map(String::from),
+            action: action.map(String::from),
+            correlation_id,
+            wa_message_id: Some(item.item_id.clone()),
+            at: meta_time_ms(&item.item).unwrap_or(item.received_at_ms),
+        }
+    }
+
+    /// A reply to the person through the outbox: free-form inside their customer service window
+    /// (opened by the very message it answers, unless that is older than the window by now), else
+    /// the confirmation template.
+    #[allow(clippy::too_many_arguments)]
+    fn reply(
+        &self,
+        item: &WebhookItem,
+        request: &Request,
+        contact: &Contact,
+        kind: &str,
+        text: String,
+        note: String,
+        now_ms: i64,
+    ) -> OutboxMessage {
+        let last_inbound = self
+            .contacts
+            .get(&item.contact)
+            .map_or(0, |c| c.last_inbound_ms);
+        let inside_window = now_ms - last_inbound < self.settings.service_window_ms;
+        let language = contact
+            .language
+            .clone()
+            .filter(|l| self.settings.confirmation_languages.contains(l))
+            .or_else(|| self.settings.confirmation_languages.first().cloned())
+            .unwrap_or_else(|| "en_US".into());
+        let (template_name, body) = if inside_window {
+            (None, gridtalk_whatsapp::text_message(&item.contact, &text))
+        } else {
+            let template = &self.settings.confirmation_template;
+            (
+                Some(template.clone()),
+                gridtalk_whatsapp::template_message(
+                    &item.contact,
+                    template,
+                    &language,
+                    &[request.id.clone(), note],
+                    &[],
+                ),
+            )
+        };
+        // Answer from the number the person wrote to.
+        let phone_number_id = item
+            .phone_number_id
+            .clone()
+            .unwrap_or_else(|| self.settings.phone_number_id.clone());
+        OutboxMessage {
+            message_id: short_hash(&[&item.item_id, kind]),
+            event_id: item.item_id.clone(),
+            event_type: format!("gridtalk.answer.{kind}"),
+            correlation_id: request.correlation_id.clone(),
+            document_key: request.id.clone(),
+            partner_id: request.partner_id.clone(),
+            phone_number_id,
+            contact_id: contact.id.clone(),
+            recipient: item.contact.clone(),
+            template_name,
+            language,
+            request_json: body.to_string(),
+            rule: format!("converse-{kind}"),
+            created_at: now_ms,
+        }
+    }
+}
+
+fn title_case(action: &str) -> String {
+    let lower = action.replace('_', " ").to_lowercase();
+    let mut chars = lower.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// The typed body for an answer to `request`: a button `action`, or a `text` (a comment, a file).
+fn body_for(
+    request: &Request,
+    action: Option<&str>,
+    text: Option<String>,
+    document: bool,
+) -> ResponseBody {
+    let id = request.id.clone();
+    let symbol = |allowed: &[&str]| {
+        action
+            .filter(|a| allowed.contains(a))
+            .unwrap_or("UNKNOWN")
+            .to_string()
+    };
+    match request.kind {
+        RequestKind::PoAcknowledgement => ResponseBody::PoAckDecision {
+            po_number: id,
+            decision: symbol(&["ACCEPT", "ACCEPT_WITH_CHANGES", "REJECT"]),
+            comment: text,
+        },
+        RequestKind::Approval => ResponseBody::ApprovalDecision {
+            approval_id: id,
+            decision: symbol(&["APPROVE", "REJECT", "NEED_INFO"]),
+            comment: text,
+        },
+        RequestKind::Onboarding => ResponseBody::OnboardingAcknowledgement {
+            onboarding_id: id,
+            action: match (action, document) {
+                (Some(_), _) => symbol(&["ACKNOWLEDGED", "WILL_SUBMIT", "SUBMITTED", "NEED_HELP"]),
+                (None, true) => "SUBMITTED".into(),
+                (None, false) => "ACKNOWLEDGED".into(),
+            },
+            item_code: None,
+            comment: text,
+        },
+        RequestKind::InvoiceCorrection | RequestKind::ShipmentException => {
+            let new_eta = text.as_deref().and_then(date_in);
+            let answer = match (action, new_eta) {
+                (Some(_), _) => symbol(&[
+                    "ACKNOWLEDGED",
+                    "WILL_RESEND",
+                    "DISPUTE",
+                    "NEW_ETA",
+                    "COMMENT",
+                ]),
+                (None, Some(_)) if request.kind == RequestKind::ShipmentException => {
+                    "NEW_ETA".into()
+                }
+                (None, _) => "COMMENT".into(),
+            };
+            ResponseBody::CorrectionAnswer {
+                document_key: id,
+                answer,
+                new_eta: new_eta.filter(|_| request.kind == RequestKind::ShipmentException),
+                comment: text,
+            }
+        }
+        RequestKind::Case | RequestKind::Notice => ResponseBody::CaseMessage {
+            case_id: Some(id),
+            text: text.unwrap_or_else(|| action.unwrap_or_default().to_string()),
+        },
+    }
+}

@@ -1,0 +1,483 @@
+//! The converse stage's consumer loop (see the crate docs for its guarantees).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use gridtalk_config::Config;
+use gridtalk_contract::{AvroRecord, SentMessage};
+use gridtalk_directory::SharedDirectory;
+use gridtalk_ingest::WebhookItem;
+use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, StageContext};
+use gridtalk_telemetry::{Metrics, Readiness};
+
+use crate::conversation::{Conversations, Handled, Outcome, Settings};
+
+const STAGE: &str = "converse";
+/// Publishes awaiting acknowledgement at once; the loop waits beyond it.
+const MAX_IN_FLIGHT: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConverseError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("hand-off failed, stopping so that the records are replayed: {0}")]
+    HandOff(String),
+}
+
+struct Shared {
+    config: Arc<Config>,
+    consumer: StreamConsumer<StageContext>,
+    producer: FutureProducer,
+    tracker: Mutex<OffsetTracker>,
+    failure: Mutex<Option<String>>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn finish(&self, topic: &str, partition: i32, offset: i64) {
+        let next = self
+            .tracker
+            .lock()
+            .expect("tracker")
+            .finish(topic, partition, offset);
+        if let Some(next) = next {
+            let mut tpl = TopicPartitionList::new();
+            if tpl
+                .add_partition_offset(topic, partition, Offset::Offset(next))
+                .is_ok()
+            {
+                if let Err(e) = self.consumer.store_offsets(&tpl) {
+                    // Revoked meanwhile: the new owner replays from the last commit.
+                    tracing::debug!(error = %e, topic, partition, "offset not stored");
+                }
+            }
+        }
+    }
+
+    fn fail(&self, detail: String) {
+        tracing::error!(stage = STAGE, error = %detail, "hand-off failed; stopping the stage");
+        self.failure.lock().expect("failure").get_or_insert(detail);
+        self.stop.cancel();
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.kafka.request_timeout_ms)
+    }
+}
+
+/// A webhook item waiting for the sent-log record of the message it refers to.
+struct Waiting {
+    message: OwnedMessage,
+    item: WebhookItem,
+    deadline: Instant,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn settings(config: &Config) -> Result<Settings, ConverseError> {
+    let secret = config
+        .button_secret()
+        .map_err(ConverseError::Config)?
+        .ok_or_else(|| {
+            ConverseError::Config(
+                "the converse stage verifies buttons: set route.button_secret or route.button_secret_file"
+                    .into(),
+            )
+        })?;
+    let template = config
+        .templates
+        .iter()
+        .find(|t| t.name == config.converse.confirmation_template)
+        .ok_or_else(|| {
+            ConverseError::Config(format!(
+                "converse.confirmation_template {} is not a configured template",
+                config.converse.confirmation_template
+            ))
+        })?;
+    Ok(Settings {
+        button_secret: secret.expose().as_bytes().to_vec(),
+        service_window_ms: (config.converse.service_window_minutes as i64).saturating_mul(60_000),
+        confirmation_template: template.name.clone(),
+        confirmation_languages: template.languages.clone(),
+        phone_number_id: config.send.phone_number_id.clone(),
+        remembered_items: config.converse.remembered_items,
+    })
+}
+
+/// Fails unless the webhook topic and the sent log have the same partition count: the join is
+/// local only if a contact's replies and sent messages land on partitions of the same number.
+fn check_co_partitioned(config: &Config) -> Result<(), ConverseError> {
+    let probe = gridtalk_kafka::tail_consumer(&config.kafka)?;
+    let sent = gridtalk_kafka::partitions_of(&probe, &config.topics.sent)?;
+    let webhook = gridtalk_kafka::partitions_of(&probe, &config.topics.webhook)?;
+    if sent.len() != webhook.len() {
+        return Err(ConverseError::Config(format!(
+            "topics {} ({} partitions) and {} ({} partitions) must have the same partition count to be joined",
+            config.topics.sent,
+            sent.len(),
+            config.topics.webhook,
+            webhook.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the converse stage until `shutdown` is cancelled or a hand-off fails.
+pub async fn run(
+    config: Arc<Config>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), ConverseError> {
+    let ready = readiness.register("converse");
+    let mut conversations = Conversations::new(settings(&config)?);
+    {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || check_co_partitioned(&config))
+            .await
+            .map_err(|e| ConverseError::Config(e.to_string()))??;
+    }
+    let directory = gridtalk_directory::open(&config, &shutdown)
+        .await
+        .map_err(ConverseError::Config)?;
+
+    let group = format!("{}-converse", config.kafka.group_prefix);
+    let consumer = gridtalk_kafka::co_partitioned_consumer(&config.kafka, &group, STAGE)?;
+    consumer
+        .subscribe(&[&config.topics.sent, &config.topics.webhook])
+        .map_err(KafkaError::from)?;
+    let shared = Arc::new(Shared {
+        producer: gridtalk_kafka::producer(&config.kafka)?,
+        config: config.clone(),
+        consumer,
+        tracker: Mutex::new(OffsetTracker::default()),
+        failure: Mutex::new(None),
+        stop: shutdown.child_token(),
+    });
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let join_wait = Duration::from_millis(config.converse.join_wait_ms);
+    let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    ready.store(true, Ordering::Release);
+    tracing::info!(group, sent = %config.topics.sent, webhook = %config.topics.webhook, "converse stage running");
+
+    loop {
+        let message = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            _ = tick.tick() => {
+                // Items whose message never showed up in the sent log within the join wait.
+                let now = Instant::now();
+                let expired: Vec<String> = waiting
+                    .iter()
+                    .filter(|(_, items)| items.iter().any(|w| w.deadline <= now))
+                    .map(|(wamid, _)| wamid.clone())
+                    .collect();
+                for wamid in expired {
+                    let items = waiting.remove(&wamid).unwrap_or_default();
+                    for w in items {
+                        if w.deadline <= now {
+                            offer(&shared, &in_flight, &mut conversations, &directory, &mut waiting, w, true, join_wait).await;
+                        } else {
+                            waiting.entry(wamid.clone()).or_default().push(w);
+                        }
+                    }
+                }
+                continue;
+            }
+            received = shared.consumer.recv() => match received {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consume error; continuing");
+                    continue;
+                }
+            },
+        };
+        if message.topic() == config.topics.sent {
+            let Some(sent) = message
+                .payload()
+                .and_then(|p| SentMessage::from_avro(p).ok())
+            else {
+                Metrics::global()
+                    .converse_items
+                    .with_label_values(&["unreadable_sent_record"])
+                    .inc();
+                tracing::warn!(
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "sent-log record is not a SentMessage; skipped"
+                );
+                continue;
+            };
+            conversations.apply_sent(&sent);
+            for w in waiting.remove(&sent.wamid).unwrap_or_default() {
+                offer(
+                    &shared,
+                    &in_flight,
+                    &mut conversations,
+                    &directory,
+                    &mut waiting,
+                    w,
+                    false,
+                    join_wait,
+                )
+                .await;
+            }
+            continue;
+        }
+        shared.tracker.lock().expect("tracker").start(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        );
+        let item = match message.payload().map(WebhookItem::from_json) {
+            Some(Ok(item)) => item,
+            Some(Err(detail)) => {
+                spawn_dead_letter(&shared, &in_flight, message, detail).await;
+                continue;
+            }
+            None => {
+                spawn_dead_letter(&shared, &in_flight, message, "record has no value".into()).await;
+                continue;
+            }
+        };
+        let waiting_item = Waiting {
+            message,
+            item,
+            deadline: Instant::now() + join_wait,
+        };
+        offer(
+            &shared,
+            &in_flight,
+            &mut conversations,
+            &directory,
+            &mut waiting,
+            waiting_item,
+            false,
+            join_wait,
+        )
+        .await;
+    }
+
+    // Drain: every started publish finishes (or fails) before the final commit. Items still
+    // waiting for their join are not committed and are offered again after a restart.
+    let drain = async {
+        let _all = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
+    };
+    if tokio::time::timeout(shared.timeout(), drain).await.is_err() {
+        tracing::warn!("converse drain deadline passed; unfinished items will be replayed");
+    }
+    match shared.consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(())
+        | Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "final commit failed; items since the last commit will be replayed")
+        }
+    }
+    shared.consumer.unsubscribe();
+    if let Some(detail) = shared.failure.lock().expect("failure").take() {
+        return Err(ConverseError::HandOff(detail));
+    }
+    tracing::info!("converse stage stopped");
+    Ok(())
+}
+
+/// Offers one item to the conversations and publishes what it produced, or parks it until the
+/// message it refers to shows up in the sent log.
+#[allow(clippy::too_many_arguments)]
+async fn offer(
+    shared: &Arc<Shared>,
+    in_flight: &Arc<Semaphore>,
+    conversations: &mut Conversations,
+    directory: &SharedDirectory,
+    waiting: &mut HashMap<String, Vec<Waiting>>,
+    w: Waiting,
+    give_up: bool,
+    join_wait: Duration,
+) {
+    let handled = {
+        let directory = directory.read().expect("directory lock");
+        conversations.handle(&w.item, &directory, now_ms(), give_up)
+    };
+    let metrics = Metrics::global();
+    match handled {
+        Handled::Wait { wamid } => {
+            metrics.converse_items.with_label_values(&["waited"]).inc();
+            let deadline = if give_up {
+                Instant::now() + join_wait
+            } else {
+                w.deadline
+            };
+            waiting
+                .entry(wamid)
+                .or_default()
+                .push(Waiting { deadline, ..w });
+        }
+        Handled::Done { outcome, outcomes } => {
+            metrics.converse_items.with_label_values(&[outcome]).inc();
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
+            publish(shared, w.message, &w.item, outcomes, permit);
+        }
+    }
+}
+
+/// Enqueues every outcome now (keeping order), then marks the item done once all are acknowledged.
+fn publish(
+    shared: &Arc<Shared>,
+    message: OwnedMessage,
+    item: &WebhookItem,
+    outcomes: Vec<Outcome>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let metrics = Metrics::global();
+    let topics = &shared.config.topics;
+    let mut deliveries = Vec::with_capacity(outcomes.len());
+    for outcome in &outcomes {
+        let (topic, key, bytes, headers) = match outcome {
+            Outcome::Response(r) => {
+                metrics
+                    .responses
+                    .with_label_values(&[&r.response_type])
+                    .inc();
+                tracing::info!(
+                    response_type = %r.response_type,
+                    request = r.request_id.as_deref().unwrap_or("-"),
+                    correlation_id = %r.correlation_id,
+                    "response published"
+                );
+                (
+                    &topics.responses,
+                    r.correlation_id.clone(),
+                    r.to_avro(),
+                    OwnedHeaders::new().insert(Header {
+                        key: "gridtalk.response_type",
+                        value: Some(r.response_type.as_bytes()),
+                    }),
+                )
+            }
+            Outcome::Audit(a) => {
+                metrics
+                    .refusals
+                    .with_label_values(&[STAGE, &a.reason])
+                    .inc();
+                tracing::warn!(
+                    reason = %a.reason,
+                    detail = %a.detail,
+                    request = a.request_id.as_deref().unwrap_or("-"),
+                    "inbound refused"
+                );
+                (
+                    &topics.audit,
+                    a.request_id
+                        .clone()
+                        .or_else(|| a.wa_id.clone())
+                        .unwrap_or_default(),
+                    a.to_avro(),
+                    OwnedHeaders::new().insert(Header {
+                        key: "gridtalk.audit.reason",
+                        value: Some(a.reason.as_bytes()),
+                    }),
+                )
+            }
+            Outcome::Reply(o) => {
+                let form = if o.template_name.is_some() {
+                    "template"
+                } else {
+                    "text"
+                };
+                metrics
+                    .confirmations
+                    .with_label_values(&[o.event_type.trim_start_matches("gridtalk.answer."), form])
+                    .inc();
+                (
+                    &topics.outbox,
+                    o.phone_number_id.clone(),
+                    o.to_avro(),
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: "gridtalk.event_id",
+                            value: Some(o.event_id.as_bytes()),
+                        })
+                        .insert(Header {
+                            key: "gridtalk.message_id",
+                            value: Some(o.message_id.as_bytes()),
+                        }),
+                )
+            }
+        };
+        let record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&bytes)
+            .headers(headers);
+        match shared.producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((e, _)) => {
+                shared.fail(format!("publish for item {}: {e}", item.item_id));
+                return;
+            }
+        }
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        for delivery in join_all(deliveries).await {
+            match delivery {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return shared.fail(format!("response publish: {e}")),
+                Err(_) => return shared.fail("response publish cancelled".into()),
+            }
+        }
+        shared.finish(message.topic(), message.partition(), message.offset());
+        drop(permit);
+    });
+}
+
+async fn spawn_dead_letter(
+    shared: &Arc<Shared>,
+    in_flight: &Arc<Semaphore>,
+    message: OwnedMessage,
+    detail: String,
+) {
+    tracing::warn!(error = %detail, offset = message.offset(), "webhook item unreadable; dead-lettered");
+    let permit = in_flight
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore open");
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let result = dead_letter(
+            &shared.producer,
+            &shared.config.topics.dlq,
+            STAGE,
+            DeadLetterReason::MalformedWebhookItem,
+            &detail,
+            &message,
+            &[],
+            shared.timeout(),
+        )
+        .await;
+        match result {
+            Ok(()) => shared.finish(message.topic(), message.partition(), message.offset()),
+            Err(e) => shared.fail(format!("dead letter: {e}")),
+        }
+        drop(permit);
+    });
+}

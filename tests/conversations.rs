@@ -1,0 +1,540 @@
+//! The way back, end to end on the real broker: an event goes out as a message to the sandbox, the
+//! person answers on the sandbox (a signed webhook, as Meta sends it), and the converse stage
+//! publishes the typed, correlated record on the response topic, or refuses it with an audit
+//! record. Flows a (PO acknowledgement), d (onboarding), f (approvals) and g (partner cases).
+
+mod support;
+
+use std::time::Duration;
+
+use gridtalk_contract::{ResponseBody, WorkflowResponse};
+use gridtalk_sandbox::{ReceivedMessage, Reply};
+use serde_json::{json, Value};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn way_back(setup: Setup) -> Pipeline {
+    let pipeline = Pipeline::start(Setup {
+        ingest: true,
+        ..setup
+    })
+    .await;
+    pipeline.wait_for_way_back(WAIT).await;
+    pipeline
+}
+
+/// The first message the sandbox received with `template` for recipient `to`, waiting for it.
+async fn message_to(p: &Pipeline, to: &str, template: &str) -> ReceivedMessage {
+    p.wait_until(&format!("{template} to {to}"), WAIT, |p| {
+        p.sandbox
+            .messages()
+            .iter()
+            .any(|m| m.to == to && m.template.as_deref() == Some(template))
+    })
+    .await;
+    p.sandbox
+        .messages()
+        .into_iter()
+        .find(|m| m.to == to && m.template.as_deref() == Some(template))
+        .expect("just seen")
+}
+
+/// Waits for the response record answering inbound message `wamid`.
+async fn response_to(p: &Pipeline, wamid: &str) -> WorkflowResponse {
+    p.wait_until(&format!("the response to {wamid}"), WAIT, |p| {
+        p.responses().iter().any(|r| r.wa_message_id == wamid)
+    })
+    .await;
+    let answers: Vec<WorkflowResponse> = p
+        .responses()
+        .into_iter()
+        .filter(|r| r.wa_message_id == wamid)
+        .collect();
+    assert_eq!(answers.len(), 1, "one response per inbound message");
+    answers.into_iter().next().expect("one")
+}
+
+/// Waits for the audit record of `reason` about inbound message `wamid`.
+async fn audit_of(p: &Pipeline, wamid: &str, reason: &str) -> gridtalk_contract::AuditRecord {
+    p.wait_until(&format!("the {reason} audit of {wamid}"), WAIT, |p| {
+        p.audits()
+            .iter()
+            .any(|a| a.wa_message_id.as_deref() == Some(wamid) && a.reason == reason)
+    })
+    .await;
+    p.audits()
+        .into_iter()
+        .find(|a| a.wa_message_id.as_deref() == Some(wamid) && a.reason == reason)
+        .expect("just seen")
+}
+
+fn refusals(stage: &str, reason: &str) -> u64 {
+    gridtalk_telemetry::Metrics::global()
+        .refusals
+        .with_label_values(&[stage, reason])
+        .get()
+}
+
+fn decisions(p: &Pipeline) -> Vec<WorkflowResponse> {
+    p.responses()
+        .into_iter()
+        .filter(|r| r.response_type != "wa.message.status")
+        .collect()
+}
+
+/// Waits until the sandbox received a free-form text to `to` containing `words`.
+async fn text_to(p: &Pipeline, to: &str, words: &str) -> ReceivedMessage {
+    p.wait_until(&format!("a text to {to} saying {words:?}"), WAIT, |p| {
+        p.sandbox
+            .messages()
+            .iter()
+            .any(|m| m.to == to && m.template.is_none() && m.rendered.contains(words))
+    })
+    .await;
+    p.sandbox
+        .messages()
+        .into_iter()
+        .find(|m| m.to == to && m.template.is_none() && m.rendered.contains(words))
+        .expect("just seen")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_a_the_partners_order_desk_accepts_a_purchase_order() {
+    let p = way_back(Setup::default()).await;
+    let po = event("tg.po.received", 21, "ACME");
+    p.publish_event(&po).await;
+    let request = message_to(&p, "15550100001", "po_ack_request").await;
+    assert_eq!(request.buttons, ["Accept", "Accept with changes", "Reject"]);
+
+    let tap = p
+        .sandbox
+        .reply(&request.wamid, Reply::Button { index: 0 })
+        .await
+        .expect("tap delivered");
+    let answer = response_to(&p, &tap).await;
+    assert_eq!(answer.response_type, "wa.po.ack_decision");
+    assert_eq!(
+        answer.correlation_id,
+        po["correlation_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        answer.in_reply_to_event_id.as_deref(),
+        po["event_id"].as_str()
+    );
+    assert_eq!(answer.request_id.as_deref(), Some("PO-4500021"));
+    assert_eq!(answer.contact_id.as_deref(), Some("acme-order-desk"));
+    assert_eq!(answer.partner_id.as_deref(), Some("ACME"));
+    assert_eq!(
+        answer.wa_context_message_id.as_deref(),
+        Some(request.wamid.as_str())
+    );
+    assert_eq!(
+        answer.body,
+        ResponseBody::PoAckDecision {
+            po_number: "PO-4500021".into(),
+            decision: "ACCEPT".into(),
+            comment: None
+        }
+    );
+    // Confirmed back on WhatsApp as free-form text: the tap opened the service window.
+    let confirmation = text_to(&p, "15550100001", "is recorded").await;
+    assert!(confirmation.rendered.contains("PO-4500021"));
+
+    // The request's delivery statuses are on the response topic too, correlated.
+    p.wait_until("the request's read status", WAIT, |p| {
+        p.responses().iter().any(|r| {
+            r.wa_message_id == request.wamid
+                && r.body
+                    == ResponseBody::DeliveryStatus {
+                        status: "READ".into(),
+                        error_code: None,
+                        error_title: None,
+                    }
+        })
+    })
+    .await;
+    let statuses: Vec<WorkflowResponse> = p
+        .responses()
+        .into_iter()
+        .filter(|r| r.wa_message_id == request.wamid)
+        .collect();
+    assert!(statuses.iter().all(
+        |r| r.correlation_id == po["correlation_id"].as_str().unwrap()
+            && r.response_type == "wa.message.status"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_d_the_partner_acknowledges_an_onboarding_reminder_and_reports_a_submission() {
+    let p = way_back(Setup::default()).await;
+    let reminder = event("tg.onboarding.reminder", 4, "ACME");
+    p.publish_event(&reminder).await;
+    let request = message_to(&p, "15550100004", "onboarding_reminder").await;
+    assert_eq!(request.buttons, ["Will submit", "Need help"]);
+
+    let tap = p
+        .sandbox
+        .reply(&request.wamid, Reply::Button { index: 0 })
+        .await
+        .expect("tap delivered");
+    let answer = response_to(&p, &tap).await;
+    assert_eq!(answer.response_type, "wa.onboarding.acknowledged");
+    assert_eq!(
+        answer.correlation_id,
+        reminder["correlation_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        answer.body,
+        ResponseBody::OnboardingAcknowledgement {
+            onboarding_id: "ONB-304".into(),
+            action: "WILL_SUBMIT".into(),
+            item_code: None,
+            comment: None
+        }
+    );
+
+    // A text quoting the reminder is attached to the same onboarding.
+    let text = p
+        .sandbox
+        .reply(
+            &request.wamid,
+            Reply::Text {
+                body: "W-9 uploaded to the portal".into(),
+            },
+        )
+        .await
+        .expect("text delivered");
+    let comment = response_to(&p, &text).await;
+    assert_eq!(comment.request_id.as_deref(), Some("ONB-304"));
+    assert_eq!(
+        comment.body,
+        ResponseBody::OnboardingAcknowledgement {
+            onboarding_id: "ONB-304".into(),
+            action: "ACKNOWLEDGED".into(),
+            item_code: None,
+            comment: Some("W-9 uploaded to the portal".into())
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_f_the_designated_approver_decides_once_and_a_second_tap_is_politely_refused() {
+    let p = way_back(Setup::default()).await;
+    let approval = event("wf.approval.requested", 15, "ACME");
+    p.publish_event(&approval).await;
+    let request = message_to(&p, "14155550101", "approval_request").await;
+    assert_eq!(request.buttons, ["Approve", "Reject", "Need info"]);
+
+    let approve = p
+        .sandbox
+        .reply(&request.wamid, Reply::Button { index: 0 })
+        .await
+        .expect("tap delivered");
+    let decision = response_to(&p, &approve).await;
+    assert_eq!(decision.response_type, "wa.approval.decided");
+    assert_eq!(
+        decision.correlation_id,
+        approval["correlation_id"].as_str().unwrap()
+    );
+    assert_eq!(decision.contact_id.as_deref(), Some("buyer-maria"));
+    assert_eq!(
+        decision.body,
+        ResponseBody::ApprovalDecision {
+            approval_id: "APR-8015".into(),
+            decision: "APPROVE".into(),
+            comment: None
+        }
+    );
+    text_to(&p, "14155550101", "\"Approve\" on APR-8015 is recorded").await;
+
+    // Maria changes her mind and taps Reject: the first decision stands.
+    let before = refusals("converse", "already_decided");
+    let reject = p
+        .sandbox
+        .reply(&request.wamid, Reply::Button { index: 1 })
+        .await
+        .expect("tap delivered");
+    let audit = audit_of(&p, &reject, "already_decided").await;
+    assert_eq!(audit.request_id.as_deref(), Some("APR-8015"));
+    assert_eq!(audit.action.as_deref(), Some("REJECT"));
+    assert_eq!(audit.contact_id.as_deref(), Some("buyer-maria"));
+    assert!(refusals("converse", "already_decided") > before);
+    text_to(&p, "14155550101", "was already answered (Approve)").await;
+    assert_eq!(
+        decisions(&p)
+            .iter()
+            .filter(|r| r.request_id.as_deref() == Some("APR-8015"))
+            .count(),
+        1,
+        "exactly one decision on the request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_g_partner_messages_update_the_case_or_open_a_new_one() {
+    let p = way_back(Setup::default()).await;
+    let case = event("wf.case.opened", 7, "ACME");
+    p.publish_event(&case).await;
+    let update = message_to(&p, "15550100005", "case_update").await;
+
+    // Quoting the case message.
+    let quoted = p
+        .sandbox
+        .reply(
+            &update.wamid,
+            Reply::Text {
+                body: "24 cartons found at the cross-dock, shipping today".into(),
+            },
+        )
+        .await
+        .expect("text delivered");
+    let message = response_to(&p, &quoted).await;
+    assert_eq!(message.response_type, "wa.case.message_received");
+    assert_eq!(
+        message.correlation_id,
+        case["correlation_id"].as_str().unwrap()
+    );
+    assert_eq!(message.contact_id.as_deref(), Some("acme-support"));
+    assert_eq!(
+        message.body,
+        ResponseBody::CaseMessage {
+            case_id: Some("CASE-1207".into()),
+            text: "24 cartons found at the cross-dock, shipping today".into()
+        }
+    );
+
+    // Without quoting: the contact's single open case takes it.
+    let unquoted = p
+        .sandbox
+        .deliver_inbound(
+            PHONE_NUMBER_ID,
+            "15550100005",
+            json!({"type": "text", "text": {"body": "Tracking number 1Z999"}}),
+            "Tracking number 1Z999".into(),
+        )
+        .await
+        .expect("text delivered");
+    let attached = response_to(&p, &unquoted).await;
+    assert_eq!(
+        attached.body,
+        ResponseBody::CaseMessage {
+            case_id: Some("CASE-1207".into()),
+            text: "Tracking number 1Z999".into()
+        }
+    );
+
+    // A partner contact with nothing open reports an issue: a new case (no case id yet).
+    let fresh = p
+        .sandbox
+        .deliver_inbound(
+            PHONE_NUMBER_ID,
+            "15550100003",
+            json!({"type": "text", "text": {"body": "Truck 12 has a flat tyre, 3h delay"}}),
+            "Truck 12 has a flat tyre, 3h delay".into(),
+        )
+        .await
+        .expect("text delivered");
+    let opened = response_to(&p, &fresh).await;
+    assert_eq!(opened.contact_id.as_deref(), Some("acme-dispatch"));
+    assert_eq!(opened.partner_id.as_deref(), Some("ACME"));
+    assert_eq!(
+        opened.body,
+        ResponseBody::CaseMessage {
+            case_id: None,
+            text: "Truck 12 has a flat tyre, 3h delay".into()
+        }
+    );
+}
+
+/// A button tap from `from` on `message`, with `payload` instead of the one gridtalk signed.
+fn tap_with(message: &ReceivedMessage, payload: &str, title: &str) -> Value {
+    json!({"type": "button", "context": {"from": "15550783881", "id": message.wamid},
+           "button": {"payload": payload, "text": title}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_inbounds_make_no_decision_and_each_leaves_an_audit_record_and_a_count() {
+    let p = way_back(Setup::default()).await;
+    p.publish_event(&event("wf.approval.requested", 31, "ACME"))
+        .await;
+    let request = message_to(&p, "14155550101", "approval_request").await;
+    let approve_token = request.request["template"]["components"][1]["parameters"][0]["payload"]
+        .as_str()
+        .expect("the Approve payload")
+        .to_string();
+    assert!(approve_token.starts_with("gt1.APPROVE.APR-8031."));
+
+    // 1. A webhook with a bad signature: 401, nothing published, an audit record.
+    let before = refusals("ingest", "bad_signature");
+    let status = reqwest::Client::new()
+        .post(&p.webhook_url)
+        .header("X-Hub-Signature-256", "sha256=00ff")
+        .body(json!({"object": "whatsapp_business_account", "entry": []}).to_string())
+        .send()
+        .await
+        .expect("answers")
+        .status()
+        .as_u16();
+    assert_eq!(status, 401);
+    p.wait_until("the bad-signature audit record", WAIT, |p| {
+        p.audits()
+            .iter()
+            .any(|a| a.reason == "bad_signature" && a.stage == "ingest")
+    })
+    .await;
+    assert!(refusals("ingest", "bad_signature") > before);
+
+    // 2. A tampered token: the action changed after signing.
+    let before = refusals("converse", "token_forged");
+    let tampered = p
+        .sandbox
+        .deliver_inbound(
+            PHONE_NUMBER_ID,
+            "14155550101",
+            tap_with(
+                &request,
+                &approve_token.replace("APPROVE", "REJECT"),
+                "Reject",
+            ),
+            "Reject".into(),
+        )
+        .await
+        .expect("delivered");
+    audit_of(&p, &tampered, "token_forged").await;
+    assert!(refusals("converse", "token_forged") > before);
+
+    // 3. An expired token, correctly signed.
+    let before = refusals("converse", "token_expired");
+    let expired_token = gridtalk_whatsapp::buttons::sign(
+        BUTTON_SECRET.as_bytes(),
+        "APPROVE",
+        "APR-8031",
+        chrono::Utc::now().timestamp() - 60,
+    )
+    .unwrap();
+    let expired = p
+        .sandbox
+        .deliver_inbound(
+            PHONE_NUMBER_ID,
+            "14155550101",
+            tap_with(&request, &expired_token, "Approve"),
+            "Approve".into(),
+        )
+        .await
+        .expect("delivered");
+    audit_of(&p, &expired, "token_expired").await;
+    assert!(refusals("converse", "token_expired") > before);
+
+    // 4. The genuine token, tapped on another phone (Sam from accounts payable is not the
+    //    designated approver).
+    let before = refusals("converse", "unauthorised_contact");
+    let intruder = p
+        .sandbox
+        .deliver_inbound(
+            PHONE_NUMBER_ID,
+            "14155550102",
+            tap_with(&request, &approve_token, "Approve"),
+            "Approve".into(),
+        )
+        .await
+        .expect("delivered");
+    let audit = audit_of(&p, &intruder, "unauthorised_contact").await;
+    assert_eq!(audit.contact_id.as_deref(), Some("ap-sam"));
+    assert_eq!(audit.request_id.as_deref(), Some("APR-8031"));
+    assert!(refusals("converse", "unauthorised_contact") > before);
+
+    assert!(
+        decisions(&p).is_empty(),
+        "no refused inbound became a decision: {:?}",
+        decisions(&p)
+    );
+
+    // 5. Maria decides (Reject), then a second decision (Approve) is refused.
+    let reject = p
+        .sandbox
+        .reply(&request.wamid, Reply::Button { index: 1 })
+        .await
+        .expect("delivered");
+    let decision = response_to(&p, &reject).await;
+    assert!(
+        matches!(decision.body, ResponseBody::ApprovalDecision { ref decision, .. } if decision == "REJECT")
+    );
+    let before = refusals("converse", "already_decided");
+    let second = p
+        .sandbox
+        .reply(&request.wamid, Reply::Button { index: 0 })
+        .await
+        .expect("delivered");
+    audit_of(&p, &second, "already_decided").await;
+    assert!(refusals("converse", "already_decided") > before);
+    assert_eq!(decisions(&p).len(), 1, "only the first decision counts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_delivered_three_times_yields_one_record_and_statuses_end_in_the_right_state() {
+    let mut setup = Setup::default();
+    // The test plays Meta's status webhooks itself, in the wrong order.
+    setup.sandbox.auto_statuses = false;
+    let p = way_back(setup).await;
+    let invoice = event("tg.invoice.delivered", 9, "ACME");
+    p.publish_event(&invoice).await;
+    let notice = message_to(&p, "14155550102", "invoice_status").await;
+
+    // The same text webhook, delivered three times (Meta retries until it gets a 200).
+    let text = json!({
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+        "contacts": [{"profile": {"name": "Sam Ortiz"}, "wa_id": "14155550102"}],
+        "messages": [{"from": "14155550102", "id": "wamid.REDELIVERED1", "timestamp": "1795514400",
+                      "type": "text", "context": {"from": "15550783881", "id": notice.wamid},
+                      "text": {"body": "Paid on Friday"}}]
+    });
+    for _ in 0..3 {
+        assert_eq!(p.post_webhook(&text).await, 200);
+    }
+    let status = |state: &str, at: u64| {
+        json!({
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "statuses": [{"id": notice.wamid, "status": state, "timestamp": (1_795_514_400 + at).to_string(),
+                          "recipient_id": "14155550102"}]
+        })
+    };
+    // Read arrives first, then delivered and sent late.
+    for (state, at) in [("read", 3), ("delivered", 2), ("sent", 1)] {
+        assert_eq!(p.post_webhook(&status(state, at)).await, 200);
+    }
+    // Everything posted is handled once the converse group has committed the webhook topic.
+    p.wait_for_commits(
+        &format!("{}-converse", p.namespace),
+        &p.config.topics.webhook,
+        WAIT,
+    )
+    .await;
+
+    let responses = p.responses();
+    let replies: Vec<&WorkflowResponse> = responses
+        .iter()
+        .filter(|r| r.wa_message_id == "wamid.REDELIVERED1")
+        .collect();
+    assert_eq!(replies.len(), 1, "one record for three deliveries");
+    assert_eq!(
+        replies[0].correlation_id,
+        invoice["correlation_id"].as_str().unwrap()
+    );
+    let statuses: Vec<&ResponseBody> = responses
+        .iter()
+        .filter(|r| r.wa_message_id == notice.wamid)
+        .map(|r| &r.body)
+        .collect();
+    assert_eq!(
+        statuses,
+        [&ResponseBody::DeliveryStatus {
+            status: "READ".into(),
+            error_code: None,
+            error_title: None
+        }],
+        "read is final: the late delivered and sent change nothing"
+    );
+}
