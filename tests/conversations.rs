@@ -538,3 +538,59 @@ async fn a_webhook_delivered_three_times_yields_one_record_and_statuses_end_in_t
         "read is final: the late delivered and sent change nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_taps_approve_on_the_sandbox_page_in_headless_chromium() {
+    let p = way_back(Setup::default()).await;
+    let approval = event("wf.approval.requested", 44, "ACME");
+    p.publish_event(&approval).await;
+    message_to(&p, "14155550101", "approval_request").await;
+
+    let browser = browser::Browser::launch(&format!("{}/", p.sandbox.base_url()));
+    let mut page = browser.page().await;
+    let maria = r#"document.querySelector('[data-phone="14155550101"]')"#;
+    page.wait_for(
+        "Maria's phone with the approval request and its buttons",
+        WAIT,
+        &format!(
+            r#"(() => {{ const phone = {maria}; return !!phone && phone.innerText.includes("Approval needed: PO-4500044 change 1")
+                && !!phone.querySelector('button.reply[data-title="Approve"]'); }})()"#
+        ),
+    )
+    .await;
+    // The person taps Approve.
+    let tapped = page
+        .evaluate(&format!(
+            r#"(() => {{ {maria}.querySelector('button.reply[data-title="Approve"]').click(); return true; }})()"#
+        ))
+        .await;
+    assert_eq!(tapped, Value::Bool(true));
+
+    p.wait_until("the decision taken in the browser", WAIT, |p| {
+        !decisions(p).is_empty()
+    })
+    .await;
+    let decision = decisions(&p).remove(0);
+    assert_eq!(
+        decision.correlation_id,
+        approval["correlation_id"].as_str().unwrap()
+    );
+    assert_eq!(decision.contact_id.as_deref(), Some("buyer-maria"));
+    assert_eq!(
+        decision.body,
+        ResponseBody::ApprovalDecision {
+            approval_id: "APR-8044".into(),
+            decision: "APPROVE".into(),
+            comment: None
+        }
+    );
+    // The page shows the tap as Maria's message and gridtalk's confirmation after it.
+    page.wait_for(
+        "the tap and the confirmation on Maria's phone",
+        WAIT,
+        &format!(
+            r#"(() => {{ const t = {maria}.innerText; return t.includes("Approve") && t.includes("is recorded"); }})()"#
+        ),
+    )
+    .await;
+}
