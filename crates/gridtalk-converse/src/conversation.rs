@@ -166,6 +166,8 @@ pub struct Conversations {
     settings: Settings,
     sent: HashMap<String, Sent>,
     requests: HashMap<(RequestKind, String), Request>,
+    /// The request each correlation id opened, for gridtalk's own replies about it.
+    by_correlation: HashMap<String, (RequestKind, String)>,
     contacts: HashMap<String, ContactState>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
@@ -209,6 +211,7 @@ impl Conversations {
             settings,
             sent: HashMap::new(),
             requests: HashMap::new(),
+            by_correlation: HashMap::new(),
             contacts: HashMap::new(),
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
@@ -230,8 +233,22 @@ impl Conversations {
         if self.sent.contains_key(&sent.wamid) {
             return;
         }
-        let kind = RequestKind::of_event_type(&sent.event_type);
-        let key = (kind, sent.document_key.clone());
+        // gridtalk's own replies (confirmations) belong to the request they answered, so a person
+        // quoting one continues that request.
+        let own_reply = sent.event_type.starts_with("gridtalk.");
+        let key = match self.by_correlation.get(&sent.correlation_id) {
+            Some(key) if own_reply => key.clone(),
+            _ => (
+                RequestKind::of_event_type(&sent.event_type),
+                sent.document_key.clone(),
+            ),
+        };
+        let kind = key.0;
+        if !own_reply && kind != RequestKind::Notice {
+            self.by_correlation
+                .entry(sent.correlation_id.clone())
+                .or_insert_with(|| key.clone());
+        }
         let request = self.requests.entry(key.clone()).or_insert_with(|| Request {
             kind,
             id: sent.document_key.clone(),
@@ -241,8 +258,8 @@ impl Conversations {
             recipients: HashMap::new(),
             decided: None,
         });
-        // gridtalk's own replies about a request (event ids are inbound wamids) add no recipient.
-        if !sent.event_type.starts_with("gridtalk.") {
+        // gridtalk's own replies add no recipient.
+        if !own_reply {
             request
                 .recipients
                 .insert(sent.wa_id.clone(), sent.contact_id.clone());
@@ -611,18 +628,30 @@ impl Conversations {
         }
         let body = body_for(&request, Some(&token.action), None, false);
         let response = self.response(item, &request, &contact, context, body);
-        let reply = self.reply(
-            item,
-            &request,
-            &contact,
-            "recorded",
-            format!(
-                "Thank you, your answer \"{title}\" on {} is recorded.",
-                request.id
+        let (text, note) = match token.action.as_str() {
+            "NEW_ETA" => (
+                format!(
+                    "Thanks. Please reply to this message with the new ETA for {} as a date (YYYY-MM-DD).",
+                    request.id
+                ),
+                "please reply with the new ETA as a date (YYYY-MM-DD).".to_string(),
             ),
-            format!("your answer {title:?} is recorded."),
-            now_ms,
-        );
+            _ if !is_final => (
+                format!(
+                    "Thanks, we noted \"{title}\" on {}. Reply to this message with any details.",
+                    request.id
+                ),
+                format!("we noted {title:?}; reply with any details."),
+            ),
+            _ => (
+                format!(
+                    "Thank you, your answer \"{title}\" on {} is recorded.",
+                    request.id
+                ),
+                format!("your answer {title:?} is recorded."),
+            ),
+        };
+        let reply = self.reply(item, &request, &contact, "recorded", text, note, now_ms);
         done(
             "answered",
             vec![Outcome::Response(response), Outcome::Reply(reply)],
@@ -897,5 +926,317 @@ fn body_for(
             case_id: Some(id),
             text: text.unwrap_or_else(|| action.unwrap_or_default().to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"unit-test-button-secret";
+    const NOW: i64 = 1_795_514_400_000;
+    const HOUR: i64 = 3_600_000;
+
+    fn directory() -> Directory {
+        Directory::from_file_data(
+            toml::from_str(
+                r#"
+[[partners]]
+id = "ACME"
+name = "ACME"
+[[partners]]
+id = "GLOBEX"
+name = "Globex"
+[[contacts]]
+id = "acme-orders"
+name = "ACME orders"
+phone = "+15550100001"
+partner = "ACME"
+opted_in = true
+[[contacts]]
+id = "acme-dispatch"
+name = "ACME dispatch"
+phone = "+15550100003"
+language = "es_MX"
+partner = "ACME"
+opted_in = true
+[[contacts]]
+id = "globex-orders"
+name = "Globex orders"
+phone = "+49151100007"
+partner = "GLOBEX"
+opted_in = true
+[[contacts]]
+id = "buyer"
+name = "Buyer"
+phone = "+14155550101"
+opted_in = true
+"#,
+            )
+            .unwrap(),
+        )
+    }
+
+    fn conversations() -> Conversations {
+        Conversations::new(Settings {
+            button_secret: SECRET.to_vec(),
+            service_window_ms: 23 * HOUR + 30 * 60_000,
+            confirmation_template: "answer_status".into(),
+            confirmation_languages: vec!["en_US".into(), "es_MX".into()],
+            phone_number_id: "1065".into(),
+            remembered_items: 100,
+        })
+    }
+
+    fn sent(wamid: &str, event_type: &str, doc: &str, contact: &str, wa_id: &str) -> SentMessage {
+        SentMessage {
+            wamid: wamid.into(),
+            message_id: format!("m-{wamid}"),
+            event_id: format!("e-{doc}"),
+            event_type: event_type.into(),
+            correlation_id: format!("ACME|{doc}"),
+            document_key: doc.into(),
+            partner_id: "ACME".into(),
+            phone_number_id: "1065".into(),
+            contact_id: contact.into(),
+            recipient: wa_id.into(),
+            wa_id: wa_id.into(),
+            template_name: Some("t".into()),
+            message_status: "accepted".into(),
+            attempts: 1,
+            accepted_at: NOW,
+        }
+    }
+
+    fn inbound(id: &str, from: &str, at_ms: i64, message: Value) -> WebhookItem {
+        let mut item = message;
+        item["from"] = json!(from);
+        item["id"] = json!(id);
+        item["timestamp"] = json!((at_ms / 1000).to_string());
+        WebhookItem {
+            kind: "message".into(),
+            item_id: id.into(),
+            contact: from.into(),
+            phone_number_id: Some("1065".into()),
+            profile_name: None,
+            received_at_ms: at_ms,
+            item,
+        }
+    }
+
+    fn token(action: &str, request: &str) -> String {
+        buttons::sign(SECRET, action, request, NOW / 1000 + 168 * 3600).unwrap()
+    }
+
+    fn outcomes(handled: Handled) -> Vec<Outcome> {
+        match handled {
+            Handled::Done { outcomes, .. } => outcomes,
+            Handled::Wait { wamid } => panic!("unexpected wait for {wamid}"),
+        }
+    }
+
+    #[test]
+    fn interactive_replies_without_a_quote_find_their_request_by_token() {
+        let mut c = conversations();
+        c.apply_sent(&sent(
+            "w1",
+            "tg.po.received",
+            "PO-1",
+            "acme-orders",
+            "15550100001",
+        ));
+        let tap = inbound(
+            "in1",
+            "15550100001",
+            NOW,
+            json!({"type": "interactive", "interactive": {"type": "button_reply",
+                   "button_reply": {"id": token("REJECT", "PO-1"), "title": "Reject"}}}),
+        );
+        let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+        let Outcome::Response(r) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            r.body,
+            ResponseBody::PoAckDecision {
+                po_number: "PO-1".into(),
+                decision: "REJECT".into(),
+                comment: None
+            }
+        );
+        assert!(matches!(&out[1], Outcome::Reply(o) if o.template_name.is_none()));
+
+        // A list row is read the same way.
+        c.apply_sent(&sent(
+            "w2",
+            "tg.onboarding.reminder",
+            "ONB-1",
+            "acme-orders",
+            "15550100001",
+        ));
+        let pick = inbound(
+            "in2",
+            "15550100001",
+            NOW,
+            json!({"type": "interactive", "context": {"id": "w2"}, "interactive": {"type": "list_reply",
+                   "list_reply": {"id": token("NEED_HELP", "ONB-1"), "title": "Need help", "description": ""}}}),
+        );
+        let out = outcomes(c.handle(&pick, &directory(), NOW, false));
+        assert!(
+            matches!(&out[0], Outcome::Response(r) if r.body == ResponseBody::OnboardingAcknowledgement {
+            onboarding_id: "ONB-1".into(), action: "NEED_HELP".into(), item_code: None, comment: None })
+        );
+    }
+
+    #[test]
+    fn outside_the_service_window_the_confirmation_is_the_template() {
+        let mut c = conversations();
+        c.apply_sent(&sent(
+            "w1",
+            "tg.po.received",
+            "PO-2",
+            "acme-dispatch",
+            "15550100003",
+        ));
+        // The tap happened 25 hours ago (the webhook was held up), the token is still valid.
+        let tap = inbound(
+            "in1",
+            "15550100003",
+            NOW - 25 * HOUR,
+            json!({"type": "button", "context": {"id": "w1"},
+                   "button": {"payload": token("ACCEPT", "PO-2"), "text": "Accept"}}),
+        );
+        let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+        let Some(Outcome::Reply(reply)) = out.get(1) else {
+            panic!("{out:?}")
+        };
+        assert_eq!(reply.template_name.as_deref(), Some("answer_status"));
+        assert_eq!(reply.language, "es_MX", "the contact's language");
+        let request: Value = serde_json::from_str(&reply.request_json).unwrap();
+        assert_eq!(request["type"], "template");
+        assert_eq!(
+            request["template"]["components"][0]["parameters"][0]["text"],
+            "PO-2"
+        );
+    }
+
+    #[test]
+    fn items_about_unknown_messages_wait_then_are_audited() {
+        let mut c = conversations();
+        let status = WebhookItem {
+            kind: "status".into(),
+            item_id: "wx:read".into(),
+            contact: "15550100001".into(),
+            phone_number_id: None,
+            profile_name: None,
+            received_at_ms: NOW,
+            item: json!({"id": "wx", "status": "read", "timestamp": "1795514400", "recipient_id": "15550100001"}),
+        };
+        assert_eq!(
+            c.handle(&status, &directory(), NOW, false),
+            Handled::Wait { wamid: "wx".into() }
+        );
+        let out = outcomes(c.handle(&status, &directory(), NOW, true));
+        assert!(matches!(&out[..], [Outcome::Audit(a)] if a.reason == "unknown_message"));
+        // Once judged, a redelivery is dropped.
+        assert_eq!(
+            c.handle(&status, &directory(), NOW, true),
+            Handled::Done {
+                outcome: "redelivery",
+                outcomes: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn only_the_partners_own_contacts_decide_its_purchase_orders() {
+        let mut c = conversations();
+        c.apply_sent(&sent(
+            "w1",
+            "tg.po.ack_overdue",
+            "PO-3",
+            "acme-orders",
+            "15550100001",
+        ));
+        // The escalation went to the buyer (internal) with the same buttons.
+        c.apply_sent(&sent(
+            "w2",
+            "tg.po.ack_overdue",
+            "PO-3",
+            "buyer",
+            "14155550101",
+        ));
+        for (id, from, wamid) in [("in1", "14155550101", "w2"), ("in2", "49151100007", "w1")] {
+            let tap = inbound(
+                id,
+                from,
+                NOW,
+                json!({"type": "button", "context": {"id": wamid},
+                       "button": {"payload": token("ACCEPT", "PO-3"), "text": "Accept"}}),
+            );
+            let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+            assert!(
+                matches!(&out[..], [Outcome::Audit(a)] if a.reason == "unauthorised_contact"),
+                "{from}: {out:?}"
+            );
+        }
+        // A token for another request on this message is refused as forged.
+        let swapped = inbound(
+            "in3",
+            "15550100001",
+            NOW,
+            json!({"type": "button", "context": {"id": "w1"},
+                   "button": {"payload": token("ACCEPT", "PO-999"), "text": "Accept"}}),
+        );
+        let out = outcomes(c.handle(&swapped, &directory(), NOW, false));
+        assert!(matches!(&out[..], [Outcome::Audit(a)] if a.reason == "token_forged"));
+    }
+
+    #[test]
+    fn a_new_eta_is_asked_for_and_read_from_the_next_text() {
+        let mut c = conversations();
+        c.apply_sent(&sent(
+            "w1",
+            "tg.shipment.exception",
+            "SH-1",
+            "acme-dispatch",
+            "15550100003",
+        ));
+        let tap = inbound(
+            "in1",
+            "15550100003",
+            NOW,
+            json!({"type": "button", "context": {"id": "w1"},
+                   "button": {"payload": token("NEW_ETA", "SH-1"), "text": "Send new ETA"}}),
+        );
+        let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+        let Some(Outcome::Reply(prompt)) = out.get(1) else {
+            panic!("{out:?}")
+        };
+        assert!(prompt.request_json.contains("YYYY-MM-DD"));
+        // The prompt itself comes back through the sent log; quoting it continues the exception.
+        let mut confirmation = sent(
+            "w2",
+            "gridtalk.answer.recorded",
+            "SH-1",
+            "acme-dispatch",
+            "15550100003",
+        );
+        confirmation.correlation_id = "ACME|SH-1".into();
+        c.apply_sent(&confirmation);
+        let text = inbound(
+            "in2",
+            "15550100003",
+            NOW,
+            json!({"type": "text", "context": {"id": "w2"}, "text": {"body": "New ETA 2026-12-01, sorry"}}),
+        );
+        let out = outcomes(c.handle(&text, &directory(), NOW, false));
+        assert!(
+            matches!(&out[..], [Outcome::Response(r)] if r.body == ResponseBody::CorrectionAnswer {
+            document_key: "SH-1".into(), answer: "NEW_ETA".into(), new_eta: Some(1_796_083_200_000),
+            comment: Some("New ETA 2026-12-01, sorry".into()) }),
+            "{out:?}"
+        );
     }
 }

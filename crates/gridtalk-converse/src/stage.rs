@@ -357,12 +357,16 @@ fn publish(
                     .responses
                     .with_label_values(&[&r.response_type])
                     .inc();
-                tracing::info!(
-                    response_type = %r.response_type,
-                    request = r.request_id.as_deref().unwrap_or("-"),
-                    correlation_id = %r.correlation_id,
-                    "response published"
-                );
+                if r.response_type == "wa.message.status" {
+                    tracing::debug!(request = r.request_id.as_deref().unwrap_or("-"), correlation_id = %r.correlation_id, "delivery status published");
+                } else {
+                    tracing::info!(
+                        response_type = %r.response_type,
+                        request = r.request_id.as_deref().unwrap_or("-"),
+                        correlation_id = %r.correlation_id,
+                        "response published"
+                    );
+                }
                 (
                     &topics.responses,
                     r.correlation_id.clone(),

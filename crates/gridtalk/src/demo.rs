@@ -1,6 +1,8 @@
 //! `gridtalk demo`: the embedded default. One process runs an in-memory Kafka-compatible broker,
-//! the route and send stages, the WhatsApp sandbox and a generator of Trading Grid events for all
-//! flows, and prints every message as the recipient's phone would show it.
+//! all four stages, the WhatsApp sandbox with its phones page and a generator of Trading Grid
+//! events for all flows. It prints every message as the recipient's phone shows it and every
+//! record the way back publishes; a person answers on the phones page (or, with `--auto-answer`,
+//! the demo taps the first button of every request itself).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,82 @@ pub struct DemoArgs {
     /// Port of /metrics, /healthz and /readyz.
     #[arg(long, default_value_t = 9464)]
     admin_port: u16,
+    /// Tap the first button of every message that has buttons, as a person on the phones page
+    /// would, so the way back runs without anyone at the browser.
+    #[arg(long)]
+    auto_answer: bool,
+    /// Do not try to open the phones page in a browser.
+    #[arg(long)]
+    no_browser: bool,
+}
+
+/// Opens `url` in the desktop's browser when there is a desktop; the URL is printed regardless.
+fn open_in_browser(url: &str) {
+    let desktop = std::env::var_os("DISPLAY").is_some()
+        || std::env::var_os("WAYLAND_DISPLAY").is_some()
+        || cfg!(target_os = "macos");
+    if !desktop || std::env::var_os("CI").is_some() {
+        return;
+    }
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    let _ = std::process::Command::new(opener)
+        .arg(url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+}
+
+/// Prints the records of the response and audit topics as they arrive, until `shutdown`; returns
+/// how many decisions (responses other than delivery statuses) it saw.
+fn print_way_back(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<u64> {
+    use gridtalk_contract::{AuditRecord, AvroRecord, ResponseBody, WorkflowResponse};
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::Message;
+    let consumer = gridtalk_kafka::tail_consumer(&config.kafka)?;
+    consumer.subscribe(&[&config.topics.responses, &config.topics.audit])?;
+    let mut answers = 0;
+    while !shutdown.is_cancelled() {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(250)) else {
+            continue;
+        };
+        let payload = message.payload().unwrap_or_default();
+        if message.topic() == config.topics.audit {
+            if let Ok(a) = AuditRecord::from_avro(payload) {
+                println!(
+                    "🛡  refused ({}) {}: {}",
+                    a.reason,
+                    a.request_id.as_deref().unwrap_or("-"),
+                    a.detail
+                );
+            }
+            continue;
+        }
+        let Ok(r) = WorkflowResponse::from_avro(payload) else {
+            continue;
+        };
+        let what = match &r.body {
+            ResponseBody::DeliveryStatus { .. } => continue,
+            ResponseBody::PoAckDecision { decision, .. }
+            | ResponseBody::ApprovalDecision { decision, .. } => decision.clone(),
+            ResponseBody::OnboardingAcknowledgement { action, .. } => action.clone(),
+            ResponseBody::CorrectionAnswer { answer, .. } => answer.clone(),
+            ResponseBody::CaseMessage { text, .. } => format!("{text:?}"),
+        };
+        answers += 1;
+        println!(
+            "↩  {} {} {} from {} (correlation {})",
+            r.response_type,
+            r.request_id.as_deref().unwrap_or("new case"),
+            what,
+            r.contact_id.as_deref().unwrap_or("unknown contact"),
+            r.correlation_id
+        );
+    }
+    Ok(answers)
 }
 
 /// Prints the messages the sandbox accepted since the first `shown`, as the phone shows them;
@@ -43,16 +121,20 @@ fn print_new_messages(sandbox: &Sandbox, shown: usize) -> usize {
     shown + new.len()
 }
 
-/// Whether the route group committed every input event and the send group every outbox message,
-/// i.e. every event is routed and every message sent or dead-lettered.
+/// Whether the route group committed every input event, the send group every outbox message and
+/// the converse group every webhook item: every event routed, every message sent or dead-lettered,
+/// every reply and status answered.
 async fn worked_off(config: &Arc<Config>) -> bool {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
         let route = format!("{}-route", config.kafka.group_prefix);
         let send = format!("{}-send", config.kafka.group_prefix);
+        let converse = format!("{}-converse", config.kafka.group_prefix);
         let inputs: Vec<&str> = config.topics.inputs.iter().map(String::as_str).collect();
         gridtalk_kafka::caught_up(&config.kafka, &route, &inputs).unwrap_or(false)
             && gridtalk_kafka::caught_up(&config.kafka, &send, &[&config.topics.outbox])
+                .unwrap_or(false)
+            && gridtalk_kafka::caught_up(&config.kafka, &converse, &[&config.topics.webhook])
                 .unwrap_or(false)
     })
     .await
@@ -87,6 +169,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("gridtalk demo");
     println!("  embedded Kafka broker   {bootstrap}");
     println!(
+        "  phones (tap, reply)     {}/  ← open this page to answer as the recipients",
+        sandbox.base_url()
+    );
+    println!(
         "  WhatsApp sandbox        {}/_sandbox/messages  (stats: /_sandbox/stats)",
         sandbox.base_url()
     );
@@ -95,8 +181,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         admin_port
     );
     println!(
-        "  webhook endpoint        {}  (ingest stage; the sandbox posts status webhooks here)",
+        "  webhook endpoint        {}  (ingest stage; the sandbox posts signed webhooks here)",
         stack.webhook_url()
+    );
+    println!(
+        "  responses               topic {} (audit: {})",
+        config.topics.responses, config.topics.audit
     );
     println!("  Ctrl-C stops (in-flight sends drain first)");
     println!();
@@ -113,10 +203,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             crate::Stage::Route,
             crate::Stage::Send,
             crate::Stage::Ingest,
+            crate::Stage::Converse,
         ],
         readiness,
         shutdown.clone(),
     ));
+
+    if !args.no_browser {
+        open_in_browser(&format!("{}/", sandbox.base_url()));
+    }
+    let way_back = {
+        let (config, stop) = (config.clone(), shutdown.clone());
+        tokio::task::spawn_blocking(move || print_way_back(config, stop))
+    };
 
     let generator = {
         let (bootstrap, shutdown) = (bootstrap.clone(), shutdown.clone());
@@ -142,7 +241,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
+        let before = shown;
         shown = print_new_messages(sandbox, shown);
+        if args.auto_answer {
+            for m in sandbox.messages_since(before) {
+                if !m.buttons.is_empty() {
+                    if let Err(e) = sandbox
+                        .reply(&m.wamid, gridtalk_sandbox::Reply::Button { index: 0 })
+                        .await
+                    {
+                        tracing::warn!(error = %e, "automatic answer not delivered");
+                    }
+                }
+            }
+        }
         if generator.as_ref().is_some_and(|g| g.is_finished()) {
             let finished = generator.take().expect("checked");
             generated = Some(match finished.await {
@@ -167,18 +279,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stage_result = stages.await?;
     print_new_messages(sandbox, shown);
     let _ = admin.await;
+    let answers = way_back.await??;
     let stats = sandbox.stats();
     println!();
     println!(
-        "demo finished: {} events generated, {} messages accepted by the sandbox, errors by code {:?}, {} status webhooks delivered to gridtalk",
+        "demo finished: {} events generated, {} messages accepted by the sandbox, errors by code {:?}, {} webhooks delivered to gridtalk, {} answers on the response topic",
         generated.map_or("?".into(), |g| g.to_string()),
         stats.accepted,
         stats.errors,
-        stats.webhooks_sent
+        stats.webhooks_sent,
+        answers
     );
     stage_result?;
     if args.events.is_some() && stats.accepted == 0 {
         anyhow::bail!("no message reached the sandbox");
+    }
+    if args.events.is_some() && args.auto_answer && answers == 0 {
+        anyhow::bail!("no answer came back on the response topic");
     }
     Ok(())
 }
