@@ -80,7 +80,8 @@ pub struct TopicsConfig {
     pub audit: String,
     /// Partition count used when gridtalk creates its own topics.
     pub partitions: i32,
-    /// Create the internal topics (outbox, sent, dlq, directory) at start-up if missing.
+    /// Create the internal topics (outbox, sent, dlq, directory, webhook, responses, audit) at
+    /// start-up if missing.
     pub create: bool,
 }
 
