@@ -3,7 +3,7 @@
 //!
 //! Two sources: a TOML file (the baseline, read at start-up) and a compacted Kafka topic whose
 //! records override or delete entries (key `partner:<id>` or `contact:<id>`, JSON value, null value
-//! deletes). Every route instance reads the whole topic (it is not partitioned work), from the
+//! deletes). Every route and converse instance reads the whole topic (it is not partitioned work), from the
 //! beginning, and is ready only once it has caught up with the topic's end.
 
 use std::collections::HashMap;
