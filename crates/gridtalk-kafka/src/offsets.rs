@@ -21,14 +21,23 @@ struct PartitionState {
 
 impl OffsetTracker {
     /// Records that work on `offset` started.
+    ///
+    /// An offset at or below one already started, and not in flight, means the consumer was sent
+    /// back (the partition was revoked and assigned again, and consumption resumed from the last
+    /// commit): the partition starts afresh from there. Without this, the tracker would believe it
+    /// had already stored positions the broker never committed, and store nothing for the replay.
     pub fn start(&mut self, topic: &str, partition: i32, offset: i64) {
+        let fresh = || PartitionState {
+            last_committable: offset,
+            ..PartitionState::default()
+        };
         let state = self
             .partitions
             .entry((topic.to_string(), partition))
-            .or_insert_with(|| PartitionState {
-                last_committable: offset,
-                ..PartitionState::default()
-            });
+            .or_insert_with(fresh);
+        if offset < state.next_after_started && !state.in_flight.contains(&offset) {
+            *state = fresh();
+        }
         state.in_flight.insert(offset);
         state.next_after_started = state.next_after_started.max(offset + 1);
     }
@@ -85,6 +94,23 @@ mod tests {
         assert_eq!(t.finish("in", 0, 13), Some(15));
         assert_eq!(t.in_flight(), 0);
         assert_eq!(t.finish("in", 0, 13), None, "finishing twice is harmless");
+    }
+
+    #[test]
+    fn a_replay_from_an_earlier_offset_stores_positions_again() {
+        let mut t = OffsetTracker::default();
+        for o in 0..3 {
+            t.start("in", 0, o);
+        }
+        assert_eq!(t.finish("in", 0, 0), Some(1));
+        assert_eq!(t.finish("in", 0, 1), Some(2));
+        assert_eq!(t.finish("in", 0, 2), Some(3));
+        // The store of 3 never reached the broker (the partition was revoked meanwhile); after the
+        // assignment comes back, consumption resumes at the last commit, 1.
+        t.start("in", 0, 1);
+        t.start("in", 0, 2);
+        assert_eq!(t.finish("in", 0, 1), Some(2));
+        assert_eq!(t.finish("in", 0, 2), Some(3), "3 is stored again");
     }
 
     #[test]
