@@ -1,7 +1,9 @@
 //! `gridtalk bench`: measures gridtalk on this machine and prints figures for
-//! `docs/benchmarks.md`. Two parts:
+//! `docs/benchmarks.md`. Three parts:
 //! - **decode and plan**: the route stage's CPU work per event (Avro decode with schema
 //!   resolution, JSON view, rule matching and template rendering), in-process, no I/O;
+//! - **interpret**: the converse stage's CPU work per webhook item (the join with the sent index,
+//!   status ordering, token verification, authority, the typed record), in-process, no I/O;
 //! - **pipeline**: events through the embedded broker, the route and send stages and the WhatsApp
 //!   sandbox, with the sandbox's limits raised so the pipeline itself is measured, not Meta's tier.
 //!
@@ -104,14 +106,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let decode = started.elapsed();
     let started = Instant::now();
-    let mut messages = 0usize;
+    let mut planned = Vec::new();
     let now = chrono::Utc::now().timestamp_millis();
     for view in &views {
-        messages += gridtalk_route::plan(view, &config, &directory, Some(BENCH_BUTTON_SECRET), now)
-            .map(|p| p.messages.len())
-            .unwrap_or(0);
+        if let Ok(p) =
+            gridtalk_route::plan(view, &config, &directory, Some(BENCH_BUTTON_SECRET), now)
+        {
+            planned.extend(p.messages);
+        }
     }
     let plan = started.elapsed();
+    let messages = planned.len();
     println!();
     println!(
         "decode and plan: {} events ({} bytes average), {messages} messages planned",
@@ -128,6 +133,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rate(events.len(), plan),
         micros(plan, events.len())
     );
+
+    // Part 1b: interpreting what comes back for those messages.
+    interpret(&planned, &config, &directory, now);
 
     // Part 2: the pipeline on the embedded broker.
     // Publish first, then start the stages: the run measures draining a backlog.
@@ -210,6 +218,109 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Feeds the converse stage's interpretation a sent record, a `read` status and, for messages
+/// with buttons, a tap on the first button, for every planned message; prints the rates.
+fn interpret(
+    planned: &[gridtalk_contract::OutboxMessage],
+    config: &gridtalk_config::Config,
+    directory: &gridtalk_route::Directory,
+    now: i64,
+) {
+    use gridtalk_converse::{Conversations, Handled, Settings};
+    use gridtalk_ingest::WebhookItem;
+    use serde_json::{json, Value};
+    let mut conversations = Conversations::new(Settings {
+        button_secret: BENCH_BUTTON_SECRET.to_vec(),
+        service_window_ms: 23 * 3_600_000,
+        confirmation_template: config.converse.confirmation_template.clone(),
+        confirmation_languages: vec!["en_US".into()],
+        phone_number_id: config.send.phone_number_id.clone(),
+        remembered_items: planned.len() * 3,
+    });
+    let sent: Vec<gridtalk_contract::SentMessage> = planned
+        .iter()
+        .enumerate()
+        .map(|(i, m)| gridtalk_contract::SentMessage {
+            wamid: format!("wamid.BENCH{i:08}"),
+            message_id: m.message_id.clone(),
+            event_id: m.event_id.clone(),
+            event_type: m.event_type.clone(),
+            correlation_id: m.correlation_id.clone(),
+            document_key: m.document_key.clone(),
+            partner_id: m.partner_id.clone(),
+            phone_number_id: m.phone_number_id.clone(),
+            contact_id: m.contact_id.clone(),
+            recipient: m.recipient.clone(),
+            wa_id: m.recipient.clone(),
+            template_name: m.template_name.clone(),
+            message_status: "accepted".into(),
+            attempts: 1,
+            accepted_at: now,
+        })
+        .collect();
+    let item = |kind: &str, id: String, contact: &str, value: Value| WebhookItem {
+        kind: kind.into(),
+        item_id: id,
+        contact: contact.into(),
+        phone_number_id: Some(config.send.phone_number_id.clone()),
+        profile_name: None,
+        received_at_ms: now,
+        item: value,
+    };
+    let mut items = Vec::new();
+    for (m, s) in planned.iter().zip(&sent) {
+        items.push(item(
+            "status",
+            format!("{}:read", s.wamid),
+            &s.wa_id,
+            json!({"id": s.wamid, "status": "read", "timestamp": (now / 1000).to_string(), "recipient_id": s.wa_id}),
+        ));
+        let request: Value = serde_json::from_str(&m.request_json).unwrap_or_default();
+        if let Some(payload) = request
+            .pointer("/template/components/1/parameters/0/payload")
+            .and_then(Value::as_str)
+        {
+            items.push(item(
+                "message",
+                format!("{}.tap", s.wamid),
+                &s.wa_id,
+                json!({"from": s.wa_id, "id": format!("{}.tap", s.wamid), "timestamp": (now / 1000).to_string(),
+                       "type": "button", "context": {"id": s.wamid}, "button": {"payload": payload, "text": "tap"}}),
+            ));
+        }
+    }
+    let started = Instant::now();
+    for s in &sent {
+        conversations.apply_sent(s);
+    }
+    let applied = started.elapsed();
+    let started = Instant::now();
+    let (mut outcomes, mut waits) = (0usize, 0usize);
+    for i in &items {
+        match conversations.handle(i, directory, now, false) {
+            Handled::Done { outcomes: o, .. } => outcomes += o.len(),
+            Handled::Wait { .. } => waits += 1,
+        }
+    }
+    let handled = started.elapsed();
+    println!();
+    println!(
+        "interpret: {} sent records, {} webhook items (statuses and taps), {outcomes} records out, {waits} unjoined",
+        sent.len(),
+        items.len()
+    );
+    println!(
+        "  sent log apply  {:>10.0} records/s  ({:.1} µs/record)",
+        rate(sent.len(), applied),
+        micros(applied, sent.len())
+    );
+    println!(
+        "  items handled   {:>10.0} items/s  ({:.1} µs/item)",
+        rate(items.len(), handled),
+        micros(handled, items.len())
+    );
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
