@@ -1150,6 +1150,72 @@ opted_in = true
     }
 
     #[test]
+    fn statuses_only_move_forward_and_failures_carry_metas_code() {
+        let mut c = conversations();
+        c.apply_sent(&sent(
+            "w1",
+            "tg.invoice.delivered",
+            "INV-1",
+            "acme-orders",
+            "15550100001",
+        ));
+        c.apply_sent(&sent(
+            "w2",
+            "tg.invoice.delivered",
+            "INV-2",
+            "acme-orders",
+            "15550100001",
+        ));
+        let status = |wamid: &str, state: &str, errors: Value| WebhookItem {
+            kind: "status".into(),
+            item_id: format!("{wamid}:{state}"),
+            contact: "15550100001".into(),
+            phone_number_id: None,
+            profile_name: None,
+            received_at_ms: NOW,
+            item: json!({"id": wamid, "status": state, "timestamp": "1795514400",
+                         "recipient_id": "15550100001", "errors": errors}),
+        };
+        let published = |c: &mut Conversations, item: WebhookItem| -> Vec<String> {
+            outcomes(c.handle(&item, &directory(), NOW, false))
+                .into_iter()
+                .map(|o| match o {
+                    Outcome::Response(r) => match r.body {
+                        ResponseBody::DeliveryStatus { status, .. } => status,
+                        other => panic!("{other:?}"),
+                    },
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(
+            published(&mut c, status("w1", "delivered", json!([]))),
+            ["DELIVERED"]
+        );
+        assert_eq!(
+            published(&mut c, status("w1", "sent", json!([]))),
+            Vec::<String>::new()
+        );
+        assert_eq!(published(&mut c, status("w1", "read", json!([]))), ["READ"]);
+        assert_eq!(
+            published(&mut c, status("w1", "delivered", json!([]))),
+            Vec::<String>::new()
+        );
+
+        let failed = status(
+            "w2",
+            "failed",
+            json!([{"code": 131026, "title": "Message undeliverable"}]),
+        );
+        let out = outcomes(c.handle(&failed, &directory(), NOW, false));
+        assert!(
+            matches!(&out[..], [Outcome::Response(r)] if r.correlation_id == "ACME|INV-2"
+            && r.body == ResponseBody::DeliveryStatus { status: "FAILED".into(),
+                error_code: Some(131026), error_title: Some("Message undeliverable".into()) })
+        );
+    }
+
+    #[test]
     fn only_the_partners_own_contacts_decide_its_purchase_orders() {
         let mut c = conversations();
         c.apply_sent(&sent(
