@@ -305,16 +305,7 @@ async fn flow_g_partner_messages_update_the_case_or_open_a_new_one() {
     );
 
     // Without quoting: the contact's single open case takes it.
-    let unquoted = p
-        .sandbox
-        .deliver_inbound(
-            PHONE_NUMBER_ID,
-            "15550100005",
-            json!({"type": "text", "text": {"body": "Tracking number 1Z999"}}),
-            "Tracking number 1Z999".into(),
-        )
-        .await
-        .expect("text delivered");
+    let unquoted = write(&p, "15550100005", "Tracking number 1Z999").await;
     let attached = response_to(&p, &unquoted).await;
     assert_eq!(
         attached.body,
@@ -325,16 +316,7 @@ async fn flow_g_partner_messages_update_the_case_or_open_a_new_one() {
     );
 
     // A partner contact with nothing open reports an issue: a new case (no case id yet).
-    let fresh = p
-        .sandbox
-        .deliver_inbound(
-            PHONE_NUMBER_ID,
-            "15550100003",
-            json!({"type": "text", "text": {"body": "Truck 12 has a flat tyre, 3h delay"}}),
-            "Truck 12 has a flat tyre, 3h delay".into(),
-        )
-        .await
-        .expect("text delivered");
+    let fresh = write(&p, "15550100003", "Truck 12 has a flat tyre, 3h delay").await;
     let opened = response_to(&p, &fresh).await;
     assert_eq!(opened.contact_id.as_deref(), Some("acme-dispatch"));
     assert_eq!(opened.partner_id.as_deref(), Some("ACME"));
@@ -345,6 +327,44 @@ async fn flow_g_partner_messages_update_the_case_or_open_a_new_one() {
             text: "Truck 12 has a flat tyre, 3h delay".into()
         }
     );
+}
+
+/// `from` writes `text` without quoting anything; returns the inbound wamid.
+async fn write(p: &Pipeline, from: &str, text: &str) -> String {
+    p.sandbox
+        .deliver_inbound(
+            PHONE_NUMBER_ID,
+            from,
+            json!({"type": "text", "text": {"body": text}}),
+            text.into(),
+        )
+        .await
+        .expect("text delivered")
+}
+
+/// `from` taps a button on `message` whose payload is `payload`, which the converse stage must
+/// refuse for `reason`: waits for the audit record and checks the refusal was counted.
+async fn refused_tap(
+    p: &Pipeline,
+    from: &str,
+    message: &ReceivedMessage,
+    payload: &str,
+    reason: &str,
+) -> gridtalk_contract::AuditRecord {
+    let before = refusals("converse", reason);
+    let wamid = p
+        .sandbox
+        .deliver_inbound(
+            PHONE_NUMBER_ID,
+            from,
+            tap_with(message, payload, "Approve"),
+            "Approve".into(),
+        )
+        .await
+        .expect("delivered");
+    let audit = audit_of(p, &wamid, reason).await;
+    assert!(refusals("converse", reason) > before, "{reason} counted");
+    audit
 }
 
 /// A button tap from `from` on `message`, with `payload` instead of the one gridtalk signed.
@@ -386,26 +406,17 @@ async fn refused_inbounds_make_no_decision_and_each_leaves_an_audit_record_and_a
     assert!(refusals("ingest", "bad_signature") > before);
 
     // 2. A tampered token: the action changed after signing.
-    let before = refusals("converse", "token_forged");
-    let tampered = p
-        .sandbox
-        .deliver_inbound(
-            PHONE_NUMBER_ID,
-            "14155550101",
-            tap_with(
-                &request,
-                &approve_token.replace("APPROVE", "REJECT"),
-                "Reject",
-            ),
-            "Reject".into(),
-        )
-        .await
-        .expect("delivered");
-    audit_of(&p, &tampered, "token_forged").await;
-    assert!(refusals("converse", "token_forged") > before);
+    let maria = "14155550101";
+    refused_tap(
+        &p,
+        maria,
+        &request,
+        &approve_token.replace("APPROVE", "REJECT"),
+        "token_forged",
+    )
+    .await;
 
     // 3. An expired token, correctly signed.
-    let before = refusals("converse", "token_expired");
     let expired_token = gridtalk_whatsapp::buttons::sign(
         BUTTON_SECRET.as_bytes(),
         "APPROVE",
@@ -413,36 +424,20 @@ async fn refused_inbounds_make_no_decision_and_each_leaves_an_audit_record_and_a
         chrono::Utc::now().timestamp() - 60,
     )
     .unwrap();
-    let expired = p
-        .sandbox
-        .deliver_inbound(
-            PHONE_NUMBER_ID,
-            "14155550101",
-            tap_with(&request, &expired_token, "Approve"),
-            "Approve".into(),
-        )
-        .await
-        .expect("delivered");
-    audit_of(&p, &expired, "token_expired").await;
-    assert!(refusals("converse", "token_expired") > before);
+    refused_tap(&p, maria, &request, &expired_token, "token_expired").await;
 
     // 4. The genuine token, tapped on another phone (Sam from accounts payable is not the
     //    designated approver).
-    let before = refusals("converse", "unauthorised_contact");
-    let intruder = p
-        .sandbox
-        .deliver_inbound(
-            PHONE_NUMBER_ID,
-            "14155550102",
-            tap_with(&request, &approve_token, "Approve"),
-            "Approve".into(),
-        )
-        .await
-        .expect("delivered");
-    let audit = audit_of(&p, &intruder, "unauthorised_contact").await;
+    let audit = refused_tap(
+        &p,
+        "14155550102",
+        &request,
+        &approve_token,
+        "unauthorised_contact",
+    )
+    .await;
     assert_eq!(audit.contact_id.as_deref(), Some("ap-sam"));
     assert_eq!(audit.request_id.as_deref(), Some("APR-8031"));
-    assert!(refusals("converse", "unauthorised_contact") > before);
 
     assert!(
         decisions(&p).is_empty(),

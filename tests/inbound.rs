@@ -43,18 +43,7 @@ async fn post(p: &Pipeline, body: &[u8], signature: Option<String>) -> u16 {
 
 async fn started(setup: Setup) -> Pipeline {
     let pipeline = Pipeline::start(setup).await;
-    // The endpoint is up once the stage has bound its port and registered as ready.
-    pipeline
-        .wait_until("the ingest stage to listen", WAIT, |p| {
-            p.readiness.pending().is_empty()
-                && std::net::TcpStream::connect(
-                    p.webhook_url
-                        .trim_start_matches("http://")
-                        .trim_end_matches("/webhook"),
-                )
-                .is_ok()
-        })
-        .await;
+    pipeline.wait_for_way_back(WAIT).await;
     pipeline
 }
 

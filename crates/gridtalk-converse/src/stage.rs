@@ -2,14 +2,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +16,7 @@ use gridtalk_config::Config;
 use gridtalk_contract::{AvroRecord, SentMessage};
 use gridtalk_directory::SharedDirectory;
 use gridtalk_ingest::WebhookItem;
-use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, StageContext};
+use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, StageProgress};
 use gridtalk_telemetry::{Metrics, Readiness};
 
 use crate::conversation::{Conversations, Handled, Outcome, Settings};
@@ -38,38 +37,14 @@ pub enum ConverseError {
 
 struct Shared {
     config: Arc<Config>,
-    consumer: StreamConsumer<StageContext>,
+    progress: StageProgress,
     producer: FutureProducer,
-    tracker: Mutex<OffsetTracker>,
-    failure: Mutex<Option<String>>,
-    stop: CancellationToken,
 }
 
 impl Shared {
-    fn finish(&self, topic: &str, partition: i32, offset: i64) {
-        let next = self
-            .tracker
-            .lock()
-            .expect("tracker")
-            .finish(topic, partition, offset);
-        if let Some(next) = next {
-            let mut tpl = TopicPartitionList::new();
-            if tpl
-                .add_partition_offset(topic, partition, Offset::Offset(next))
-                .is_ok()
-            {
-                if let Err(e) = self.consumer.store_offsets(&tpl) {
-                    // Revoked meanwhile: the new owner replays from the last commit.
-                    tracing::debug!(error = %e, topic, partition, "offset not stored");
-                }
-            }
-        }
-    }
-
-    fn fail(&self, detail: String) {
-        tracing::error!(stage = STAGE, error = %detail, "hand-off failed; stopping the stage");
-        self.failure.lock().expect("failure").get_or_insert(detail);
-        self.stop.cancel();
+    fn finish(&self, message: &OwnedMessage) {
+        self.progress
+            .finish(message.topic(), message.partition(), message.offset());
     }
 
     fn timeout(&self) -> Duration {
@@ -162,10 +137,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         producer: gridtalk_kafka::producer(&config.kafka)?,
         config: config.clone(),
-        consumer,
-        tracker: Mutex::new(OffsetTracker::default()),
-        failure: Mutex::new(None),
-        stop: shutdown.child_token(),
+        progress: StageProgress::new(STAGE, consumer, shutdown.child_token()),
     });
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let join_wait = Duration::from_millis(config.converse.join_wait_ms);
@@ -176,7 +148,7 @@ pub async fn run(
 
     loop {
         let message = tokio::select! {
-            _ = shared.stop.cancelled() => break,
+            _ = shared.progress.stop.cancelled() => break,
             _ = tick.tick() => {
                 // Items whose message never showed up in the sent log within the join wait.
                 let now = Instant::now();
@@ -197,7 +169,7 @@ pub async fn run(
                 }
                 continue;
             }
-            received = shared.consumer.recv() => match received {
+            received = shared.progress.consumer().recv() => match received {
                 Ok(m) => m.detach(),
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error; continuing");
@@ -237,11 +209,9 @@ pub async fn run(
             }
             continue;
         }
-        shared.tracker.lock().expect("tracker").start(
-            message.topic(),
-            message.partition(),
-            message.offset(),
-        );
+        shared
+            .progress
+            .start(message.topic(), message.partition(), message.offset());
         let item = match message.payload().map(WebhookItem::from_json) {
             Some(Ok(item)) => item,
             Some(Err(detail)) => {
@@ -276,20 +246,7 @@ pub async fn run(
     let drain = async {
         let _all = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
     };
-    if tokio::time::timeout(shared.timeout(), drain).await.is_err() {
-        tracing::warn!("converse drain deadline passed; unfinished items will be replayed");
-    }
-    match shared.consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(())
-        | Err(rdkafka::error::KafkaError::ConsumerCommit(
-            rdkafka::types::RDKafkaErrorCode::NoOffset,
-        )) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "final commit failed; items since the last commit will be replayed")
-        }
-    }
-    shared.consumer.unsubscribe();
-    if let Some(detail) = shared.failure.lock().expect("failure").take() {
+    if let Some(detail) = shared.progress.close(drain, shared.timeout()).await {
         return Err(ConverseError::HandOff(detail));
     }
     tracing::info!("converse stage stopped");
@@ -434,7 +391,9 @@ fn publish(
         match shared.producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((e, _)) => {
-                shared.fail(format!("publish for item {}: {e}", item.item_id));
+                shared
+                    .progress
+                    .fail(format!("publish for item {}: {e}", item.item_id));
                 return;
             }
         }
@@ -444,11 +403,11 @@ fn publish(
         for delivery in join_all(deliveries).await {
             match delivery {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return shared.fail(format!("response publish: {e}")),
-                Err(_) => return shared.fail("response publish cancelled".into()),
+                Ok(Err((e, _))) => return shared.progress.fail(format!("response publish: {e}")),
+                Err(_) => return shared.progress.fail("response publish cancelled".into()),
             }
         }
-        shared.finish(message.topic(), message.partition(), message.offset());
+        shared.finish(&message);
         drop(permit);
     });
 }
@@ -479,8 +438,8 @@ async fn spawn_dead_letter(
         )
         .await;
         match result {
-            Ok(()) => shared.finish(message.topic(), message.partition(), message.offset()),
-            Err(e) => shared.fail(format!("dead letter: {e}")),
+            Ok(()) => shared.finish(&message),
+            Err(e) => shared.progress.fail(format!("dead letter: {e}")),
         }
         drop(permit);
     });

@@ -14,6 +14,7 @@
 mod dlq;
 mod ends;
 mod offsets;
+mod progress;
 mod topics;
 
 use std::time::Duration;
@@ -30,6 +31,7 @@ pub use dlq::{
 };
 pub use ends::{caught_up, committed_offsets, end_offsets, end_offsets_of, partitions_of};
 pub use offsets::OffsetTracker;
+pub use progress::StageProgress;
 pub use topics::{ensure_topics, missing_topics, TopicSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -134,17 +136,7 @@ pub fn stage_consumer(
     group_id: &str,
     stage: &'static str,
 ) -> Result<StreamConsumer<StageContext>, KafkaError> {
-    Ok(client_config(config)
-        .set("group.id", group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", config.session_timeout_ms.to_string())
-        .set("max.poll.interval.ms", "300000")
-        .set("statistics.interval.ms", "5000")
-        .create_with_context(StageContext { stage })?)
+    group_consumer(config, group_id, stage, "cooperative-sticky")
 }
 
 /// A group consumer for topics that are co-partitioned (same key, same partition count): the range
@@ -155,18 +147,26 @@ pub fn co_partitioned_consumer(
     group_id: &str,
     stage: &'static str,
 ) -> Result<StreamConsumer<StageContext>, KafkaError> {
-    let consumer = client_config(config)
+    group_consumer(config, group_id, stage, "range")
+}
+
+fn group_consumer(
+    config: &KafkaConfig,
+    group_id: &str,
+    stage: &'static str,
+    assignment_strategy: &str,
+) -> Result<StreamConsumer<StageContext>, KafkaError> {
+    Ok(client_config(config)
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range")
+        .set("partition.assignment.strategy", assignment_strategy)
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", "300000")
         .set("statistics.interval.ms", "5000")
-        .create_with_context(StageContext { stage })?;
-    Ok(consumer)
+        .create_with_context(StageContext { stage })?)
 }
 
 /// A consumer without a group, for tailing a topic from the beginning (the directory).

@@ -1,14 +1,13 @@
 //! The route stage's consumer loop (see the crate docs for its guarantees).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +16,7 @@ use gridtalk_contract::{
     AvroRecord, ContractSchemas, DecodeErrorKind, EventDecoder, EventView, RegistryClient,
     SchemaSet,
 };
-use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, StageContext};
+use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, StageProgress};
 use gridtalk_telemetry::{Metrics, Readiness};
 
 use crate::dedupe::DedupeWindow;
@@ -42,40 +41,15 @@ fn now_ms() -> i64 {
 
 struct Shared {
     config: Arc<Config>,
-    consumer: StreamConsumer<StageContext>,
+    progress: StageProgress,
     producer: FutureProducer,
-    tracker: Mutex<OffsetTracker>,
-    failure: Mutex<Option<String>>,
-    stop: CancellationToken,
     button_secret: Option<gridtalk_config::Secret>,
 }
 
 impl Shared {
-    /// Marks `offset` done and stores the new committable position if it advanced.
-    fn finish(&self, topic: &str, partition: i32, offset: i64) {
-        let next = self
-            .tracker
-            .lock()
-            .expect("tracker")
-            .finish(topic, partition, offset);
-        if let Some(next) = next {
-            let mut tpl = TopicPartitionList::new();
-            if tpl
-                .add_partition_offset(topic, partition, Offset::Offset(next))
-                .is_ok()
-            {
-                if let Err(e) = self.consumer.store_offsets(&tpl) {
-                    // The partition was revoked meanwhile; its new owner replays from the last commit.
-                    tracing::debug!(error = %e, topic, partition, "offset not stored");
-                }
-            }
-        }
-    }
-
-    fn fail(&self, detail: String) {
-        tracing::error!(stage = STAGE, error = %detail, "hand-off failed; stopping the stage");
-        self.failure.lock().expect("failure").get_or_insert(detail);
-        self.stop.cancel();
+    fn finish(&self, message: &OwnedMessage) {
+        self.progress
+            .finish(message.topic(), message.partition(), message.offset());
     }
 
     fn timeout(&self) -> Duration {
@@ -146,10 +120,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         producer: gridtalk_kafka::producer(&config.kafka)?,
         config: config.clone(),
-        consumer,
-        tracker: Mutex::new(OffsetTracker::default()),
-        failure: Mutex::new(None),
-        stop: shutdown.child_token(),
+        progress: StageProgress::new(STAGE, consumer, shutdown.child_token()),
         button_secret,
     });
     let in_flight = Arc::new(Semaphore::new(config.route.max_in_flight.max(1)));
@@ -162,8 +133,8 @@ pub async fn run(
 
     loop {
         let message = tokio::select! {
-            _ = shared.stop.cancelled() => break,
-            received = shared.consumer.recv() => match received {
+            _ = shared.progress.stop.cancelled() => break,
+            received = shared.progress.consumer().recv() => match received {
                 Ok(m) => m.detach(),
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error; continuing");
@@ -172,14 +143,12 @@ pub async fn run(
             },
         };
         let permit = tokio::select! {
-            _ = shared.stop.cancelled() => break,
+            _ = shared.progress.stop.cancelled() => break,
             p = in_flight.clone().acquire_owned() => p.expect("semaphore open"),
         };
-        shared.tracker.lock().expect("tracker").start(
-            message.topic(),
-            message.partition(),
-            message.offset(),
-        );
+        shared
+            .progress
+            .start(message.topic(), message.partition(), message.offset());
         Metrics::global()
             .events_consumed
             .with_label_values(&[message.topic()])
@@ -193,20 +162,7 @@ pub async fn run(
             .acquire_many(config.route.max_in_flight.max(1) as u32)
             .await;
     };
-    if tokio::time::timeout(shared.timeout(), drain).await.is_err() {
-        tracing::warn!("route drain deadline passed; unfinished records will be replayed");
-    }
-    match shared.consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => {}
-        Err(rdkafka::error::KafkaError::ConsumerCommit(
-            rdkafka::types::RDKafkaErrorCode::NoOffset,
-        )) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "final commit failed; records since the last commit will be replayed")
-        }
-    }
-    shared.consumer.unsubscribe();
-    if let Some(detail) = shared.failure.lock().expect("failure").take() {
+    if let Some(detail) = shared.progress.close(drain, shared.timeout()).await {
         return Err(RouteError::HandOff(detail));
     }
     tracing::info!("route stage stopped");
@@ -233,8 +189,8 @@ fn spawn_dead_letter(
         )
         .await;
         match result {
-            Ok(()) => shared.finish(message.topic(), message.partition(), message.offset()),
-            Err(e) => shared.fail(format!(
+            Ok(()) => shared.finish(&message),
+            Err(e) => shared.progress.fail(format!(
                 "dead letter for {}/{}/{}: {e}",
                 message.topic(),
                 message.partition(),
@@ -270,7 +226,7 @@ async fn route_one(
                 // Not the record's fault: wait for the registry rather than dead-letter.
                 tracing::warn!(error = %e, "schema registry unavailable; retrying");
                 tokio::select! {
-                    _ = shared.stop.cancelled() => return,
+                    _ = shared.progress.stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
                 }
             }
@@ -297,7 +253,7 @@ async fn route_one(
             event_type = view.event_type(),
             "duplicate event dropped"
         );
-        shared.finish(message.topic(), message.partition(), message.offset());
+        shared.finish(&message);
         return;
     }
     let planned = {
@@ -324,7 +280,7 @@ async fn route_one(
             event_type = view.event_type(),
             "no rule matched"
         );
-        shared.finish(message.topic(), message.partition(), message.offset());
+        shared.finish(&message);
         return;
     }
     dedupe.remember(view.event_id(), now);
@@ -348,7 +304,7 @@ async fn route_one(
         match shared.producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((e, _)) => {
-                shared.fail(format!("outbox enqueue: {e}"));
+                shared.progress.fail(format!("outbox enqueue: {e}"));
                 return;
             }
         }
@@ -372,11 +328,11 @@ async fn route_one(
         for delivery in join_all(deliveries).await {
             match delivery {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return shared.fail(format!("outbox produce: {e}")),
-                Err(_) => return shared.fail("outbox produce cancelled".into()),
+                Ok(Err((e, _))) => return shared.progress.fail(format!("outbox produce: {e}")),
+                Err(_) => return shared.progress.fail("outbox produce cancelled".into()),
             }
         }
-        shared.finish(message.topic(), message.partition(), message.offset());
+        shared.finish(&message);
         drop(permit);
     });
 }

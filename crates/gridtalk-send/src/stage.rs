@@ -6,16 +6,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::{Config, Secret};
 use gridtalk_contract::{AvroRecord, OutboxMessage, SentMessage};
-use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, OffsetTracker, StageContext};
+use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, StageProgress};
 use gridtalk_telemetry::{mask_phone, Metrics, Readiness};
 use gridtalk_whatsapp::{CloudApiClient, ErrorClass, RetryScope};
 
@@ -41,45 +40,22 @@ struct Job {
 
 struct Shared {
     config: Arc<Config>,
-    consumer: StreamConsumer<StageContext>,
+    progress: StageProgress,
     producer: FutureProducer,
     client: CloudApiClient,
     token: RwLock<Secret>,
     limits: SendLimits,
-    tracker: Mutex<OffsetTracker>,
     /// Pending jobs per recipient; a recipient has an entry exactly while its worker runs.
     queues: Mutex<HashMap<String, VecDeque<Job>>>,
     halted: watch::Sender<bool>,
     /// Held by the one worker that probes while the number is halted.
     prober: tokio::sync::Mutex<()>,
-    failure: Mutex<Option<String>>,
-    stop: CancellationToken,
 }
 
 impl Shared {
     fn finish(&self, message: &OwnedMessage) {
-        let next = self.tracker.lock().expect("tracker").finish(
-            message.topic(),
-            message.partition(),
-            message.offset(),
-        );
-        if let Some(next) = next {
-            let mut tpl = TopicPartitionList::new();
-            if tpl
-                .add_partition_offset(message.topic(), message.partition(), Offset::Offset(next))
-                .is_ok()
-            {
-                if let Err(e) = self.consumer.store_offsets(&tpl) {
-                    tracing::debug!(error = %e, "offset not stored (partition revoked)");
-                }
-            }
-        }
-    }
-
-    fn fail(&self, detail: String) {
-        tracing::error!(stage = STAGE, error = %detail, "hand-off failed; stopping the stage");
-        self.failure.lock().expect("failure").get_or_insert(detail);
-        self.stop.cancel();
+        self.progress
+            .finish(message.topic(), message.partition(), message.offset());
     }
 
     fn timeout(&self) -> Duration {
@@ -89,7 +65,7 @@ impl Shared {
     /// Sleeps unless the stage stops first. Returns false when stopping.
     async fn pause(&self, duration: Duration) -> bool {
         tokio::select! {
-            _ = self.stop.cancelled() => false,
+            _ = self.progress.stop.cancelled() => false,
             _ = tokio::time::sleep(duration) => true,
         }
     }
@@ -127,13 +103,10 @@ pub async fn run(
         ),
         token: RwLock::new(token),
         limits: SendLimits::new(send),
-        tracker: Mutex::new(OffsetTracker::default()),
         queues: Mutex::new(HashMap::new()),
         halted: watch::channel(false).0,
         prober: tokio::sync::Mutex::new(()),
-        failure: Mutex::new(None),
-        stop: shutdown.child_token(),
-        consumer,
+        progress: StageProgress::new(STAGE, consumer, shutdown.child_token()),
         config: config.clone(),
     });
     let max_in_flight = config.send.max_in_flight.max(1);
@@ -144,12 +117,12 @@ pub async fn run(
 
     loop {
         let permit = tokio::select! {
-            _ = shared.stop.cancelled() => break,
+            _ = shared.progress.stop.cancelled() => break,
             p = in_flight.clone().acquire_owned() => p.expect("semaphore open"),
         };
         let message = tokio::select! {
-            _ = shared.stop.cancelled() => break,
-            received = shared.consumer.recv() => match received {
+            _ = shared.progress.stop.cancelled() => break,
+            received = shared.progress.consumer().recv() => match received {
                 Ok(m) => m.detach(),
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error; continuing");
@@ -157,11 +130,9 @@ pub async fn run(
                 }
             },
         };
-        shared.tracker.lock().expect("tracker").start(
-            message.topic(),
-            message.partition(),
-            message.offset(),
-        );
+        shared
+            .progress
+            .start(message.topic(), message.partition(), message.offset());
         Metrics::global()
             .sends_in_flight
             .set((max_in_flight - in_flight.available_permits()) as i64);
@@ -219,20 +190,7 @@ pub async fn run(
     let drain = async {
         let _all = in_flight.acquire_many(max_in_flight as u32).await;
     };
-    if tokio::time::timeout(shared.timeout(), drain).await.is_err() {
-        tracing::warn!("send drain deadline passed; unfinished messages will be replayed");
-    }
-    match shared.consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(())
-        | Err(rdkafka::error::KafkaError::ConsumerCommit(
-            rdkafka::types::RDKafkaErrorCode::NoOffset,
-        )) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "final commit failed; messages since the last commit will be replayed")
-        }
-    }
-    shared.consumer.unsubscribe();
-    if let Some(detail) = shared.failure.lock().expect("failure").take() {
+    if let Some(detail) = shared.progress.close(drain, shared.timeout()).await {
         return Err(SendError::HandOff(detail));
     }
     tracing::info!("send stage stopped");
@@ -282,7 +240,7 @@ async fn dead_letter_job(
     .await
     {
         Ok(()) => shared.finish(message),
-        Err(e) => shared.fail(format!("dead letter: {e}")),
+        Err(e) => shared.progress.fail(format!("dead letter: {e}")),
     }
 }
 
@@ -313,7 +271,7 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                 Err(_) => {
                     let mut rx = shared.halted.subscribe();
                     tokio::select! {
-                        _ = shared.stop.cancelled() => return false,
+                        _ = shared.progress.stop.cancelled() => return false,
                         _ = rx.wait_for(|halted| !*halted) => {}
                     }
                     continue;
@@ -321,7 +279,7 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
             }
         }
         tokio::select! {
-            _ = shared.stop.cancelled() => return false,
+            _ = shared.progress.stop.cancelled() => return false,
             _ = shared.limits.until_ready(&outbox.recipient) => {}
         }
         let token = shared.token.read().expect("token").clone();
@@ -363,7 +321,7 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                     .key(accepted.wa_id.as_bytes())
                     .payload(&bytes);
                 if let Err((e, _)) = shared.producer.send(record, shared.timeout()).await {
-                    shared.fail(format!("sent log: {e}"));
+                    shared.progress.fail(format!("sent log: {e}"));
                     return false;
                 }
                 let age = (sent.accepted_at - outbox.created_at).max(0) as f64 / 1000.0;

@@ -1,0 +1,110 @@
+//! A consuming stage's progress: which input offsets may be committed, and how the stage stops.
+//!
+//! Every consuming stage works the same way: records are started in consumption order, finished
+//! when their hand-off is durable (possibly out of order), and only the offset after the lowest
+//! unfinished record is stored for librdkafka's commits. A hand-off that fails stops the stage so
+//! the process restarts and replays. On stop, in-flight work drains up to a deadline, stored
+//! offsets are committed synchronously and the group is left.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::{OffsetTracker, StageContext};
+
+pub struct StageProgress {
+    stage: &'static str,
+    consumer: StreamConsumer<StageContext>,
+    tracker: Mutex<OffsetTracker>,
+    failure: Mutex<Option<String>>,
+    /// Cancelled when the stage stops (shutdown, or a failed hand-off).
+    pub stop: CancellationToken,
+}
+
+impl StageProgress {
+    pub fn new(
+        stage: &'static str,
+        consumer: StreamConsumer<StageContext>,
+        stop: CancellationToken,
+    ) -> Self {
+        StageProgress {
+            stage,
+            consumer,
+            tracker: Mutex::new(OffsetTracker::default()),
+            failure: Mutex::new(None),
+            stop,
+        }
+    }
+
+    pub fn consumer(&self) -> &StreamConsumer<StageContext> {
+        &self.consumer
+    }
+
+    /// Work on a record started.
+    pub fn start(&self, topic: &str, partition: i32, offset: i64) {
+        self.tracker
+            .lock()
+            .expect("tracker")
+            .start(topic, partition, offset);
+    }
+
+    /// A record's hand-off is durable: stores the new committable position if it advanced.
+    pub fn finish(&self, topic: &str, partition: i32, offset: i64) {
+        let next = self
+            .tracker
+            .lock()
+            .expect("tracker")
+            .finish(topic, partition, offset);
+        if let Some(next) = next {
+            let mut tpl = TopicPartitionList::new();
+            if tpl
+                .add_partition_offset(topic, partition, Offset::Offset(next))
+                .is_ok()
+            {
+                if let Err(e) = self.consumer.store_offsets(&tpl) {
+                    // Revoked meanwhile: the new owner replays from the last commit.
+                    tracing::debug!(stage = self.stage, error = %e, topic, partition, "offset not stored");
+                }
+            }
+        }
+    }
+
+    /// A hand-off failed: the stage stops, and [`StageProgress::close`] reports `detail`.
+    pub fn fail(&self, detail: String) {
+        tracing::error!(stage = self.stage, error = %detail, "hand-off failed; stopping the stage");
+        self.failure.lock().expect("failure").get_or_insert(detail);
+        self.stop.cancel();
+    }
+
+    /// Stops the stage: waits for `drain` (in-flight work) up to `deadline`, commits what finished,
+    /// leaves the group. Returns the failure that stopped the stage, if one did.
+    pub async fn close(
+        &self,
+        drain: impl Future<Output = ()>,
+        deadline: Duration,
+    ) -> Option<String> {
+        if tokio::time::timeout(deadline, drain).await.is_err() {
+            tracing::warn!(
+                stage = self.stage,
+                "drain deadline passed; unfinished records will be replayed"
+            );
+        }
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => tracing::warn!(
+                stage = self.stage,
+                error = %e,
+                "final commit failed; records since the last commit will be replayed"
+            ),
+        }
+        self.consumer.unsubscribe();
+        self.failure.lock().expect("failure").take()
+    }
+}
