@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -400,14 +399,13 @@ fn publish(
     }
     let shared = shared.clone();
     tokio::spawn(async move {
-        for delivery in join_all(deliveries).await {
-            match delivery {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return shared.progress.fail(format!("response publish: {e}")),
-                Err(_) => return shared.progress.fail("response publish cancelled".into()),
-            }
+        if shared
+            .progress
+            .delivered(deliveries, "response publish")
+            .await
+        {
+            shared.finish(&message);
         }
-        shared.finish(&message);
         drop(permit);
     });
 }

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +79,25 @@ impl StageProgress {
         tracing::error!(stage = self.stage, error = %detail, "hand-off failed; stopping the stage");
         self.failure.lock().expect("failure").get_or_insert(detail);
         self.stop.cancel();
+    }
+
+    /// Waits for the broker's acknowledgement of `deliveries` (records enqueued in order with
+    /// `send_result`). True when all are durable; otherwise the stage fails with `what`.
+    pub async fn delivered(&self, deliveries: Vec<DeliveryFuture>, what: &str) -> bool {
+        for delivery in futures::future::join_all(deliveries).await {
+            match delivery {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    self.fail(format!("{what}: {e}"));
+                    return false;
+                }
+                Err(_) => {
+                    self.fail(format!("{what}: cancelled"));
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Stops the stage: waits for `drain` (in-flight work) up to `deadline`, commits what finished,

@@ -4,7 +4,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -325,14 +324,13 @@ async fn route_one(
     );
     let shared = shared.clone();
     tokio::spawn(async move {
-        for delivery in join_all(deliveries).await {
-            match delivery {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return shared.progress.fail(format!("outbox produce: {e}")),
-                Err(_) => return shared.progress.fail("outbox produce cancelled".into()),
-            }
+        if shared
+            .progress
+            .delivered(deliveries, "outbox produce")
+            .await
+        {
+            shared.finish(&message);
         }
-        shared.finish(&message);
         drop(permit);
     });
 }
