@@ -312,6 +312,7 @@ directory = "{namespace}.directory"
 webhook = "{namespace}.webhook"
 responses = "{namespace}.responses"
 audit = "{namespace}.audit"
+send_index = "{namespace}.send-index"
 partitions = 2
 
 [contract]
@@ -664,6 +665,25 @@ fn kafka_config() -> gridtalk_config::KafkaConfig {
 /// query reads as nothing committed, so waiting loops simply ask again).
 pub fn committed_offsets(group: &str, topic: &str) -> HashMap<i32, i64> {
     gridtalk_kafka::committed_offsets(&kafka_config(), group, topic).unwrap_or_default()
+}
+
+/// Moves `group`'s committed offsets on `topic` back to the start of every partition, as if
+/// nothing had been committed (the group must have no running member).
+pub fn rewind_group(group: &str, topic: &str) {
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in end_offsets(topic).keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(0))
+            .expect("partition");
+    }
+    consumer
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .expect("offsets rewound");
 }
 
 /// Every record of `topic` up to its end as of the call, partition by partition.

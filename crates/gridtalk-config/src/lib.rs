@@ -78,6 +78,9 @@ pub struct TopicsConfig {
     pub responses: String,
     /// Refused inbounds (bad signature, bad token, unauthorised contact, second decision), Avro.
     pub audit: String,
+    /// The send stage's sent index (compacted changelog): message ids WhatsApp accepted, on the
+    /// partition number of the outbox partition they came from.
+    pub send_index: String,
     /// Partition count used when gridtalk creates its own topics.
     pub partitions: i32,
     /// Create the internal topics (outbox, sent, dlq, directory, webhook, responses, audit) at
@@ -149,6 +152,9 @@ pub struct SendConfig {
     pub max_unknown_error_attempts: u32,
     /// While the number is halted (token expired, account blocked), how often one message is tried.
     pub halt_probe_interval_ms: u64,
+    /// How long the sent index remembers an accepted message, so that a replayed outbox record is
+    /// not sent again. Must exceed the longest time an outbox record can wait uncommitted.
+    pub index_retention_hours: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

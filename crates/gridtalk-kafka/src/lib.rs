@@ -11,6 +11,7 @@
 //! - A dead letter keeps the original key, value and headers and adds `gridtalk.dlq.*` headers;
 //!   [`dead_letter`] returns only once the broker has acknowledged it.
 
+pub mod changelog;
 mod dlq;
 mod ends;
 mod offsets;
@@ -42,6 +43,8 @@ pub enum KafkaError {
     MissingTopics(String),
     #[error("could not create topic {topic}: {detail}")]
     CreateTopic { topic: String, detail: String },
+    #[error("state restore: {0}")]
+    Restore(String),
 }
 
 /// Base client settings: bootstrap servers plus every extra `kafka.client` property (TLS, SASL).
@@ -65,10 +68,26 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .create()?)
 }
 
-/// Logs rebalances. Offsets stored so far are committed by librdkafka on revoke.
+/// Logs rebalances and remembers revoked partitions, so a stage can drop the state it holds for
+/// them. Offsets stored so far are committed by librdkafka on revoke.
 #[derive(Debug, Clone)]
 pub struct StageContext {
     pub stage: &'static str,
+    revoked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+}
+
+impl StageContext {
+    pub fn new(stage: &'static str) -> Self {
+        StageContext {
+            stage,
+            revoked: Default::default(),
+        }
+    }
+
+    /// The partitions revoked since the last call.
+    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+        std::mem::take(&mut *self.revoked.lock().expect("revoked"))
+    }
 }
 
 impl ClientContext for StageContext {
@@ -94,11 +113,18 @@ impl ConsumerContext for StageContext {
         rebalance: &Rebalance<'_>,
     ) {
         match rebalance {
-            Rebalance::Revoke(tpl) => tracing::info!(
-                stage = self.stage,
-                partitions = tpl.count(),
-                "partitions revoked"
-            ),
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(
+                    stage = self.stage,
+                    partitions = tpl.count(),
+                    "partitions revoked"
+                );
+                self.revoked.lock().expect("revoked").extend(
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition())),
+                );
+            }
             Rebalance::Assign(tpl) => tracing::info!(
                 stage = self.stage,
                 partitions = tpl.count(),
@@ -166,7 +192,7 @@ fn group_consumer(
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", "300000")
         .set("statistics.interval.ms", "5000")
-        .create_with_context(StageContext { stage })?)
+        .create_with_context(StageContext::new(stage))?)
 }
 
 /// A consumer without a group, for tailing a topic from the beginning (the directory).

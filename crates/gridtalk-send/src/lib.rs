@@ -17,9 +17,14 @@
 //!   token, blocked account) halt every send of the number, raise `gridtalk_send_halted`, and one
 //!   message probes periodically (re-reading the token file) until sending works again.
 //!
-//! The one possible duplicate is a send in flight when the process dies (WhatsApp has no
-//! idempotency key); the sent index that suppresses replays after a crash is a later stage of work.
+//! - **No replays.** The sent index (partition-local, backed by the compacted `topics.send_index`
+//!   changelog, restored before a partition's first record) remembers every accepted message id;
+//!   an outbox record replayed after a crash or a rebalance is skipped, not sent again.
+//!
+//! The one possible duplicate is a send in flight when the process dies: WhatsApp accepted it but
+//! the sent index never heard (WhatsApp has no idempotency key). At most `send.max_in_flight`.
 
+mod index;
 mod limits;
 mod stage;
 

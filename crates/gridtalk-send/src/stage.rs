@@ -18,6 +18,7 @@ use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, StageProgress};
 use gridtalk_telemetry::{mask_phone, Metrics, Readiness};
 use gridtalk_whatsapp::{CloudApiClient, ErrorClass, RetryScope};
 
+use crate::index::SentIndex;
 use crate::limits::SendLimits;
 
 const STAGE: &str = "send";
@@ -50,6 +51,8 @@ struct Shared {
     halted: watch::Sender<bool>,
     /// Held by the one worker that probes while the number is halted.
     prober: tokio::sync::Mutex<()>,
+    /// What WhatsApp already accepted, per held outbox partition.
+    index: Mutex<SentIndex>,
 }
 
 impl Shared {
@@ -87,6 +90,12 @@ pub async fn run(
 ) -> Result<(), SendError> {
     let ready = readiness.register("send");
     let token = config.read_access_token().map_err(SendError::Config)?;
+    {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || check_index_partitions(&config))
+            .await
+            .map_err(|e| SendError::Config(e.to_string()))??;
+    }
     let group = format!("{}-send", config.kafka.group_prefix);
     let consumer = gridtalk_kafka::stage_consumer(&config.kafka, &group, STAGE)?;
     consumer
@@ -106,6 +115,7 @@ pub async fn run(
         queues: Mutex::new(HashMap::new()),
         halted: watch::channel(false).0,
         prober: tokio::sync::Mutex::new(()),
+        index: Mutex::new(SentIndex::default()),
         progress: StageProgress::new(STAGE, consumer, shutdown.child_token()),
         config: config.clone(),
     });
@@ -114,6 +124,7 @@ pub async fn run(
     ready.store(true, Ordering::Release);
     tracing::info!(group, topic = %config.topics.outbox, "send stage running");
     let mut last_shrink = Instant::now();
+    let mut last_sweep = Instant::now();
 
     loop {
         let permit = tokio::select! {
@@ -130,6 +141,30 @@ pub async fn run(
                 }
             },
         };
+        // State follows the assignment: forget revoked partitions, restore new ones before use.
+        for (_, partition) in shared.progress.consumer().context().take_revoked() {
+            shared
+                .index
+                .lock()
+                .expect("index")
+                .drop_partition(partition);
+        }
+        let partition = message.partition();
+        if !shared.index.lock().expect("index").is_restored(partition) {
+            match restore_index(&config, partition).await {
+                Ok(entries) => shared
+                    .index
+                    .lock()
+                    .expect("index")
+                    .restored(partition, entries),
+                Err(e) => {
+                    shared
+                        .progress
+                        .fail(format!("sent index of partition {partition}: {e}"));
+                    break;
+                }
+            }
+        }
         shared
             .progress
             .start(message.topic(), message.partition(), message.offset());
@@ -158,6 +193,26 @@ pub async fn run(
                 continue;
             }
         };
+        let already = shared
+            .index
+            .lock()
+            .expect("index")
+            .accepted(partition, &outbox.message_id);
+        if let Some(wamid) = already {
+            // A replay of a message WhatsApp already accepted: never send it twice.
+            Metrics::global()
+                .sends
+                .with_label_values(&["replay_suppressed", "none"])
+                .inc();
+            tracing::info!(%wamid, message_id = %outbox.message_id, "outbox replay of an accepted message skipped");
+            shared.finish(&message);
+            drop(permit);
+            continue;
+        }
+        if last_sweep.elapsed() > Duration::from_secs(60) {
+            sweep_index(&shared);
+            last_sweep = Instant::now();
+        }
         let recipient = outbox.recipient.clone();
         let job = Job {
             message,
@@ -195,6 +250,79 @@ pub async fn run(
     }
     tracing::info!("send stage stopped");
     Ok(())
+}
+
+/// Fails unless the sent index has a partition for every outbox partition.
+fn check_index_partitions(config: &Config) -> Result<(), SendError> {
+    let probe = gridtalk_kafka::tail_consumer(&config.kafka)?;
+    let outbox = gridtalk_kafka::partitions_of(&probe, &config.topics.outbox)?;
+    let index = gridtalk_kafka::partitions_of(&probe, &config.topics.send_index)?;
+    if index.len() < outbox.len() {
+        return Err(SendError::Config(format!(
+            "topic {} has {} partitions but the outbox {} has {}: the sent index needs one per outbox partition",
+            config.topics.send_index,
+            index.len(),
+            config.topics.outbox,
+            outbox.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the sent index of outbox partition `partition` from its changelog.
+async fn restore_index(
+    config: &Arc<Config>,
+    partition: i32,
+) -> Result<HashMap<String, gridtalk_kafka::changelog::StoredEntry>, KafkaError> {
+    let config = config.clone();
+    let started = Instant::now();
+    let (entries, read) = tokio::task::spawn_blocking(move || {
+        gridtalk_kafka::changelog::restore(
+            &config.kafka,
+            &config.topics.send_index,
+            partition,
+            chrono::Utc::now().timestamp_millis(),
+            Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
+        )
+    })
+    .await
+    .map_err(|e| KafkaError::Restore(e.to_string()))??;
+    Metrics::global()
+        .state_restore_seconds
+        .with_label_values(&["send_index"])
+        .observe(started.elapsed().as_secs_f64());
+    tracing::info!(
+        partition,
+        entries = entries.len(),
+        records = read,
+        millis = started.elapsed().as_millis() as u64,
+        "sent index restored"
+    );
+    Ok(entries)
+}
+
+/// Deletes expired sent-index entries, in memory and (with tombstones) in the changelog.
+fn sweep_index(shared: &Shared) {
+    let (expired, live) = {
+        let mut index = shared.index.lock().expect("index");
+        let expired = index.expire(chrono::Utc::now().timestamp_millis());
+        (expired, index.len())
+    };
+    Metrics::global()
+        .state_entries
+        .with_label_values(&["send_index"])
+        .set(live as i64);
+    for (partition, message_id) in expired {
+        if let Err(e) = gridtalk_kafka::changelog::write(
+            &shared.producer,
+            &shared.config.topics.send_index,
+            partition,
+            &message_id,
+            None,
+        ) {
+            tracing::warn!(error = %e, "sent-index tombstone not written; compaction keeps the entry until the next one");
+        }
+    }
 }
 
 async fn recipient_worker(shared: Arc<Shared>, recipient: String) {
@@ -324,6 +452,39 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                     shared.progress.fail(format!("sent log: {e}"));
                     return false;
                 }
+                // Then the sent index, before the outbox offset may move: a replay of this record
+                // finds it and is not sent again.
+                let partition = job.message.partition();
+                let expires = sent.accepted_at
+                    + (shared.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
+                let indexed = gridtalk_kafka::changelog::write(
+                    &shared.producer,
+                    &shared.config.topics.send_index,
+                    partition,
+                    &outbox.message_id,
+                    Some((accepted.wamid.as_bytes(), expires)),
+                );
+                match indexed {
+                    Ok(delivery) => {
+                        if !shared
+                            .progress
+                            .delivered(vec![delivery], "sent index")
+                            .await
+                        {
+                            return false;
+                        }
+                    }
+                    Err(e) => {
+                        shared.progress.fail(format!("sent index: {e}"));
+                        return false;
+                    }
+                }
+                shared.index.lock().expect("index").record(
+                    partition,
+                    &outbox.message_id,
+                    &accepted.wamid,
+                    expires,
+                );
                 let age = (sent.accepted_at - outbox.created_at).max(0) as f64 / 1000.0;
                 metrics
                     .end_to_end_seconds

@@ -62,6 +62,10 @@ pub struct Metrics {
     pub responses: IntCounterVec,
     /// Refused inbounds (each also an audit record), by stage and reason.
     pub refusals: IntCounterVec,
+    /// Live entries of partition-local state stores, by store (send_index, …).
+    pub state_entries: IntGaugeVec,
+    /// Time to restore a partition's state from its changelog, by store.
+    pub state_restore_seconds: HistogramVec,
     /// Replies to people queued on the outbox by the converse stage, by kind (recorded,
     /// already_decided) and form (text, template).
     pub confirmations: IntCounterVec,
@@ -193,6 +197,17 @@ impl Metrics {
                 "gridtalk_ingest_items_total",
                 "Webhook items (messages, statuses) published to the webhook topic.",
                 &["kind"],
+            ),
+            state_entries: gauge_vec(
+                "gridtalk_state_entries",
+                "Live entries of partition-local state stores, by store.",
+                &["store"],
+            ),
+            state_restore_seconds: histogram(
+                "gridtalk_state_restore_seconds",
+                "Time to restore a partition's state from its changelog, by store.",
+                &["store"],
+                vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0],
             ),
             converse_items: counter(
                 "gridtalk_converse_items_total",

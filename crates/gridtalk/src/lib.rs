@@ -56,6 +56,13 @@ pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
         plain(&t.webhook),
         plain(&t.responses),
         plain(&t.audit),
+        // Compacted and partitioned like the outbox: partition p holds what was sent from outbox
+        // partition p.
+        TopicSpec {
+            name: t.send_index.clone(),
+            partitions: t.partitions,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        },
         TopicSpec {
             name: t.directory.clone(),
             partitions: 1,
