@@ -313,6 +313,7 @@ webhook = "{namespace}.webhook"
 responses = "{namespace}.responses"
 audit = "{namespace}.audit"
 send_index = "{namespace}.send-index"
+dedupe_changelog_prefix = "{namespace}.dedupe."
 partitions = 2
 
 [contract]

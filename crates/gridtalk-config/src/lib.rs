@@ -78,6 +78,9 @@ pub struct TopicsConfig {
     pub responses: String,
     /// Refused inbounds (bad signature, bad token, unauthorised contact, second decision), Avro.
     pub audit: String,
+    /// Prefix of the route stage's dedupe changelogs: one compacted topic per input topic, named
+    /// prefix + input topic, with the input's partition count.
+    pub dedupe_changelog_prefix: String,
     /// The send stage's sent index (compacted changelog): message ids WhatsApp accepted, on the
     /// partition number of the outbox partition they came from.
     pub send_index: String,
@@ -106,7 +109,7 @@ pub struct ContractConfig {
 pub struct RouteConfig {
     /// Events with an id seen within this window are dropped as duplicates.
     pub dedupe_window_secs: u64,
-    /// Upper bound of remembered event ids per process; the oldest are forgotten first.
+    /// Upper bound of remembered event ids per input partition; the oldest are forgotten first.
     pub dedupe_max_entries: usize,
     /// Outbox produces awaiting acknowledgement at once; the consumer pauses beyond it.
     pub max_in_flight: usize,

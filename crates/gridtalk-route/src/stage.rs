@@ -1,5 +1,6 @@
 //! The route stage's consumer loop (see the crate docs for its guarantees).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +108,8 @@ pub async fn run(
         }
     }
 
+    ensure_dedupe_changelogs(&config).await?;
+
     // The directory: file baseline, then the topic's overrides, caught up before routing starts.
     let directory = gridtalk_directory::open(&config, &shutdown)
         .await
@@ -123,10 +126,8 @@ pub async fn run(
         button_secret,
     });
     let in_flight = Arc::new(Semaphore::new(config.route.max_in_flight.max(1)));
-    let mut dedupe = DedupeWindow::new(
-        (config.route.dedupe_window_secs as i64).saturating_mul(1000),
-        config.route.dedupe_max_entries,
-    );
+    let mut windows: HashMap<(String, i32), DedupeWindow> = HashMap::new();
+    let mut last_sweep = std::time::Instant::now();
     ready.store(true, Ordering::Release);
     tracing::info!(group, topics = ?config.topics.inputs, "route stage running");
 
@@ -145,6 +146,24 @@ pub async fn run(
             _ = shared.progress.stop.cancelled() => break,
             p = in_flight.clone().acquire_owned() => p.expect("semaphore open"),
         };
+        // The dedupe window follows the partition: dropped on revoke, restored before first use.
+        for revoked in shared.progress.consumer().context().take_revoked() {
+            windows.remove(&revoked);
+        }
+        let key = (message.topic().to_string(), message.partition());
+        if !windows.contains_key(&key) {
+            match restore_window(&config, &key.0, key.1).await {
+                Ok(window) => {
+                    windows.insert(key.clone(), window);
+                }
+                Err(e) => {
+                    shared
+                        .progress
+                        .fail(format!("dedupe window of {}/{}: {e}", key.0, key.1));
+                    break;
+                }
+            }
+        }
         shared
             .progress
             .start(message.topic(), message.partition(), message.offset());
@@ -152,7 +171,12 @@ pub async fn run(
             .events_consumed
             .with_label_values(&[message.topic()])
             .inc();
-        route_one(&shared, &decoder, &directory, &mut dedupe, message, permit).await;
+        let window = windows.get_mut(&key).expect("restored above");
+        route_one(&shared, &decoder, &directory, window, message, permit).await;
+        if last_sweep.elapsed() > Duration::from_secs(60) {
+            sweep_windows(&shared, &mut windows);
+            last_sweep = std::time::Instant::now();
+        }
     }
 
     // Drain: every started hand-off finishes (or fails) before the final commit.
@@ -166,6 +190,127 @@ pub async fn run(
     }
     tracing::info!("route stage stopped");
     Ok(())
+}
+
+/// The dedupe changelog of input topic `input`.
+fn dedupe_changelog(config: &Config, input: &str) -> String {
+    format!("{}{input}", config.topics.dedupe_changelog_prefix)
+}
+
+/// Creates (when `topics.create`) and checks the dedupe changelogs: compacted, one per input
+/// topic, at least as many partitions as the input.
+async fn ensure_dedupe_changelogs(config: &Arc<Config>) -> Result<(), RouteError> {
+    let counts = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<(String, usize)>, KafkaError> {
+            let probe = gridtalk_kafka::tail_consumer(&config.kafka)?;
+            config
+                .topics
+                .inputs
+                .iter()
+                .map(|t| Ok((t.clone(), gridtalk_kafka::partitions_of(&probe, t)?.len())))
+                .collect()
+        })
+        .await
+        .map_err(|e| RouteError::Config(e.to_string()))??
+    };
+    let specs: Vec<gridtalk_kafka::TopicSpec> = counts
+        .iter()
+        .map(|(input, partitions)| gridtalk_kafka::TopicSpec {
+            name: dedupe_changelog(config, input),
+            partitions: *partitions as i32,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        })
+        .collect();
+    if config.topics.create {
+        gridtalk_kafka::ensure_topics(&config.kafka, &specs).await?;
+    }
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), RouteError> {
+        let probe = gridtalk_kafka::tail_consumer(&config.kafka)?;
+        for (spec, (input, partitions)) in specs.iter().zip(&counts) {
+            let have = gridtalk_kafka::partitions_of(&probe, &spec.name)?.len();
+            if have < *partitions {
+                return Err(RouteError::Config(format!(
+                    "dedupe changelog {} has {have} partitions, fewer than its input {input} ({partitions})",
+                    spec.name
+                )));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| RouteError::Config(e.to_string()))?
+}
+
+/// Reads the dedupe window of input partition `partition` of `input` from its changelog.
+async fn restore_window(
+    config: &Arc<Config>,
+    input: &str,
+    partition: i32,
+) -> Result<DedupeWindow, KafkaError> {
+    let config = config.clone();
+    let changelog = dedupe_changelog(&config, input);
+    let started = std::time::Instant::now();
+    let now = now_ms();
+    let window = tokio::task::spawn_blocking(move || {
+        let (entries, read) = gridtalk_kafka::changelog::restore(
+            &config.kafka,
+            &changelog,
+            partition,
+            now,
+            Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
+        )?;
+        tracing::info!(
+            changelog,
+            partition,
+            entries = entries.len(),
+            records = read,
+            "dedupe window restored"
+        );
+        Ok::<_, KafkaError>(DedupeWindow::restored(
+            (config.route.dedupe_window_secs as i64).saturating_mul(1000),
+            config.route.dedupe_max_entries,
+            entries
+                .into_iter()
+                .map(|(id, e)| (id, e.expires_at_ms))
+                .collect(),
+            now,
+        ))
+    })
+    .await
+    .map_err(|e| KafkaError::Restore(e.to_string()))??;
+    Metrics::global()
+        .state_restore_seconds
+        .with_label_values(&["dedupe"])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(window)
+}
+
+/// Expires dedupe entries and deletes what the windows forgot from their changelogs.
+fn sweep_windows(shared: &Shared, windows: &mut HashMap<(String, i32), DedupeWindow>) {
+    let now = now_ms();
+    let mut live = 0;
+    for ((input, partition), window) in windows.iter_mut() {
+        window.expire_now(now);
+        live += window.len();
+        let changelog = dedupe_changelog(&shared.config, input);
+        for id in window.take_forgotten() {
+            if let Err(e) = gridtalk_kafka::changelog::write(
+                &shared.producer,
+                &changelog,
+                *partition,
+                &id,
+                None,
+            ) {
+                tracing::warn!(error = %e, "dedupe tombstone not written; the entry expires on restore");
+            }
+        }
+    }
+    Metrics::global()
+        .state_entries
+        .with_label_values(&["dedupe"])
+        .set(live as i64);
 }
 
 fn spawn_dead_letter(
@@ -282,8 +427,22 @@ async fn route_one(
         shared.finish(&message);
         return;
     }
-    dedupe.remember(view.event_id(), now);
-    let mut deliveries = Vec::with_capacity(plan.messages.len());
+    // The dedupe entry is part of the hand-off: durable in the changelog before the offset moves.
+    let expires = dedupe.remember(view.event_id(), now);
+    let mut deliveries = Vec::with_capacity(plan.messages.len() + 1);
+    match gridtalk_kafka::changelog::write(
+        &shared.producer,
+        &dedupe_changelog(&shared.config, message.topic()),
+        message.partition(),
+        view.event_id(),
+        Some((&[], expires)),
+    ) {
+        Ok(delivery) => deliveries.push(delivery),
+        Err(e) => {
+            shared.progress.fail(format!("dedupe changelog: {e}"));
+            return;
+        }
+    }
     for outbox in &plan.messages {
         let bytes = outbox.to_avro();
         let headers = OwnedHeaders::new()
