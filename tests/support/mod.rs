@@ -207,6 +207,9 @@ pub struct Setup {
     pub token_file: bool,
     /// Also run the way back (ingest and converse), with the sandbox posting its webhooks to it.
     pub ingest: bool,
+    /// Run the stages in this process (false: the test runs `gridtalk` processes itself, see
+    /// [`Pipeline::spawn_gridtalk`]).
+    pub in_process: bool,
 }
 
 impl Default for Setup {
@@ -229,6 +232,7 @@ impl Default for Setup {
             registry: Vec::new(),
             token_file: false,
             ingest: false,
+            in_process: true,
         }
     }
 }
@@ -246,6 +250,8 @@ pub struct Pipeline {
     /// The ingest stage's webhook endpoint (served only with `Setup::ingest`).
     pub webhook_url: String,
     stage_list: Vec<Stage>,
+    /// The configuration overrides, for `gridtalk` processes.
+    overrides: Vec<(&'static str, String)>,
     /// Stops the sandbox and the registry (at drop).
     services: CancellationToken,
     /// Stops the current run of the stages.
@@ -302,6 +308,11 @@ impl Pipeline {
 bootstrap_servers = "{bootstrap}"
 group_prefix = "{namespace}"
 session_timeout_ms = 6000
+
+[kafka.producer]
+# The embedded broker answers a fetch from an offset inside a record batch with the next batch,
+# skipping the rest of the one it asked for; one record per batch keeps every offset a batch start.
+"batch.num.messages" = "1"
 
 [topics]
 inputs = {inputs:?}
@@ -381,6 +392,7 @@ max_body_bytes = 65536
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", broker())
             .set("enable.idempotence", "true")
+            .set("batch.num.messages", "1")
             .create()
             .expect("producer");
         let mut pipeline = Pipeline {
@@ -393,12 +405,40 @@ max_body_bytes = 65536
             readiness: Readiness::default(),
             webhook_url,
             stage_list: stages,
+            overrides: setup.overrides.clone(),
             services,
             stages_token: CancellationToken::new(),
             stages: None,
         };
-        pipeline.start_stages();
+        if setup.in_process {
+            pipeline.start_stages();
+        }
         pipeline
+    }
+
+    /// Starts `gridtalk run` as its own process with this pipeline's configuration, running
+    /// `stages` (e.g. "route,send"); its log goes to `<dir>/<name>.log`.
+    pub fn spawn_gridtalk(&self, name: &str, stages: &str) -> std::process::Child {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"));
+        command
+            .args(["run", "--config"])
+            .arg(self.config_file())
+            .args(["--stages", stages])
+            .env("GRIDTALK__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("GRIDTALK__ADMIN__LOG_FORMAT", "text")
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        for (key, value) in &self.overrides {
+            command.env(format!("GRIDTALK__{key}"), value);
+        }
+        command.spawn().expect("gridtalk starts")
+    }
+
+    /// The log of the process started as `name`.
+    pub fn process_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
     /// (Re)starts the route and send stages.
@@ -588,7 +628,12 @@ impl Drop for Pipeline {
     fn drop(&mut self) {
         self.stages_token.cancel();
         self.services.cancel();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // Kept for the post-mortem: configuration, directory and process logs.
+            eprintln!("test files kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

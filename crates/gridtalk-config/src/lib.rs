@@ -56,6 +56,10 @@ pub struct KafkaConfig {
     /// or `secret` are masked wherever the config is printed.
     #[serde(default)]
     pub client: BTreeMap<String, Secret>,
+    /// Extra librdkafka properties for producers only (e.g. `batch.num.messages`), applied after
+    /// `client`.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -167,6 +171,10 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Log format: `json` or `text`.
     pub log_format: String,
+    /// On SIGTERM, how long in-flight work may take to finish before the final commit (what is
+    /// unfinished then is replayed by the next owner). Keep it below the Kubernetes
+    /// `terminationGracePeriodSeconds` (60 in the shipped manifests), with room for the commit.
+    pub shutdown_deadline_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -367,6 +375,9 @@ impl Config {
         }
         if self.send.access_token.is_none() && self.send.access_token_file.is_none() {
             errors.push("send: set access_token or access_token_file".into());
+        }
+        if self.admin.shutdown_deadline_ms == 0 {
+            errors.push("admin.shutdown_deadline_ms must be at least 1".into());
         }
         if !["json", "text"].contains(&self.admin.log_format.as_str()) {
             errors.push(format!(

@@ -245,7 +245,14 @@ pub async fn run(
     let drain = async {
         let _all = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
     };
-    if let Some(detail) = shared.progress.close(drain, shared.timeout()).await {
+    if let Some(detail) = shared
+        .progress
+        .close(
+            drain,
+            Duration::from_millis(shared.config.admin.shutdown_deadline_ms),
+        )
+        .await
+    {
         return Err(ConverseError::HandOff(detail));
     }
     tracing::info!("converse stage stopped");

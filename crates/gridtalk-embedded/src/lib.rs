@@ -106,6 +106,9 @@ pub async fn generate(
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // One record per batch: the embedded broker answers a fetch from inside a batch with
+        // the next batch, so consumers replaying from a commit must find a batch start there.
+        .set("batch.num.messages", "1")
         .create()?;
     let schema = &ContractSchemas::get().trading_grid_event;
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second.max(0.01)));

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use gridtalk_config::KafkaConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::{client_config, KafkaError};
 
@@ -42,6 +42,22 @@ fn decode_entry(bytes: &[u8]) -> Option<StoredEntry> {
     })
 }
 
+/// The restore consumer's context: reaching the end of the partition is the goal, not an error.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        if !matches!(error, RdKafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "changelog reader error");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
+
+/// The live entries of one changelog partition.
+pub type PartitionEntries = HashMap<String, StoredEntry>;
+
 /// Reads partition `partition` of `topic` from its start to its end and returns the live entries
 /// (tombstones applied, entries expired at `now_ms` left out) and how many records it read.
 pub fn restore(
@@ -50,32 +66,56 @@ pub fn restore(
     partition: i32,
     now_ms: i64,
     deadline: Duration,
-) -> Result<(HashMap<String, StoredEntry>, u64), KafkaError> {
-    let consumer: BaseConsumer = client_config(config)
+) -> Result<(PartitionEntries, u64), KafkaError> {
+    let (mut restored, read) = restore_partitions(config, topic, &[partition], now_ms, deadline)?;
+    Ok((restored.remove(&partition).unwrap_or_default(), read))
+}
+
+/// Reads several partitions of one changelog topic in one pass (one consumer, fetched together),
+/// each from its start to its end. Returns the live entries per partition and the number of
+/// records read.
+pub fn restore_partitions(
+    config: &KafkaConfig,
+    topic: &str,
+    partitions: &[i32],
+    now_ms: i64,
+    deadline: Duration,
+) -> Result<(HashMap<i32, PartitionEntries>, u64), KafkaError> {
+    let mut restored: HashMap<i32, PartitionEntries> =
+        partitions.iter().map(|p| (*p, HashMap::new())).collect();
+    if partitions.is_empty() {
+        return Ok((restored, 0));
+    }
+    let consumer: BaseConsumer<RestoreContext> = client_config(config)
         .set("group.id", "gridtalk-restore")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .create()?;
+        // An empty or short changelog should not cost the broker's default fetch wait.
+        .set("fetch.wait.max.ms", "20")
+        .create_with_context(RestoreContext)?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    for partition in partitions {
+        tpl.add_partition_offset(topic, *partition, Offset::Beginning)?;
+    }
     consumer.assign(&tpl)?;
-    let mut entries = HashMap::new();
+    let mut open: std::collections::HashSet<i32> = partitions.iter().copied().collect();
     let mut read = 0u64;
     let started = Instant::now();
-    loop {
+    while !open.is_empty() {
         if started.elapsed() > deadline {
             return Err(KafkaError::Restore(format!(
-                "{topic}/{partition}: not read to its end within {deadline:?}"
+                "{topic} partitions {open:?}: not read to the end within {deadline:?}"
             )));
         }
-        match consumer.poll(Duration::from_millis(200)) {
+        match consumer.poll(Duration::from_millis(50)) {
             None => continue,
-            // End of the partition as of the fetch response's high watermark.
-            Some(Err(RdKafkaError::PartitionEOF(_))) => break,
+            // The end of a partition as of the fetch response's high watermark.
+            Some(Err(RdKafkaError::PartitionEOF(partition))) => {
+                open.remove(&partition);
+            }
             Some(Err(e)) => {
-                tracing::warn!(topic, partition, error = %e, "changelog read failed; retrying");
-                continue;
+                tracing::warn!(topic, error = %e, "changelog read failed; retrying");
             }
             Some(Ok(message)) => {
                 read += 1;
@@ -85,6 +125,7 @@ pub fn restore(
                 else {
                     continue;
                 };
+                let entries = restored.entry(message.partition()).or_default();
                 match message.payload().and_then(decode_entry) {
                     Some(entry) if entry.expires_at_ms > now_ms => {
                         entries.insert(key, entry);
@@ -96,7 +137,7 @@ pub fn restore(
             }
         }
     }
-    Ok((entries, read))
+    Ok((restored, read))
 }
 
 /// Enqueues a change of `key` on partition `partition` of `topic` (`None` deletes it); await the

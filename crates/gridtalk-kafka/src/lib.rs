@@ -59,13 +59,17 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
 
 /// An idempotent producer (`acks=all`) for hand-offs that must be durable before an offset moves.
 pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
-    Ok(client_config(config)
+    let mut client = client_config(config);
+    client
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", config.request_timeout_ms.to_string())
-        .create()?)
+        .set("message.timeout.ms", config.request_timeout_ms.to_string());
+    for (key, value) in &config.producer {
+        client.set(key, value);
+    }
+    Ok(client.create()?)
 }
 
 /// Logs rebalances and remembers revoked partitions, so a stage can drop the state it holds for

@@ -22,21 +22,21 @@ struct PartitionState {
 impl OffsetTracker {
     /// Records that work on `offset` started.
     ///
-    /// An offset at or below one already started, and not in flight, means the consumer was sent
-    /// back (the partition was revoked and assigned again, and consumption resumed from the last
-    /// commit): the partition starts afresh from there. Without this, the tracker would believe it
-    /// had already stored positions the broker never committed, and store nothing for the replay.
+    /// An offset below the position the tracker last considered committable means the record came
+    /// again: the consumer was sent back (the partition was revoked and assigned again, and
+    /// consumption resumed from the last commit) or the broker delivered it twice. The tracker then
+    /// lowers that position, so the replayed records store their positions again (a commit lost in
+    /// the revocation is retried), while everything still in flight keeps holding the commit back.
     pub fn start(&mut self, topic: &str, partition: i32, offset: i64) {
-        let fresh = || PartitionState {
-            last_committable: offset,
-            ..PartitionState::default()
-        };
         let state = self
             .partitions
             .entry((topic.to_string(), partition))
-            .or_insert_with(fresh);
-        if offset < state.next_after_started && !state.in_flight.contains(&offset) {
-            *state = fresh();
+            .or_insert_with(|| PartitionState {
+                last_committable: offset,
+                ..PartitionState::default()
+            });
+        if offset < state.last_committable {
+            state.last_committable = offset;
         }
         state.in_flight.insert(offset);
         state.next_after_started = state.next_after_started.max(offset + 1);
@@ -111,6 +111,28 @@ mod tests {
         t.start("in", 0, 2);
         assert_eq!(t.finish("in", 0, 1), Some(2));
         assert_eq!(t.finish("in", 0, 2), Some(3), "3 is stored again");
+    }
+
+    #[test]
+    fn a_record_delivered_twice_never_moves_the_commit_past_unfinished_work() {
+        let mut t = OffsetTracker::default();
+        for o in 20..=30 {
+            t.start("in", 0, o);
+        }
+        for o in 27..=30 {
+            assert_eq!(t.finish("in", 0, o), None, "20 to 26 are unfinished");
+        }
+        // 29 arrives again (finished already) and is handled again.
+        t.start("in", 0, 29);
+        assert_eq!(
+            t.finish("in", 0, 29),
+            None,
+            "20 to 26 still hold the commit"
+        );
+        for o in 20..26 {
+            assert_eq!(t.finish("in", 0, o), Some(o + 1));
+        }
+        assert_eq!(t.finish("in", 0, 26), Some(31));
     }
 
     #[test]

@@ -152,14 +152,32 @@ pub async fn run(
         }
         let key = (message.topic().to_string(), message.partition());
         if !windows.contains_key(&key) {
-            match restore_window(&config, &key.0, key.1).await {
-                Ok(window) => {
-                    windows.insert(key.clone(), window);
+            // Restore every assigned partition of this input still missing, in one pass.
+            let mut wanted: Vec<i32> = shared
+                .progress
+                .consumer()
+                .assignment()
+                .map(|tpl| {
+                    tpl.elements_for_topic(&key.0)
+                        .iter()
+                        .map(|e| e.partition())
+                        .filter(|p| !windows.contains_key(&(key.0.clone(), *p)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !wanted.contains(&key.1) {
+                wanted.push(key.1);
+            }
+            match restore_windows(&config, &key.0, wanted).await {
+                Ok(restored) => {
+                    for (partition, window) in restored {
+                        windows.insert((key.0.clone(), partition), window);
+                    }
                 }
                 Err(e) => {
                     shared
                         .progress
-                        .fail(format!("dedupe window of {}/{}: {e}", key.0, key.1));
+                        .fail(format!("dedupe windows of {}: {e}", key.0));
                     break;
                 }
             }
@@ -185,7 +203,14 @@ pub async fn run(
             .acquire_many(config.route.max_in_flight.max(1) as u32)
             .await;
     };
-    if let Some(detail) = shared.progress.close(drain, shared.timeout()).await {
+    if let Some(detail) = shared
+        .progress
+        .close(
+            drain,
+            Duration::from_millis(shared.config.admin.shutdown_deadline_ms),
+        )
+        .await
+    {
         return Err(RouteError::HandOff(detail));
     }
     tracing::info!("route stage stopped");
@@ -243,40 +268,49 @@ async fn ensure_dedupe_changelogs(config: &Arc<Config>) -> Result<(), RouteError
     .map_err(|e| RouteError::Config(e.to_string()))?
 }
 
-/// Reads the dedupe window of input partition `partition` of `input` from its changelog.
-async fn restore_window(
+/// Reads the dedupe windows of `partitions` of input `input` from its changelog, in one pass.
+async fn restore_windows(
     config: &Arc<Config>,
     input: &str,
-    partition: i32,
-) -> Result<DedupeWindow, KafkaError> {
+    partitions: Vec<i32>,
+) -> Result<HashMap<i32, DedupeWindow>, KafkaError> {
     let config = config.clone();
     let changelog = dedupe_changelog(&config, input);
     let started = std::time::Instant::now();
     let now = now_ms();
-    let window = tokio::task::spawn_blocking(move || {
-        let (entries, read) = gridtalk_kafka::changelog::restore(
+    let windows = tokio::task::spawn_blocking(move || {
+        let (restored, read) = gridtalk_kafka::changelog::restore_partitions(
             &config.kafka,
             &changelog,
-            partition,
+            &partitions,
             now,
             Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
         )?;
+        let entries: usize = restored.values().map(HashMap::len).sum();
         tracing::info!(
             changelog,
-            partition,
-            entries = entries.len(),
+            ?partitions,
+            entries,
             records = read,
-            "dedupe window restored"
+            "dedupe windows restored"
         );
-        Ok::<_, KafkaError>(DedupeWindow::restored(
-            (config.route.dedupe_window_secs as i64).saturating_mul(1000),
-            config.route.dedupe_max_entries,
-            entries
+        Ok::<_, KafkaError>(
+            restored
                 .into_iter()
-                .map(|(id, e)| (id, e.expires_at_ms))
+                .map(|(partition, entries)| {
+                    let window = DedupeWindow::restored(
+                        (config.route.dedupe_window_secs as i64).saturating_mul(1000),
+                        config.route.dedupe_max_entries,
+                        entries
+                            .into_iter()
+                            .map(|(id, e)| (id, e.expires_at_ms))
+                            .collect(),
+                        now,
+                    );
+                    (partition, window)
+                })
                 .collect(),
-            now,
-        ))
+        )
     })
     .await
     .map_err(|e| KafkaError::Restore(e.to_string()))??;
@@ -284,7 +318,7 @@ async fn restore_window(
         .state_restore_seconds
         .with_label_values(&["dedupe"])
         .observe(started.elapsed().as_secs_f64());
-    Ok(window)
+    Ok(windows)
 }
 
 /// Expires dedupe entries and deletes what the windows forgot from their changelogs.
@@ -427,22 +461,8 @@ async fn route_one(
         shared.finish(&message);
         return;
     }
-    // The dedupe entry is part of the hand-off: durable in the changelog before the offset moves.
     let expires = dedupe.remember(view.event_id(), now);
-    let mut deliveries = Vec::with_capacity(plan.messages.len() + 1);
-    match gridtalk_kafka::changelog::write(
-        &shared.producer,
-        &dedupe_changelog(&shared.config, message.topic()),
-        message.partition(),
-        view.event_id(),
-        Some((&[], expires)),
-    ) {
-        Ok(delivery) => deliveries.push(delivery),
-        Err(e) => {
-            shared.progress.fail(format!("dedupe changelog: {e}"));
-            return;
-        }
-    }
+    let mut deliveries = Vec::with_capacity(plan.messages.len());
     for outbox in &plan.messages {
         let bytes = outbox.to_avro();
         let headers = OwnedHeaders::new()
@@ -481,13 +501,39 @@ async fn route_one(
         messages = plan.messages.len(),
         "event routed"
     );
+    // The dedupe entry is written only once the outbox holds the messages: a crash in between
+    // replays the event, and the sender's index drops the repeated messages. The reverse order
+    // could remember an event whose messages never reached the outbox, and lose them.
     let shared = shared.clone();
+    let event_id = view.event_id().to_string();
     tokio::spawn(async move {
-        if shared
+        if !shared
             .progress
             .delivered(deliveries, "outbox produce")
             .await
         {
+            return drop(permit);
+        }
+        let remembered = gridtalk_kafka::changelog::write(
+            &shared.producer,
+            &dedupe_changelog(&shared.config, message.topic()),
+            message.partition(),
+            &event_id,
+            Some((&[], expires)),
+        );
+        let durable = match remembered {
+            Ok(delivery) => {
+                shared
+                    .progress
+                    .delivered(vec![delivery], "dedupe changelog")
+                    .await
+            }
+            Err(e) => {
+                shared.progress.fail(format!("dedupe changelog: {e}"));
+                false
+            }
+        };
+        if durable {
             shared.finish(&message);
         }
         drop(permit);

@@ -151,12 +151,32 @@ pub async fn run(
         }
         let partition = message.partition();
         if !shared.index.lock().expect("index").is_restored(partition) {
-            match restore_index(&config, partition).await {
-                Ok(entries) => shared
-                    .index
-                    .lock()
-                    .expect("index")
-                    .restored(partition, entries),
+            // Restore every assigned outbox partition still missing, in one pass.
+            let mut wanted: Vec<i32> = {
+                let index = shared.index.lock().expect("index");
+                shared
+                    .progress
+                    .consumer()
+                    .assignment()
+                    .map(|tpl| {
+                        tpl.elements_for_topic(&config.topics.outbox)
+                            .iter()
+                            .map(|e| e.partition())
+                            .filter(|p| !index.is_restored(*p))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            if !wanted.contains(&partition) {
+                wanted.push(partition);
+            }
+            match restore_index(&config, wanted).await {
+                Ok(restored) => {
+                    let mut index = shared.index.lock().expect("index");
+                    for (p, entries) in restored {
+                        index.restored(p, entries);
+                    }
+                }
                 Err(e) => {
                     shared
                         .progress
@@ -245,7 +265,14 @@ pub async fn run(
     let drain = async {
         let _all = in_flight.acquire_many(max_in_flight as u32).await;
     };
-    if let Some(detail) = shared.progress.close(drain, shared.timeout()).await {
+    if let Some(detail) = shared
+        .progress
+        .close(
+            drain,
+            Duration::from_millis(shared.config.admin.shutdown_deadline_ms),
+        )
+        .await
+    {
         return Err(SendError::HandOff(detail));
     }
     tracing::info!("send stage stopped");
@@ -269,18 +296,18 @@ fn check_index_partitions(config: &Config) -> Result<(), SendError> {
     Ok(())
 }
 
-/// Reads the sent index of outbox partition `partition` from its changelog.
+/// Reads the sent index of outbox `partitions` from its changelog, in one pass.
 async fn restore_index(
     config: &Arc<Config>,
-    partition: i32,
-) -> Result<HashMap<String, gridtalk_kafka::changelog::StoredEntry>, KafkaError> {
+    partitions: Vec<i32>,
+) -> Result<HashMap<i32, gridtalk_kafka::changelog::PartitionEntries>, KafkaError> {
     let config = config.clone();
     let started = Instant::now();
-    let (entries, read) = tokio::task::spawn_blocking(move || {
-        gridtalk_kafka::changelog::restore(
+    let (restored, read) = tokio::task::spawn_blocking(move || {
+        gridtalk_kafka::changelog::restore_partitions(
             &config.kafka,
             &config.topics.send_index,
-            partition,
+            &partitions,
             chrono::Utc::now().timestamp_millis(),
             Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
         )
@@ -292,13 +319,13 @@ async fn restore_index(
         .with_label_values(&["send_index"])
         .observe(started.elapsed().as_secs_f64());
     tracing::info!(
-        partition,
-        entries = entries.len(),
+        partitions = ?restored.keys().collect::<Vec<_>>(),
+        entries = restored.values().map(HashMap::len).sum::<usize>(),
         records = read,
         millis = started.elapsed().as_millis() as u64,
         "sent index restored"
     );
-    Ok(entries)
+    Ok(restored)
 }
 
 /// Deletes expired sent-index entries, in memory and (with tombstones) in the changelog.
@@ -376,6 +403,30 @@ async fn dead_letter_job(
 async fn send_job(shared: &Shared, job: &Job) -> bool {
     let metrics = Metrics::global();
     let outbox = &job.outbox;
+    // Checked again now, not only when the record was read: a partition revoked and assigned
+    // back re-delivers records whose first copy may be queued ahead of this one and sent since.
+    {
+        let partition = job.message.partition();
+        let index = shared.index.lock().expect("index");
+        if !index.is_restored(partition) {
+            // Revoked while queued: the partition's new owner sends it.
+            tracing::debug!(
+                partition,
+                "partition revoked; queued message left to its new owner"
+            );
+            return true;
+        }
+        if let Some(wamid) = index.accepted(partition, &outbox.message_id) {
+            drop(index);
+            metrics
+                .sends
+                .with_label_values(&["replay_suppressed", "none"])
+                .inc();
+            tracing::info!(%wamid, message_id = %outbox.message_id, "duplicate outbox record of an accepted message skipped");
+            shared.finish(&job.message);
+            return true;
+        }
+    }
     let mut attempt: u32 = 0;
     let mut recipient_attempt: u32 = 0;
     loop {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -118,7 +119,20 @@ async fn main() -> anyhow::Result<()> {
                 readiness.clone(),
                 shutdown.clone(),
             ));
-            let result = run_stages(config, &stages, readiness, shutdown.clone()).await;
+            let deadline = Duration::from_millis(config.admin.shutdown_deadline_ms);
+            let running = {
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { run_stages(config, &stages, readiness, shutdown).await })
+            };
+            // Once shutting down, the stages get their drain deadline plus time to commit and leave
+            // the group; past that the process exits rather than outlive its grace period.
+            let result = tokio::select! {
+                joined = running => joined.unwrap_or_else(|e| Err(anyhow::anyhow!("stages panicked: {e}"))),
+                _ = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(deadline + Duration::from_secs(10)).await;
+                } => Err(anyhow::anyhow!("stages did not stop within the shutdown deadline")),
+            };
             shutdown.cancel();
             let _ = admin.await;
             result

@@ -83,6 +83,10 @@ impl EmbeddedStack {
             ),
             ("INGEST__APP_SECRET", SandboxConfig::default().app_secret),
             ("KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+            // The embedded broker answers a fetch from inside a record batch with the next batch;
+            // one record per batch keeps every committed offset a batch start, so replays resume
+            // exactly there.
+            ("KAFKA__PRODUCER", "{\"batch.num.messages\" = \"1\"}".into()),
             ("TOPICS__PARTITIONS", PARTITIONS.to_string()),
             ("SEND__API_BASE_URL", sandbox.base_url()),
             ("SEND__PHONE_NUMBER_ID", PHONE_NUMBER_ID.into()),
