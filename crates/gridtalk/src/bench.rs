@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Throughput limit of the sending number in the pipeline part (messages per second).
     #[arg(long, default_value_t = 1_000)]
     send_rate: u32,
+    /// Dedupe keys for the state part (written to one changelog partition, then restored).
+    #[arg(long, default_value_t = 1_000_000)]
+    state_keys: u64,
 }
 
 fn encoded_events(count: u64) -> Vec<Vec<u8>> {
@@ -136,6 +139,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // Part 1b: interpreting what comes back for those messages.
     interpret(&planned, &config, &directory, now);
+
+    // Part 3 first (the broker is idle): restoring state from a changelog.
+    state_restore(&config, args.state_keys).await?;
 
     // Part 2: the pipeline on the embedded broker.
     // Publish first, then start the stages: the run measures draining a backlog.
@@ -321,6 +327,94 @@ fn interpret(
         rate(items.len(), handled),
         micros(handled, items.len())
     );
+}
+
+/// Writes `keys` dedupe entries (event-id-sized keys) to one partition of a compacted changelog,
+/// restores the partition as the route stage does on assignment, and measures the memory a
+/// dedupe window needs per key (resident-set growth while it holds them).
+async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::Result<()> {
+    use rdkafka::producer::FutureProducer;
+    let topic = "gridtalk.bench.dedupe-changelog";
+    gridtalk_kafka::ensure_topics(
+        &config.kafka,
+        &[gridtalk_kafka::TopicSpec {
+            name: topic.into(),
+            partitions: 1,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        }],
+    )
+    .await?;
+    let producer: FutureProducer = gridtalk_kafka::client_config(&config.kafka)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "2000000")
+        .create()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let expires = now + 86_400_000;
+    let id = |i: u64| format!("{:08x}-0000-4000-8000-{:012x}", i >> 16, i);
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(50_000);
+    for i in 0..keys {
+        pending.push(gridtalk_kafka::changelog::write(
+            &producer,
+            topic,
+            0,
+            &id(i),
+            Some((&[], expires)),
+        )?);
+        if pending.len() == 50_000 {
+            for delivery in pending.drain(..) {
+                let _ = delivery.await;
+            }
+        }
+    }
+    for delivery in pending {
+        let _ = delivery.await;
+    }
+    let written = started.elapsed();
+    let kafka = config.kafka.clone();
+    let started = Instant::now();
+    let (entries, read) = tokio::task::spawn_blocking(move || {
+        gridtalk_kafka::changelog::restore(&kafka, topic, 0, now, Duration::from_secs(600))
+    })
+    .await??;
+    let restore = started.elapsed();
+    let live = entries.len();
+    drop(entries);
+
+    // Memory per key of the live structure the route stage keeps (a dedupe window).
+    let before = resident_bytes();
+    let mut window = gridtalk_route::DedupeWindow::new(86_400_000, usize::MAX);
+    for i in 0..keys {
+        window.remember(&id(i), now);
+    }
+    let after = resident_bytes();
+    println!();
+    println!(
+        "state: {keys} dedupe keys written to one changelog partition in {:.1} s; restored {live} live keys from {read} records",
+        written.as_secs_f64()
+    );
+    println!(
+        "  restore         {:>10.2} s  ({:.0} records/s)",
+        restore.as_secs_f64(),
+        rate(read as usize, restore)
+    );
+    if let (Some(before), Some(after)) = (before, after) {
+        println!(
+            "  memory          {:>10.0} bytes per key in a dedupe window ({} keys, {:.0} MiB)",
+            after.saturating_sub(before) as f64 / keys.max(1) as f64,
+            window.len(),
+            after.saturating_sub(before) as f64 / 1_048_576.0
+        );
+    }
+    Ok(())
+}
+
+/// The process's resident set size, from /proc (Linux only).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
