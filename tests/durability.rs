@@ -312,3 +312,130 @@ async fn kill_9_three_times_loses_nothing_and_duplicates_at_most_the_in_flight_b
     assert_eq!(missing, 0);
     assert!(duplicated <= bound, "{duplicated} duplicates");
 }
+
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    wait_for_exit(child, Duration::from_secs(40))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "with three members the embedded broker (tansu 0.6) rebalances the group every few \
+            seconds without end and assigns the leavers' partitions to nobody; run with --ignored \
+            against a broker that keeps a stable group"]
+async fn a_group_of_three_loses_and_repeats_nothing_and_keeps_document_order_through_rebalances() {
+    let p = fast_external_pipeline(60).await;
+    // Three events per shipment, in order, all to the logistics contact.
+    let mut events = Vec::new();
+    for seq in 0..40 {
+        for event_type in [
+            "tg.asn.sent",
+            "tg.shipment.status_updated",
+            "tg.delivery.confirmed",
+        ] {
+            events.push(event(event_type, 300 + seq, "ACME"));
+        }
+    }
+    for e in &events {
+        p.publish_event(e).await;
+    }
+    let expected = expected_messages(&p, &events);
+    let total: usize = expected.values().sum();
+    let mut a = p.spawn_gridtalk("a", "route,send");
+    let mut b = p.spawn_gridtalk("b", "route,send");
+    let mut c = p.spawn_gridtalk("c", "route,send");
+    p.wait_until("a third sent", WAIT, |p| {
+        p.sandbox.messages().len() >= total / 3
+    })
+    .await;
+    // One leaves (a rolling update), another joins mid-stream.
+    assert_eq!(terminate(&mut b).code(), Some(0), "{}", p.process_log("b"));
+    let mut d = p.spawn_gridtalk("d", "route,send");
+    p.wait_until("everything sent", WAIT * 2, |p| {
+        compare(p, &expected).0 == 0
+    })
+    .await;
+    p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+        .await;
+    for child in [&mut a, &mut c, &mut d] {
+        assert_eq!(terminate(child).code(), Some(0));
+    }
+    assert_eq!(
+        compare(&p, &expected),
+        (0, 0),
+        "nothing missing, nothing twice"
+    );
+    // Per document, the statuses reached the person in event order.
+    let mut by_shipment: HashMap<String, Vec<String>> = HashMap::new();
+    for m in p.sandbox.messages() {
+        if m.template.as_deref() == Some("shipment_update") {
+            by_shipment
+                .entry(m.parameters[0].clone())
+                .or_default()
+                .push(m.parameters[2].clone());
+        }
+    }
+    assert_eq!(by_shipment.len(), 40);
+    for (shipment, statuses) in by_shipment {
+        assert_eq!(
+            statuses,
+            ["ASN_SENT", "IN_TRANSIT", "DELIVERED"],
+            "order of {shipment}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open: the throughput limit holds across replicas (no 130429), but the per-recipient \
+            pair limiter's timers do not follow the outbox partition to its next owner yet, so a \
+            handover can cause one 131056 (retried, nothing lost)"]
+async fn three_replicas_sharing_one_number_stay_within_its_limits() {
+    // The sandbox enforces Meta's 80/s for the number and a pair limit; gridtalk is configured
+    // with the same limits, less its margin.
+    let mut setup = Setup {
+        in_process: false,
+        overrides: vec![
+            ("SEND__MAX_MESSAGES_PER_SECOND", "80".into()),
+            ("SEND__PAIR_INTERVAL_MS", "200".into()),
+            ("SEND__PAIR_BURST", "5".into()),
+        ],
+        ..Setup::default()
+    };
+    setup.sandbox.throughput_per_second = 80;
+    setup.sandbox.pair_interval_ms = 200;
+    setup.sandbox.pair_burst = 5;
+    let p = Pipeline::start(setup).await;
+    let events = events_of_every_type(850);
+    for e in &events {
+        p.publish_event(e).await;
+    }
+    let expected = expected_messages(&p, &events);
+    let total: usize = expected.values().sum();
+    assert!(total >= 1_000, "{total} messages");
+    let mut replicas: Vec<_> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|name| p.spawn_gridtalk(name, "route,send"))
+        .collect();
+    p.wait_until("every message sent", WAIT * 3, |p| {
+        compare(p, &expected).0 == 0
+    })
+    .await;
+    for replica in &mut replicas {
+        assert_eq!(terminate(replica).code(), Some(0));
+    }
+    let stats = p.sandbox.stats();
+    assert_eq!(
+        stats.errors.get("130429"),
+        None,
+        "throughput limit hit: {stats:?}"
+    );
+    assert_eq!(
+        stats.errors.get("131056"),
+        None,
+        "pair limit hit: {stats:?}"
+    );
+    assert_eq!(compare(&p, &expected), (0, 0));
+}
