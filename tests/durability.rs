@@ -439,3 +439,63 @@ async fn three_replicas_sharing_one_number_stay_within_its_limits() {
     );
     assert_eq!(compare(&p, &expected), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converse_restart_replaying_every_webhook_answers_nothing_twice() {
+    let mut p = Pipeline::start(Setup {
+        ingest: true,
+        ..Setup::default()
+    })
+    .await;
+    p.wait_for_way_back(WAIT).await;
+    p.publish_event(&event("wf.approval.requested", 51, "ACME"))
+        .await;
+    p.wait_for_messages(1, WAIT).await;
+    let request = p.sandbox.messages()[0].clone();
+    p.sandbox
+        .reply(&request.wamid, gridtalk_sandbox::Reply::Button { index: 0 })
+        .await
+        .expect("tap delivered");
+    p.wait_until(
+        "the decision, its confirmation and the read status",
+        WAIT,
+        |p| {
+            let responses = p.responses();
+            responses
+                .iter()
+                .any(|r| r.response_type == "wa.approval.decided")
+                && responses
+                    .iter()
+                    .filter(|r| r.response_type == "wa.message.status")
+                    .count()
+                    >= 6
+        },
+    )
+    .await;
+    let converse = format!("{}-converse", p.namespace);
+    p.wait_for_commits(&converse, &p.config.topics.webhook, WAIT)
+        .await;
+    let before = p.responses().len();
+
+    // A new converse process that lost every webhook offset replays all items.
+    p.stop_stages().await.expect("stages stop cleanly");
+    rewind_group(&converse, &p.config.topics.webhook);
+    p.start_stages();
+    p.wait_for_way_back(WAIT).await;
+    p.wait_for_commits(&converse, &p.config.topics.webhook, WAIT)
+        .await;
+    let responses = p.responses();
+    assert_eq!(
+        responses.len(),
+        before,
+        "the replay published nothing again: {:?}",
+        &responses[before..]
+    );
+    let confirmations = p
+        .sandbox
+        .messages()
+        .iter()
+        .filter(|m| m.rendered.contains("is recorded"))
+        .count();
+    assert_eq!(confirmations, 1, "one confirmation");
+}

@@ -324,6 +324,7 @@ webhook = "{namespace}.webhook"
 responses = "{namespace}.responses"
 audit = "{namespace}.audit"
 send_index = "{namespace}.send-index"
+converse_state = "{namespace}.converse-state"
 dedupe_changelog_prefix = "{namespace}.dedupe."
 partitions = 2
 

@@ -82,6 +82,9 @@ pub struct TopicsConfig {
     pub responses: String,
     /// Refused inbounds (bad signature, bad token, unauthorised contact, second decision), Avro.
     pub audit: String,
+    /// The converse stage's state changelog (compacted, partitioned like the webhook topic):
+    /// decisions, applied statuses and answered item ids, so a restart answers nothing twice.
+    pub converse_state: String,
     /// Prefix of the route stage's dedupe changelogs: one compacted topic per input topic, named
     /// prefix + input topic, with the input's partition count.
     pub dedupe_changelog_prefix: String,

@@ -47,6 +47,32 @@ impl RequestKind {
         }
     }
 
+    fn code(self) -> &'static str {
+        match self {
+            RequestKind::PoAcknowledgement => "po",
+            RequestKind::Approval => "approval",
+            RequestKind::Onboarding => "onboarding",
+            RequestKind::InvoiceCorrection => "invoice",
+            RequestKind::ShipmentException => "shipment",
+            RequestKind::Case => "case",
+            RequestKind::Notice => "notice",
+        }
+    }
+
+    fn from_code(code: &str) -> Option<Self> {
+        [
+            RequestKind::PoAcknowledgement,
+            RequestKind::Approval,
+            RequestKind::Onboarding,
+            RequestKind::InvoiceCorrection,
+            RequestKind::ShipmentException,
+            RequestKind::Case,
+            RequestKind::Notice,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+    }
+
     /// Whether `action` settles the request (first one wins) rather than adding to it.
     fn is_final(self, action: &str) -> bool {
         !matches!(action, "NEED_INFO" | "NEED_HELP" | "NEW_ETA" | "COMMENT") && self.decidable()
@@ -171,6 +197,12 @@ pub struct Conversations {
     contacts: HashMap<String, ContactState>,
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
+    /// Decisions restored from the changelog for requests the sent log has not shown yet.
+    restored_decisions: HashMap<(RequestKind, String), Decision>,
+    /// Status ranks restored from the changelog for messages the sent log has not shown yet.
+    restored_ranks: HashMap<String, u8>,
+    /// Changes since the last [`Conversations::take_changes`], for the state changelog.
+    changes: Vec<(String, String)>,
 }
 
 fn short_hash(parts: &[&str]) -> String {
@@ -215,7 +247,62 @@ impl Conversations {
             contacts: HashMap::new(),
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
+            restored_decisions: HashMap::new(),
+            restored_ranks: HashMap::new(),
+            changes: Vec::new(),
         }
+    }
+
+    /// The state changes made since the last call, as changelog entries (key, value): what must
+    /// survive a restart so that a replayed webhook item is not answered twice.
+    pub fn take_changes(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Applies entries read back from the state changelog (see [`Conversations::take_changes`]).
+    pub fn restore(&mut self, entries: impl IntoIterator<Item = (String, String)>) {
+        for (key, value) in entries {
+            let Some((kind, rest)) = key.split_once(':') else {
+                continue;
+            };
+            match kind {
+                "seen" => self.remember(rest),
+                "status" => {
+                    let rank: u8 = value.parse().unwrap_or(0);
+                    match self.sent.get_mut(rest) {
+                        Some(sent) => sent.status_rank = sent.status_rank.max(rank),
+                        None => {
+                            let r = self.restored_ranks.entry(rest.to_string()).or_default();
+                            *r = (*r).max(rank);
+                        }
+                    }
+                }
+                "decided" => {
+                    let Some((kind, request)) = rest.split_once(':') else {
+                        continue;
+                    };
+                    let Some(kind) = RequestKind::from_code(kind) else {
+                        continue;
+                    };
+                    let (action, by_contact) = value.split_once('\u{1f}').unwrap_or((&value, ""));
+                    let decision = Decision {
+                        action: action.to_string(),
+                        by_contact: by_contact.to_string(),
+                    };
+                    let key = (kind, request.to_string());
+                    match self.requests.get_mut(&key) {
+                        Some(r) => {
+                            r.decided.get_or_insert(decision);
+                        }
+                        None => {
+                            self.restored_decisions.insert(key, decision);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.changes.clear();
     }
 
     /// Number of sent messages known (for metrics and tests).
@@ -258,6 +345,9 @@ impl Conversations {
             recipients: HashMap::new(),
             decided: None,
         });
+        if let Some(decision) = self.restored_decisions.remove(&key) {
+            request.decided.get_or_insert(decision);
+        }
         // gridtalk's own replies add no recipient.
         if !own_reply {
             request
@@ -280,12 +370,14 @@ impl Conversations {
                 contact_id: sent.contact_id.clone(),
                 partner_id: sent.partner_id.clone(),
                 wa_id: sent.wa_id.clone(),
-                status_rank: 0,
+                status_rank: self.restored_ranks.remove(&sent.wamid).unwrap_or(0),
             },
         );
     }
 
     fn remember(&mut self, item_id: &str) {
+        self.changes
+            .push((format!("seen:{item_id}"), String::new()));
         if self.seen.insert(item_id.to_string()) {
             self.seen_order.push_back(item_id.to_string());
             while self.seen_order.len() > self.settings.remembered_items.max(1) {
@@ -347,6 +439,8 @@ impl Conversations {
             return done("stale_status", Vec::new());
         }
         sent.status_rank = rank;
+        self.changes
+            .push((format!("status:{wamid}"), rank.to_string()));
         let error = v.pointer("/errors/0");
         let body = ResponseBody::DeliveryStatus {
             status: status.to_ascii_uppercase(),
@@ -612,6 +706,10 @@ impl Conversations {
                 );
             }
             let key = (request.kind, request.id.clone());
+            self.changes.push((
+                format!("decided:{}:{}", key.0.code(), key.1),
+                format!("{}\u{1f}{}", token.action, contact.id),
+            ));
             if let Some(r) = self.requests.get_mut(&key) {
                 r.decided = Some(Decision {
                     action: token.action.clone(),

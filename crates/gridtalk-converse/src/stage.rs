@@ -23,6 +23,9 @@ use crate::conversation::{Conversations, Handled, Outcome, Settings};
 const STAGE: &str = "converse";
 /// Publishes awaiting acknowledgement at once; the loop waits beyond it.
 const MAX_IN_FLIGHT: usize = 512;
+/// How long the converse state remembers a decision, a status or an answered item: longer than
+/// a button stays valid and than Meta keeps redelivering a webhook.
+const STATE_RETENTION_MS: i64 = 8 * 24 * 3_600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConverseError {
@@ -141,6 +144,7 @@ pub async fn run(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let join_wait = Duration::from_millis(config.converse.join_wait_ms);
     let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
+    let mut restored: std::collections::HashSet<i32> = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     ready.store(true, Ordering::Release);
     tracing::info!(group, sent = %config.topics.sent, webhook = %config.topics.webhook, "converse stage running");
@@ -207,6 +211,34 @@ pub async fn run(
                 .await;
             }
             continue;
+        }
+        if !restored.contains(&message.partition()) {
+            // The state of every assigned webhook partition, in one pass, before its first item.
+            let mut wanted: Vec<i32> = shared
+                .progress
+                .consumer()
+                .assignment()
+                .map(|tpl| {
+                    tpl.elements_for_topic(&config.topics.webhook)
+                        .iter()
+                        .map(|e| e.partition())
+                        .filter(|p| !restored.contains(p))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !wanted.contains(&message.partition()) {
+                wanted.push(message.partition());
+            }
+            match restore_state(&config, wanted.clone()).await {
+                Ok(entries) => {
+                    conversations.restore(entries);
+                    restored.extend(wanted);
+                }
+                Err(e) => {
+                    shared.progress.fail(format!("converse state: {e}"));
+                    break;
+                }
+            }
         }
         shared
             .progress
@@ -292,12 +324,13 @@ async fn offer(
         }
         Handled::Done { outcome, outcomes } => {
             metrics.converse_items.with_label_values(&[outcome]).inc();
+            let changes = conversations.take_changes();
             let permit = in_flight
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("semaphore open");
-            publish(shared, w.message, &w.item, outcomes, permit);
+            publish(shared, w.message, &w.item, outcomes, changes, permit);
         }
     }
 }
@@ -308,6 +341,7 @@ fn publish(
     message: OwnedMessage,
     item: &WebhookItem,
     outcomes: Vec<Outcome>,
+    changes: Vec<(String, String)>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let metrics = Metrics::global();
@@ -405,16 +439,74 @@ fn publish(
         }
     }
     let shared = shared.clone();
+    // The state changes go to the changelog only once the records they account for are durable:
+    // a crash in between replays the item, which is then answered again (same response id)
+    // rather than remembered as answered and lost.
     tokio::spawn(async move {
-        if shared
+        if !shared
             .progress
             .delivered(deliveries, "response publish")
             .await
         {
+            return drop(permit);
+        }
+        let expires = chrono::Utc::now().timestamp_millis() + STATE_RETENTION_MS;
+        let mut written = Vec::with_capacity(changes.len());
+        for (key, value) in &changes {
+            match gridtalk_kafka::changelog::write(
+                &shared.producer,
+                &shared.config.topics.converse_state,
+                message.partition(),
+                key,
+                Some((value.as_bytes(), expires)),
+            ) {
+                Ok(delivery) => written.push(delivery),
+                Err(e) => {
+                    shared.progress.fail(format!("converse state: {e}"));
+                    return drop(permit);
+                }
+            }
+        }
+        if shared.progress.delivered(written, "converse state").await {
             shared.finish(&message);
         }
         drop(permit);
     });
+}
+
+/// Reads the converse state of webhook `partitions` from its changelog, in one pass.
+async fn restore_state(
+    config: &Arc<Config>,
+    partitions: Vec<i32>,
+) -> Result<Vec<(String, String)>, KafkaError> {
+    let config = config.clone();
+    let started = Instant::now();
+    let (restored, read) = tokio::task::spawn_blocking(move || {
+        gridtalk_kafka::changelog::restore_partitions(
+            &config.kafka,
+            &config.topics.converse_state,
+            &partitions,
+            now_ms(),
+            Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
+        )
+    })
+    .await
+    .map_err(|e| KafkaError::Restore(e.to_string()))??;
+    Metrics::global()
+        .state_restore_seconds
+        .with_label_values(&["converse"])
+        .observe(started.elapsed().as_secs_f64());
+    let entries: Vec<(String, String)> = restored
+        .into_values()
+        .flatten()
+        .map(|(key, entry)| (key, String::from_utf8_lossy(&entry.value).into_owned()))
+        .collect();
+    tracing::info!(
+        entries = entries.len(),
+        records = read,
+        "converse state restored"
+    );
+    Ok(entries)
 }
 
 async fn spawn_dead_letter(

@@ -63,6 +63,13 @@ pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
             partitions: t.partitions,
             configs: vec![("cleanup.policy".into(), "compact".into())],
         },
+        // Compacted and partitioned like the webhook topic: partition p holds the converse
+        // state of the contacts on webhook partition p.
+        TopicSpec {
+            name: t.converse_state.clone(),
+            partitions: t.partitions,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        },
         TopicSpec {
             name: t.directory.clone(),
             partitions: 1,
