@@ -229,7 +229,11 @@ pub async fn run(
             if !wanted.contains(&message.partition()) {
                 wanted.push(message.partition());
             }
-            match restore_state(&config, wanted.clone()).await {
+            // Not ready while state is restored (the process resumes only after it).
+            ready.store(false, Ordering::Release);
+            let restored_state = restore_state(&config, wanted.clone()).await;
+            ready.store(true, Ordering::Release);
+            match restored_state {
                 Ok(entries) => {
                     conversations.restore(entries);
                     restored.extend(wanted);

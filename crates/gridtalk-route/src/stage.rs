@@ -168,7 +168,11 @@ pub async fn run(
             if !wanted.contains(&key.1) {
                 wanted.push(key.1);
             }
-            match restore_windows(&config, &key.0, wanted).await {
+            // Not ready while state is restored (the process resumes only after it).
+            ready.store(false, Ordering::Release);
+            let restored_state = restore_windows(&config, &key.0, wanted).await;
+            ready.store(true, Ordering::Release);
+            match restored_state {
                 Ok(restored) => {
                     for (partition, window) in restored {
                         windows.insert((key.0.clone(), partition), window);

@@ -170,7 +170,11 @@ pub async fn run(
             if !wanted.contains(&partition) {
                 wanted.push(partition);
             }
-            match restore_index(&config, wanted).await {
+            // Not ready while state is restored (the process resumes only after it).
+            ready.store(false, Ordering::Release);
+            let restored_state = restore_index(&config, wanted).await;
+            ready.store(true, Ordering::Release);
+            match restored_state {
                 Ok(restored) => {
                     let mut index = shared.index.lock().expect("index");
                     for (p, entries) in restored {
