@@ -305,15 +305,6 @@ impl Conversations {
         self.changes.clear();
     }
 
-    /// Number of sent messages known (for metrics and tests).
-    pub fn sent_count(&self) -> usize {
-        self.sent.len()
-    }
-
-    pub fn knows_message(&self, wamid: &str) -> bool {
-        self.sent.contains_key(wamid)
-    }
-
     /// Applies one sent-log record. Idempotent: the sent log is re-read from its start whenever a
     /// partition is assigned.
     pub fn apply_sent(&mut self, sent: &SentMessage) {

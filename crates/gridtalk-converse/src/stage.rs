@@ -214,21 +214,11 @@ pub async fn run(
         }
         if !restored.contains(&message.partition()) {
             // The state of every assigned webhook partition, in one pass, before its first item.
-            let mut wanted: Vec<i32> = shared
-                .progress
-                .consumer()
-                .assignment()
-                .map(|tpl| {
-                    tpl.elements_for_topic(&config.topics.webhook)
-                        .iter()
-                        .map(|e| e.partition())
-                        .filter(|p| !restored.contains(p))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !wanted.contains(&message.partition()) {
-                wanted.push(message.partition());
-            }
+            let wanted = shared.progress.partitions_to_restore(
+                &config.topics.webhook,
+                message.partition(),
+                |p| restored.contains(&p),
+            );
             // Not ready while state is restored (the process resumes only after it).
             ready.store(false, Ordering::Release);
             let restored_state = restore_state(&config, wanted.clone()).await;
@@ -480,37 +470,21 @@ fn publish(
 
 /// Reads the converse state of webhook `partitions` from its changelog, in one pass.
 async fn restore_state(
-    config: &Arc<Config>,
+    config: &Config,
     partitions: Vec<i32>,
 ) -> Result<Vec<(String, String)>, KafkaError> {
-    let config = config.clone();
-    let started = Instant::now();
-    let (restored, read) = tokio::task::spawn_blocking(move || {
-        gridtalk_kafka::changelog::restore_partitions(
-            &config.kafka,
-            &config.topics.converse_state,
-            &partitions,
-            now_ms(),
-            Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
-        )
-    })
-    .await
-    .map_err(|e| KafkaError::Restore(e.to_string()))??;
-    Metrics::global()
-        .state_restore_seconds
-        .with_label_values(&["converse"])
-        .observe(started.elapsed().as_secs_f64());
-    let entries: Vec<(String, String)> = restored
+    let restored = gridtalk_kafka::changelog::restore_for_stage(
+        &config.kafka,
+        "converse",
+        &config.topics.converse_state,
+        partitions,
+    )
+    .await?;
+    Ok(restored
         .into_values()
         .flatten()
         .map(|(key, entry)| (key, String::from_utf8_lossy(&entry.value).into_owned()))
-        .collect();
-    tracing::info!(
-        entries = entries.len(),
-        records = read,
-        "converse state restored"
-    );
-    Ok(entries)
+        .collect())
 }
 
 async fn spawn_dead_letter(

@@ -58,17 +58,40 @@ impl ConsumerContext for RestoreContext {}
 /// The live entries of one changelog partition.
 pub type PartitionEntries = HashMap<String, StoredEntry>;
 
-/// Reads partition `partition` of `topic` from its start to its end and returns the live entries
-/// (tombstones applied, entries expired at `now_ms` left out) and how many records it read.
-pub fn restore(
+/// What a stage calls on assignment: [`restore_partitions`] off the async runtime, with the time
+/// it took recorded in `gridtalk_state_restore_seconds{store}` and logged. Entries expired at the
+/// start of the restore are left out; the deadline is four request timeouts.
+pub async fn restore_for_stage(
     config: &KafkaConfig,
+    store: &'static str,
     topic: &str,
-    partition: i32,
-    now_ms: i64,
-    deadline: Duration,
-) -> Result<(PartitionEntries, u64), KafkaError> {
-    let (mut restored, read) = restore_partitions(config, topic, &[partition], now_ms, deadline)?;
-    Ok((restored.remove(&partition).unwrap_or_default(), read))
+    partitions: Vec<i32>,
+) -> Result<HashMap<i32, PartitionEntries>, KafkaError> {
+    let (config, topic_name) = (config.clone(), topic.to_string());
+    let started = Instant::now();
+    let (restored, read) = tokio::task::spawn_blocking(move || {
+        let deadline = Duration::from_millis(config.request_timeout_ms.saturating_mul(4));
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        restore_partitions(&config, &topic_name, &partitions, now_ms, deadline)
+    })
+    .await
+    .map_err(|e| KafkaError::Restore(e.to_string()))??;
+    gridtalk_telemetry::Metrics::global()
+        .state_restore_seconds
+        .with_label_values(&[store])
+        .observe(started.elapsed().as_secs_f64());
+    tracing::info!(
+        store,
+        topic,
+        partitions = ?restored.keys().collect::<Vec<_>>(),
+        entries = restored.values().map(HashMap::len).sum::<usize>(),
+        records = read,
+        millis = started.elapsed().as_millis() as u64,
+        "state restored"
+    );
+    Ok(restored)
 }
 
 /// Reads several partitions of one changelog topic in one pass (one consumer, fetched together),

@@ -45,6 +45,31 @@ impl StageProgress {
         &self.consumer
     }
 
+    /// The partitions of `topic` to restore before handling a record of `current`: every assigned
+    /// one not yet `held`, and `current` itself, so a new assignment is restored in one pass.
+    pub fn partitions_to_restore(
+        &self,
+        topic: &str,
+        current: i32,
+        held: impl Fn(i32) -> bool,
+    ) -> Vec<i32> {
+        let mut wanted: Vec<i32> = self
+            .consumer
+            .assignment()
+            .map(|tpl| {
+                tpl.elements_for_topic(topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .filter(|p| !held(*p))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !wanted.contains(&current) {
+            wanted.push(current);
+        }
+        wanted
+    }
+
     /// Work on a record started.
     pub fn start(&self, topic: &str, partition: i32, offset: i64) {
         self.tracker

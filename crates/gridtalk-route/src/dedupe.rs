@@ -46,11 +46,6 @@ impl DedupeWindow {
         window
     }
 
-    /// The window's length in milliseconds.
-    pub fn window_ms(&self) -> i64 {
-        self.window_ms
-    }
-
     /// Whether `id` was remembered within the window ending at `now_ms`.
     pub fn contains(&mut self, id: &str, now_ms: i64) -> bool {
         self.expire(now_ms);

@@ -153,21 +153,9 @@ pub async fn run(
         let key = (message.topic().to_string(), message.partition());
         if !windows.contains_key(&key) {
             // Restore every assigned partition of this input still missing, in one pass.
-            let mut wanted: Vec<i32> = shared
-                .progress
-                .consumer()
-                .assignment()
-                .map(|tpl| {
-                    tpl.elements_for_topic(&key.0)
-                        .iter()
-                        .map(|e| e.partition())
-                        .filter(|p| !windows.contains_key(&(key.0.clone(), *p)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !wanted.contains(&key.1) {
-                wanted.push(key.1);
-            }
+            let wanted = shared.progress.partitions_to_restore(&key.0, key.1, |p| {
+                windows.contains_key(&(key.0.clone(), p))
+            });
             // Not ready while state is restored (the process resumes only after it).
             ready.store(false, Ordering::Release);
             let restored_state = restore_windows(&config, &key.0, wanted).await;
@@ -274,55 +262,31 @@ async fn ensure_dedupe_changelogs(config: &Arc<Config>) -> Result<(), RouteError
 
 /// Reads the dedupe windows of `partitions` of input `input` from its changelog, in one pass.
 async fn restore_windows(
-    config: &Arc<Config>,
+    config: &Config,
     input: &str,
     partitions: Vec<i32>,
 ) -> Result<HashMap<i32, DedupeWindow>, KafkaError> {
-    let config = config.clone();
-    let changelog = dedupe_changelog(&config, input);
-    let started = std::time::Instant::now();
+    let restored = gridtalk_kafka::changelog::restore_for_stage(
+        &config.kafka,
+        "dedupe",
+        &dedupe_changelog(config, input),
+        partitions,
+    )
+    .await?;
     let now = now_ms();
-    let windows = tokio::task::spawn_blocking(move || {
-        let (restored, read) = gridtalk_kafka::changelog::restore_partitions(
-            &config.kafka,
-            &changelog,
-            &partitions,
-            now,
-            Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
-        )?;
-        let entries: usize = restored.values().map(HashMap::len).sum();
-        tracing::info!(
-            changelog,
-            ?partitions,
-            entries,
-            records = read,
-            "dedupe windows restored"
-        );
-        Ok::<_, KafkaError>(
-            restored
+    let window_ms = (config.route.dedupe_window_secs as i64).saturating_mul(1000);
+    Ok(restored
+        .into_iter()
+        .map(|(partition, entries)| {
+            let entries = entries
                 .into_iter()
-                .map(|(partition, entries)| {
-                    let window = DedupeWindow::restored(
-                        (config.route.dedupe_window_secs as i64).saturating_mul(1000),
-                        config.route.dedupe_max_entries,
-                        entries
-                            .into_iter()
-                            .map(|(id, e)| (id, e.expires_at_ms))
-                            .collect(),
-                        now,
-                    );
-                    (partition, window)
-                })
-                .collect(),
-        )
-    })
-    .await
-    .map_err(|e| KafkaError::Restore(e.to_string()))??;
-    Metrics::global()
-        .state_restore_seconds
-        .with_label_values(&["dedupe"])
-        .observe(started.elapsed().as_secs_f64());
-    Ok(windows)
+                .map(|(id, e)| (id, e.expires_at_ms))
+                .collect();
+            let window =
+                DedupeWindow::restored(window_ms, config.route.dedupe_max_entries, entries, now);
+            (partition, window)
+        })
+        .collect())
 }
 
 /// Expires dedupe entries and deletes what the windows forgot from their changelogs.

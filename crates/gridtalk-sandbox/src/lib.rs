@@ -390,11 +390,6 @@ impl Sandbox {
         }
     }
 
-    /// What the people sent, in order.
-    pub fn inbound(&self) -> Vec<InboundMessage> {
-        self.inner.lock().expect("sandbox").inbound.clone()
-    }
-
     /// Posts one `messages` change to `url`, signed; records the outcome in the stats.
     async fn post_webhook(&self, url: &str, secret: &str, value: Value) -> bool {
         let payload = json!({

@@ -152,27 +152,23 @@ pub async fn run(
         let partition = message.partition();
         if !shared.index.lock().expect("index").is_restored(partition) {
             // Restore every assigned outbox partition still missing, in one pass.
-            let mut wanted: Vec<i32> = {
+            let wanted = {
                 let index = shared.index.lock().expect("index");
                 shared
                     .progress
-                    .consumer()
-                    .assignment()
-                    .map(|tpl| {
-                        tpl.elements_for_topic(&config.topics.outbox)
-                            .iter()
-                            .map(|e| e.partition())
-                            .filter(|p| !index.is_restored(*p))
-                            .collect()
+                    .partitions_to_restore(&config.topics.outbox, partition, |p| {
+                        index.is_restored(p)
                     })
-                    .unwrap_or_default()
             };
-            if !wanted.contains(&partition) {
-                wanted.push(partition);
-            }
             // Not ready while state is restored (the process resumes only after it).
             ready.store(false, Ordering::Release);
-            let restored_state = restore_index(&config, wanted).await;
+            let restored_state = gridtalk_kafka::changelog::restore_for_stage(
+                &config.kafka,
+                "send_index",
+                &config.topics.send_index,
+                wanted,
+            )
+            .await;
             ready.store(true, Ordering::Release);
             match restored_state {
                 Ok(restored) => {
@@ -298,38 +294,6 @@ fn check_index_partitions(config: &Config) -> Result<(), SendError> {
         )));
     }
     Ok(())
-}
-
-/// Reads the sent index of outbox `partitions` from its changelog, in one pass.
-async fn restore_index(
-    config: &Arc<Config>,
-    partitions: Vec<i32>,
-) -> Result<HashMap<i32, gridtalk_kafka::changelog::PartitionEntries>, KafkaError> {
-    let config = config.clone();
-    let started = Instant::now();
-    let (restored, read) = tokio::task::spawn_blocking(move || {
-        gridtalk_kafka::changelog::restore_partitions(
-            &config.kafka,
-            &config.topics.send_index,
-            &partitions,
-            chrono::Utc::now().timestamp_millis(),
-            Duration::from_millis(config.kafka.request_timeout_ms.saturating_mul(4)),
-        )
-    })
-    .await
-    .map_err(|e| KafkaError::Restore(e.to_string()))??;
-    Metrics::global()
-        .state_restore_seconds
-        .with_label_values(&["send_index"])
-        .observe(started.elapsed().as_secs_f64());
-    tracing::info!(
-        partitions = ?restored.keys().collect::<Vec<_>>(),
-        entries = restored.values().map(HashMap::len).sum::<usize>(),
-        records = read,
-        millis = started.elapsed().as_millis() as u64,
-        "sent index restored"
-    );
-    Ok(restored)
 }
 
 /// Deletes expired sent-index entries, in memory and (with tombstones) in the changelog.

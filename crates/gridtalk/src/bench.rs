@@ -374,13 +374,19 @@ async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::R
     let written = started.elapsed();
     let kafka = config.kafka.clone();
     let started = Instant::now();
-    let (entries, read) = tokio::task::spawn_blocking(move || {
-        gridtalk_kafka::changelog::restore(&kafka, topic, 0, now, Duration::from_secs(600))
+    let (restored, read) = tokio::task::spawn_blocking(move || {
+        gridtalk_kafka::changelog::restore_partitions(
+            &kafka,
+            topic,
+            &[0],
+            now,
+            Duration::from_secs(600),
+        )
     })
     .await??;
     let restore = started.elapsed();
-    let live = entries.len();
-    drop(entries);
+    let live = restored.get(&0).map_or(0, |entries| entries.len());
+    drop(restored);
 
     // Memory per key of the live structure the route stage keeps (a dedupe window).
     let before = resident_bytes();
