@@ -166,6 +166,12 @@ roles = ["operations"]
 pub fn broker() -> &'static str {
     static BROKER: OnceLock<String> = OnceLock::new();
     BROKER.get_or_init(|| {
+        // `GRIDTALK_TEST_LOG=tansu_broker=info` shows the broker's group decisions when a test
+        // needs explaining; silent otherwise.
+        if let Ok(filter) = std::env::var("GRIDTALK_TEST_LOG") {
+            std::env::set_var("RUST_LOG", filter);
+            gridtalk_telemetry::init_logging("text");
+        }
         std::thread::spawn(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -308,6 +314,7 @@ impl Pipeline {
 bootstrap_servers = "{bootstrap}"
 group_prefix = "{namespace}"
 session_timeout_ms = 6000
+heartbeat_interval_ms = 1000
 
 [kafka.producer]
 # The embedded broker answers a fetch from an offset inside a record batch with the next batch,

@@ -49,6 +49,9 @@ pub struct KafkaConfig {
     /// Replication factor for the topics gridtalk creates (1 for a single broker).
     pub replication_factor: i32,
     pub session_timeout_ms: u32,
+    /// How often a consumer tells the group coordinator it is alive; well below the session
+    /// timeout.
+    pub heartbeat_interval_ms: u32,
     /// How long produce and commit calls may take before they count as failed.
     pub request_timeout_ms: u64,
     /// Extra librdkafka properties, e.g. `security.protocol = "SASL_SSL"`, `sasl.mechanism`,

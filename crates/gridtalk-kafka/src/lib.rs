@@ -78,6 +78,7 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
 pub struct StageContext {
     pub stage: &'static str,
     revoked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+    owned: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, i32)>>>,
 }
 
 impl StageContext {
@@ -85,12 +86,23 @@ impl StageContext {
         StageContext {
             stage,
             revoked: Default::default(),
+            owned: Default::default(),
         }
     }
 
     /// The partitions revoked since the last call.
     pub fn take_revoked(&self) -> Vec<(String, i32)> {
         std::mem::take(&mut *self.revoked.lock().expect("revoked"))
+    }
+
+    /// Whether the partition is assigned to this consumer as of the last rebalance it served.
+    /// Work that waited (for a limiter, a retry) checks this before acting, so a partition that
+    /// moved on meanwhile is left to its new owner.
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.owned
+            .lock()
+            .expect("owned")
+            .contains(&(topic.to_string(), partition))
     }
 }
 
@@ -123,17 +135,29 @@ impl ConsumerContext for StageContext {
                     partitions = tpl.count(),
                     "partitions revoked"
                 );
-                self.revoked.lock().expect("revoked").extend(
+                let partitions: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let mut owned = self.owned.lock().expect("owned");
+                for partition in &partitions {
+                    owned.remove(partition);
+                }
+                self.revoked.lock().expect("revoked").extend(partitions);
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(
+                    stage = self.stage,
+                    partitions = tpl.count(),
+                    "partitions assigned"
+                );
+                self.owned.lock().expect("owned").extend(
                     tpl.elements()
                         .iter()
                         .map(|e| (e.topic().to_string(), e.partition())),
                 );
             }
-            Rebalance::Assign(tpl) => tracing::info!(
-                stage = self.stage,
-                partitions = tpl.count(),
-                "partitions assigned"
-            ),
             Rebalance::Error(e) => {
                 tracing::warn!(stage = self.stage, error = %e, "rebalance error")
             }
@@ -194,6 +218,10 @@ fn group_consumer(
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", assignment_strategy)
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            config.heartbeat_interval_ms.to_string(),
+        )
         .set("max.poll.interval.ms", "300000")
         .set("statistics.interval.ms", "5000")
         .create_with_context(StageContext::new(stage))?)

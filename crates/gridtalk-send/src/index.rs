@@ -4,7 +4,9 @@
 //!
 //! It is partition-local state backed by the compacted changelog `topics.send_index`: the entry
 //! for a message read from outbox partition `p` is written to partition `p` (key: message id,
-//! value: the wamid, with its expiry) and acknowledged before the outbox offset may be committed.
+//! value: the wamid, the recipient and the send time, with its expiry) and acknowledged before the
+//! outbox offset may be committed. The recipients and times let a new owner of the partition
+//! charge the previous owner's recent sends to its pair limiter.
 //! A partition's entries are restored from the changelog before its first record is handled and
 //! dropped when the partition is revoked; expired entries are deleted with tombstones.
 
@@ -36,19 +38,37 @@ impl SentIndex {
         self.partitions
             .get(&partition)?
             .get(message_id)
-            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+            .map(|e| IndexedSend::decode(&e.value).wamid)
     }
 
-    pub fn record(&mut self, partition: i32, message_id: &str, wamid: &str, expires_at_ms: i64) {
+    pub fn record(
+        &mut self,
+        partition: i32,
+        message_id: &str,
+        send: &IndexedSend,
+        expires_at_ms: i64,
+    ) {
         if let Some(entries) = self.partitions.get_mut(&partition) {
             entries.insert(
                 message_id.to_string(),
                 StoredEntry {
-                    value: wamid.as_bytes().to_vec(),
+                    value: send.encode(),
                     expires_at_ms,
                 },
             );
         }
+    }
+
+    /// (recipient, send time) of every send held for `partition` since `since_ms`.
+    pub fn sends_since(&self, partition: i32, since_ms: i64) -> Vec<(String, i64)> {
+        self.partitions
+            .get(&partition)
+            .into_iter()
+            .flat_map(HashMap::values)
+            .map(|e| IndexedSend::decode(&e.value))
+            .filter(|send| send.sent_at_ms >= since_ms && !send.recipient.is_empty())
+            .map(|send| (send.recipient, send.sent_at_ms))
+            .collect()
     }
 
     /// Removes and returns the entries expired at `now_ms`, for tombstones.
@@ -71,6 +91,33 @@ impl SentIndex {
     }
 }
 
+/// One accepted send as the changelog holds it: `wamid`, recipient and send time, tab-separated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedSend {
+    pub wamid: String,
+    pub recipient: String,
+    /// Wall-clock milliseconds when the request went to WhatsApp.
+    pub sent_at_ms: i64,
+}
+
+impl IndexedSend {
+    pub fn encode(&self) -> Vec<u8> {
+        format!("{}\t{}\t{}", self.wamid, self.recipient, self.sent_at_ms).into_bytes()
+    }
+
+    /// Decodes an entry; a value of only a wamid (written before recipients and times were
+    /// kept) decodes with no recipient, which no limiter is charged for.
+    pub fn decode(value: &[u8]) -> IndexedSend {
+        let text = String::from_utf8_lossy(value);
+        let mut fields = text.splitn(3, '\t');
+        IndexedSend {
+            wamid: fields.next().unwrap_or_default().to_string(),
+            recipient: fields.next().unwrap_or_default().to_string(),
+            sent_at_ms: fields.next().and_then(|t| t.parse().ok()).unwrap_or(0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,16 +127,47 @@ mod tests {
         let mut index = SentIndex::default();
         assert!(!index.is_restored(0));
         index.restored(0, HashMap::new());
-        index.record(0, "m1", "wamid.1", 1_000);
-        index.record(1, "m2", "wamid.2", 1_000); // partition 1 is not held: ignored
+        index.record(0, "m1", &send("wamid.1", 10), 1_000);
+        index.record(1, "m2", &send("wamid.2", 10), 1_000); // partition 1 is not held: ignored
         assert_eq!(index.accepted(0, "m1").as_deref(), Some("wamid.1"));
         assert_eq!(index.accepted(1, "m2"), None);
         assert_eq!(index.expire(999), vec![]);
         assert_eq!(index.expire(1_000), vec![(0, "m1".to_string())]);
         assert_eq!(index.len(), 0);
-        index.record(0, "m3", "wamid.3", 5_000);
+        index.record(0, "m3", &send("wamid.3", 10), 5_000);
         index.drop_partition(0);
         assert_eq!(index.accepted(0, "m3"), None);
         assert!(!index.is_restored(0));
+    }
+
+    fn send(wamid: &str, sent_at_ms: i64) -> IndexedSend {
+        IndexedSend {
+            wamid: wamid.into(),
+            recipient: "+14155550101".into(),
+            sent_at_ms,
+        }
+    }
+
+    #[test]
+    fn entries_carry_recipient_and_time_and_old_entries_still_decode() {
+        let mut index = SentIndex::default();
+        index.restored(
+            0,
+            HashMap::from([(
+                "old".to_string(),
+                StoredEntry {
+                    value: b"wamid.0".to_vec(),
+                    expires_at_ms: 9_000,
+                },
+            )]),
+        );
+        index.record(0, "m1", &send("wamid.1", 100), 9_000);
+        index.record(0, "m2", &send("wamid.2", 200), 9_000);
+        assert_eq!(index.accepted(0, "old").as_deref(), Some("wamid.0"));
+        assert_eq!(index.accepted(0, "m2").as_deref(), Some("wamid.2"));
+        let mut recent = index.sends_since(0, 150);
+        recent.sort();
+        assert_eq!(recent, vec![("+14155550101".to_string(), 200)]);
+        assert_eq!(IndexedSend::decode(&send("w", 5).encode()), send("w", 5));
     }
 }

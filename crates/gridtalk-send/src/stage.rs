@@ -18,7 +18,7 @@ use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, StageProgress};
 use gridtalk_telemetry::{mask_phone, Metrics, Readiness};
 use gridtalk_whatsapp::{CloudApiClient, ErrorClass, RetryScope};
 
-use crate::index::SentIndex;
+use crate::index::{IndexedSend, SentIndex};
 use crate::limits::SendLimits;
 
 const STAGE: &str = "send";
@@ -63,6 +63,11 @@ impl Shared {
 
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.kafka.request_timeout_ms)
+    }
+
+    /// How far back a send still weighs on its recipient's pair limit.
+    fn pair_memory_ms(&self) -> i64 {
+        i64::try_from(self.limits.pair_memory().as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Sleeps unless the stage stops first. Returns false when stopping.
@@ -173,8 +178,17 @@ pub async fn run(
             match restored_state {
                 Ok(restored) => {
                     let mut index = shared.index.lock().expect("index");
+                    let now_ms = chrono::Utc::now().timestamp_millis();
+                    let since_ms = now_ms.saturating_sub(shared.pair_memory_ms());
                     for (p, entries) in restored {
                         index.restored(p, entries);
+                        // The pair limit follows the partition: the previous owner's recent
+                        // sends count as if this process had made them.
+                        shared.limits.seed_pair_history(
+                            &index.sends_since(p, since_ms),
+                            now_ms,
+                            Duration::from_millis(shared.config.send.request_timeout_ms),
+                        );
                     }
                 }
                 Err(e) => {
@@ -429,8 +443,24 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
             _ = shared.progress.stop.cancelled() => return false,
             _ = shared.limits.until_ready(&outbox.recipient) => {}
         }
+        // The wait may have outlasted the assignment: once the partition moved, its new owner
+        // sends this message (and counts the recipient's pair limit); sending here as well
+        // would break both.
+        if !shared
+            .progress
+            .consumer()
+            .context()
+            .owns(job.message.topic(), job.message.partition())
+        {
+            tracing::debug!(
+                partition = job.message.partition(),
+                "partition revoked while waiting; message left to its new owner"
+            );
+            return true;
+        }
         let token = shared.token.read().expect("token").clone();
         let started = Instant::now();
+        let sent_at_ms = chrono::Utc::now().timestamp_millis();
         let result = shared.client.send(&token, &outbox.request_json).await;
         attempt += 1;
         match result {
@@ -476,12 +506,17 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                 let partition = job.message.partition();
                 let expires = sent.accepted_at
                     + (shared.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
+                let indexed_send = IndexedSend {
+                    wamid: accepted.wamid.clone(),
+                    recipient: outbox.recipient.clone(),
+                    sent_at_ms,
+                };
                 let indexed = gridtalk_kafka::changelog::write(
                     &shared.producer,
                     &shared.config.topics.send_index,
                     partition,
                     &outbox.message_id,
-                    Some((accepted.wamid.as_bytes(), expires)),
+                    Some((&indexed_send.encode(), expires)),
                 );
                 match indexed {
                     Ok(delivery) => {
@@ -501,7 +536,7 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
                 shared.index.lock().expect("index").record(
                     partition,
                     &outbox.message_id,
-                    &accepted.wamid,
+                    &indexed_send,
                     expires,
                 );
                 let age = (sent.accepted_at - outbox.created_at).max(0) as f64 / 1000.0;
