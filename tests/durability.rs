@@ -164,6 +164,12 @@ fn compare(p: &Pipeline, expected: &HashMap<Seen, usize>) -> (usize, usize) {
 /// A pipeline whose limits let a few thousand messages through in seconds, with the stages run
 /// as separate `gridtalk` processes by the test.
 async fn fast_external_pipeline(max_per_second: u32) -> Pipeline {
+    Pipeline::start(fast_external_setup(max_per_second)).await
+}
+
+/// Stages run as `gridtalk` processes; the sandbox allows twice the configured throughput and
+/// leaves the pair limit out of the way.
+fn fast_external_setup(max_per_second: u32) -> Setup {
     let mut setup = Setup {
         in_process: false,
         overrides: vec![
@@ -176,7 +182,7 @@ async fn fast_external_pipeline(max_per_second: u32) -> Pipeline {
     setup.sandbox.throughput_per_second = max_per_second * 2;
     setup.sandbox.pair_interval_ms = 1;
     setup.sandbox.pair_burst = u32::MAX;
-    Pipeline::start(setup).await
+    setup
 }
 
 fn events_of_every_type(count: u64) -> Vec<serde_json::Value> {
@@ -315,6 +321,74 @@ async fn kill_9_three_times_loses_nothing_and_duplicates_at_most_the_in_flight_b
     );
     assert_eq!(missing, 0);
     assert!(duplicated <= bound, "{duplicated} duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_on_the_way_back_publishes_every_delivery_status_once() {
+    // Ingest (the webhook receiver) stays up in this process, as its own Deployment would; route,
+    // send and converse run in a `gridtalk` process that is killed three times mid-stream.
+    let mut setup = fast_external_setup(100);
+    setup.ingest = true;
+    setup.in_process = true;
+    setup.only_stages = Some(vec![gridtalk::Stage::Ingest]);
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let events = events_of_every_type(300);
+    for e in &events {
+        p.publish_event(e).await;
+    }
+    let expected = expected_messages(&p, &events);
+    let total: usize = expected.values().sum();
+    let stages = "route,send,converse";
+    let mut gridtalk = p.spawn_gridtalk("run-0", stages);
+    let session = Duration::from_millis(p.config.kafka.session_timeout_ms.into());
+    for kill in 1..=3 {
+        let at = total * kill / 4 + kill * 7;
+        p.wait_until(
+            &format!("{at} messages before kill {kill}"),
+            WAIT * 2,
+            |p| p.sandbox.messages().len() >= at,
+        )
+        .await;
+        gridtalk.kill().expect("SIGKILL");
+        let _ = gridtalk.wait();
+        // As in the kill -9 test above: back once the killed member's session has run out.
+        tokio::time::sleep(session + Duration::from_secs(1)).await;
+        gridtalk = p.spawn_gridtalk(&format!("run-{kill}"), stages);
+    }
+    // Statuses per (wamid, status) on the response topic.
+    let statuses = |p: &Pipeline| {
+        let mut counts: HashMap<(String, String), usize> = HashMap::new();
+        for response in p.responses() {
+            if let gridtalk_contract::ResponseBody::DeliveryStatus { status, .. } = response.body {
+                *counts.entry((response.wa_message_id, status)).or_default() += 1;
+            }
+        }
+        counts
+    };
+    // Every message WhatsApp accepted and the sent log holds gets SENT, DELIVERED and READ.
+    p.wait_until("every status of every logged message", WAIT * 3, |p| {
+        let published = statuses(p);
+        compare(p, &expected).0 == 0
+            && p.logged_wamids().iter().all(|wamid| {
+                ["SENT", "DELIVERED", "READ"]
+                    .iter()
+                    .all(|s| published.contains_key(&(wamid.clone(), s.to_string())))
+            })
+    })
+    .await;
+    gridtalk.kill().expect("stop");
+    let _ = gridtalk.wait();
+    let published = statuses(&p);
+    let logged = p.logged_wamids().len();
+    let repeated: Vec<_> = published.iter().filter(|(_, n)| **n > 1).collect();
+    println!(
+        "kill -9 x3 on the way back: {logged} logged messages, {} status records, {} repeated",
+        published.values().sum::<usize>(),
+        repeated.len()
+    );
+    assert_eq!(published.len(), logged * 3, "one record per status");
+    assert!(repeated.is_empty(), "published twice: {repeated:?}");
 }
 
 fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
@@ -515,6 +589,59 @@ async fn a_recipients_pair_limit_history_follows_the_outbox_partition_to_its_nex
         "the next owner ignored the recipient's recent messages: {stats:?}"
     );
     assert_eq!(compare(&p, &expected), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_crash_and_restart_mid_stream_loses_nothing_and_the_group_resumes() {
+    // A broker of this test's own, in a process of its own, keeping its data in SQLite.
+    let broker_dir = std::env::temp_dir().join(unique("gridtalk-broker"));
+    std::fs::create_dir_all(&broker_dir).expect("broker dir");
+    let port = gridtalk_embedded::free_port().expect("port");
+    let mut broker = spawn_broker(&broker_dir, port);
+    let p = Pipeline::start(Setup {
+        broker: Some(format!("127.0.0.1:{port}")),
+        ..fast_external_setup(100)
+    })
+    .await;
+    let events = events_of_every_type(600);
+    let (before, after) = events.split_at(400);
+    for e in before {
+        p.publish_event(e).await;
+    }
+    let expected = expected_messages(&p, &events);
+    let total: usize = expected.values().sum();
+    let mut gridtalk = p.spawn_gridtalk("run", "route,send");
+    p.wait_until("a quarter sent", WAIT, |p| {
+        p.sandbox.messages().len() >= total / 4
+    })
+    .await;
+    // SIGKILL: a crash, not a clean stop. Then the broker comes back on the same storage.
+    broker.kill().expect("broker killed");
+    let _ = broker.wait();
+    let at_crash = p.sandbox.messages().len();
+    broker = spawn_broker(&broker_dir, port);
+    // New events after the restart travel too.
+    for e in after {
+        p.publish_event(e).await;
+    }
+    p.wait_until("every message sent", WAIT * 2, |p| {
+        compare(p, &expected).0 == 0
+    })
+    .await;
+    assert!(
+        gridtalk.try_wait().expect("status").is_none(),
+        "gridtalk rode out the broker restart without restarting itself:\n{}",
+        p.process_log("run")
+    );
+    assert_eq!(terminate(&mut gridtalk).code(), Some(0));
+    broker.kill().expect("broker stopped");
+    let _ = broker.wait();
+    let (missing, duplicated) = compare(&p, &expected);
+    println!(
+        "broker restart: {total} expected messages, {at_crash} sent before the crash, {missing} missing, {duplicated} delivered twice"
+    );
+    assert_eq!((missing, duplicated), (0, 0));
+    let _ = std::fs::remove_dir_all(&broker_dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

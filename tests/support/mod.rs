@@ -187,6 +187,40 @@ pub fn broker() -> &'static str {
     })
 }
 
+/// Starts `gridtalk broker` as a process of its own on `port`, keeping its data in
+/// `dir/broker.db` (SQLite), and returns once it accepts connections. Killed and started again on
+/// the same port and directory, it comes back with its topics, records, groups and offsets.
+pub fn spawn_broker(dir: &std::path::Path, port: u16) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("broker.log"))
+        .expect("broker log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
+        .args([
+            "broker",
+            "--port",
+            &port.to_string(),
+            "--storage",
+            "sqlite://broker.db",
+        ])
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().expect("broker log"))
+        .stderr(log)
+        .spawn()
+        .expect("broker starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "broker on port {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 /// A name unique to this test run.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -216,6 +250,12 @@ pub struct Setup {
     /// Run the stages in this process (false: the test runs `gridtalk` processes itself, see
     /// [`Pipeline::spawn_gridtalk`]).
     pub in_process: bool,
+    /// Bootstrap address of a broker of the test's own (see [`spawn_broker`]) instead of the
+    /// shared one. The free helpers (`end_offsets`, `committed_offsets`, …) use the shared one.
+    pub broker: Option<String>,
+    /// With `in_process`, run only these stages here (e.g. ingest, while the test runs the
+    /// others as `gridtalk` processes).
+    pub only_stages: Option<Vec<Stage>>,
 }
 
 impl Default for Setup {
@@ -239,6 +279,8 @@ impl Default for Setup {
             token_file: false,
             ingest: false,
             in_process: true,
+            broker: None,
+            only_stages: None,
         }
     }
 }
@@ -293,7 +335,9 @@ impl Pipeline {
         if setup.ingest {
             sandbox.set_webhook_url(Some(webhook_url.clone()));
         }
-        let stages = if setup.ingest {
+        let stages = if let Some(only) = setup.only_stages.clone() {
+            only
+        } else if setup.ingest {
             vec![Stage::Route, Stage::Send, Stage::Ingest, Stage::Converse]
         } else {
             vec![Stage::Route, Stage::Send]
@@ -308,6 +352,7 @@ impl Pipeline {
             format!("access_token = {TOKEN:?}")
         };
         let inputs: Vec<String> = INPUTS.iter().map(|t| format!("{namespace}.{t}")).collect();
+        let bootstrap = setup.broker.clone().unwrap_or_else(|| broker().to_string());
         let toml = format!(
             r#"
 [kafka]
@@ -361,7 +406,7 @@ verify_token = "{VERIFY_TOKEN}"
 app_secret = "{APP_SECRET}"
 max_body_bytes = 65536
 "#,
-            bootstrap = broker(),
+            bootstrap = bootstrap,
             ingest_port = ingest_port,
             registry = registry_url
                 .map(|u| format!("schema_registry_url = {u:?}"))
@@ -398,7 +443,7 @@ max_body_bytes = 65536
             .expect("internal topics");
 
         let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", broker())
+            .set("bootstrap.servers", &bootstrap)
             .set("enable.idempotence", "true")
             .set("batch.num.messages", "1")
             .create()
@@ -566,6 +611,19 @@ max_body_bytes = 65536
             .map(|m| {
                 gridtalk_contract::WorkflowResponse::from_avro(m.payload().unwrap_or_default())
                     .expect("responses are WorkflowResponse records")
+            })
+            .collect()
+    }
+
+    /// The wamids on the sent log so far: every message WhatsApp accepted and gridtalk recorded.
+    pub fn logged_wamids(&self) -> Vec<String> {
+        use gridtalk_contract::AvroRecord;
+        read_topic(&self.config.topics.sent)
+            .iter()
+            .map(|m| {
+                gridtalk_contract::SentMessage::from_avro(m.payload().unwrap_or_default())
+                    .expect("the sent log holds SentMessage records")
+                    .wamid
             })
             .collect()
     }

@@ -214,6 +214,11 @@ pub struct ConverseConfig {
     pub confirmation_template: String,
     /// Webhook item ids remembered to drop Meta's redeliveries.
     pub remembered_items: usize,
+    /// How far back the response topic is read when converse takes over webhook partitions
+    /// (at start, after a crash, on a rebalance): responses published in that time are not
+    /// published again when their items are replayed. Covers the gap between a response being
+    /// acknowledged and the state entry that records it; longer than any restart delay.
+    pub replay_lookback_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

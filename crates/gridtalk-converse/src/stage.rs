@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::Config;
-use gridtalk_contract::{AvroRecord, SentMessage};
+use gridtalk_contract::{AvroRecord, SentMessage, WorkflowResponse};
 use gridtalk_directory::SharedDirectory;
 use gridtalk_ingest::WebhookItem;
 use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError, StageProgress};
@@ -41,6 +41,9 @@ struct Shared {
     config: Arc<Config>,
     progress: StageProgress,
     producer: FutureProducer,
+    /// Response ids found on the response topic at the last takeovers, with when they were
+    /// read: a replayed item whose response is among them is not published again.
+    published: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 impl Shared {
@@ -140,6 +143,7 @@ pub async fn run(
         producer: gridtalk_kafka::producer(&config.kafka)?,
         config: config.clone(),
         progress: StageProgress::new(STAGE, consumer, shutdown.child_token()),
+        published: std::sync::Mutex::new(HashMap::new()),
     });
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let join_wait = Duration::from_millis(config.converse.join_wait_ms);
@@ -222,13 +226,23 @@ pub async fn run(
             // Not ready while state is restored (the process resumes only after it).
             ready.store(false, Ordering::Release);
             let restored_state = restore_state(&config, wanted.clone()).await;
+            // What reached the response topic but not the state (a crash between the two).
+            let published = match restored_state {
+                Ok(_) => recently_published(&config).await,
+                Err(_) => Ok(Vec::new()),
+            };
             ready.store(true, Ordering::Release);
-            match restored_state {
-                Ok(entries) => {
+            match (restored_state, published) {
+                (Ok(entries), Ok(published)) => {
                     conversations.restore(entries);
                     restored.extend(wanted);
+                    let now = now_ms();
+                    let lookback = config.converse.replay_lookback_ms as i64;
+                    let mut known = shared.published.lock().expect("published");
+                    known.retain(|_, read_at| *read_at >= now - lookback);
+                    known.extend(published.into_iter().map(|id| (id, now)));
                 }
-                Err(e) => {
+                (Err(e), _) | (_, Err(e)) => {
                     shared.progress.fail(format!("converse state: {e}"));
                     break;
                 }
@@ -343,6 +357,20 @@ fn publish(
     let mut deliveries = Vec::with_capacity(outcomes.len());
     for outcome in &outcomes {
         let (topic, key, bytes, headers) = match outcome {
+            Outcome::Response(r)
+                if shared
+                    .published
+                    .lock()
+                    .expect("published")
+                    .contains_key(&r.response_id) =>
+            {
+                metrics
+                    .converse_items
+                    .with_label_values(&["response_already_published"])
+                    .inc();
+                tracing::debug!(response_id = %r.response_id, "replayed item's response already on the topic; not published again");
+                continue;
+            }
             Outcome::Response(r) => {
                 metrics
                     .responses
@@ -466,6 +494,27 @@ fn publish(
         }
         drop(permit);
     });
+}
+
+/// The ids of the responses published within `converse.replay_lookback_ms`.
+async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaError> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let since = now_ms() - config.converse.replay_lookback_ms as i64;
+        let payloads = gridtalk_kafka::changelog::recent_payloads(
+            &config.kafka,
+            &config.topics.responses,
+            since,
+            gridtalk_kafka::ADMIN_TIMEOUT,
+        )?;
+        Ok(payloads
+            .iter()
+            .filter_map(|p| WorkflowResponse::from_avro(p).ok())
+            .map(|r| r.response_id)
+            .collect())
+    })
+    .await
+    .map_err(|e| KafkaError::Restore(format!("response topic read: {e}")))?
 }
 
 /// Reads the converse state of webhook `partitions` from its changelog, in one pass.

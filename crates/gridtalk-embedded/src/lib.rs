@@ -1,5 +1,5 @@
-//! The embedded default: an in-process Kafka-compatible broker (tansu, memory storage) and a
-//! traffic generator that publishes realistic Trading Grid events for the eight flows. Used by the
+//! The embedded default: an in-process Kafka-compatible broker (tansu; memory storage, or SQLite
+//! files that survive a restart) and a traffic generator that publishes realistic Trading Grid events for the eight flows. Used by the
 //! `demo` command and the tests; never part of the production binary.
 
 use std::net::TcpListener;
@@ -19,13 +19,24 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Where the embedded broker keeps its data by default: in memory, gone with the process.
+pub const MEMORY_STORAGE: &str = "memory://tansu/";
+
 /// Starts a tansu broker with memory storage on `127.0.0.1:port` and returns its bootstrap address
 /// once it accepts connections.
+pub async fn start_broker(port: u16) -> anyhow::Result<String> {
+    start_broker_with_storage(port, MEMORY_STORAGE).await
+}
+
+/// Starts a tansu broker on `127.0.0.1:port` with `storage`: [`MEMORY_STORAGE`], or
+/// `sqlite://NAME.db` for a SQLite file relative to the current directory, whose topics, records,
+/// groups and committed offsets survive a restart of the broker.
 ///
 /// The broker runs on its own thread with its own Tokio runtime, so that clients which block a
 /// worker thread of the caller's runtime (librdkafka's synchronous commit on close, for example)
 /// can never starve the broker they are waiting for. The broker lives until the process exits.
-pub async fn start_broker(port: u16) -> anyhow::Result<String> {
+pub async fn start_broker_with_storage(port: u16, storage: &str) -> anyhow::Result<String> {
+    let storage = url::Url::parse(storage)?;
     let address = format!("127.0.0.1:{port}");
     let url = url::Url::parse(&format!("tcp://{address}"))?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
@@ -50,7 +61,7 @@ pub async fn start_broker(port: u16) -> anyhow::Result<String> {
                     .incarnation_id(uuid::Uuid::new_v4())
                     .advertised_listener(url.clone())
                     .listener(url)
-                    .storage(url::Url::parse("memory://tansu/").expect("static url"))
+                    .storage(storage)
                     .silent(true)
                     .build()
                     .await;

@@ -163,6 +163,75 @@ pub fn restore_partitions(
     Ok((restored, read))
 }
 
+/// The payloads of every record of every partition of `topic` with a timestamp at or after
+/// `since_ms`, read to the end as of now (a tail read, not a consumer group's).
+pub fn recent_payloads(
+    config: &KafkaConfig,
+    topic: &str,
+    since_ms: i64,
+    deadline: Duration,
+) -> Result<Vec<Vec<u8>>, KafkaError> {
+    let consumer: BaseConsumer<RestoreContext> = client_config(config)
+        .set("group.id", "gridtalk-restore")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "20")
+        .create_with_context(RestoreContext)?;
+    let metadata = consumer.fetch_metadata(Some(topic), deadline)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut wanted = TopicPartitionList::new();
+    for partition in &partitions {
+        wanted.add_partition_offset(topic, *partition, Offset::Offset(since_ms))?;
+    }
+    let found = consumer.offsets_for_times(wanted, deadline)?;
+    let mut tpl = TopicPartitionList::new();
+    for element in found.elements() {
+        // A partition with nothing that recent answers with its end (or an invalid offset).
+        if let Offset::Offset(offset) = element.offset() {
+            tpl.add_partition_offset(topic, element.partition(), Offset::Offset(offset))?;
+        }
+    }
+    let mut payloads = Vec::new();
+    if tpl.count() == 0 {
+        return Ok(payloads);
+    }
+    consumer.assign(&tpl)?;
+    let mut open: std::collections::HashSet<i32> =
+        tpl.elements().iter().map(|e| e.partition()).collect();
+    let started = Instant::now();
+    while !open.is_empty() {
+        if started.elapsed() > deadline {
+            return Err(KafkaError::Restore(format!(
+                "{topic} partitions {open:?}: not read to the end within {deadline:?}"
+            )));
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            None => continue,
+            Some(Err(RdKafkaError::PartitionEOF(partition))) => {
+                open.remove(&partition);
+            }
+            Some(Err(e)) => tracing::warn!(topic, error = %e, "tail read failed; retrying"),
+            Some(Ok(message)) => {
+                // Brokers that cannot look a time up answer with an earlier offset; the record
+                // timestamps keep the read to what was asked for.
+                let recent = message
+                    .timestamp()
+                    .to_millis()
+                    .is_none_or(|at| at >= since_ms);
+                if let (true, Some(payload)) = (recent, message.payload()) {
+                    payloads.push(payload.to_vec());
+                }
+            }
+        }
+    }
+    Ok(payloads)
+}
+
 /// Enqueues a change of `key` on partition `partition` of `topic` (`None` deletes it); await the
 /// returned future before treating the change as durable.
 pub fn write(

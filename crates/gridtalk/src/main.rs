@@ -56,6 +56,17 @@ enum Command {
     /// Measure decode, planning and pipeline throughput on this machine (embedded broker and sandbox).
     #[cfg(feature = "demo")]
     Bench(bench::BenchArgs),
+    /// Only the embedded broker, until SIGINT/SIGTERM: for running `gridtalk run` processes
+    /// against locally, and for the fault tests. `--storage sqlite://gridtalk.db` keeps topics,
+    /// records, groups and offsets in a SQLite file (relative to the current directory) across
+    /// restarts.
+    #[cfg(feature = "demo")]
+    Broker {
+        #[arg(long, default_value_t = 9092)]
+        port: u16,
+        #[arg(long, default_value = gridtalk_embedded::MEMORY_STORAGE)]
+        storage: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,5 +216,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         #[cfg(feature = "demo")]
         Command::Bench(args) => bench::run(args).await,
+        #[cfg(feature = "demo")]
+        Command::Broker { port, storage } => {
+            gridtalk_telemetry::init_logging("text");
+            let bootstrap = gridtalk_embedded::start_broker_with_storage(port, &storage).await?;
+            println!("broker listening on {bootstrap} (storage {storage})");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            Ok(())
+        }
     }
 }
