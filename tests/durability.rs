@@ -281,9 +281,9 @@ async fn kill_9_three_times_loses_nothing_and_duplicates_at_most_the_in_flight_b
     let expected = expected_messages(&p, &events);
     let total: usize = expected.values().sum();
     let mut gridtalk = p.spawn_gridtalk("run-0", "route,send");
+    let mut random = kill_points_random();
     for kill in 1..=3 {
-        // Kill points spread over the run, each a little off the quarter marks.
-        let at = total * kill / 4 + kill * 37;
+        let at = kill_point(&mut random, total, kill);
         p.wait_until(
             &format!("{at} messages before kill {kill}"),
             WAIT * 2,
@@ -342,8 +342,9 @@ async fn kill_9_on_the_way_back_publishes_every_delivery_status_once() {
     let stages = "route,send,converse";
     let mut gridtalk = p.spawn_gridtalk("run-0", stages);
     let session = Duration::from_millis(p.config.kafka.session_timeout_ms.into());
+    let mut random = kill_points_random();
     for kill in 1..=3 {
-        let at = total * kill / 4 + kill * 7;
+        let at = kill_point(&mut random, total, kill);
         p.wait_until(
             &format!("{at} messages before kill {kill}"),
             WAIT * 2,
@@ -356,20 +357,29 @@ async fn kill_9_on_the_way_back_publishes_every_delivery_status_once() {
         tokio::time::sleep(session + Duration::from_secs(1)).await;
         gridtalk = p.spawn_gridtalk(&format!("run-{kill}"), stages);
     }
-    // Statuses per (wamid, status) on the response topic.
-    let statuses = |p: &Pipeline| {
-        let mut counts: HashMap<(String, String), usize> = HashMap::new();
-        for response in p.responses() {
-            if let gridtalk_contract::ResponseBody::DeliveryStatus { status, .. } = response.body {
-                *counts.entry((response.wa_message_id, status)).or_default() += 1;
-            }
+    wait_for_every_status(&p, &expected).await;
+    gridtalk.kill().expect("stop");
+    let _ = gridtalk.wait();
+    assert_every_status_once(&p, "kill -9 x3 on the way back");
+}
+
+/// Delivery statuses per (wamid, status) on the response topic.
+fn statuses(p: &Pipeline) -> HashMap<(String, String), usize> {
+    let mut counts: HashMap<(String, String), usize> = HashMap::new();
+    for response in p.responses() {
+        if let gridtalk_contract::ResponseBody::DeliveryStatus { status, .. } = response.body {
+            *counts.entry((response.wa_message_id, status)).or_default() += 1;
         }
-        counts
-    };
-    // Every message WhatsApp accepted and the sent log holds gets SENT, DELIVERED and READ.
+    }
+    counts
+}
+
+/// Waits until every expected message arrived and every message WhatsApp accepted and the sent
+/// log holds has its SENT, DELIVERED and READ on the response topic.
+async fn wait_for_every_status(p: &Pipeline, expected: &HashMap<Seen, usize>) {
     p.wait_until("every status of every logged message", WAIT * 3, |p| {
         let published = statuses(p);
-        compare(p, &expected).0 == 0
+        compare(p, expected).0 == 0
             && p.logged_wamids().iter().all(|wamid| {
                 ["SENT", "DELIVERED", "READ"]
                     .iter()
@@ -377,18 +387,86 @@ async fn kill_9_on_the_way_back_publishes_every_delivery_status_once() {
             })
     })
     .await;
-    gridtalk.kill().expect("stop");
-    let _ = gridtalk.wait();
-    let published = statuses(&p);
+}
+
+fn assert_every_status_once(p: &Pipeline, what: &str) {
+    let published = statuses(p);
     let logged = p.logged_wamids().len();
     let repeated: Vec<_> = published.iter().filter(|(_, n)| **n > 1).collect();
     println!(
-        "kill -9 x3 on the way back: {logged} logged messages, {} status records, {} repeated",
+        "{what}: {logged} logged messages, {} status records, {} repeated",
         published.values().sum::<usize>(),
         repeated.len()
     );
     assert_eq!(published.len(), logged * 3, "one record per status");
     assert!(repeated.is_empty(), "published twice: {repeated:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_way_back_through_a_rebalance_publishes_every_delivery_status_once() {
+    // Two processes run every stage but ingest; one leaves and another joins mid-stream, so
+    // webhook partitions (and their converse state) move between processes.
+    let mut setup = fast_external_setup(60);
+    setup.ingest = true;
+    setup.in_process = true;
+    setup.only_stages = Some(vec![gridtalk::Stage::Ingest]);
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let events = events_of_every_type(200);
+    for e in &events {
+        p.publish_event(e).await;
+    }
+    let expected = expected_messages(&p, &events);
+    let total: usize = expected.values().sum();
+    let stages = "route,send,converse";
+    let mut a = p.spawn_gridtalk("a", stages);
+    let mut b = p.spawn_gridtalk("b", stages);
+    p.wait_until("a third sent", WAIT, |p| {
+        p.sandbox.messages().len() >= total / 3
+    })
+    .await;
+    assert_eq!(terminate(&mut a).code(), Some(0), "{}", p.process_log("a"));
+    let mut c = p.spawn_gridtalk("c", stages);
+    assert!(p.sandbox.messages().len() < total, "moved mid-stream");
+    wait_for_every_status(&p, &expected).await;
+    for child in [&mut b, &mut c] {
+        assert_eq!(terminate(child).code(), Some(0));
+    }
+    assert_eq!(
+        compare(&p, &expected),
+        (0, 0),
+        "nothing missing, nothing twice"
+    );
+    assert_every_status_once(&p, "rebalance on the way back");
+}
+
+/// A seeded random source for kill points: `GRIDTALK_TEST_SEED` repeats a run, otherwise the
+/// clock picks the seed and the test prints it.
+fn kill_points_random() -> impl FnMut() -> u64 {
+    let seed = std::env::var("GRIDTALK_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos() as u64
+        });
+    println!("kill points: GRIDTALK_TEST_SEED={seed}");
+    let mut state = seed | 1;
+    move || {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// Where kill `kill` of three happens: anywhere in the `kill`-th quarter of the messages.
+fn kill_point(random: &mut impl FnMut() -> u64, total: usize, kill: usize) -> usize {
+    let quarter = (total / 4).max(1);
+    quarter * kill - quarter / 2 + (random() % quarter as u64) as usize
 }
 
 fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {

@@ -44,6 +44,8 @@ struct Shared {
     /// Response ids found on the response topic at the last takeovers, with when they were
     /// read: a replayed item whose response is among them is not published again.
     published: std::sync::Mutex<HashMap<String, i64>>,
+    /// When each state entry of each held webhook partition expires, for its tombstone.
+    expiries: std::sync::Mutex<HashMap<i32, HashMap<String, i64>>>,
 }
 
 impl Shared {
@@ -144,12 +146,14 @@ pub async fn run(
         config: config.clone(),
         progress: StageProgress::new(STAGE, consumer, shutdown.child_token()),
         published: std::sync::Mutex::new(HashMap::new()),
+        expiries: std::sync::Mutex::new(HashMap::new()),
     });
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let join_wait = Duration::from_millis(config.converse.join_wait_ms);
     let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
     let mut restored: std::collections::HashSet<i32> = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_sweep = Instant::now();
     ready.store(true, Ordering::Release);
     tracing::info!(group, sent = %config.topics.sent, webhook = %config.topics.webhook, "converse stage running");
 
@@ -157,6 +161,10 @@ pub async fn run(
         let message = tokio::select! {
             _ = shared.progress.stop.cancelled() => break,
             _ = tick.tick() => {
+                if last_sweep.elapsed() > Duration::from_secs(60) {
+                    sweep_state(&shared);
+                    last_sweep = Instant::now();
+                }
                 // Items whose message never showed up in the sent log within the join wait.
                 let now = Instant::now();
                 let expired: Vec<String> = waiting
@@ -184,6 +192,19 @@ pub async fn run(
                 }
             },
         };
+        // State follows the assignment: a revoked webhook partition is restored again if it comes
+        // back (merging what its other owner wrote meanwhile), its parked items are left to the
+        // new owner (they are uncommitted), and its entries are swept by the new owner.
+        for (topic, partition) in shared.progress.take_revoked() {
+            if topic == config.topics.webhook {
+                restored.remove(&partition);
+                shared.expiries.lock().expect("expiries").remove(&partition);
+                waiting.retain(|_, items| {
+                    items.retain(|w| w.message.partition() != partition);
+                    !items.is_empty()
+                });
+            }
+        }
         if message.topic() == config.topics.sent {
             let Some(sent) = message
                 .payload()
@@ -234,7 +255,18 @@ pub async fn run(
             ready.store(true, Ordering::Release);
             match (restored_state, published) {
                 (Ok(entries), Ok(published)) => {
-                    conversations.restore(entries);
+                    let mut expiries = shared.expiries.lock().expect("expiries");
+                    let mut restored_entries = Vec::new();
+                    for (partition, partition_entries) in entries {
+                        let held = expiries.entry(partition).or_default();
+                        for (key, entry) in partition_entries {
+                            held.insert(key.clone(), entry.expires_at_ms);
+                            restored_entries
+                                .push((key, String::from_utf8_lossy(&entry.value).into_owned()));
+                        }
+                    }
+                    drop(expiries);
+                    conversations.restore(restored_entries);
                     restored.extend(wanted);
                     let now = now_ms();
                     let lookback = config.converse.replay_lookback_ms as i64;
@@ -489,6 +521,14 @@ fn publish(
                 }
             }
         }
+        if let Some(held) = shared
+            .expiries
+            .lock()
+            .expect("expiries")
+            .get_mut(&message.partition())
+        {
+            held.extend(changes.iter().map(|(key, _)| (key.clone(), expires)));
+        }
         if shared.progress.delivered(written, "converse state").await {
             shared.finish(&message);
         }
@@ -521,19 +561,44 @@ async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaEr
 async fn restore_state(
     config: &Config,
     partitions: Vec<i32>,
-) -> Result<Vec<(String, String)>, KafkaError> {
-    let restored = gridtalk_kafka::changelog::restore_for_stage(
+) -> Result<HashMap<i32, gridtalk_kafka::changelog::PartitionEntries>, KafkaError> {
+    gridtalk_kafka::changelog::restore_for_stage(
         &config.kafka,
         "converse",
         &config.topics.converse_state,
         partitions,
     )
-    .await?;
-    Ok(restored
-        .into_values()
-        .flatten()
-        .map(|(key, entry)| (key, String::from_utf8_lossy(&entry.value).into_owned()))
-        .collect())
+    .await
+}
+
+/// Deletes expired state entries of the held partitions from the changelog (tombstones), so it
+/// stays bounded; an entry whose tombstone is lost is dropped on restore anyway.
+fn sweep_state(shared: &Shared) {
+    let now = now_ms();
+    let mut expiries = shared.expiries.lock().expect("expiries");
+    let mut live = 0;
+    for (partition, entries) in expiries.iter_mut() {
+        entries.retain(|key, expires_at| {
+            if *expires_at > now {
+                return true;
+            }
+            if let Err(e) = gridtalk_kafka::changelog::write(
+                &shared.producer,
+                &shared.config.topics.converse_state,
+                *partition,
+                key,
+                None,
+            ) {
+                tracing::warn!(error = %e, "converse state tombstone not written; the entry expires on restore");
+            }
+            false
+        });
+        live += entries.len();
+    }
+    Metrics::global()
+        .state_entries
+        .with_label_values(&["converse"])
+        .set(live as i64);
 }
 
 async fn spawn_dead_letter(

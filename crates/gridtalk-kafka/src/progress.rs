@@ -70,6 +70,18 @@ impl StageProgress {
         wanted
     }
 
+    /// The partitions revoked since the last call. The tracker forgets them: work left to their
+    /// new owner holds nothing back, late completions store no offsets, and a partition that
+    /// comes back starts again from its committed offset.
+    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+        let revoked = self.consumer.context().take_revoked();
+        let mut tracker = self.tracker.lock().expect("tracker");
+        for (topic, partition) in &revoked {
+            tracker.forget(topic, *partition);
+        }
+        revoked
+    }
+
     /// Work on a record started.
     pub fn start(&self, topic: &str, partition: i32, offset: i64) {
         self.tracker

@@ -147,7 +147,7 @@ pub async fn run(
             p = in_flight.clone().acquire_owned() => p.expect("semaphore open"),
         };
         // The dedupe window follows the partition: dropped on revoke, restored before first use.
-        for revoked in shared.progress.consumer().context().take_revoked() {
+        for revoked in shared.progress.take_revoked() {
             windows.remove(&revoked);
         }
         let key = (message.topic().to_string(), message.partition());

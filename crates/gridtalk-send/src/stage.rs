@@ -147,7 +147,7 @@ pub async fn run(
             },
         };
         // State follows the assignment: forget revoked partitions, restore new ones before use.
-        for (_, partition) in shared.progress.consumer().context().take_revoked() {
+        for (_, partition) in shared.progress.take_revoked() {
             shared
                 .index
                 .lock()
