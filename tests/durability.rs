@@ -280,27 +280,7 @@ async fn kill_9_three_times_loses_nothing_and_duplicates_at_most_the_in_flight_b
     }
     let expected = expected_messages(&p, &events);
     let total: usize = expected.values().sum();
-    let mut gridtalk = p.spawn_gridtalk("run-0", "route,send");
-    let mut random = kill_points_random();
-    for kill in 1..=3 {
-        let at = kill_point(&mut random, total, kill);
-        p.wait_until(
-            &format!("{at} messages before kill {kill}"),
-            WAIT * 2,
-            |p| p.sandbox.messages().len() >= at,
-        )
-        .await;
-        gridtalk.kill().expect("SIGKILL");
-        let _ = gridtalk.wait();
-        // The embedded broker can hand a member that joins while the killed leader's session
-        // is still open an empty assignment once that session expires (it takes the newcomer's
-        // SyncGroup for the leader's); the group then stays formed with every partition
-        // unowned. The restart therefore comes once the killed member's session has run out,
-        // as it does when Kubernetes reschedules a pod.
-        let session = Duration::from_millis(p.config.kafka.session_timeout_ms.into());
-        tokio::time::sleep(session + Duration::from_secs(1)).await;
-        gridtalk = p.spawn_gridtalk(&format!("run-{kill}"), "route,send");
-    }
+    let mut gridtalk = run_and_kill_three_times(&p, "route,send", total).await;
     let deadline = std::time::Instant::now() + WAIT * 3;
     while compare(&p, &expected).0 > 0 {
         let (missing, duplicated) = compare(&p, &expected);
@@ -327,40 +307,34 @@ async fn kill_9_three_times_loses_nothing_and_duplicates_at_most_the_in_flight_b
 async fn kill_9_on_the_way_back_publishes_every_delivery_status_once() {
     // Ingest (the webhook receiver) stays up in this process, as its own Deployment would; route,
     // send and converse run in a `gridtalk` process that is killed three times mid-stream.
-    let mut setup = fast_external_setup(100);
+    let (p, expected, total) = way_back_pipeline(100, 300).await;
+    let mut gridtalk = run_and_kill_three_times(&p, "route,send,converse", total).await;
+    wait_for_every_status(&p, &expected).await;
+    gridtalk.kill().expect("stop");
+    let _ = gridtalk.wait();
+    assert_every_status_once(&p, "kill -9 x3 on the way back");
+}
+
+/// Ingest runs in this process (the webhook receiver, up throughout, as its own Deployment would
+/// be) with the sandbox posting statuses to it; the test runs the other stages as processes.
+/// `events` events of every type are published; returns the expected messages and their count.
+async fn way_back_pipeline(
+    max_per_second: u32,
+    events: u64,
+) -> (Pipeline, HashMap<Seen, usize>, usize) {
+    let mut setup = fast_external_setup(max_per_second);
     setup.ingest = true;
     setup.in_process = true;
     setup.only_stages = Some(vec![gridtalk::Stage::Ingest]);
     let p = Pipeline::start(setup).await;
     p.wait_for_way_back(WAIT).await;
-    let events = events_of_every_type(300);
+    let events = events_of_every_type(events);
     for e in &events {
         p.publish_event(e).await;
     }
     let expected = expected_messages(&p, &events);
-    let total: usize = expected.values().sum();
-    let stages = "route,send,converse";
-    let mut gridtalk = p.spawn_gridtalk("run-0", stages);
-    let session = Duration::from_millis(p.config.kafka.session_timeout_ms.into());
-    let mut random = kill_points_random();
-    for kill in 1..=3 {
-        let at = kill_point(&mut random, total, kill);
-        p.wait_until(
-            &format!("{at} messages before kill {kill}"),
-            WAIT * 2,
-            |p| p.sandbox.messages().len() >= at,
-        )
-        .await;
-        gridtalk.kill().expect("SIGKILL");
-        let _ = gridtalk.wait();
-        // As in the kill -9 test above: back once the killed member's session has run out.
-        tokio::time::sleep(session + Duration::from_secs(1)).await;
-        gridtalk = p.spawn_gridtalk(&format!("run-{kill}"), stages);
-    }
-    wait_for_every_status(&p, &expected).await;
-    gridtalk.kill().expect("stop");
-    let _ = gridtalk.wait();
-    assert_every_status_once(&p, "kill -9 x3 on the way back");
+    let total = expected.values().sum();
+    (p, expected, total)
 }
 
 /// Delivery statuses per (wamid, status) on the response topic.
@@ -406,18 +380,7 @@ fn assert_every_status_once(p: &Pipeline, what: &str) {
 async fn the_way_back_through_a_rebalance_publishes_every_delivery_status_once() {
     // Two processes run every stage but ingest; one leaves and another joins mid-stream, so
     // webhook partitions (and their converse state) move between processes.
-    let mut setup = fast_external_setup(60);
-    setup.ingest = true;
-    setup.in_process = true;
-    setup.only_stages = Some(vec![gridtalk::Stage::Ingest]);
-    let p = Pipeline::start(setup).await;
-    p.wait_for_way_back(WAIT).await;
-    let events = events_of_every_type(200);
-    for e in &events {
-        p.publish_event(e).await;
-    }
-    let expected = expected_messages(&p, &events);
-    let total: usize = expected.values().sum();
+    let (p, expected, total) = way_back_pipeline(60, 200).await;
     let stages = "route,send,converse";
     let mut a = p.spawn_gridtalk("a", stages);
     let mut b = p.spawn_gridtalk("b", stages);
@@ -438,6 +401,33 @@ async fn the_way_back_through_a_rebalance_publishes_every_delivery_status_once()
         "nothing missing, nothing twice"
     );
     assert_every_status_once(&p, "rebalance on the way back");
+}
+
+/// Starts `gridtalk run --stages <stages>`, kills it with SIGKILL at three random points of the
+/// `total` messages and starts it again each time; returns the last run.
+async fn run_and_kill_three_times(p: &Pipeline, stages: &str, total: usize) -> std::process::Child {
+    let mut gridtalk = p.spawn_gridtalk("run-0", stages);
+    let mut random = kill_points_random();
+    for kill in 1..=3 {
+        let at = kill_point(&mut random, total, kill);
+        p.wait_until(
+            &format!("{at} messages before kill {kill}"),
+            WAIT * 2,
+            |p| p.sandbox.messages().len() >= at,
+        )
+        .await;
+        gridtalk.kill().expect("SIGKILL");
+        let _ = gridtalk.wait();
+        // The embedded broker can hand a member that joins while the killed leader's session
+        // is still open an empty assignment once that session expires (it takes the newcomer's
+        // SyncGroup for the leader's); the group then stays formed with every partition
+        // unowned. The restart therefore comes once the killed member's session has run out,
+        // as it does when Kubernetes reschedules a pod.
+        let session = Duration::from_millis(p.config.kafka.session_timeout_ms.into());
+        tokio::time::sleep(session + Duration::from_secs(1)).await;
+        gridtalk = p.spawn_gridtalk(&format!("run-{kill}"), stages);
+    }
+    gridtalk
 }
 
 /// A seeded random source for kill points: `GRIDTALK_TEST_SEED` repeats a run, otherwise the

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use gridtalk_config::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError as RdKafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -109,21 +109,48 @@ pub fn restore_partitions(
     if partitions.is_empty() {
         return Ok((restored, 0));
     }
-    let consumer: BaseConsumer<RestoreContext> = client_config(config)
-        .set("group.id", "gridtalk-restore")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        // An empty or short changelog should not cost the broker's default fetch wait.
-        .set("fetch.wait.max.ms", "20")
-        .create_with_context(RestoreContext)?;
+    let consumer = tail_reader(config)?;
     let mut tpl = TopicPartitionList::new();
     for partition in partitions {
         tpl.add_partition_offset(topic, *partition, Offset::Beginning)?;
     }
-    consumer.assign(&tpl)?;
-    let mut open: std::collections::HashSet<i32> = partitions.iter().copied().collect();
     let mut read = 0u64;
+    read_to_end(&consumer, topic, &tpl, deadline, |message| {
+        read += 1;
+        let Some(key) = message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+        else {
+            return;
+        };
+        let entries = restored.entry(message.partition()).or_default();
+        match message.payload().and_then(decode_entry) {
+            Some(entry) if entry.expires_at_ms > now_ms => {
+                entries.insert(key, entry);
+            }
+            _ => {
+                entries.remove(&key);
+            }
+        }
+    })?;
+    Ok((restored, read))
+}
+
+/// Reads the partitions of `tpl` from their given offsets to their ends (as of the fetch
+/// responses' high watermarks), handing every record to `on_record`.
+fn read_to_end(
+    consumer: &BaseConsumer<RestoreContext>,
+    topic: &str,
+    tpl: &TopicPartitionList,
+    deadline: Duration,
+    mut on_record: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<(), KafkaError> {
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    consumer.assign(tpl)?;
+    let mut open: std::collections::HashSet<i32> =
+        tpl.elements().iter().map(|e| e.partition()).collect();
     let started = Instant::now();
     while !open.is_empty() {
         if started.elapsed() > deadline {
@@ -133,34 +160,26 @@ pub fn restore_partitions(
         }
         match consumer.poll(Duration::from_millis(50)) {
             None => continue,
-            // The end of a partition as of the fetch response's high watermark.
             Some(Err(RdKafkaError::PartitionEOF(partition))) => {
                 open.remove(&partition);
             }
-            Some(Err(e)) => {
-                tracing::warn!(topic, error = %e, "changelog read failed; retrying");
-            }
-            Some(Ok(message)) => {
-                read += 1;
-                let Some(key) = message
-                    .key()
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
-                else {
-                    continue;
-                };
-                let entries = restored.entry(message.partition()).or_default();
-                match message.payload().and_then(decode_entry) {
-                    Some(entry) if entry.expires_at_ms > now_ms => {
-                        entries.insert(key, entry);
-                    }
-                    _ => {
-                        entries.remove(&key);
-                    }
-                }
-            }
+            Some(Err(e)) => tracing::warn!(topic, error = %e, "partition read failed; retrying"),
+            Some(Ok(message)) => on_record(&message),
         }
     }
-    Ok((restored, read))
+    Ok(())
+}
+
+/// A consumer outside any group that reports the end of each partition it reads.
+fn tail_reader(config: &KafkaConfig) -> Result<BaseConsumer<RestoreContext>, KafkaError> {
+    Ok(client_config(config)
+        .set("group.id", "gridtalk-restore")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        // An empty or short partition should not cost the broker's default fetch wait.
+        .set("fetch.wait.max.ms", "20")
+        .create_with_context(RestoreContext)?)
 }
 
 /// The payloads of every record of every partition of `topic` with a timestamp at or after
@@ -171,13 +190,7 @@ pub fn recent_payloads(
     since_ms: i64,
     deadline: Duration,
 ) -> Result<Vec<Vec<u8>>, KafkaError> {
-    let consumer: BaseConsumer<RestoreContext> = client_config(config)
-        .set("group.id", "gridtalk-restore")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "20")
-        .create_with_context(RestoreContext)?;
+    let consumer = tail_reader(config)?;
     let metadata = consumer.fetch_metadata(Some(topic), deadline)?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -197,38 +210,17 @@ pub fn recent_payloads(
         }
     }
     let mut payloads = Vec::new();
-    if tpl.count() == 0 {
-        return Ok(payloads);
-    }
-    consumer.assign(&tpl)?;
-    let mut open: std::collections::HashSet<i32> =
-        tpl.elements().iter().map(|e| e.partition()).collect();
-    let started = Instant::now();
-    while !open.is_empty() {
-        if started.elapsed() > deadline {
-            return Err(KafkaError::Restore(format!(
-                "{topic} partitions {open:?}: not read to the end within {deadline:?}"
-            )));
+    read_to_end(&consumer, topic, &tpl, deadline, |message| {
+        // Brokers that cannot look a time up answer with an earlier offset; the record
+        // timestamps keep the read to what was asked for.
+        let recent = message
+            .timestamp()
+            .to_millis()
+            .is_none_or(|at| at >= since_ms);
+        if let (true, Some(payload)) = (recent, message.payload()) {
+            payloads.push(payload.to_vec());
         }
-        match consumer.poll(Duration::from_millis(50)) {
-            None => continue,
-            Some(Err(RdKafkaError::PartitionEOF(partition))) => {
-                open.remove(&partition);
-            }
-            Some(Err(e)) => tracing::warn!(topic, error = %e, "tail read failed; retrying"),
-            Some(Ok(message)) => {
-                // Brokers that cannot look a time up answer with an earlier offset; the record
-                // timestamps keep the read to what was asked for.
-                let recent = message
-                    .timestamp()
-                    .to_millis()
-                    .is_none_or(|at| at >= since_ms);
-                if let (true, Some(payload)) = (recent, message.payload()) {
-                    payloads.push(payload.to_vec());
-                }
-            }
-        }
-    }
+    })?;
     Ok(payloads)
 }
 
