@@ -174,8 +174,19 @@ pub async fn run(
                     .collect();
                 for wamid in expired {
                     let items = waiting.remove(&wamid).unwrap_or_default();
-                    for w in items {
-                        if w.deadline <= now {
+                    for mut w in items {
+                        // Unknown only once the sent log of the item's partition has been read
+                        // to its end: after a restart with a backlog, the stage itself can be
+                        // what keeps the sent record from it, not the send stage.
+                        let behind = !shared
+                            .progress
+                            .consumer()
+                            .context()
+                            .caught_up(&config.topics.sent, w.message.partition());
+                        if w.deadline <= now && behind {
+                            w.deadline = now + Duration::from_secs(1);
+                            waiting.entry(wamid.clone()).or_default().push(w);
+                        } else if w.deadline <= now {
                             offer(&shared, &in_flight, &mut conversations, &directory, &mut waiting, w, true, join_wait).await;
                         } else {
                             waiting.entry(wamid.clone()).or_default().push(w);

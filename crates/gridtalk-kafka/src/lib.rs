@@ -72,6 +72,9 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     Ok(client.create()?)
 }
 
+/// (offset after the last record handed to the stage, high watermark) per topic partition.
+type PartitionPositions = std::collections::HashMap<(String, i32), (i64, i64)>;
+
 /// Logs rebalances and remembers revoked partitions, so a stage can drop the state it holds for
 /// them. Offsets stored so far are committed by librdkafka on revoke.
 #[derive(Debug, Clone)]
@@ -79,6 +82,9 @@ pub struct StageContext {
     pub stage: &'static str,
     revoked: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
     owned: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, i32)>>>,
+    /// Per partition, from librdkafka's statistics: (offset after the last record handed to the
+    /// stage, high watermark).
+    positions: std::sync::Arc<std::sync::Mutex<PartitionPositions>>,
 }
 
 impl StageContext {
@@ -87,12 +93,23 @@ impl StageContext {
             stage,
             revoked: Default::default(),
             owned: Default::default(),
+            positions: Default::default(),
         }
     }
 
     /// The partitions revoked since the last call.
     pub fn take_revoked(&self) -> Vec<(String, i32)> {
         std::mem::take(&mut *self.revoked.lock().expect("revoked"))
+    }
+
+    /// Whether the stage has been handed every record of the partition that existed at the last
+    /// statistics report (every `statistics.interval.ms`). False before the first report.
+    pub fn caught_up(&self, topic: &str, partition: i32) -> bool {
+        self.positions
+            .lock()
+            .expect("positions")
+            .get(&(topic.to_string(), partition))
+            .is_some_and(|(handed, high)| *high <= 0 || handed >= high)
     }
 
     /// Whether the partition is assigned to this consumer as of the last rebalance it served.
@@ -110,8 +127,12 @@ impl ClientContext for StageContext {
     /// Publishes consumer lag per assigned partition from librdkafka's statistics.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let lag = &gridtalk_telemetry::Metrics::global().consumer_lag;
+        let mut positions = self.positions.lock().expect("positions");
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
+                if *partition >= 0 {
+                    positions.insert((topic.clone(), *partition), (p.app_offset, p.hi_offset));
+                }
                 // Partition -1 is librdkafka's internal unassigned queue; -1 lag means unknown.
                 if *partition >= 0 && p.consumer_lag >= 0 {
                     lag.with_label_values(&[self.stage, topic, &partition.to_string()])
