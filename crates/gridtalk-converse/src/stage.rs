@@ -175,18 +175,19 @@ pub async fn run(
                 for wamid in expired {
                     let items = waiting.remove(&wamid).unwrap_or_default();
                     for mut w in items {
-                        // Unknown only once the sent log of the item's partition has been read
-                        // to its end: after a restart with a backlog, the stage itself can be
-                        // what keeps the sent record from it, not the send stage.
-                        let behind = !shared
-                            .progress
-                            .consumer()
-                            .context()
-                            .caught_up(&config.topics.sent, w.message.partition());
-                        if w.deadline <= now && behind {
+                        // Unknown only once the sent log of the item's partition has also been
+                        // read to its end: after a restart with a backlog, the stage itself can
+                        // be what keeps the sent record from it, not the send stage.
+                        if w.deadline <= now
+                            && !shared
+                                .progress
+                                .consumer()
+                                .context()
+                                .caught_up(&config.topics.sent, w.message.partition())
+                        {
                             w.deadline = now + Duration::from_secs(1);
-                            waiting.entry(wamid.clone()).or_default().push(w);
-                        } else if w.deadline <= now {
+                        }
+                        if w.deadline <= now {
                             offer(&shared, &in_flight, &mut conversations, &directory, &mut waiting, w, true, join_wait).await;
                         } else {
                             waiting.entry(wamid.clone()).or_default().push(w);
@@ -257,7 +258,13 @@ pub async fn run(
             );
             // Not ready while state is restored (the process resumes only after it).
             ready.store(false, Ordering::Release);
-            let restored_state = restore_state(&config, wanted.clone()).await;
+            let restored_state = gridtalk_kafka::changelog::restore_for_stage(
+                &config.kafka,
+                "converse",
+                &config.topics.converse_state,
+                wanted.clone(),
+            )
+            .await;
             // What reached the response topic but not the state (a crash between the two).
             let published = match restored_state {
                 Ok(_) => recently_published(&config).await,
@@ -325,15 +332,10 @@ pub async fn run(
 
     // Drain: every started publish finishes (or fails) before the final commit. Items still
     // waiting for their join are not committed and are offered again after a restart.
-    let drain = async {
-        let _all = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
-    };
+    let deadline = Duration::from_millis(shared.config.admin.shutdown_deadline_ms);
     if let Some(detail) = shared
         .progress
-        .close(
-            drain,
-            Duration::from_millis(shared.config.admin.shutdown_deadline_ms),
-        )
+        .close(&in_flight, MAX_IN_FLIGHT, deadline)
         .await
     {
         return Err(ConverseError::HandOff(detail));
@@ -566,20 +568,6 @@ async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaEr
     })
     .await
     .map_err(|e| KafkaError::Restore(format!("response topic read: {e}")))?
-}
-
-/// Reads the converse state of webhook `partitions` from its changelog, in one pass.
-async fn restore_state(
-    config: &Config,
-    partitions: Vec<i32>,
-) -> Result<HashMap<i32, gridtalk_kafka::changelog::PartitionEntries>, KafkaError> {
-    gridtalk_kafka::changelog::restore_for_stage(
-        &config.kafka,
-        "converse",
-        &config.topics.converse_state,
-        partitions,
-    )
-    .await
 }
 
 /// Deletes expired state entries of the held partitions from the changelog (tombstones), so it

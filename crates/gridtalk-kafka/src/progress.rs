@@ -6,13 +6,13 @@
 //! the process restarts and replays. On stop, in-flight work drains up to a deadline, stored
 //! offsets are committed synchronously and the group is left.
 
-use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{OffsetTracker, StageContext};
@@ -137,13 +137,16 @@ impl StageProgress {
         true
     }
 
-    /// Stops the stage: waits for `drain` (in-flight work) up to `deadline`, commits what finished,
-    /// leaves the group. Returns the failure that stopped the stage, if one did.
+    /// Stops the stage: waits up to `deadline` for the in-flight work (all `permits` of
+    /// `in_flight` back), commits what finished, leaves the group. Returns the failure that
+    /// stopped the stage, if one did.
     pub async fn close(
         &self,
-        drain: impl Future<Output = ()>,
+        in_flight: &Semaphore,
+        permits: usize,
         deadline: Duration,
     ) -> Option<String> {
+        let drain = in_flight.acquire_many(u32::try_from(permits).unwrap_or(u32::MAX));
         if tokio::time::timeout(deadline, drain).await.is_err() {
             tracing::warn!(
                 stage = self.stage,

@@ -190,17 +190,10 @@ pub async fn run(
     }
 
     // Drain: every started hand-off finishes (or fails) before the final commit.
-    let drain = async {
-        let _all = in_flight
-            .acquire_many(config.route.max_in_flight.max(1) as u32)
-            .await;
-    };
+    let deadline = Duration::from_millis(shared.config.admin.shutdown_deadline_ms);
     if let Some(detail) = shared
         .progress
-        .close(
-            drain,
-            Duration::from_millis(shared.config.admin.shutdown_deadline_ms),
-        )
+        .close(&in_flight, config.route.max_in_flight.max(1), deadline)
         .await
     {
         return Err(RouteError::HandOff(detail));

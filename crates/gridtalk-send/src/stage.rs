@@ -65,6 +65,43 @@ impl Shared {
         Duration::from_millis(self.config.kafka.request_timeout_ms)
     }
 
+    /// Whether an outbox record still needs sending by this process: its partition is assigned
+    /// here with its sent index restored (otherwise the partition's new owner sends it), and
+    /// WhatsApp has not accepted the message yet (such a replay is counted, logged and finished
+    /// here). Asked when the record is read, when its turn comes and after every wait, since a
+    /// partition can move, or come back and re-deliver records, at any of those points.
+    fn still_to_send(&self, message: &OwnedMessage, message_id: &str) -> bool {
+        let partition = message.partition();
+        let accepted = {
+            let index = self.index.lock().expect("index");
+            let owned = self
+                .progress
+                .consumer()
+                .context()
+                .owns(message.topic(), partition);
+            if !owned || !index.is_restored(partition) {
+                tracing::debug!(
+                    partition,
+                    "partition revoked; message left to its new owner"
+                );
+                return false;
+            }
+            index.accepted(partition, message_id)
+        };
+        match accepted {
+            Some(wamid) => {
+                Metrics::global()
+                    .sends
+                    .with_label_values(&["replay_suppressed", "none"])
+                    .inc();
+                tracing::info!(%wamid, message_id, "outbox replay of an accepted message skipped");
+                self.finish(message);
+                false
+            }
+            None => true,
+        }
+    }
+
     /// How far back a send still weighs on its recipient's pair limit.
     fn pair_memory_ms(&self) -> i64 {
         i64::try_from(self.limits.pair_memory().as_millis()).unwrap_or(i64::MAX)
@@ -227,19 +264,7 @@ pub async fn run(
                 continue;
             }
         };
-        let already = shared
-            .index
-            .lock()
-            .expect("index")
-            .accepted(partition, &outbox.message_id);
-        if let Some(wamid) = already {
-            // A replay of a message WhatsApp already accepted: never send it twice.
-            Metrics::global()
-                .sends
-                .with_label_values(&["replay_suppressed", "none"])
-                .inc();
-            tracing::info!(%wamid, message_id = %outbox.message_id, "outbox replay of an accepted message skipped");
-            shared.finish(&message);
+        if !shared.still_to_send(&message, &outbox.message_id) {
             drop(permit);
             continue;
         }
@@ -276,15 +301,10 @@ pub async fn run(
     }
 
     // Drain: wait for in-flight sends up to the deadline, then commit what finished.
-    let drain = async {
-        let _all = in_flight.acquire_many(max_in_flight as u32).await;
-    };
+    let deadline = Duration::from_millis(shared.config.admin.shutdown_deadline_ms);
     if let Some(detail) = shared
         .progress
-        .close(
-            drain,
-            Duration::from_millis(shared.config.admin.shutdown_deadline_ms),
-        )
+        .close(&in_flight, max_in_flight, deadline)
         .await
     {
         return Err(SendError::HandOff(detail));
@@ -387,27 +407,8 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
     let outbox = &job.outbox;
     // Checked again now, not only when the record was read: a partition revoked and assigned
     // back re-delivers records whose first copy may be queued ahead of this one and sent since.
-    {
-        let partition = job.message.partition();
-        let index = shared.index.lock().expect("index");
-        if !index.is_restored(partition) {
-            // Revoked while queued: the partition's new owner sends it.
-            tracing::debug!(
-                partition,
-                "partition revoked; queued message left to its new owner"
-            );
-            return true;
-        }
-        if let Some(wamid) = index.accepted(partition, &outbox.message_id) {
-            drop(index);
-            metrics
-                .sends
-                .with_label_values(&["replay_suppressed", "none"])
-                .inc();
-            tracing::info!(%wamid, message_id = %outbox.message_id, "duplicate outbox record of an accepted message skipped");
-            shared.finish(&job.message);
-            return true;
-        }
+    if !shared.still_to_send(&job.message, &outbox.message_id) {
+        return true;
     }
     let mut attempt: u32 = 0;
     let mut recipient_attempt: u32 = 0;
@@ -446,16 +447,7 @@ async fn send_job(shared: &Shared, job: &Job) -> bool {
         // The wait may have outlasted the assignment: once the partition moved, its new owner
         // sends this message (and counts the recipient's pair limit); sending here as well
         // would break both.
-        if !shared
-            .progress
-            .consumer()
-            .context()
-            .owns(job.message.topic(), job.message.partition())
-        {
-            tracing::debug!(
-                partition = job.message.partition(),
-                "partition revoked while waiting; message left to its new owner"
-            );
+        if !shared.still_to_send(&job.message, &outbox.message_id) {
             return true;
         }
         let token = shared.token.read().expect("token").clone();
