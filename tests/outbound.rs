@@ -673,6 +673,172 @@ async fn every_kind_of_bad_input_is_dead_lettered_and_passed() {
     assert_eq!(got[0].3[0], "PO-4500047");
 }
 
+/// Bytes built to crash a decoder: huge counts and lengths, deep nesting. Each is a few bytes.
+fn hostile_records() -> Vec<(&'static str, Vec<u8>)> {
+    let single = |body: &[u8]| {
+        let mut bytes = vec![0xC3, 0x01];
+        bytes.extend_from_slice(
+            &gridtalk_contract::rabin_fingerprint(&ContractSchemas::get().trading_grid_event)
+                .to_le_bytes(),
+        );
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    let confluent = |id: u32, body: &[u8]| {
+        let mut bytes = vec![0x00];
+        bytes.extend_from_slice(&id.to_be_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    // The envelope up to a ShipmentEvent's po_numbers array: 14 zero bytes of empty strings,
+    // zero numbers, null unions and first enum symbols; branch 3; an empty shipment id.
+    let envelope: Vec<u8> = [0u8; 14].into_iter().chain([0x06, 0x00]).collect();
+    let with = |tail: &[u8]| single(&[envelope.as_slice(), tail].concat());
+    let deep: Vec<u8> = std::iter::repeat_n(0x02, 200_000).chain([0x00]).collect();
+    vec![
+        // The 31-byte record that crash-looped every stage: 2^29 array items declared.
+        ("array of 2^29", with(&[0x80, 0x80, 0x80, 0x80, 0x04])),
+        (
+            "negative array count",
+            with(&[0xFF, 0xFF, 0xFF, 0xFF, 0x03, 0x02]),
+        ),
+        (
+            "count of i64::MIN",
+            with(&[0xFF; 9].iter().copied().chain([0x01]).collect::<Vec<_>>()),
+        ),
+        (
+            "string of 2^40 bytes",
+            single(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02]),
+        ),
+        ("varint of eleven bytes", single(&[0xFF; 11])),
+        (
+            "union index 7",
+            single(&[[0u8; 5].as_slice(), &[0x0E]].concat()),
+        ),
+        (
+            "payload branch 40",
+            single(&[[0u8; 14].as_slice(), &[0x50]].concat()),
+        ),
+        ("record cut before its payload", single(&[0u8; 14])),
+        (
+            "map of 2^29 records",
+            confluent(31, &[0x80, 0x80, 0x80, 0x80, 0x04]),
+        ),
+        ("linked list 200,000 deep", confluent(32, &deep)),
+        ("fixed of 4 GiB", confluent(33, &[0; 8])),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_records_are_dead_lettered_and_routing_goes_on() {
+    let setup = Setup {
+        registry: vec![
+            (
+                31,
+                r#"{"type":"record","name":"M","fields":[{"name":"m","type":{"type":"map","values":{"type":"record","name":"V","fields":[{"name":"x","type":"long"}]}}}]}"#.into(),
+            ),
+            (
+                32,
+                r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#.into(),
+            ),
+            (
+                33,
+                r#"{"type":"record","name":"F","fields":[{"name":"f","type":{"type":"fixed","name":"Huge","size":4294967296}}]}"#.into(),
+            ),
+        ],
+        input_partitions: 1,
+        // Smaller than the oversized record below, so its dead letter cannot carry it whole.
+        overrides: vec![("KAFKA__PRODUCER__MESSAGE.MAX.BYTES", "\"200000\"".into())],
+        ..Setup::default()
+    };
+    let pipeline = Pipeline::start(setup).await;
+    let topic = topic_short("tg.shipment.exception");
+    let mut expected: BTreeMap<i64, (&str, &str)> = BTreeMap::new();
+    for (case, bytes) in hostile_records() {
+        let (_, o) = pipeline.publish_raw(topic, case, &bytes).await;
+        expected.insert(o, (case, "malformed_avro"));
+    }
+    let oversized: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (_, oversized_offset) = pipeline.publish_raw(topic, "oversized", &oversized).await;
+    expected.insert(oversized_offset, ("300 kB record", "oversized"));
+    // A valid event behind all of them.
+    let (_, last) = pipeline
+        .publish_event(&event("tg.shipment.exception", 60, "ACME"))
+        .await;
+
+    // The exception goes to three people: the partner's logistics contact and two of ours.
+    pipeline.wait_for_messages(3, WAIT).await;
+    pipeline
+        .wait_until("every hostile record dead-lettered", WAIT, |p| {
+            p.dead_letters().len() >= expected.len()
+        })
+        .await;
+    pipeline
+        .wait_for_commits(&pipeline.route_group(), &pipeline.input(topic), WAIT)
+        .await;
+    assert_eq!(
+        committed_offsets(&pipeline.route_group(), &pipeline.input(topic))[&0],
+        last + 1,
+        "the committed offset moved past every hostile record"
+    );
+    let letters = pipeline.dead_letters();
+    let got: BTreeMap<i64, (&str, &str)> = letters
+        .iter()
+        .map(|d| {
+            let offset: i64 = d.headers["gridtalk.dlq.source_offset"]
+                .parse()
+                .expect("offset");
+            let case = expected.get(&offset).map_or("unexpected", |(c, _)| *c);
+            (offset, (case, d.reason.as_str()))
+        })
+        .collect();
+    assert_eq!(got, expected);
+    for letter in &letters {
+        let detail = &letter.headers["gridtalk.dlq.detail"];
+        assert!(!detail.is_empty() && detail.len() <= 1000, "{detail}");
+    }
+    // The oversized record's letter: its start, its size and its digest, marked truncated.
+    let truncated = letters
+        .iter()
+        .find(|d| d.reason == "oversized")
+        .expect("oversized letter");
+    assert_eq!(truncated.headers["gridtalk.dlq.truncated"], "true");
+    assert_eq!(
+        truncated.headers["gridtalk.dlq.original_value_bytes"],
+        "300000"
+    );
+    use sha2::Digest;
+    assert_eq!(
+        truncated.headers["gridtalk.dlq.original_value_sha256"],
+        hex::encode(sha2::Sha256::digest(&oversized))
+    );
+    assert_eq!(truncated.value.as_deref(), Some(&oversized[..1024]));
+    assert_eq!(truncated.key.as_deref(), Some(&b"oversized"[..]));
+    // Small letters still carry the original bytes whole.
+    let bomb = letters
+        .iter()
+        .find(|d| d.key.as_deref() == Some(&b"array of 2^29"[..]))
+        .expect("the 31-byte letter");
+    assert_eq!(bomb.value.as_ref().map(Vec::len), Some(31));
+    assert!(!bomb.headers.contains_key("gridtalk.dlq.truncated"));
+    // A replay skips the truncated letter instead of publishing its first kilobyte as a record.
+    let report = gridtalk_kafka::replay_dead_letters(
+        &pipeline.config.kafka,
+        &pipeline.producer,
+        &pipeline.config.topics.dlq,
+        &gridtalk_kafka::ReplayFilter {
+            reason: Some("oversized".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("replay");
+    assert_eq!((report.replayed, report.truncated_skipped), (0, 1));
+    let got = received(&pipeline);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.iter().all(|m| m.3[0] == "SH-700060"), "{got:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_replayed_after_the_directory_is_fixed_is_delivered() {
     let pipeline = Pipeline::start(Setup::default()).await;

@@ -10,7 +10,11 @@
 //!   (magic byte 0, 4-byte schema id) and Avro single-object encoding (`C3 01` + CRC-64-AVRO
 //!   fingerprint). Writer schemas fetched from a registry are cached by id for the process lifetime
 //!   (schema ids are immutable in a registry).
+//! - Bytes from outside never reach `apache-avro` unchecked: a bounded walk first proves that every
+//!   length and count fits in the record and that values nest at most [`MAX_DEPTH`] deep, so what
+//!   decoding allocates is bounded by the record's own size and no record can crash the process.
 
+mod bounded;
 mod codec;
 mod records;
 mod registry;
@@ -18,6 +22,7 @@ pub mod samples;
 mod schemas;
 mod view;
 
+pub use bounded::MAX_DEPTH;
 pub use codec::{
     encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
     WireFormat,
@@ -26,5 +31,7 @@ pub use records::{
     AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse,
 };
 pub use registry::{RegistryClient, RegistryError};
-pub use schemas::{ContractSchemas, KnownSchema, SchemaSet, TRADING_GRID_EVENT_AVSC};
+pub use schemas::{
+    rabin_fingerprint, ContractSchemas, KnownSchema, SchemaSet, TRADING_GRID_EVENT_AVSC,
+};
 pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};

@@ -6,7 +6,7 @@ use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{encode_single_object, DecodeError, DecodeErrorKind};
+use crate::codec::{encode_single_object, read_datum, DecodeError, DecodeErrorKind};
 use crate::schemas::{rabin_fingerprint, ContractSchemas};
 
 /// A serde record with a contract schema.
@@ -42,9 +42,7 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
             }
             _ => return Err(malformed("not an Avro single-object record".into())),
         };
-        let mut cursor = std::io::Cursor::new(body);
-        let value = apache_avro::from_avro_datum(schema, &mut cursor, None)
-            .map_err(|e| malformed(e.to_string()))?;
+        let value = read_datum(schema, body)?;
         apache_avro::from_value(&value).map_err(|e| malformed(e.to_string()))
     }
 }
@@ -207,8 +205,7 @@ impl WorkflowResponse {
                 })
             }
         };
-        let value = apache_avro::from_avro_datum(schema, &mut std::io::Cursor::new(body), None)
-            .map_err(|e| malformed(e.to_string()))?;
+        let value = read_datum(schema, body)?;
         let apache_avro::types::Value::Record(fields) = value else {
             return Err(malformed("not a record".into()));
         };
@@ -251,6 +248,39 @@ impl WorkflowResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Anyone who can write to the outbox or the sent log can send these; the send and converse
+    /// stages must dead-letter them, not allocate what they declare.
+    #[test]
+    fn hostile_records_on_our_own_topics_are_malformed() {
+        let header = |schema: &Schema| {
+            let mut bytes = vec![0xC3, 0x01];
+            bytes.extend_from_slice(&rabin_fingerprint(schema).to_le_bytes());
+            bytes
+        };
+        // message_id of 2^40 bytes; then one of 500 MB (below apache-avro's own 512 MiB cap).
+        for length in [
+            [0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02],
+            [0x80, 0xD0, 0xAC, 0xF3, 0x03, 0, 0],
+        ] {
+            let mut bytes = header(OutboxMessage::schema());
+            bytes.extend_from_slice(&length);
+            let error = OutboxMessage::from_avro(&bytes).unwrap_err();
+            assert_eq!(error.kind, DecodeErrorKind::Malformed, "{}", error.detail);
+            let mut bytes = header(SentMessage::schema());
+            bytes.extend_from_slice(&length);
+            assert_eq!(
+                SentMessage::from_avro(&bytes).unwrap_err().kind,
+                DecodeErrorKind::Malformed
+            );
+        }
+        let mut bytes = header(&ContractSchemas::get().workflow_response);
+        bytes.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02]);
+        assert_eq!(
+            WorkflowResponse::from_avro(&bytes).unwrap_err().kind,
+            DecodeErrorKind::Malformed
+        );
+    }
 
     #[test]
     fn outbox_message_round_trips() {

@@ -194,3 +194,71 @@ async fn a_missing_required_field_is_incompatible() {
     assert_eq!(err.kind, DecodeErrorKind::Incompatible);
     assert!(err.detail.contains("correlation_id"), "{}", err.detail);
 }
+
+/// The 31-byte record of the bug report: a single-object event whose `ShipmentEvent.po_numbers`
+/// declares 2^29 items. Unbounded, apache-avro reserves 2^29 values (about 30 GB) before reading
+/// one, and the process aborts.
+fn thirty_one_byte_bomb() -> Vec<u8> {
+    let mut bytes = vec![0xC3, 0x01];
+    bytes.extend_from_slice(&gridtalk_contract::rabin_fingerprint(event_schema()).to_le_bytes());
+    // event_id, event_type, schema_version, occurred_at, producer, tenant_buid (null),
+    // correlation_id, causation_id (null), severity, partner {id, name, address, role}, edi (null)
+    bytes.extend_from_slice(&[0; 14]);
+    bytes.push(0x06); // payload branch 3: ShipmentEvent
+    bytes.push(0x00); // shipment_id ""
+    bytes.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x04]); // po_numbers: 2^29 items
+    bytes
+}
+
+#[tokio::test]
+async fn hostile_bytes_are_malformed_and_never_abort() {
+    let bomb = thirty_one_byte_bomb();
+    assert_eq!(bomb.len(), 31);
+    let err = decoder().decode(&bomb).await.unwrap_err();
+    assert_eq!(err.kind, DecodeErrorKind::Malformed, "{}", err.detail);
+    assert!(err.detail.contains("array block count"), "{}", err.detail);
+
+    // Writer schemas a producer could register: maps, arrays of records, a linked list, a huge fixed.
+    let writer = |text: &str| Schema::parse_str(text).unwrap();
+    let map = writer(
+        r#"{"type":"record","name":"M","fields":[{"name":"m","type":{"type":"map","values":{"type":"record","name":"V","fields":[{"name":"x","type":"long"}]}}}]}"#,
+    );
+    let list = writer(
+        r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#,
+    );
+    let fixed = writer(
+        r#"{"type":"record","name":"F","fields":[{"name":"f","type":{"type":"fixed","name":"Huge","size":4294967296}}]}"#,
+    );
+    let mut known = SchemaSet::contract();
+    for (name, schema) in [("map", &map), ("list", &list), ("fixed", &fixed)] {
+        known.insert(name, schema.clone());
+    }
+    let decoder = EventDecoder::new(event_schema().clone(), known, None, 1 << 20);
+    let framed = |schema: &Schema, body: &[u8]| {
+        let mut bytes = vec![0xC3, 0x01];
+        bytes.extend_from_slice(&gridtalk_contract::rabin_fingerprint(schema).to_le_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    let deep: Vec<u8> = std::iter::repeat_n(0x02, 200_000).chain([0x00]).collect();
+    for (case, bytes) in [
+        (
+            "map of 2^29 records",
+            framed(&map, &[0x80, 0x80, 0x80, 0x80, 0x04]),
+        ),
+        (
+            "negative map count",
+            framed(&map, &[0xFF, 0xFF, 0xFF, 0xFF, 0x03, 0x02]),
+        ),
+        ("linked list 200,000 deep", framed(&list, &deep)),
+        ("fixed of 4 GiB", framed(&fixed, &[0; 8])),
+    ] {
+        let err = decoder.decode(&bytes).await.unwrap_err();
+        assert_eq!(
+            err.kind,
+            DecodeErrorKind::Malformed,
+            "{case}: {}",
+            err.detail
+        );
+    }
+}

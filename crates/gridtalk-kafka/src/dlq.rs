@@ -1,4 +1,13 @@
 //! The dead-letter topic: what could not be processed, with the original bytes and the reason.
+//!
+//! A dead letter can always be written. It carries the original key, value and headers when they
+//! fit in one record; when the producer or the broker refuses the letter as too large (the
+//! original was bigger than the producer's `message.max.bytes`, or than the broker's limit), a
+//! *truncated* letter is written instead: the first [`TRUNCATED_PREFIX_BYTES`] of the value and
+//! key, the original sizes and the value's SHA-256, `gridtalk.dlq.truncated=true`, and none of the
+//! original headers. Replay skips truncated letters (their bytes are not the original). The
+//! `detail` header is cut to [`MAX_DETAIL_BYTES`] so a long decoder message cannot make a letter
+//! too large either.
 
 use std::time::Duration;
 
@@ -13,6 +22,32 @@ use crate::{tail_consumer, KafkaError};
 
 /// Prefix of the headers gridtalk adds to a dead letter.
 pub const DLQ_HEADER_PREFIX: &str = "gridtalk.dlq.";
+
+/// How much of the value and key a truncated letter keeps.
+pub const TRUNCATED_PREFIX_BYTES: usize = 1024;
+
+/// The longest `gridtalk.dlq.detail` written; longer details are cut at a character boundary.
+pub const MAX_DETAIL_BYTES: usize = 1000;
+
+fn cut_at_char_boundary(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Whether the producer or the broker refused a record for its size.
+fn too_large(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
+}
 
 /// Why a record was dead-lettered. The code is the `gridtalk.dlq.reason` header and the `reason`
 /// label of `gridtalk_dead_letters_total`.
@@ -66,18 +101,6 @@ pub async fn dead_letter<M: Message>(
     extra: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<(), KafkaError> {
-    let mut headers = OwnedHeaders::new();
-    if let Some(original) = source.headers() {
-        for h in original
-            .iter()
-            .filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX))
-        {
-            headers = headers.insert(Header {
-                key: h.key,
-                value: h.value,
-            });
-        }
-    }
     let failed_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -86,34 +109,85 @@ pub async fn dead_letter<M: Message>(
     let offset = source.offset().to_string();
     let timestamp = source.timestamp().to_millis().unwrap_or(-1).to_string();
     let failed_at = failed_at.to_string();
-    let mut ours: Vec<(String, &str)> = vec![
-        ("reason".into(), reason.as_str()),
-        ("detail".into(), detail),
-        ("stage".into(), stage),
-        ("source_topic".into(), source.topic()),
-        ("source_partition".into(), &partition),
-        ("source_offset".into(), &offset),
-        ("source_timestamp".into(), &timestamp),
-        ("failed_at".into(), &failed_at),
-    ];
-    ours.extend(extra.iter().map(|(k, v)| (k.to_string(), *v)));
-    for (key, value) in &ours {
-        headers = headers.insert(Header {
-            key: &format!("{DLQ_HEADER_PREFIX}{key}"),
-            value: Some(value.as_bytes()),
-        });
+    let detail = cut_at_char_boundary(detail, MAX_DETAIL_BYTES);
+    let mut ours: Vec<(String, String)> = [
+        ("reason", reason.as_str()),
+        ("detail", detail),
+        ("stage", stage),
+        ("source_topic", source.topic()),
+        ("source_partition", &partition),
+        ("source_offset", &offset),
+        ("source_timestamp", &timestamp),
+        ("failed_at", &failed_at),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    ours.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let with_ours = |mut headers: OwnedHeaders, ours: &[(String, String)]| {
+        for (key, value) in ours {
+            headers = headers.insert(Header {
+                key: &format!("{DLQ_HEADER_PREFIX}{key}"),
+                value: Some(value.as_bytes()),
+            });
+        }
+        headers
+    };
+
+    let mut original = OwnedHeaders::new();
+    let mut original_headers = 0usize;
+    if let Some(headers) = source.headers() {
+        for h in headers
+            .iter()
+            .filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX))
+        {
+            original_headers += 1;
+            original = original.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
     }
-    let mut record = FutureRecord::<[u8], [u8]>::to(dlq_topic).headers(headers);
+    let mut record = FutureRecord::<[u8], [u8]>::to(dlq_topic).headers(with_ours(original, &ours));
     if let Some(key) = source.key() {
         record = record.key(key);
     }
     if let Some(payload) = source.payload() {
         record = record.payload(payload);
     }
-    producer
-        .send(record, timeout)
-        .await
-        .map_err(|(e, _)| KafkaError::Client(e))?;
+    let mut truncated = false;
+    match producer.send(record, timeout).await {
+        Ok(_) => {}
+        Err((e, _)) if too_large(&e) => {
+            // The original cannot travel whole: keep what identifies it.
+            truncated = true;
+            let value = source.payload().unwrap_or_default();
+            let key = source.key().unwrap_or_default();
+            ours.extend([
+                ("truncated".to_string(), "true".to_string()),
+                ("original_value_bytes".into(), value.len().to_string()),
+                (
+                    "original_value_sha256".into(),
+                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(value)),
+                ),
+                ("original_key_bytes".into(), key.len().to_string()),
+                ("original_headers".into(), original_headers.to_string()),
+            ]);
+            let mut record = FutureRecord::<[u8], [u8]>::to(dlq_topic)
+                .headers(with_ours(OwnedHeaders::new(), &ours));
+            if source.key().is_some() {
+                record = record.key(&key[..key.len().min(TRUNCATED_PREFIX_BYTES)]);
+            }
+            if source.payload().is_some() {
+                record = record.payload(&value[..value.len().min(TRUNCATED_PREFIX_BYTES)]);
+            }
+            producer
+                .send(record, timeout)
+                .await
+                .map_err(|(e, _)| KafkaError::Client(e))?;
+        }
+        Err((e, _)) => return Err(KafkaError::Client(e)),
+    }
     gridtalk_telemetry::Metrics::global()
         .dead_letters
         .with_label_values(&[stage, reason.as_str()])
@@ -125,6 +199,7 @@ pub async fn dead_letter<M: Message>(
         source_topic = source.topic(),
         source_partition = source.partition(),
         source_offset = source.offset(),
+        truncated,
         "record dead-lettered"
     );
     Ok(())
@@ -147,6 +222,8 @@ pub struct ReplayFilter {
 pub struct ReplayReport {
     pub scanned: usize,
     pub replayed: usize,
+    /// Matching letters that hold only the start of a record too large to dead-letter whole.
+    pub truncated_skipped: usize,
 }
 
 fn header<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> {
@@ -210,6 +287,14 @@ pub async fn replay_dead_letters(
             .as_deref()
             .is_some_and(|t| Some(t) != source)
         {
+            continue;
+        }
+        if headers.and_then(|h| header(h, "gridtalk.dlq.truncated")) == Some("true") {
+            tracing::warn!(
+                offset = message.offset(),
+                "dead letter holds only the start of an oversized record; not replayed"
+            );
+            report.truncated_skipped += 1;
             continue;
         }
         let Some(target) = filter.to_topic.as_deref().or(source) else {

@@ -210,6 +210,13 @@ async fn main() -> anyhow::Result<()> {
                 "scanned {} dead letters, replayed {}",
                 report.scanned, report.replayed
             );
+            if report.truncated_skipped > 0 {
+                println!(
+                    "skipped {} truncated letters (records too large to dead-letter whole; \
+                     their headers carry the original size and SHA-256)",
+                    report.truncated_skipped
+                );
+            }
             Ok(())
         }
         #[cfg(feature = "demo")]
