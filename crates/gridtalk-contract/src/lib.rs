@@ -22,7 +22,7 @@ pub mod samples;
 mod schemas;
 mod view;
 
-pub use bounded::MAX_DEPTH;
+pub use bounded::{check_datum, MAX_DEPTH};
 pub use codec::{
     encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
     WireFormat,
