@@ -48,10 +48,14 @@ pub struct KafkaConfig {
     pub group_prefix: String,
     /// Replication factor for the topics gridtalk creates (1 for a single broker).
     pub replication_factor: i32,
+    /// How long the group coordinator waits for a heartbeat before it expires a member.
     pub session_timeout_ms: u32,
     /// How often a consumer tells the group coordinator it is alive; well below the session
     /// timeout.
     pub heartbeat_interval_ms: u32,
+    /// librdkafka leaves the group when the application has not polled for this long (the member
+    /// is then considered stuck). At least the session timeout.
+    pub max_poll_interval_ms: u32,
     /// How long produce and commit calls may take before they count as failed.
     pub request_timeout_ms: u64,
     /// Extra librdkafka properties, e.g. `security.protocol = "SASL_SSL"`, `sasl.mechanism`,
@@ -387,6 +391,24 @@ impl Config {
         if self.send.access_token.is_none() && self.send.access_token_file.is_none() {
             errors.push("send: set access_token or access_token_file".into());
         }
+        let kafka = &self.kafka;
+        if kafka.session_timeout_ms == 0 {
+            errors.push("kafka.session_timeout_ms must be at least 1".into());
+        }
+        if kafka.heartbeat_interval_ms == 0
+            || kafka.heartbeat_interval_ms >= kafka.session_timeout_ms
+        {
+            errors.push(format!(
+                "kafka.heartbeat_interval_ms ({}) must be at least 1 and below kafka.session_timeout_ms ({}); a third of it or less is usual",
+                kafka.heartbeat_interval_ms, kafka.session_timeout_ms
+            ));
+        }
+        if kafka.max_poll_interval_ms < kafka.session_timeout_ms {
+            errors.push(format!(
+                "kafka.max_poll_interval_ms ({}) must be at least kafka.session_timeout_ms ({})",
+                kafka.max_poll_interval_ms, kafka.session_timeout_ms
+            ));
+        }
         if self.admin.shutdown_deadline_ms == 0 {
             errors.push("admin.shutdown_deadline_ms must be at least 1".into());
         }
@@ -632,6 +654,40 @@ mod tests {
         ] {
             assert!(joined.contains(needle), "{needle} missing in {joined}");
         }
+    }
+
+    #[test]
+    fn group_timings_are_checked_together() {
+        let mut env = with_token();
+        env.extend([
+            ("GRIDTALK__KAFKA__SESSION_TIMEOUT_MS".into(), "6000".into()),
+            (
+                "GRIDTALK__KAFKA__HEARTBEAT_INTERVAL_MS".into(),
+                "6000".into(),
+            ),
+            (
+                "GRIDTALK__KAFKA__MAX_POLL_INTERVAL_MS".into(),
+                "5000".into(),
+            ),
+        ]);
+        let joined = Config::load(None, env).unwrap_err().0.join("\n");
+        assert!(
+            joined.contains("kafka.heartbeat_interval_ms (6000)"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("kafka.max_poll_interval_ms (5000)"),
+            "{joined}"
+        );
+        let mut env = with_token();
+        env.push((
+            "GRIDTALK__KAFKA__MAX_POLL_INTERVAL_MS".into(),
+            "15000".into(),
+        ));
+        assert_eq!(
+            Config::load(None, env).unwrap().kafka.max_poll_interval_ms,
+            15000
+        );
     }
 
     #[test]

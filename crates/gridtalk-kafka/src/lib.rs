@@ -243,7 +243,10 @@ fn group_consumer(
             "heartbeat.interval.ms",
             config.heartbeat_interval_ms.to_string(),
         )
-        .set("max.poll.interval.ms", "300000")
+        .set(
+            "max.poll.interval.ms",
+            config.max_poll_interval_ms.to_string(),
+        )
         .set("statistics.interval.ms", "5000")
         .create_with_context(StageContext::new(stage))?)
 }
