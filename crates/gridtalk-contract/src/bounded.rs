@@ -134,9 +134,8 @@ impl Walk<'_, '_> {
         let start = self.at;
         let raw = self.long(what)?;
         let count = if raw < 0 {
-            // A negative count is followed by the block's size in bytes.
-            let size = self.length(what)?;
-            let _ = size;
+            // A negative count is followed by the block's size in bytes, which must fit too.
+            self.length(what)?;
             raw.checked_neg()
                 .ok_or_else(|| format!("{what} at byte {start}: block count overflows"))?
         } else {
@@ -326,6 +325,38 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(check_datum(&s, &longer).unwrap_err().contains("trailing"));
+    }
+
+    /// The examples of the Avro specification's "Binary Encoding" section, byte for byte.
+    #[test]
+    fn the_specifications_binary_examples_pass_and_fail_when_cut() {
+        let cases: [(&str, &[u8]); 5] = [
+            // Record {"a": 27, "b": "foo"} with fields a: long, b: string.
+            (
+                r#"{"type":"record","name":"test","fields":[{"name":"a","type":"long"},{"name":"b","type":"string"}]}"#,
+                &[0x36, 0x06, 0x66, 0x6f, 0x6f],
+            ),
+            // Array of longs [3, 27].
+            (
+                r#"{"type":"array","items":"long"}"#,
+                &[0x04, 0x06, 0x36, 0x00],
+            ),
+            // Union ["null","string"]: null, then "a".
+            (r#"["null","string"]"#, &[0x00]),
+            (r#"["null","string"]"#, &[0x02, 0x02, 0x61]),
+            // String "foo".
+            (r#""string""#, &[0x06, 0x66, 0x6f, 0x6f]),
+        ];
+        for (text, bytes) in cases {
+            let s = schema(text);
+            check_datum(&s, bytes).unwrap_or_else(|e| panic!("{text}: {e}"));
+            if bytes.len() > 1 {
+                assert!(
+                    check_datum(&s, &bytes[..bytes.len() - 1]).is_err(),
+                    "{text} cut"
+                );
+            }
+        }
     }
 
     #[test]

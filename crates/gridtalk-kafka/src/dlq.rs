@@ -40,6 +40,24 @@ fn cut_at_char_boundary(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// A record's headers without the ones gridtalk adds to a dead letter, and how many there are.
+fn without_dlq_headers<H: Headers>(headers: Option<&H>) -> (OwnedHeaders, usize) {
+    let mut kept = OwnedHeaders::new();
+    let mut count = 0;
+    for h in headers
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX))
+    {
+        count += 1;
+        kept = kept.insert(Header {
+            key: h.key,
+            value: h.value,
+        });
+    }
+    (kept, count)
+}
+
 /// Whether the producer or the broker refused a record for its size.
 fn too_large(error: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode;
@@ -134,20 +152,7 @@ pub async fn dead_letter<M: Message>(
         headers
     };
 
-    let mut original = OwnedHeaders::new();
-    let mut original_headers = 0usize;
-    if let Some(headers) = source.headers() {
-        for h in headers
-            .iter()
-            .filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX))
-        {
-            original_headers += 1;
-            original = original.insert(Header {
-                key: h.key,
-                value: h.value,
-            });
-        }
-    }
+    let (original, original_headers) = without_dlq_headers(source.headers());
     let mut record = FutureRecord::<[u8], [u8]>::to(dlq_topic).headers(with_ours(original, &ours));
     if let Some(key) = source.key() {
         record = record.key(key);
@@ -304,15 +309,7 @@ pub async fn replay_dead_letters(
             );
             continue;
         };
-        let mut out = OwnedHeaders::new();
-        if let Some(h) = headers {
-            for h in h.iter().filter(|h| !h.key.starts_with(DLQ_HEADER_PREFIX)) {
-                out = out.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
-        }
+        let (mut out, _) = without_dlq_headers(headers);
         let origin = format!("{dlq_topic}/{}/{}", message.partition(), message.offset());
         out = out.insert(Header {
             key: "gridtalk.replayed_from",
