@@ -13,6 +13,7 @@
 
 pub mod changelog;
 mod dlq;
+pub mod driver;
 mod ends;
 mod offsets;
 mod progress;

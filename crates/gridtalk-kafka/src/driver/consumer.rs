@@ -1,0 +1,226 @@
+//! The driver's consumer thread: the only caller of `poll`, so a stage can never starve it.
+//!
+//! The thread polls the group consumer every few milliseconds whatever the stage is doing, hands
+//! records and rebalances to the driver loop over an unbounded channel (bounded in practice by
+//! pausing: a partition whose records the stage pushes back is paused, and librdkafka then
+//! delivers nothing more of it), stores the offsets the ledger found committable, and serves the
+//! rebalance callbacks:
+//!
+//! - **assign**: the partitions start a new generation in the ledger and are paused at once; the
+//!   driver loop resumes them once the stage has restored their state.
+//! - **revoke**: no effect of the partitions may begin any more; the stage is told to drop their
+//!   state; the thread waits (up to the drain deadline) for the effects already begun, then
+//!   stores and synchronously commits the partitions' positions, and only then lets librdkafka
+//!   give them up. Work that did not finish in time is left uncommitted for the next owner.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::message::OwnedMessage;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::ledger::{Ledger, TopicPartition};
+
+/// What the consumer thread tells the driver loop, in the order it happened.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Record(OwnedMessage),
+    /// Assigned and paused; resume once restored.
+    Assigned(Vec<TopicPartition>),
+    /// Revoked: drop their state (the thread is draining their effects meanwhile).
+    Revoked(Vec<TopicPartition>),
+    /// The client cannot go on (fatal librdkafka error).
+    Fatal(String),
+}
+
+/// The consumer's context: rebalance callbacks, commit errors and the lag gauge.
+pub(crate) struct DriverContext {
+    pub(crate) stage: &'static str,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) events: UnboundedSender<Event>,
+    pub(crate) drain_deadline: Duration,
+}
+
+impl ClientContext for DriverContext {
+    /// Consumer lag of the partitions assigned here, from librdkafka's statistics.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag = &gridtalk_telemetry::Metrics::global().consumer_lag;
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // Partition -1 is librdkafka's internal queue; -1 lag means unknown. Only
+                // partitions held here: a moved partition's series is removed on revoke and must
+                // not come back from a report that was already underway.
+                if *partition >= 0
+                    && p.consumer_lag >= 0
+                    && self.ledger.is_assigned(&(topic.clone(), *partition))
+                {
+                    lag.with_label_values(&[self.stage, topic, &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        tracing::warn!(stage = self.stage, error = %error, reason, "Kafka client error");
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for DriverContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked = partitions(tpl);
+                if revoked.is_empty() {
+                    return;
+                }
+                tracing::info!(stage = self.stage, partitions = ?revoked, "partitions revoked; draining");
+                self.ledger.begin_drain(&revoked);
+                let _ = self.events.send(Event::Revoked(revoked.clone()));
+                let started = Instant::now();
+                let drained = self
+                    .ledger
+                    .wait_effects(&revoked, started + self.drain_deadline);
+                if !drained {
+                    tracing::warn!(
+                        stage = self.stage,
+                        "drain deadline passed on revoke; unfinished records are left to the next owner"
+                    );
+                }
+                let positions = self.ledger.release(&revoked);
+                commit(self.stage, consumer, &positions);
+                let lag = &gridtalk_telemetry::Metrics::global().consumer_lag;
+                for (topic, partition) in &revoked {
+                    let _ = lag.remove_label_values(&[self.stage, topic, &partition.to_string()]);
+                }
+                tracing::info!(
+                    stage = self.stage,
+                    drained,
+                    drain_ms = started.elapsed().as_millis() as u64,
+                    "revoked partitions committed and released"
+                );
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(stage = self.stage, error = %e, "rebalance error")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let assigned = partitions(tpl);
+            if assigned.is_empty() {
+                return;
+            }
+            tracing::info!(stage = self.stage, partitions = ?assigned, "partitions assigned");
+            self.ledger.assigned(&assigned);
+            // Nothing is delivered before the stage restored the partitions' state.
+            if let Err(e) = consumer.pause(tpl) {
+                self.ledger
+                    .fail(format!("could not pause newly assigned partitions: {e}"));
+            }
+            let _ = self.events.send(Event::Assigned(assigned));
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            // "No offset stored" is the normal answer when nothing new finished.
+            if !matches!(e, RdKafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(stage = self.stage, error = %e, "offset commit failed; will retry with the next commit");
+            }
+        }
+    }
+}
+
+/// Stores `positions` and commits them synchronously.
+pub(crate) fn commit(
+    stage: &'static str,
+    consumer: &BaseConsumer<DriverContext>,
+    positions: &[(TopicPartition, i64)],
+) {
+    if positions.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in positions {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) | Err(RdKafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(
+            stage,
+            error = %e,
+            "commit failed; records since the last commit will be replayed"
+        ),
+    }
+}
+
+/// Hands committable positions to librdkafka, which commits them every second.
+pub(crate) fn store(
+    stage: &'static str,
+    consumer: &BaseConsumer<DriverContext>,
+    positions: &[(TopicPartition, i64)],
+) {
+    if positions.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in positions {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        // Revoked meanwhile: the new owner replays from the last commit.
+        tracing::debug!(stage, error = %e, "offsets not stored");
+    }
+}
+
+/// How long one `poll` may block: short, so stores and stop requests are served promptly.
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The consumer thread's loop, until `stop` is set or the driver loop is gone.
+pub(crate) fn poll_until_stopped(
+    consumer: Arc<BaseConsumer<DriverContext>>,
+    stop: Arc<AtomicBool>,
+) {
+    let context = consumer.context();
+    let stage = context.stage;
+    while !stop.load(Ordering::Acquire) && !context.events.is_closed() {
+        store(stage, &consumer, &context.ledger.take_positions());
+        match consumer.poll(POLL_TIMEOUT) {
+            None => {}
+            Some(Ok(message)) => {
+                let _ = context.events.send(Event::Record(message.detach()));
+            }
+            Some(Err(e)) => {
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    let _ = context
+                        .events
+                        .send(Event::Fatal(format!("{code:?}: {reason}")));
+                    break;
+                }
+                match e {
+                    RdKafkaError::PartitionEOF(_) => {}
+                    e => tracing::warn!(stage, error = %e, "consume error; continuing"),
+                }
+            }
+        }
+    }
+}
