@@ -56,6 +56,11 @@ pub struct KafkaConfig {
     /// librdkafka leaves the group when the application has not polled for this long (the member
     /// is then considered stuck). At least the session timeout.
     pub max_poll_interval_ms: u32,
+    /// On a rebalance, how long work already on its way for a revoked partition (a send on the
+    /// wire, a produce awaiting its ack) may take to finish before the partition is committed and
+    /// given up; what is not finished by then is left to the next owner. Below
+    /// `max_poll_interval_ms`.
+    pub revoke_drain_ms: u64,
     /// How long produce and commit calls may take before they count as failed.
     pub request_timeout_ms: u64,
     /// Extra librdkafka properties, e.g. `security.protocol = "SASL_SSL"`, `sasl.mechanism`,
@@ -127,6 +132,9 @@ pub struct RouteConfig {
     pub dedupe_max_entries: usize,
     /// Outbox produces awaiting acknowledgement at once; the consumer pauses beyond it.
     pub max_in_flight: usize,
+    /// How long a record whose schema the registry cannot serve (5xx, timeout) is retried, with
+    /// its partition paused, before it is dead-lettered as `registry_unavailable`.
+    pub registry_wait_max_secs: u64,
     /// Language used when a contact has none.
     pub default_language: String,
     /// Secret that signs button tokens (request, action, expiry). Required when a template has
@@ -160,8 +168,14 @@ pub struct SendConfig {
     pub pair_interval_ms: u64,
     /// Messages one recipient may receive back to back before spacing applies.
     pub pair_burst: u32,
-    /// Sends in flight at once across all recipients.
+    /// Requests on the wire to the Cloud API at once, across all recipients. A message waiting
+    /// for its recipient's pair limit, a retry backoff or a halt holds no such place. Size it for
+    /// `max_messages_per_second` times the API's latency (64 carries 80/s up to 800 ms); it is
+    /// also the bound on the duplicates a crash can cause.
     pub max_in_flight: usize,
+    /// Outbox messages held in memory waiting for their turn (per recipient, in outbox order);
+    /// beyond it the outbox partitions pause until messages leave.
+    pub max_queued: usize,
     pub request_timeout_ms: u64,
     pub retry_initial_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
@@ -408,6 +422,20 @@ impl Config {
                 "kafka.max_poll_interval_ms ({}) must be at least kafka.session_timeout_ms ({})",
                 kafka.max_poll_interval_ms, kafka.session_timeout_ms
             ));
+        }
+        if kafka.revoke_drain_ms == 0
+            || kafka.revoke_drain_ms >= u64::from(kafka.max_poll_interval_ms)
+        {
+            errors.push(format!(
+                "kafka.revoke_drain_ms ({}) must be at least 1 and below kafka.max_poll_interval_ms ({})",
+                kafka.revoke_drain_ms, kafka.max_poll_interval_ms
+            ));
+        }
+        if self.send.max_in_flight == 0 || self.send.max_queued == 0 {
+            errors.push("send.max_in_flight and send.max_queued must be at least 1".into());
+        }
+        if self.route.registry_wait_max_secs == 0 {
+            errors.push("route.registry_wait_max_secs must be at least 1".into());
         }
         if self.admin.shutdown_deadline_ms == 0 {
             errors.push("admin.shutdown_deadline_ms must be at least 1".into());

@@ -84,6 +84,8 @@ pub enum DeadLetterReason {
     WhatsappRetriesExhausted,
     MalformedOutbox,
     MalformedWebhookItem,
+    /// The schema registry could not serve the record's schema id for `route.registry_wait_max_secs`.
+    RegistryUnavailable,
 }
 
 impl DeadLetterReason {
@@ -102,6 +104,7 @@ impl DeadLetterReason {
             DeadLetterReason::WhatsappRetriesExhausted => "whatsapp_retries_exhausted",
             DeadLetterReason::MalformedOutbox => "malformed_outbox",
             DeadLetterReason::MalformedWebhookItem => "malformed_webhook_item",
+            DeadLetterReason::RegistryUnavailable => "registry_unavailable",
         }
     }
 }

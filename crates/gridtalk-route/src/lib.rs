@@ -16,6 +16,7 @@
 mod dedupe;
 mod render;
 mod stage;
+mod strategy;
 
 pub use dedupe::DedupeWindow;
 pub use gridtalk_directory::{Contact, Directory, DirectoryFile, Partner, SharedDirectory};

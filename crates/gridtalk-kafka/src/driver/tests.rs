@@ -451,12 +451,19 @@ async fn an_effect_past_the_drain_deadline_is_left_to_the_new_owner() {
     .await;
     let joined_at = Instant::now();
     let (other, other_stop, other_run) = second_member(&cluster, "g-deadline");
-    wait_for(
-        "the new owner gets the unfinished record",
-        Duration::from_secs(30),
-        || other.submitted.lock().unwrap().len() == 1,
-    )
-    .await;
+    let waited = Instant::now();
+    while other.submitted.lock().unwrap().len() != 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the new owner never got the unfinished record; first member: assigned {:?} revoked {:?}; second: assigned {:?} revoked {:?} submitted {:?}",
+            probe.assigned.lock().unwrap(),
+            probe.revoked.lock().unwrap(),
+            other.assigned.lock().unwrap(),
+            other.revoked.lock().unwrap(),
+            other.submitted.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         joined_at.elapsed() < Duration::from_secs(6),
         "the revoke did not wait for the effect past its deadline"
