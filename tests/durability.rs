@@ -192,20 +192,6 @@ fn events_of_every_type(count: u64) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn wait_for_exit(child: &mut std::process::Child, deadline: Duration) -> std::process::ExitStatus {
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("child status") {
-            return status;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "gridtalk did not exit within {deadline:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_burst_exits_cleanly_and_commits_exactly_what_was_handed_off() {
     let p = fast_external_pipeline(20).await;
@@ -457,15 +443,6 @@ fn kill_points_random() -> impl FnMut() -> u64 {
 fn kill_point(random: &mut impl FnMut() -> u64, total: usize, kill: usize) -> usize {
     let quarter = (total / 4).max(1);
     quarter * kill - quarter / 2 + (random() % quarter as u64) as usize
-}
-
-fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-    wait_for_exit(child, Duration::from_secs(40))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -472,6 +472,16 @@ max_body_bytes = 65536
     /// Starts `gridtalk run` as its own process with this pipeline's configuration, running
     /// `stages` (e.g. "route,send"); its log goes to `<dir>/<name>.log`.
     pub fn spawn_gridtalk(&self, name: &str, stages: &str) -> std::process::Child {
+        self.spawn_gridtalk_with(name, stages, &[])
+    }
+
+    /// [`Pipeline::spawn_gridtalk`] with extra environment variables (test hooks).
+    pub fn spawn_gridtalk_with(
+        &self,
+        name: &str,
+        stages: &str,
+        env: &[(&str, String)],
+    ) -> std::process::Child {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"));
         command
@@ -485,6 +495,9 @@ max_body_bytes = 65536
             .stderr(log);
         for (key, value) in &self.overrides {
             command.env(format!("GRIDTALK__{key}"), value);
+        }
+        for (key, value) in env {
+            command.env(key, value);
         }
         command.spawn().expect("gridtalk starts")
     }
@@ -831,6 +844,9 @@ pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
 }
 
 /// Serves `schemas` as a Confluent schema registry (`GET /schemas/ids/{id}`) and returns its URL.
+/// Registered in [`Setup::registry`] in place of a schema, the id is answered with 503.
+pub const UNAVAILABLE_SCHEMA: &str = "!unavailable";
+
 async fn serve_registry(
     schemas: Vec<(u32, String)>,
     requests: Arc<Mutex<u64>>,
@@ -848,6 +864,14 @@ async fn serve_registry(
     ) -> Result<AxumJson<Json>, (StatusCode, AxumJson<Json>)> {
         *requests.lock().expect("counter") += 1;
         match schemas.get(&id) {
+            // A registry that cannot serve this id: what a registry behind a failing backend
+            // answers (Confluent's 50003 "error in the backend data store").
+            Some(schema) if schema == UNAVAILABLE_SCHEMA => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                AxumJson(
+                    serde_json::json!({"error_code": 50003, "message": "Error in the backend data store"}),
+                ),
+            )),
             Some(schema) => Ok(AxumJson(serde_json::json!({ "schema": schema }))),
             None => Err((
                 StatusCode::NOT_FOUND,
@@ -887,4 +911,32 @@ pub fn received(p: &Pipeline) -> Vec<(String, String, String, Vec<String>)> {
             )
         })
         .collect()
+}
+
+/// Waits for a `gridtalk` process to exit (and fails the test past `deadline`).
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    deadline: Duration,
+) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("child status") {
+            return status;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "gridtalk did not exit within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM, then the exit status (within 40 s).
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    wait_for_exit(child, Duration::from_secs(40))
 }

@@ -224,6 +224,9 @@ pub struct ConverseConfig {
     /// How long a reply or status waits for the sent-log record of the message it refers to
     /// (the webhook can overtake the sender's own record) before it is judged unknown.
     pub join_wait_ms: u64,
+    /// Items waiting for their message's sent-log record at once; an item beyond it is judged at
+    /// once (audited as a reply to an unknown message) rather than held.
+    pub max_waiting: usize,
     /// Replies to a person are free-form while they wrote within this window (Meta's customer
     /// service window, less a margin); after it, the confirmation template is used.
     pub service_window_minutes: u64,
@@ -430,6 +433,9 @@ impl Config {
                 "kafka.revoke_drain_ms ({}) must be at least 1 and below kafka.max_poll_interval_ms ({})",
                 kafka.revoke_drain_ms, kafka.max_poll_interval_ms
             ));
+        }
+        if self.converse.max_waiting == 0 {
+            errors.push("converse.max_waiting must be at least 1".into());
         }
         if self.send.max_in_flight == 0 || self.send.max_queued == 0 {
             errors.push("send.max_in_flight and send.max_queued must be at least 1".into());

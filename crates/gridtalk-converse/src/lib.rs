@@ -28,6 +28,7 @@
 
 mod conversation;
 mod stage;
+mod strategy;
 
 pub use conversation::{Conversations, Handled, Outcome, RequestKind, Settings};
 pub use stage::{run, ConverseError};

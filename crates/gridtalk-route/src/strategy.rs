@@ -98,10 +98,15 @@ impl Strategy for RouteStrategy {
         for (topic, partition) in partitions {
             by_topic.entry(topic).or_default().push(*partition);
         }
-        for (topic, numbers) in by_topic {
-            let windows = restore_windows(&self.routing.config, topic, numbers)
+        // Every input topic's changelog at once: a restore is mostly waiting for the broker.
+        let config = &self.routing.config;
+        let restores = by_topic.into_iter().map(|(topic, numbers)| async move {
+            restore_windows(config, topic, numbers)
                 .await
-                .map_err(|e| StageFailure(format!("dedupe windows of {topic}: {e}")))?;
+                .map(|windows| (topic, windows))
+                .map_err(|e| StageFailure(format!("dedupe windows of {topic}: {e}")))
+        });
+        for (topic, windows) in futures::future::try_join_all(restores).await? {
             for (partition, window) in windows {
                 let (queue, records) = mpsc::channel(QUEUE_PER_PARTITION);
                 let stop = CancellationToken::new();

@@ -20,6 +20,7 @@ pub struct SentIndex {
 }
 
 impl SentIndex {
+    #[cfg(test)]
     pub fn is_restored(&self, partition: i32) -> bool {
         self.partitions.contains_key(&partition)
     }

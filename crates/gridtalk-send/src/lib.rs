@@ -27,6 +27,7 @@
 mod index;
 mod limits;
 mod stage;
+mod strategy;
 
 pub use limits::SendLimits;
 pub use stage::{run, SendError};

@@ -150,20 +150,15 @@ impl ConsumerContext for DriverContext {
     }
 }
 
-/// Stores `positions` and commits them synchronously.
+/// Stores `positions` and synchronously commits every stored offset of the assignment: also those
+/// the consumer thread stored since the last automatic commit.
 pub(crate) fn commit(
     stage: &'static str,
     consumer: &BaseConsumer<DriverContext>,
     positions: &[(TopicPartition, i64)],
 ) {
-    if positions.is_empty() {
-        return;
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in positions {
-        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
-    }
-    match consumer.commit(&tpl, CommitMode::Sync) {
+    store(stage, consumer, positions);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(RdKafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => tracing::warn!(
             stage,

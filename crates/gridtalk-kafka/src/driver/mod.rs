@@ -33,10 +33,12 @@ mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::TopicPartitionList;
@@ -231,8 +233,15 @@ impl Driver {
         tracing::info!(stage, group = %self.settings.group_id, topics = ?self.settings.topics, "stage running");
 
         let mut held: HashMap<TopicPartition, Held> = HashMap::new();
+        // A panic in the strategy fails the stage like any failure, so that what is already on
+        // its way still finishes and is committed before the process exits; the strategy is not
+        // called again after it panicked.
+        let mut panicked = false;
         let outcome = loop {
-            self.offer_held(&mut strategy, &mut held);
+            if let Err(e) = self.offer_held(&mut strategy, &mut held) {
+                panicked = true;
+                break Err(e);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
@@ -253,12 +262,27 @@ impl Driver {
                             // Dropped records were never offered or are left for the new owner.
                             held.remove(tp);
                         }
-                        strategy.revoked(&partitions);
+                        if let Err(e) = guarded("revoked", || strategy.revoked(&partitions)) {
+                            panicked = true;
+                            break Err(e);
+                        }
                     }
                     Some(Event::Assigned(partitions)) => {
                         // Not ready while state is restored (processing resumes only after it).
                         self.ready.store(false, Ordering::Release);
-                        let restored = strategy.assigned(&partitions).await;
+                        // A restore is not waited out when the stage stops or fails meanwhile.
+                        let restored = tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => break Ok(()),
+                            _ = self.ledger.failed() => break Err(StageFailure(self.ledger.failure().unwrap_or_default())),
+                            restored = AssertUnwindSafe(strategy.assigned(&partitions)).catch_unwind() => match restored {
+                                Ok(restored) => restored,
+                                Err(panic) => {
+                                    panicked = true;
+                                    break Err(panic_failure("assigned", panic));
+                                }
+                            },
+                        };
                         if let Err(e) = restored {
                             break Err(e);
                         }
@@ -271,9 +295,14 @@ impl Driver {
                         self.ready.store(true, Ordering::Release);
                     }
                 },
-                polled = strategy.poll() => {
-                    if let Err(e) = polled {
-                        break Err(e);
+                polled = AssertUnwindSafe(strategy.poll()).catch_unwind() => {
+                    match polled {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Err(e),
+                        Err(panic) => {
+                            panicked = true;
+                            break Err(panic_failure("poll", panic));
+                        }
                     }
                     for h in held.values_mut() {
                         h.blocked = false;
@@ -289,7 +318,9 @@ impl Driver {
         // Shutdown (or failure) is a revoke of everything.
         let partitions = self.ledger.begin_stopping();
         held.clear();
-        strategy.revoked(&partitions);
+        if !panicked {
+            let _ = guarded("revoked", || strategy.revoked(&partitions));
+        }
         let deadline = Instant::now() + self.settings.shutdown_deadline;
         let drained = {
             let (ledger, partitions) = (self.ledger.clone(), partitions.clone());
@@ -318,7 +349,7 @@ impl Driver {
             (Ok(()), Some(detail)) => Err(StageFailure(detail)),
             (outcome, _) => {
                 if outcome.is_ok() {
-                    tracing::info!(stage, "stage stopped");
+                    tracing::info!(stage, "{stage} stage stopped");
                 }
                 outcome
             }
@@ -327,7 +358,11 @@ impl Driver {
 
     /// Offers held records, oldest first per partition, until the stage pushes back; pauses a
     /// partition that is pushed back and resumes one whose held records were all accepted.
-    fn offer_held<S: Strategy>(&self, strategy: &mut S, held: &mut HashMap<TopicPartition, Held>) {
+    fn offer_held<S: Strategy>(
+        &self,
+        strategy: &mut S,
+        held: &mut HashMap<TopicPartition, Held>,
+    ) -> Result<(), StageFailure> {
         let stage = self.settings.stage;
         for (tp, h) in held.iter_mut() {
             if h.blocked {
@@ -347,9 +382,12 @@ impl Driver {
                         }
                     },
                 };
-                #[cfg(feature = "fault-injection")]
-                fault_injection::maybe_panic(&self.panic_at, &record);
-                if let Submit::PushBack(record) = strategy.submit(record) {
+                let submitted = guarded("submit", || {
+                    #[cfg(feature = "fault-injection")]
+                    fault_injection::maybe_panic(&self.panic_at, &record);
+                    strategy.submit(record)
+                })?;
+                if let Submit::PushBack(record) = submitted {
                     h.records.push_front(record);
                     h.blocked = true;
                     if !h.paused {
@@ -365,7 +403,22 @@ impl Driver {
             }
         }
         held.retain(|_, h| h.paused || !h.records.is_empty() || !h.arrived.is_empty());
+        Ok(())
     }
+}
+
+/// Runs a strategy call, turning a panic into the stage's failure.
+fn guarded<T>(call: &str, f: impl FnOnce() -> T) -> Result<T, StageFailure> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|panic| panic_failure(call, panic))
+}
+
+fn panic_failure(call: &str, panic: Box<dyn std::any::Any + Send>) -> StageFailure {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    StageFailure(format!("the stage panicked in {call}: {message}"))
 }
 
 struct StopOnDrop(Arc<AtomicBool>);

@@ -26,6 +26,8 @@ enum Action {
     Keep,
     /// The task handling it panics.
     Panic,
+    /// The strategy's `submit` itself panics.
+    PanicInSubmit,
 }
 
 type Behaviour = Arc<dyn Fn(i32, i64) -> Action + Send + Sync>;
@@ -37,6 +39,8 @@ struct Probe {
     assigned: Mutex<Vec<TopicPartition>>,
     /// Effects that ended with their partition still owned (sent "on the wire" and finished).
     finished: Mutex<Vec<(i32, i64)>>,
+    /// When each rebalance callback reached the strategy, for diagnostics.
+    events: Mutex<Vec<(Instant, &'static str)>>,
 }
 
 struct TestStrategy {
@@ -65,6 +69,11 @@ impl TestStrategy {
 impl Strategy for TestStrategy {
     async fn assigned(&mut self, partitions: &[TopicPartition]) -> Result<(), StageFailure> {
         self.probe
+            .events
+            .lock()
+            .unwrap()
+            .push((Instant::now(), "assigned"));
+        self.probe
             .assigned
             .lock()
             .unwrap()
@@ -73,6 +82,11 @@ impl Strategy for TestStrategy {
     }
 
     fn revoked(&mut self, partitions: &[TopicPartition]) {
+        self.probe
+            .events
+            .lock()
+            .unwrap()
+            .push((Instant::now(), "revoked"));
         self.probe
             .revoked
             .lock()
@@ -102,6 +116,9 @@ impl Strategy for TestStrategy {
             .unwrap()
             .push((partition, offset));
         let action = (self.behaviour)(partition, offset);
+        if let Action::PanicInSubmit = action {
+            panic!("injected: submit panicked");
+        }
         if let Action::Keep = action {
             self.kept.push(record.ticket);
             return Submit::Accepted;
@@ -127,7 +144,7 @@ impl Strategy for TestStrategy {
                     let _ticket = ticket;
                     panic!("injected: the record handler panicked");
                 }
-                Action::Keep => unreachable!(),
+                Action::Keep | Action::PanicInSubmit => unreachable!(),
             }
             *unfinished.lock().unwrap().get_mut(&partition).unwrap() -= 1;
             changed.notify_one();
@@ -440,7 +457,7 @@ async fn an_effect_past_the_drain_deadline_is_left_to_the_new_owner() {
     let strategy = TestStrategy::new(
         probe.clone(),
         100,
-        Arc::new(|_, _| Action::EffectThenFinish(Duration::from_secs(6))),
+        Arc::new(|_, _| Action::EffectThenFinish(Duration::from_secs(15))),
     );
     let driver = cluster.driver("g-deadline", "in", Duration::from_millis(500));
     let shutdown = CancellationToken::new();
@@ -464,9 +481,20 @@ async fn an_effect_past_the_drain_deadline_is_left_to_the_new_owner() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let timeline = |probe: &Probe| -> Vec<(u128, &'static str)> {
+        probe
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, what)| (at.saturating_duration_since(joined_at).as_millis(), *what))
+            .collect()
+    };
     assert!(
-        joined_at.elapsed() < Duration::from_secs(6),
-        "the revoke did not wait for the effect past its deadline"
+        joined_at.elapsed() < Duration::from_secs(12),
+        "the revoke did not wait for the effect past its deadline: first {:?}, second {:?}",
+        timeline(&probe),
+        timeline(&other)
     );
     assert!(
         probe.finished.lock().unwrap().is_empty(),
@@ -511,5 +539,40 @@ async fn a_panicked_task_fails_the_stage_with_nothing_committed_past_its_record(
             .get(&0)
             .is_none_or(|o| *o <= 2),
         "nothing committed past the record whose task panicked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_strategy_fails_the_stage_after_begun_effects_finish() {
+    let cluster = cluster("in", 1);
+    cluster.produce("in", 0, 6);
+    let probe = Arc::new(Probe::default());
+    let strategy = TestStrategy::new(
+        probe.clone(),
+        100,
+        Arc::new(|_, offset| match offset {
+            1 => Action::EffectThenFinish(Duration::from_millis(1500)),
+            3 => Action::PanicInSubmit,
+            _ => Action::Finish,
+        }),
+    );
+    let driver = cluster.driver("g-submit-panic", "in", Duration::from_secs(2));
+    let failure = tokio::time::timeout(
+        Duration::from_secs(30),
+        driver.run(strategy, CancellationToken::new()),
+    )
+    .await
+    .expect("the stage stops by itself")
+    .expect_err("the stage failed");
+    assert!(failure.0.contains("panicked in submit"), "{failure}");
+    assert_eq!(
+        probe.finished.lock().unwrap().as_slice(),
+        &[(0, 1)],
+        "the effect on its way finished before the stage stopped"
+    );
+    assert_eq!(
+        cluster.committed("g-submit-panic", "in").get(&0),
+        Some(&3),
+        "committed up to the record that panicked, not past it"
     );
 }

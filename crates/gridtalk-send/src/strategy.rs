@@ -1,0 +1,618 @@
+//! The send stage's strategy for the driver: per-recipient queues, requests on the wire bounded
+//! separately.
+//!
+//! Accepted outbox records wait in their recipient's queue (outbox order); one worker per
+//! recipient with queued messages sends them one at a time. A worker waiting for its
+//! recipient's pair limit, for a retry backoff or for a halted number to recover holds nothing
+//! but its place in line: a place among the requests on the wire (`send.max_in_flight`) is taken
+//! only for the request itself, so one busy recipient never slows the number's others.
+//!
+//! Back-pressure: the driver is pushed back (and pauses the outbox partitions) when
+//! `send.max_queued` messages wait, and while the number is halted (one message is kept to probe
+//! with). A revoked partition's queued messages are dropped at once and left to the new owner;
+//! a request already on the wire is an effect the revoke waits for, so its outcome reaches the
+//! sent index before the partition moves. After a revoke, no message of the partition is sent
+//! from here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use gridtalk_config::{Config, Secret};
+use gridtalk_contract::{AvroRecord, OutboxMessage, SentMessage};
+use gridtalk_kafka::driver::{Record, StageFailure, Strategy, Submit, Ticket, TopicPartition};
+use gridtalk_kafka::{dead_letter, DeadLetterReason};
+use gridtalk_telemetry::{mask_phone, Metrics};
+use gridtalk_whatsapp::{CloudApiClient, ErrorClass, RetryScope};
+
+use crate::index::{IndexedSend, SentIndex};
+use crate::limits::SendLimits;
+
+pub(crate) const STAGE: &str = "send";
+/// How often expired sent-index entries are deleted and idle pair-limiter state dropped.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a message waiting for a halted number checks that its partition is still here.
+const HALT_OWNERSHIP_CHECK: Duration = Duration::from_secs(1);
+
+/// One outbox message on its way.
+struct Job {
+    message: OwnedMessage,
+    outbox: OutboxMessage,
+    ticket: Ticket,
+}
+
+/// What the strategy and every recipient worker share.
+pub(crate) struct Sending {
+    pub config: Arc<Config>,
+    pub producer: FutureProducer,
+    pub client: CloudApiClient,
+    pub token: RwLock<Secret>,
+    pub limits: SendLimits,
+    /// Queued messages per recipient; a recipient has an entry exactly while its worker runs.
+    queues: Mutex<HashMap<String, VecDeque<Job>>>,
+    /// Messages accepted and not done (queued, or held by a worker).
+    pending: AtomicUsize,
+    /// Requests on the wire.
+    on_the_wire: Semaphore,
+    halted: watch::Sender<bool>,
+    /// Held by the one worker that probes while the number is halted.
+    prober: tokio::sync::Mutex<()>,
+    /// What WhatsApp already accepted, per held outbox partition.
+    index: Mutex<SentIndex>,
+    /// Signalled whenever a message is done (room for more) or the number recovers.
+    room: Notify,
+}
+
+impl Sending {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        producer: FutureProducer,
+        client: CloudApiClient,
+        token: Secret,
+    ) -> Self {
+        Sending {
+            producer,
+            client,
+            token: RwLock::new(token),
+            limits: SendLimits::new(&config.send),
+            queues: Mutex::new(HashMap::new()),
+            pending: AtomicUsize::new(0),
+            on_the_wire: Semaphore::new(config.send.max_in_flight.max(1)),
+            halted: watch::channel(false).0,
+            prober: tokio::sync::Mutex::new(()),
+            index: Mutex::new(SentIndex::default()),
+            room: Notify::new(),
+            config,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.kafka.request_timeout_ms)
+    }
+
+    /// A message accepted earlier is done (sent, dead-lettered, skipped or dropped).
+    fn done(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.room.notify_one();
+    }
+
+    /// Whether a message still needs sending by this process: its partition is still here, and
+    /// WhatsApp has not accepted it yet (such a replay is counted, logged and finished here).
+    /// Asked when the record arrives, when its turn comes and after every wait.
+    fn still_to_send(&self, job: Job) -> Option<Job> {
+        if !job.ticket.owned() {
+            tracing::debug!(
+                partition = job.message.partition(),
+                "partition revoked; message left to its new owner"
+            );
+            return None;
+        }
+        let accepted = self
+            .index
+            .lock()
+            .expect("index")
+            .accepted(job.message.partition(), &job.outbox.message_id);
+        match accepted {
+            Some(wamid) => {
+                Metrics::global()
+                    .sends
+                    .with_label_values(&["replay_suppressed", "none"])
+                    .inc();
+                tracing::info!(%wamid, message_id = %job.outbox.message_id, "outbox replay of an accepted message skipped");
+                job.ticket.finish();
+                None
+            }
+            None => Some(job),
+        }
+    }
+
+    /// How far back a send still weighs on its recipient's pair limit.
+    fn pair_memory_ms(&self) -> i64 {
+        i64::try_from(self.limits.pair_memory().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let initial = self.config.send.retry_initial_backoff_ms as f64;
+        let max = self.config.send.retry_max_backoff_ms as f64;
+        let base = (initial * 2f64.powi(attempt.min(20) as i32)).min(max);
+        // Full jitter between half and the whole backoff.
+        Duration::from_millis(rand::rng().random_range(base / 2.0..=base.max(1.0)) as u64)
+    }
+
+    fn report_on_the_wire(&self) {
+        let max = self.config.send.max_in_flight.max(1);
+        Metrics::global()
+            .sends_in_flight
+            .set((max - self.on_the_wire.available_permits()) as i64);
+    }
+}
+
+pub(crate) struct SendStrategy {
+    sending: Arc<Sending>,
+    workers: JoinSet<()>,
+    maintenance: tokio::time::Interval,
+    halted: watch::Receiver<bool>,
+}
+
+impl SendStrategy {
+    pub(crate) fn new(sending: Arc<Sending>) -> Self {
+        let mut maintenance = tokio::time::interval(MAINTENANCE_INTERVAL);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        SendStrategy {
+            halted: sending.halted.subscribe(),
+            sending,
+            workers: JoinSet::new(),
+            maintenance,
+        }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        let recipient = job.outbox.recipient.clone();
+        let spawn_worker = {
+            let mut queues = self.sending.queues.lock().expect("queues");
+            match queues.get_mut(&recipient) {
+                Some(queue) => {
+                    queue.push_back(job);
+                    false
+                }
+                None => {
+                    queues.insert(recipient.clone(), VecDeque::from([job]));
+                    true
+                }
+            }
+        };
+        if spawn_worker {
+            self.workers
+                .spawn(recipient_worker(self.sending.clone(), recipient));
+        }
+    }
+}
+
+impl Strategy for SendStrategy {
+    async fn assigned(&mut self, partitions: &[TopicPartition]) -> Result<(), StageFailure> {
+        let sending = &self.sending;
+        let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        let restored = gridtalk_kafka::changelog::restore_for_stage(
+            &sending.config.kafka,
+            "send_index",
+            &sending.config.topics.send_index,
+            numbers,
+        )
+        .await
+        .map_err(|e| StageFailure(format!("sent index of {partitions:?}: {e}")))?;
+        let mut index = sending.index.lock().expect("index");
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let since_ms = now_ms.saturating_sub(sending.pair_memory_ms());
+        for (p, entries) in restored {
+            index.restored(p, entries);
+            // The pair limit follows the partition: the previous owner's recent sends count as
+            // if this process had made them.
+            sending.limits.seed_pair_history(
+                &index.sends_since(p, since_ms),
+                now_ms,
+                Duration::from_millis(sending.config.send.request_timeout_ms),
+            );
+        }
+        Ok(())
+    }
+
+    fn revoked(&mut self, partitions: &[TopicPartition]) {
+        let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        {
+            let mut index = self.sending.index.lock().expect("index");
+            for p in &numbers {
+                index.drop_partition(*p);
+            }
+        }
+        // Queued messages of the partitions are left to their new owner. A worker whose queue
+        // empties ends by itself.
+        let mut dropped = 0;
+        for queue in self.sending.queues.lock().expect("queues").values_mut() {
+            let before = queue.len();
+            queue.retain(|job| !numbers.contains(&job.message.partition()));
+            dropped += before - queue.len();
+        }
+        for _ in 0..dropped {
+            self.sending.done();
+        }
+    }
+
+    fn submit(&mut self, record: Record) -> Submit {
+        let sending = &self.sending;
+        let pending = sending.pending.load(Ordering::Acquire);
+        // While halted, one message is kept to probe with; the rest stay on the topic.
+        if pending >= sending.config.send.max_queued.max(1)
+            || (*self.halted.borrow() && pending > 0)
+        {
+            return Submit::PushBack(record);
+        }
+        let Record { message, ticket } = record;
+        let outbox = match message.payload().map(OutboxMessage::from_avro) {
+            Some(Ok(o)) => o,
+            other => {
+                let detail = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "outbox record has no value".into(),
+                };
+                let sending = sending.clone();
+                sending.pending.fetch_add(1, Ordering::AcqRel);
+                self.workers.spawn(async move {
+                    if let Some(_effect) = ticket.begin_effect() {
+                        dead_letter_job(
+                            &sending,
+                            &message,
+                            ticket,
+                            DeadLetterReason::MalformedOutbox,
+                            &detail,
+                            &[],
+                        )
+                        .await;
+                    }
+                    sending.done();
+                });
+                return Submit::Accepted;
+            }
+        };
+        let job = Job {
+            message,
+            outbox,
+            ticket,
+        };
+        if let Some(job) = sending.still_to_send(job) {
+            sending.pending.fetch_add(1, Ordering::AcqRel);
+            self.enqueue(job);
+        }
+        Submit::Accepted
+    }
+
+    async fn poll(&mut self) -> Result<(), StageFailure> {
+        tokio::select! {
+            Some(ended) = self.workers.join_next() => match ended {
+                Err(e) if e.is_panic() => Err(StageFailure(format!("a send worker panicked: {e}"))),
+                _ => Ok(()),
+            },
+            _ = self.sending.room.notified() => Ok(()),
+            // A halt lifted: held records may be offered again.
+            Ok(()) = self.halted.changed() => Ok(()),
+            _ = self.maintenance.tick() => {
+                sweep_index(&self.sending);
+                self.sending.limits.shrink();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Deletes expired sent-index entries, in memory and (with tombstones) in the changelog.
+fn sweep_index(sending: &Sending) {
+    let (expired, live) = {
+        let mut index = sending.index.lock().expect("index");
+        let expired = index.expire(chrono::Utc::now().timestamp_millis());
+        (expired, index.len())
+    };
+    Metrics::global()
+        .state_entries
+        .with_label_values(&["send_index"])
+        .set(live as i64);
+    for (partition, message_id) in expired {
+        if let Err(e) = gridtalk_kafka::changelog::write(
+            &sending.producer,
+            &sending.config.topics.send_index,
+            partition,
+            &message_id,
+            None,
+        ) {
+            tracing::warn!(error = %e, "sent-index tombstone not written; compaction keeps the entry until the next one");
+        }
+    }
+}
+
+/// Sends a recipient's queued messages one at a time, in order, until the queue is empty.
+async fn recipient_worker(sending: Arc<Sending>, recipient: String) {
+    loop {
+        let job = {
+            let mut queues = sending.queues.lock().expect("queues");
+            let Some(queue) = queues.get_mut(&recipient) else {
+                return;
+            };
+            match queue.pop_front() {
+                Some(job) => job,
+                None => {
+                    queues.remove(&recipient);
+                    return;
+                }
+            }
+        };
+        send_job(&sending, job).await;
+        sending.done();
+    }
+}
+
+async fn dead_letter_job(
+    sending: &Sending,
+    message: &OwnedMessage,
+    ticket: Ticket,
+    reason: DeadLetterReason,
+    detail: &str,
+    extra: &[(&str, &str)],
+) {
+    match dead_letter(
+        &sending.producer,
+        &sending.config.topics.dlq,
+        STAGE,
+        reason,
+        detail,
+        message,
+        extra,
+        sending.timeout(),
+    )
+    .await
+    {
+        Ok(()) => ticket.finish(),
+        Err(e) => ticket.fail(format!("dead letter: {e}")),
+    }
+}
+
+/// Waits while the number is halted. One waiting worker probes: it waits the probe interval,
+/// re-reads the token and returns to try its message. False when the message's partition moved
+/// meanwhile (the message is then left to the new owner).
+async fn wait_out_halt(sending: &Sending, ticket: &Ticket) -> bool {
+    while *sending.halted.borrow() {
+        match sending.prober.try_lock() {
+            Ok(_probe) => {
+                let probe_at = Instant::now()
+                    + Duration::from_millis(sending.config.send.halt_probe_interval_ms);
+                while Instant::now() < probe_at {
+                    if !ticket.owned() {
+                        return false;
+                    }
+                    tokio::time::sleep(HALT_OWNERSHIP_CHECK.min(probe_at - Instant::now())).await;
+                }
+                match sending.config.read_access_token() {
+                    Ok(token) => *sending.token.write().expect("token") = token,
+                    Err(e) => tracing::warn!(error = %e, "could not re-read the access token"),
+                }
+                return ticket.owned();
+            }
+            Err(_) => {
+                let mut rx = sending.halted.subscribe();
+                let _ = tokio::time::timeout(HALT_OWNERSHIP_CHECK, rx.wait_for(|h| !*h)).await;
+                if !ticket.owned() {
+                    return false;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Sends one message until it is accepted, dead-lettered, or its partition moves.
+async fn send_job(sending: &Sending, job: Job) {
+    let metrics = Metrics::global();
+    // Checked again now, not only when the record arrived: a partition revoked and assigned
+    // back re-delivers records whose first copy may be queued ahead of this one and sent since.
+    let Some(job) = sending.still_to_send(job) else {
+        return;
+    };
+    let Job {
+        message,
+        outbox,
+        ticket,
+    } = job;
+    let mut attempt: u32 = 0;
+    let mut recipient_attempt: u32 = 0;
+    loop {
+        if !wait_out_halt(sending, &ticket).await {
+            return;
+        }
+        sending.limits.until_ready(&outbox.recipient).await;
+        // Only now a place on the wire: the waits above held none.
+        let Ok(wire) = sending.on_the_wire.acquire().await else {
+            return;
+        };
+        // The waits may have outlasted the assignment: once the partition moved, its new owner
+        // sends this message (and counts the recipient's pair limit).
+        let Some(effect) = ticket.begin_effect() else {
+            tracing::debug!("partition revoked while waiting; message left to its new owner");
+            return;
+        };
+        if sending
+            .index
+            .lock()
+            .expect("index")
+            .accepted(message.partition(), &outbox.message_id)
+            .is_some()
+        {
+            // Sent by an earlier copy of this record meanwhile.
+            return ticket.finish();
+        }
+        sending.report_on_the_wire();
+        let token = sending.token.read().expect("token").clone();
+        let started = Instant::now();
+        let sent_at_ms = chrono::Utc::now().timestamp_millis();
+        let result = sending.client.send(&token, &outbox.request_json).await;
+        attempt += 1;
+        match result {
+            Ok(accepted) => {
+                metrics
+                    .send_request_seconds
+                    .with_label_values(&["accepted"])
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.sends.with_label_values(&["accepted", "none"]).inc();
+                if sending.halted.send_replace(false) {
+                    metrics.sender_halted.set(0);
+                    sending.room.notify_one();
+                    tracing::warn!(phone_number_id = %outbox.phone_number_id, "sending resumed");
+                }
+                let sent = SentMessage {
+                    wamid: accepted.wamid.clone(),
+                    message_id: outbox.message_id.clone(),
+                    event_id: outbox.event_id.clone(),
+                    event_type: outbox.event_type.clone(),
+                    correlation_id: outbox.correlation_id.clone(),
+                    document_key: outbox.document_key.clone(),
+                    partner_id: outbox.partner_id.clone(),
+                    phone_number_id: outbox.phone_number_id.clone(),
+                    contact_id: outbox.contact_id.clone(),
+                    recipient: outbox.recipient.clone(),
+                    wa_id: accepted.wa_id.clone(),
+                    template_name: outbox.template_name.clone(),
+                    message_status: accepted.message_status.clone(),
+                    attempts: attempt as i32,
+                    accepted_at: chrono::Utc::now().timestamp_millis(),
+                };
+                let bytes = sent.to_avro();
+                let record = FutureRecord::to(&sending.config.topics.sent)
+                    // Keyed by the WhatsApp id Meta resolved the recipient to: webhooks name the
+                    // contact by that id, so replies and statuses land on the same partition number.
+                    .key(accepted.wa_id.as_bytes())
+                    .payload(&bytes);
+                if let Err((e, _)) = sending.producer.send(record, sending.timeout()).await {
+                    return ticket.fail(format!("sent log: {e}"));
+                }
+                // Then the sent index, before the outbox offset may move: a replay of this record
+                // finds it and is not sent again.
+                let partition = message.partition();
+                let expires = sent.accepted_at
+                    + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
+                let indexed_send = IndexedSend {
+                    wamid: accepted.wamid.clone(),
+                    recipient: outbox.recipient.clone(),
+                    sent_at_ms,
+                };
+                let indexed = gridtalk_kafka::changelog::write(
+                    &sending.producer,
+                    &sending.config.topics.send_index,
+                    partition,
+                    &outbox.message_id,
+                    Some((&indexed_send.encode(), expires)),
+                );
+                let durable = match indexed {
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(e.to_string()),
+                        Err(_) => Err("cancelled".to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = durable {
+                    return ticket.fail(format!("sent index: {e}"));
+                }
+                sending.index.lock().expect("index").record(
+                    partition,
+                    &outbox.message_id,
+                    &indexed_send,
+                    expires,
+                );
+                let age = (sent.accepted_at - outbox.created_at).max(0) as f64 / 1000.0;
+                metrics
+                    .end_to_end_seconds
+                    .with_label_values(&[&outbox.event_type])
+                    .observe(age);
+                tracing::info!(wamid = %accepted.wamid, to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, "message accepted by WhatsApp");
+                ticket.finish();
+                drop(effect);
+                return;
+            }
+            Err(error) => {
+                let class = error.class();
+                let code = error
+                    .code()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "transport".into());
+                metrics
+                    .send_request_seconds
+                    .with_label_values(&["error"])
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.send_errors.with_label_values(&[&code]).inc();
+                let wait = match class {
+                    ErrorClass::Retry(RetryScope::Number) => sending.backoff(attempt - 1),
+                    ErrorClass::Retry(RetryScope::Recipient) => {
+                        // Meta's advice for the pair limit: 4^x seconds, only for this recipient.
+                        recipient_attempt += 1;
+                        Duration::from_secs(4u64.pow(recipient_attempt.min(4) - 1)).min(
+                            Duration::from_millis(sending.config.send.retry_max_backoff_ms),
+                        )
+                    }
+                    ErrorClass::Retry(RetryScope::Limited)
+                        if attempt < sending.config.send.max_unknown_error_attempts =>
+                    {
+                        sending.backoff(attempt - 1)
+                    }
+                    ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent => {
+                        metrics
+                            .sends
+                            .with_label_values(&["dead_letter", class.label()])
+                            .inc();
+                        let reason = if class == ErrorClass::Permanent {
+                            DeadLetterReason::WhatsappPermanent
+                        } else {
+                            DeadLetterReason::WhatsappRetriesExhausted
+                        };
+                        dead_letter_job(
+                            sending,
+                            &message,
+                            ticket,
+                            reason,
+                            &error.to_string(),
+                            &[("whatsapp_code", &code)],
+                        )
+                        .await;
+                        drop(effect);
+                        return;
+                    }
+                    ErrorClass::HaltSender => {
+                        metrics
+                            .sends
+                            .with_label_values(&["halt", class.label()])
+                            .inc();
+                        if !sending.halted.send_replace(true) {
+                            metrics.sender_halted.set(1);
+                            tracing::error!(code = %code, error = %error, phone_number_id = %outbox.phone_number_id, "sending halted for the number: operator action needed (token, account or policy); messages are kept");
+                        }
+                        Duration::ZERO
+                    }
+                };
+                // The wait holds neither a place on the wire nor the partition's drain.
+                drop(effect);
+                drop(wire);
+                sending.report_on_the_wire();
+                if class != ErrorClass::HaltSender {
+                    metrics
+                        .sends
+                        .with_label_values(&["retry", class.label()])
+                        .inc();
+                    tracing::info!(code = %code, attempt, wait_ms = wait.as_millis() as u64, to = %mask_phone(&outbox.recipient), "send will be retried");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The stage driver under the traffic real deployments see, end to end on the embedded broker and
+//! the WhatsApp sandbox: a halt longer than `max.poll.interval.ms`, one busy recipient among many,
+//! a partition moved while its sends are on the wire, a panic in a stage, and a schema id the
+//! registry cannot serve.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::FutureRecord;
+
+use gridtalk_contract::{
+    encode_confluent, json_to_avro, AvroRecord, ContractSchemas, OutboxMessage,
+    TRADING_GRID_EVENT_AVSC,
+};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// An outbox message to `recipient` whose invoice number `INV-<seq>` identifies it at the sandbox.
+fn outbox_message(seq: usize, recipient: &str) -> OutboxMessage {
+    let parameters = vec![
+        format!("INV-{seq}"),
+        "EUR 1.00".to_string(),
+        "PO-1".to_string(),
+        "paid".to_string(),
+    ];
+    let request =
+        gridtalk_whatsapp::template_message(recipient, "invoice_status", "en_US", &parameters, &[]);
+    OutboxMessage {
+        message_id: format!("msg-{seq}"),
+        event_id: format!("evt-{seq}"),
+        event_type: "tg.invoice.status".into(),
+        correlation_id: format!("corr-{seq}"),
+        document_key: format!("INV-{seq}"),
+        partner_id: "ACME".into(),
+        phone_number_id: PHONE_NUMBER_ID.into(),
+        contact_id: format!("contact-{recipient}"),
+        recipient: recipient.into(),
+        template_name: Some("invoice_status".into()),
+        language: "en_US".into(),
+        request_json: request.to_string(),
+        rule: "test".into(),
+        created_at: chrono::Utc::now().timestamp_millis(),
+    }
+}
+
+fn recipient(n: usize) -> String {
+    format!("49151{n:07}")
+}
+
+/// Produces outbox messages to an explicit outbox partition (the send stage does not care which
+/// partition a number's messages are on; tests use both to have something to move).
+async fn publish_outbox(p: &Pipeline, partition: i32, message: &OutboxMessage) {
+    let bytes = message.to_avro();
+    p.producer
+        .send(
+            FutureRecord::to(&p.config.topics.outbox)
+                .partition(partition)
+                .key(PHONE_NUMBER_ID)
+                .payload(&bytes),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("outbox record produced");
+}
+
+/// The invoice numbers the sandbox accepted, in arrival order, with their recipients.
+fn delivered(p: &Pipeline) -> Vec<(String, String)> {
+    p.sandbox
+        .messages()
+        .into_iter()
+        .map(|m| (m.to, m.parameters.first().cloned().unwrap_or_default()))
+        .collect()
+}
+
+/// Asserts each of `0..total` arrived exactly once.
+fn assert_each_once(p: &Pipeline, total: usize) {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, invoice) in delivered(p) {
+        *counts.entry(invoice).or_default() += 1;
+    }
+    let missing: Vec<usize> = (0..total)
+        .filter(|i| !counts.contains_key(&format!("INV-{i}")))
+        .collect();
+    let repeated: Vec<(&String, &usize)> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    assert!(
+        repeated.is_empty(),
+        "delivered more than once: {repeated:?}"
+    );
+}
+
+fn count_in_log(p: &Pipeline, name: &str, needle: &str) -> usize {
+    p.process_log(name).matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_busy_recipient_never_holds_up_the_numbers_other_recipients() {
+    // Pair limit one message a second (burst 1) for the test instead of Meta's one per 6 s.
+    let p = Pipeline::start(Setup {
+        overrides: vec![
+            ("SEND__PAIR_INTERVAL_MS", "1000".into()),
+            ("SEND__PAIR_BURST", "1".into()),
+        ],
+        only_stages: Some(vec![gridtalk::Stage::Send]),
+        ..Setup::default()
+    })
+    .await;
+    let busy = recipient(0);
+    for seq in 0..300 {
+        publish_outbox(&p, 0, &outbox_message(seq, &busy)).await;
+    }
+    for n in 1..=40 {
+        publish_outbox(&p, 0, &outbox_message(300 + n, &recipient(n))).await;
+    }
+    p.wait_until("the 40 others delivered", WAIT, |p| {
+        delivered(p).iter().filter(|(to, _)| *to != busy).count() == 40
+    })
+    .await;
+    let arrived = delivered(&p);
+    let last_other = arrived
+        .iter()
+        .rposition(|(to, _)| *to != busy)
+        .expect("others arrived");
+    let busy_before_others = arrived[..last_other]
+        .iter()
+        .filter(|(to, _)| *to == busy)
+        .count();
+    assert!(
+        busy_before_others < 10,
+        "all 40 others arrived before the busy recipient's 10th message (it had {busy_before_others} by then)"
+    );
+    // Let a few more of the busy recipient's arrive: in outbox order, and never too fast for Meta.
+    p.wait_until("ten for the busy recipient", WAIT, |p| {
+        delivered(p).iter().filter(|(to, _)| *to == busy).count() >= 12
+    })
+    .await;
+    let order: Vec<String> = delivered(&p)
+        .into_iter()
+        .filter(|(to, _)| *to == busy)
+        .map(|(_, invoice)| invoice)
+        .collect();
+    let expected: Vec<String> = (0..order.len()).map(|i| format!("INV-{i}")).collect();
+    assert_eq!(
+        order, expected,
+        "the busy recipient's messages in outbox order"
+    );
+    let stats = p.sandbox.stats();
+    assert_eq!(
+        stats.errors.get("131056"),
+        None,
+        "no pair-limit error: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_three_times_the_poll_interval_keeps_both_replicas_in_the_group() {
+    let p = Pipeline::start(Setup {
+        in_process: false,
+        overrides: vec![
+            ("KAFKA__MAX_POLL_INTERVAL_MS", "15000".into()),
+            ("KAFKA__REVOKE_DRAIN_MS", "5000".into()),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let mut a = p.spawn_gridtalk("a", "send");
+    let mut b = p.spawn_gridtalk("b", "send");
+    let mut seq = 0;
+    for _ in 0..10 {
+        for partition in 0..2 {
+            publish_outbox(&p, partition, &outbox_message(seq, &recipient(seq))).await;
+            seq += 1;
+        }
+    }
+    p.wait_for_messages(seq, WAIT).await;
+    let revokes_before =
+        count_in_log(&p, "a", "partitions revoked") + count_in_log(&p, "b", "partitions revoked");
+
+    // The token expires: every send of the number halts (error 190) for 45 s while outbox
+    // records keep arriving on both partitions.
+    p.sandbox.set_valid_tokens(vec![]);
+    let halted_at = Instant::now();
+    while halted_at.elapsed() < Duration::from_secs(45) {
+        for partition in 0..2 {
+            publish_outbox(&p, partition, &outbox_message(seq, &recipient(seq))).await;
+            seq += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let stats = p.sandbox.stats();
+    assert!(
+        stats.errors.get("190").copied().unwrap_or(0) >= 2,
+        "the number was halted: {stats:?}"
+    );
+    assert_eq!(p.sandbox.messages().len(), 20, "nothing sent while halted");
+
+    p.sandbox.set_valid_tokens(vec![TOKEN.into()]);
+    p.wait_for_messages(seq, WAIT).await;
+    let revokes_after =
+        count_in_log(&p, "a", "partitions revoked") + count_in_log(&p, "b", "partitions revoked");
+    for child in [&mut a, &mut b] {
+        assert_eq!(terminate(child).code(), Some(0));
+    }
+    assert_eq!(
+        revokes_after,
+        revokes_before,
+        "no member left the group during the halt\n{}\n{}",
+        p.process_log("a"),
+        p.process_log("b")
+    );
+    for name in ["a", "b"] {
+        assert_eq!(
+            count_in_log(&p, name, "poll interval"),
+            0,
+            "{}",
+            p.process_log(name)
+        );
+    }
+    assert_each_once(&p, seq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_moved_while_its_sends_are_on_the_wire_sends_each_message_once() {
+    let mut setup = Setup {
+        in_process: false,
+        ..Setup::default()
+    };
+    // Every answer takes 1.5 s: whatever moves, moves with sends on the wire.
+    setup.sandbox.faults.slow_rate = 1.0;
+    setup.sandbox.faults.slow_ms = 1500;
+    let p = Pipeline::start(setup).await;
+    let total = 120;
+    for seq in 0..total {
+        publish_outbox(&p, (seq % 2) as i32, &outbox_message(seq, &recipient(seq))).await;
+    }
+    let mut a = p.spawn_gridtalk("a", "send");
+    p.wait_until("sends on the wire", WAIT, |p| {
+        p.sandbox.stats().requests >= 20
+    })
+    .await;
+    let mut b = p.spawn_gridtalk("b", "send");
+    p.wait_for_messages(total, WAIT).await;
+    for child in [&mut a, &mut b] {
+        assert_eq!(terminate(child).code(), Some(0));
+    }
+    assert!(
+        count_in_log(&p, "a", "revoked partitions committed and released") >= 1,
+        "a partition moved: {}",
+        p.process_log("a")
+    );
+    assert!(
+        p.sandbox.messages().len() < total * 2,
+        "sanity: messages counted once each"
+    );
+    assert_each_once(&p, total);
+}
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_stage_exits_non_zero_and_a_restart_loses_nothing() {
+    let p = Pipeline::start(Setup {
+        in_process: false,
+        ..Setup::default()
+    })
+    .await;
+    let total = 30;
+    for seq in 0..total {
+        publish_outbox(&p, 0, &outbox_message(seq, &recipient(seq))).await;
+    }
+    let outbox = p.config.topics.outbox.clone();
+    let mut crashing = p.spawn_gridtalk_with(
+        "crashing",
+        "send",
+        &[("GRIDTALK_FAULT_PANIC_AT", format!("send:{outbox}:0:12"))],
+    );
+    let exit = wait_for_exit(&mut crashing, Duration::from_secs(60));
+    assert_ne!(exit.code(), Some(0), "{}", p.process_log("crashing"));
+    assert!(
+        p.process_log("crashing").contains("fault injection"),
+        "{}",
+        p.process_log("crashing")
+    );
+    let committed = committed_offsets(&p.send_group(), &outbox);
+    assert!(
+        committed.get(&0).is_none_or(|o| *o <= 12),
+        "nothing committed past the record: {committed:?}"
+    );
+    let mut restarted = p.spawn_gridtalk("restarted", "send");
+    p.wait_for_messages(total, WAIT).await;
+    assert_eq!(terminate(&mut restarted).code(), Some(0));
+    assert_each_once(&p, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_id_the_registry_cannot_serve_parks_only_its_partition() {
+    let contract: serde_json::Value =
+        serde_json::from_str(TRADING_GRID_EVENT_AVSC).expect("contract");
+    let p = Pipeline::start(Setup {
+        registry: vec![
+            (41, contract.to_string()),
+            (77, UNAVAILABLE_SCHEMA.to_string()),
+        ],
+        overrides: vec![("ROUTE__REGISTRY_WAIT_MAX_SECS", "8".into())],
+        ..Setup::default()
+    })
+    .await;
+    let reader = &ContractSchemas::get().trading_grid_event;
+    let topic = p.input(topic_short("tg.invoice.delivered"));
+    let confluent = |id: u32, seq: u64| {
+        let e = event("tg.invoice.delivered", seq, "ACME");
+        encode_confluent(reader, id, json_to_avro(&e, reader).expect("avro")).expect("encode")
+    };
+    let produce = |partition: i32, bytes: Vec<u8>| {
+        let (producer, topic) = (p.producer.clone(), topic.clone());
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .partition(partition)
+                        .key("k")
+                        .payload(&bytes),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("produced");
+        }
+    };
+    // Partition 0: a record whose schema the registry cannot serve, then a good one behind it.
+    produce(0, confluent(77, 1)).await;
+    produce(0, confluent(41, 2)).await;
+    let started = Instant::now();
+    // A canary on the other partition and one on another topic route while id 77 fails.
+    produce(1, confluent(41, 3)).await;
+    p.publish_event(&event("tg.asn.sent", 4, "ACME")).await;
+    p.wait_for_messages(2, WAIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the canaries routed while the id was failing"
+    );
+    assert!(
+        p.dead_letters()
+            .iter()
+            .all(|d| d.reason != "registry_unavailable"),
+        "not dead-lettered before the bound"
+    );
+    // After the bound the record is dead-lettered and its partition moves on.
+    p.wait_until("the parked record dead-lettered", WAIT, |p| {
+        p.dead_letters()
+            .iter()
+            .any(|d| d.reason == "registry_unavailable")
+    })
+    .await;
+    p.wait_for_messages(3, WAIT).await;
+    let letters: Vec<_> = p
+        .dead_letters()
+        .into_iter()
+        .filter(|d| d.reason == "registry_unavailable")
+        .collect();
+    assert_eq!(letters.len(), 1);
+}
