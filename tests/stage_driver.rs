@@ -361,3 +361,70 @@ async fn a_schema_id_the_registry_cannot_serve_parks_only_its_partition() {
         .collect();
     assert_eq!(letters.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_tombstones_what_expired_so_the_next_one_reads_no_dead_entries() {
+    use rdkafka::Message;
+    let p = Pipeline::start(Setup {
+        only_stages: Some(vec![]),
+        ..Setup::default()
+    })
+    .await;
+    let topic = p.config.topics.send_index.clone();
+    let producer = gridtalk_kafka::producer(&p.config.kafka).expect("producer");
+    let now = chrono::Utc::now().timestamp_millis();
+    // 200 entries that expired an hour ago and 5 that are live, on partition 0.
+    let mut deliveries = Vec::new();
+    for i in 0..205 {
+        let expires = if i < 200 {
+            now - 3_600_000
+        } else {
+            now + 3_600_000
+        };
+        deliveries.push(
+            gridtalk_kafka::changelog::write(
+                &producer,
+                &topic,
+                0,
+                &format!("key-{i}"),
+                Some((b"v", expires)),
+            )
+            .expect("enqueued"),
+        );
+    }
+    for d in deliveries {
+        d.await.expect("delivered").expect("acknowledged");
+    }
+    let live_keys = || {
+        let mut latest: HashMap<Vec<u8>, bool> = HashMap::new();
+        for m in read_topic(&topic) {
+            if m.partition() == 0 {
+                latest.insert(m.key().unwrap_or_default().to_vec(), m.payload().is_some());
+            }
+        }
+        latest.values().filter(|live| **live).count()
+    };
+    assert_eq!(live_keys(), 205);
+
+    let restored =
+        gridtalk_kafka::changelog::restore_for_stage(&p.config.kafka, "test", &topic, vec![0])
+            .await
+            .expect("restored");
+    assert_eq!(restored[&0].len(), 5, "only the live entries");
+    assert_eq!(live_keys(), 5, "the expired entries are tombstoned");
+
+    let again = gridtalk_kafka::changelog::restore_partitions(
+        &p.config.kafka,
+        &topic,
+        &[0],
+        chrono::Utc::now().timestamp_millis(),
+        Duration::from_secs(60),
+    )
+    .expect("restored again");
+    assert_eq!(again.entries[&0].len(), 5);
+    assert!(
+        again.expired.is_empty(),
+        "nothing left to tombstone: {:?}",
+        again.expired
+    );
+}

@@ -63,6 +63,11 @@ pub struct KafkaConfig {
     pub revoke_drain_ms: u64,
     /// How long produce and commit calls may take before they count as failed.
     pub request_timeout_ms: u64,
+    /// How long a produced record may take from being enqueued to its acknowledgement, time in
+    /// the producer's queue included (librdkafka's `message.timeout.ms`), before the hand-off
+    /// counts as failed and the stage stops for a restart. A burst queues many records at once,
+    /// so this is longer than one request's timeout. At least `request_timeout_ms`.
+    pub delivery_timeout_ms: u64,
     /// Extra librdkafka properties, e.g. `security.protocol = "SASL_SSL"`, `sasl.mechanism`,
     /// `sasl.username`, `sasl.password`, `ssl.ca.location`. Values of keys containing `password`
     /// or `secret` are masked wherever the config is printed.
@@ -424,6 +429,12 @@ impl Config {
             errors.push(format!(
                 "kafka.max_poll_interval_ms ({}) must be at least kafka.session_timeout_ms ({})",
                 kafka.max_poll_interval_ms, kafka.session_timeout_ms
+            ));
+        }
+        if kafka.delivery_timeout_ms < kafka.request_timeout_ms {
+            errors.push(format!(
+                "kafka.delivery_timeout_ms ({}) must be at least kafka.request_timeout_ms ({})",
+                kafka.delivery_timeout_ms, kafka.request_timeout_ms
             ));
         }
         if kafka.revoke_drain_ms == 0

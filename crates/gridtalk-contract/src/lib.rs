@@ -16,17 +16,20 @@
 
 mod bounded;
 mod codec;
+mod event_types;
 mod records;
 mod registry;
 pub mod samples;
 mod schemas;
 mod view;
+mod webhook_item;
 
 pub use bounded::{check_datum, MAX_DEPTH};
 pub use codec::{
     encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
     WireFormat,
 };
+pub use event_types::{payload_type_of, EVENT_TYPES};
 pub use records::{
     AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse,
 };
@@ -35,3 +38,4 @@ pub use schemas::{
     rabin_fingerprint, ContractSchemas, KnownSchema, SchemaSet, TRADING_GRID_EVENT_AVSC,
 };
 pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};
+pub use webhook_item::WebhookItem;

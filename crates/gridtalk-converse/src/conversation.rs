@@ -16,9 +16,9 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use gridtalk_contract::WebhookItem;
 use gridtalk_contract::{AuditRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse};
 use gridtalk_directory::{Contact, Directory};
-use gridtalk_ingest::WebhookItem;
 use gridtalk_whatsapp::buttons::{self, TokenError};
 
 /// What kind of request a sent message opened, from the event that caused it.
@@ -129,6 +129,10 @@ struct Sent {
     wa_id: String,
     /// Rank of the last status applied (0 none, 1 sent, 2 delivered, 3 read, 4 failed).
     status_rank: u8,
+    /// The sent-log (and webhook) partition it came from: dropped with the partition.
+    partition: i32,
+    /// When WhatsApp accepted it: evicted `Settings::retention_ms` later.
+    accepted_at_ms: i64,
 }
 
 fn status_rank(status: &str) -> Option<u8> {
@@ -141,12 +145,32 @@ fn status_rank(status: &str) -> Option<u8> {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ContactState {
     /// Time of the person's last message (Meta's timestamp), for the customer service window.
     last_inbound_ms: i64,
     /// Requests sent to them that free text can attach to, oldest first.
     open: BTreeSet<(RequestKind, String)>,
+    /// The partition the contact's messages and replies are on.
+    partition: i32,
+}
+
+impl ContactState {
+    fn on(partition: i32) -> Self {
+        ContactState {
+            last_inbound_ms: 0,
+            open: BTreeSet::new(),
+            partition,
+        }
+    }
+}
+
+/// Something restored from the changelog before the sent log showed what it belongs to.
+#[derive(Debug)]
+struct Pending<T> {
+    value: T,
+    partition: i32,
+    restored_at_ms: i64,
 }
 
 /// Settings of the interpretation.
@@ -158,6 +182,9 @@ pub struct Settings {
     pub confirmation_languages: Vec<String>,
     pub phone_number_id: String,
     pub remembered_items: usize,
+    /// How long a sent message (and the requests and contacts only it keeps) stays in memory:
+    /// at least as long as its buttons stay valid.
+    pub retention_ms: i64,
 }
 
 /// What handling one item produced, in the order to publish it.
@@ -198,9 +225,9 @@ pub struct Conversations {
     seen: HashSet<String>,
     seen_order: VecDeque<String>,
     /// Decisions restored from the changelog for requests the sent log has not shown yet.
-    restored_decisions: HashMap<(RequestKind, String), Decision>,
+    restored_decisions: HashMap<(RequestKind, String), Pending<Decision>>,
     /// Status ranks restored from the changelog for messages the sent log has not shown yet.
-    restored_ranks: HashMap<String, u8>,
+    restored_ranks: HashMap<String, Pending<u8>>,
     /// Changes since the last [`Conversations::take_changes`], for the state changelog.
     changes: Vec<(String, String)>,
 }
@@ -259,8 +286,68 @@ impl Conversations {
         std::mem::take(&mut self.changes)
     }
 
+    /// Forgets what is older than `Settings::retention_ms`: sent messages, then every request,
+    /// correlation and contact that only they kept, and restored entries the sent log never
+    /// claimed. What a person sends about an evicted message is treated as about an unknown one (a
+    /// button is audited as `unknown_message`, text opens a case), as after the sent log's own
+    /// retention.
+    pub fn evict(&mut self, now_ms: i64) {
+        let horizon = now_ms.saturating_sub(self.settings.retention_ms);
+        self.sent.retain(|_, s| s.accepted_at_ms >= horizon);
+        self.restored_decisions
+            .retain(|_, d| d.restored_at_ms >= horizon);
+        self.restored_ranks
+            .retain(|_, r| r.restored_at_ms >= horizon);
+        self.prune(now_ms);
+    }
+
+    /// Drops everything about the contacts of `partition` (revoked: its new owner rebuilds it
+    /// from the sent log and the changelog).
+    pub fn drop_partition(&mut self, partition: i32, now_ms: i64) {
+        self.sent.retain(|_, s| s.partition != partition);
+        self.contacts.retain(|_, c| c.partition != partition);
+        self.restored_decisions
+            .retain(|_, d| d.partition != partition);
+        self.restored_ranks.retain(|_, r| r.partition != partition);
+        self.prune(now_ms);
+    }
+
+    /// Requests, correlations and contacts no remaining sent message refers to.
+    fn prune(&mut self, now_ms: i64) {
+        let referenced: HashSet<&(RequestKind, String)> =
+            self.sent.values().map(|s| &s.request).collect();
+        self.requests.retain(|key, _| referenced.contains(key));
+        self.by_correlation
+            .retain(|_, key| referenced.contains(key));
+        let window_start = now_ms.saturating_sub(self.settings.service_window_ms);
+        self.contacts.retain(|_, c| {
+            c.open.retain(|key| referenced.contains(key));
+            !c.open.is_empty() || c.last_inbound_ms >= window_start
+        });
+    }
+
+    /// Entries held in memory (sent messages, requests, contacts, restored entries), for the
+    /// `gridtalk_state_entries{store="converse_memory"}` gauge.
+    pub fn len(&self) -> usize {
+        self.sent.len()
+            + self.requests.len()
+            + self.contacts.len()
+            + self.restored_decisions.len()
+            + self.restored_ranks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Applies entries read back from the state changelog (see [`Conversations::take_changes`]).
-    pub fn restore(&mut self, entries: impl IntoIterator<Item = (String, String)>) {
+    /// Applies the changelog entries of webhook `partition` restored at `now_ms`.
+    pub fn restore(
+        &mut self,
+        partition: i32,
+        entries: impl IntoIterator<Item = (String, String)>,
+        now_ms: i64,
+    ) {
         for (key, value) in entries {
             let Some((kind, rest)) = key.split_once(':') else {
                 continue;
@@ -272,8 +359,15 @@ impl Conversations {
                     match self.sent.get_mut(rest) {
                         Some(sent) => sent.status_rank = sent.status_rank.max(rank),
                         None => {
-                            let r = self.restored_ranks.entry(rest.to_string()).or_default();
-                            *r = (*r).max(rank);
+                            let r =
+                                self.restored_ranks
+                                    .entry(rest.to_string())
+                                    .or_insert(Pending {
+                                        value: 0,
+                                        partition,
+                                        restored_at_ms: now_ms,
+                                    });
+                            r.value = r.value.max(rank);
                         }
                     }
                 }
@@ -295,7 +389,14 @@ impl Conversations {
                             r.decided.get_or_insert(decision);
                         }
                         None => {
-                            self.restored_decisions.insert(key, decision);
+                            self.restored_decisions.insert(
+                                key,
+                                Pending {
+                                    value: decision,
+                                    partition,
+                                    restored_at_ms: now_ms,
+                                },
+                            );
                         }
                     }
                 }
@@ -307,7 +408,7 @@ impl Conversations {
 
     /// Applies one sent-log record. Idempotent: the sent log is re-read from its start whenever a
     /// partition is assigned.
-    pub fn apply_sent(&mut self, sent: &SentMessage) {
+    pub fn apply_sent(&mut self, partition: i32, sent: &SentMessage) {
         if self.sent.contains_key(&sent.wamid) {
             return;
         }
@@ -337,7 +438,7 @@ impl Conversations {
             decided: None,
         });
         if let Some(decision) = self.restored_decisions.remove(&key) {
-            request.decided.get_or_insert(decision);
+            request.decided.get_or_insert(decision.value);
         }
         // gridtalk's own replies add no recipient.
         if !own_reply {
@@ -347,7 +448,7 @@ impl Conversations {
             if kind.takes_free_text() && request.decided.is_none() {
                 self.contacts
                     .entry(sent.wa_id.clone())
-                    .or_default()
+                    .or_insert_with(|| ContactState::on(partition))
                     .open
                     .insert(key.clone());
             }
@@ -361,7 +462,12 @@ impl Conversations {
                 contact_id: sent.contact_id.clone(),
                 partner_id: sent.partner_id.clone(),
                 wa_id: sent.wa_id.clone(),
-                status_rank: self.restored_ranks.remove(&sent.wamid).unwrap_or(0),
+                status_rank: self
+                    .restored_ranks
+                    .remove(&sent.wamid)
+                    .map_or(0, |r| r.value),
+                partition,
+                accepted_at_ms: sent.accepted_at,
             },
         );
     }
@@ -383,6 +489,7 @@ impl Conversations {
     /// now (audited as unknown) instead of waiting.
     pub fn handle(
         &mut self,
+        partition: i32,
         item: &WebhookItem,
         directory: &Directory,
         now_ms: i64,
@@ -393,7 +500,7 @@ impl Conversations {
         }
         let handled = match item.kind.as_str() {
             "status" => self.status(item, give_up),
-            "message" => self.message(item, directory, now_ms, give_up),
+            "message" => self.message(partition, item, directory, now_ms, give_up),
             _ => done("ignored", Vec::new()),
         };
         if matches!(handled, Handled::Done { .. }) {
@@ -498,6 +605,7 @@ impl Conversations {
 
     fn message(
         &mut self,
+        partition: i32,
         item: &WebhookItem,
         directory: &Directory,
         now_ms: i64,
@@ -515,7 +623,10 @@ impl Conversations {
         }
         let at = meta_time_ms(v).unwrap_or(item.received_at_ms);
         {
-            let state = self.contacts.entry(from.clone()).or_default();
+            let state = self
+                .contacts
+                .entry(from.clone())
+                .or_insert_with(|| ContactState::on(partition));
             state.last_inbound_ms = state.last_inbound_ms.max(at);
         }
         let Some(answer) = Self::answer_of(v) else {
@@ -1075,6 +1186,7 @@ opted_in = true
             confirmation_languages: vec!["en_US".into(), "es_MX".into()],
             phone_number_id: "1065".into(),
             remembered_items: 100,
+            retention_ms: 7 * 24 * HOUR,
         })
     }
 
@@ -1126,15 +1238,92 @@ opted_in = true
     }
 
     #[test]
-    fn interactive_replies_without_a_quote_find_their_request_by_token() {
+    fn state_is_evicted_by_age_and_a_quote_of_an_evicted_message_is_unknown() {
         let mut c = conversations();
-        c.apply_sent(&sent(
-            "w1",
+        let mut old = sent(
+            "w-old",
             "tg.po.received",
-            "PO-1",
+            "PO-OLD",
             "acme-orders",
             "15550100001",
-        ));
+        );
+        old.accepted_at = NOW - 8 * 24 * HOUR;
+        c.apply_sent(0, &old);
+        c.apply_sent(
+            0,
+            &sent(
+                "w-new",
+                "tg.po.received",
+                "PO-NEW",
+                "acme-dispatch",
+                "15550100003",
+            ),
+        );
+        let before = c.len();
+        c.evict(NOW);
+        assert!(c.len() < before, "the old message and its request left");
+        assert!(c.sent.contains_key("w-new") && !c.sent.contains_key("w-old"));
+        assert!(!c.requests.keys().any(|(_, id)| id == "PO-OLD"));
+        assert!(
+            !c.contacts.contains_key("15550100001"),
+            "a contact only the old message kept, and quiet for longer than the window"
+        );
+        // A reply quoting the evicted message is judged as about an unknown message (after the
+        // join wait): text then opens a case instead of joining the evicted request.
+        let mut reply = inbound(
+            "in-old",
+            "15550100001",
+            NOW,
+            json!({"type": "text", "text": {"body": "ok"}}),
+        );
+        reply.item["context"] = json!({"id": "w-old"});
+        assert_eq!(
+            c.handle(0, &reply, &directory(), NOW, false),
+            Handled::Wait {
+                wamid: "w-old".into()
+            }
+        );
+        let out = outcomes(c.handle(0, &reply, &directory(), NOW, true));
+        assert!(
+            matches!(&out[..], [Outcome::Response(r)]
+                if r.body == ResponseBody::CaseMessage { case_id: None, text: "ok".into() }),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_revoked_partition_leaves_no_state_behind() {
+        let mut c = conversations();
+        c.apply_sent(
+            0,
+            &sent("w0", "tg.po.received", "PO-0", "acme-orders", "15550100001"),
+        );
+        c.apply_sent(
+            1,
+            &sent(
+                "w1",
+                "tg.po.received",
+                "PO-1",
+                "acme-dispatch",
+                "15550100003",
+            ),
+        );
+        c.restore(1, [("status:w-later".to_string(), "2".to_string())], NOW);
+        c.drop_partition(1, NOW);
+        assert!(c.sent.contains_key("w0") && !c.sent.contains_key("w1"));
+        assert!(!c.contacts.contains_key("15550100003"));
+        assert!(c.restored_ranks.is_empty());
+        c.drop_partition(0, NOW);
+        assert_eq!(c.len(), 0, "nothing left once every partition is gone");
+    }
+
+    #[test]
+    fn interactive_replies_without_a_quote_find_their_request_by_token() {
+        let mut c = conversations();
+        c.apply_sent(
+            0,
+            &sent("w1", "tg.po.received", "PO-1", "acme-orders", "15550100001"),
+        );
         let tap = inbound(
             "in1",
             "15550100001",
@@ -1142,7 +1331,7 @@ opted_in = true
             json!({"type": "interactive", "interactive": {"type": "button_reply",
                    "button_reply": {"id": token("REJECT", "PO-1"), "title": "Reject"}}}),
         );
-        let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+        let out = outcomes(c.handle(0, &tap, &directory(), NOW, false));
         let Outcome::Response(r) = &out[0] else {
             panic!("{out:?}")
         };
@@ -1157,13 +1346,16 @@ opted_in = true
         assert!(matches!(&out[1], Outcome::Reply(o) if o.template_name.is_none()));
 
         // A list row is read the same way.
-        c.apply_sent(&sent(
-            "w2",
-            "tg.onboarding.reminder",
-            "ONB-1",
-            "acme-orders",
-            "15550100001",
-        ));
+        c.apply_sent(
+            0,
+            &sent(
+                "w2",
+                "tg.onboarding.reminder",
+                "ONB-1",
+                "acme-orders",
+                "15550100001",
+            ),
+        );
         let pick = inbound(
             "in2",
             "15550100001",
@@ -1171,7 +1363,7 @@ opted_in = true
             json!({"type": "interactive", "context": {"id": "w2"}, "interactive": {"type": "list_reply",
                    "list_reply": {"id": token("NEED_HELP", "ONB-1"), "title": "Need help", "description": ""}}}),
         );
-        let out = outcomes(c.handle(&pick, &directory(), NOW, false));
+        let out = outcomes(c.handle(0, &pick, &directory(), NOW, false));
         assert!(
             matches!(&out[0], Outcome::Response(r) if r.body == ResponseBody::OnboardingAcknowledgement {
             onboarding_id: "ONB-1".into(), action: "NEED_HELP".into(), item_code: None, comment: None })
@@ -1181,13 +1373,16 @@ opted_in = true
     #[test]
     fn outside_the_service_window_the_confirmation_is_the_template() {
         let mut c = conversations();
-        c.apply_sent(&sent(
-            "w1",
-            "tg.po.received",
-            "PO-2",
-            "acme-dispatch",
-            "15550100003",
-        ));
+        c.apply_sent(
+            0,
+            &sent(
+                "w1",
+                "tg.po.received",
+                "PO-2",
+                "acme-dispatch",
+                "15550100003",
+            ),
+        );
         // The tap happened 25 hours ago (the webhook was held up), the token is still valid.
         let tap = inbound(
             "in1",
@@ -1196,7 +1391,7 @@ opted_in = true
             json!({"type": "button", "context": {"id": "w1"},
                    "button": {"payload": token("ACCEPT", "PO-2"), "text": "Accept"}}),
         );
-        let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+        let out = outcomes(c.handle(0, &tap, &directory(), NOW, false));
         let Some(Outcome::Reply(reply)) = out.get(1) else {
             panic!("{out:?}")
         };
@@ -1223,14 +1418,14 @@ opted_in = true
             item: json!({"id": "wx", "status": "read", "timestamp": "1795514400", "recipient_id": "15550100001"}),
         };
         assert_eq!(
-            c.handle(&status, &directory(), NOW, false),
+            c.handle(0, &status, &directory(), NOW, false),
             Handled::Wait { wamid: "wx".into() }
         );
-        let out = outcomes(c.handle(&status, &directory(), NOW, true));
+        let out = outcomes(c.handle(0, &status, &directory(), NOW, true));
         assert!(matches!(&out[..], [Outcome::Audit(a)] if a.reason == "unknown_message"));
         // Once judged, a redelivery is dropped.
         assert_eq!(
-            c.handle(&status, &directory(), NOW, true),
+            c.handle(0, &status, &directory(), NOW, true),
             Handled::Done {
                 outcome: "redelivery",
                 outcomes: vec![]
@@ -1241,20 +1436,26 @@ opted_in = true
     #[test]
     fn statuses_only_move_forward_and_failures_carry_metas_code() {
         let mut c = conversations();
-        c.apply_sent(&sent(
-            "w1",
-            "tg.invoice.delivered",
-            "INV-1",
-            "acme-orders",
-            "15550100001",
-        ));
-        c.apply_sent(&sent(
-            "w2",
-            "tg.invoice.delivered",
-            "INV-2",
-            "acme-orders",
-            "15550100001",
-        ));
+        c.apply_sent(
+            0,
+            &sent(
+                "w1",
+                "tg.invoice.delivered",
+                "INV-1",
+                "acme-orders",
+                "15550100001",
+            ),
+        );
+        c.apply_sent(
+            0,
+            &sent(
+                "w2",
+                "tg.invoice.delivered",
+                "INV-2",
+                "acme-orders",
+                "15550100001",
+            ),
+        );
         let status = |wamid: &str, state: &str, errors: Value| WebhookItem {
             kind: "status".into(),
             item_id: format!("{wamid}:{state}"),
@@ -1266,7 +1467,7 @@ opted_in = true
                          "recipient_id": "15550100001", "errors": errors}),
         };
         let published = |c: &mut Conversations, item: WebhookItem| -> Vec<String> {
-            outcomes(c.handle(&item, &directory(), NOW, false))
+            outcomes(c.handle(0, &item, &directory(), NOW, false))
                 .into_iter()
                 .map(|o| match o {
                     Outcome::Response(r) => match r.body {
@@ -1296,7 +1497,7 @@ opted_in = true
             "failed",
             json!([{"code": 131026, "title": "Message undeliverable"}]),
         );
-        let out = outcomes(c.handle(&failed, &directory(), NOW, false));
+        let out = outcomes(c.handle(0, &failed, &directory(), NOW, false));
         assert!(
             matches!(&out[..], [Outcome::Response(r)] if r.correlation_id == "ACME|INV-2"
             && r.body == ResponseBody::DeliveryStatus { status: "FAILED".into(),
@@ -1307,21 +1508,21 @@ opted_in = true
     #[test]
     fn only_the_partners_own_contacts_decide_its_purchase_orders() {
         let mut c = conversations();
-        c.apply_sent(&sent(
-            "w1",
-            "tg.po.ack_overdue",
-            "PO-3",
-            "acme-orders",
-            "15550100001",
-        ));
+        c.apply_sent(
+            0,
+            &sent(
+                "w1",
+                "tg.po.ack_overdue",
+                "PO-3",
+                "acme-orders",
+                "15550100001",
+            ),
+        );
         // The escalation went to the buyer (internal) with the same buttons.
-        c.apply_sent(&sent(
-            "w2",
-            "tg.po.ack_overdue",
-            "PO-3",
-            "buyer",
-            "14155550101",
-        ));
+        c.apply_sent(
+            0,
+            &sent("w2", "tg.po.ack_overdue", "PO-3", "buyer", "14155550101"),
+        );
         for (id, from, wamid) in [("in1", "14155550101", "w2"), ("in2", "49151100007", "w1")] {
             let tap = inbound(
                 id,
@@ -1330,7 +1531,7 @@ opted_in = true
                 json!({"type": "button", "context": {"id": wamid},
                        "button": {"payload": token("ACCEPT", "PO-3"), "text": "Accept"}}),
             );
-            let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+            let out = outcomes(c.handle(0, &tap, &directory(), NOW, false));
             assert!(
                 matches!(&out[..], [Outcome::Audit(a)] if a.reason == "unauthorised_contact"),
                 "{from}: {out:?}"
@@ -1344,20 +1545,23 @@ opted_in = true
             json!({"type": "button", "context": {"id": "w1"},
                    "button": {"payload": token("ACCEPT", "PO-999"), "text": "Accept"}}),
         );
-        let out = outcomes(c.handle(&swapped, &directory(), NOW, false));
+        let out = outcomes(c.handle(0, &swapped, &directory(), NOW, false));
         assert!(matches!(&out[..], [Outcome::Audit(a)] if a.reason == "token_forged"));
     }
 
     #[test]
     fn a_new_eta_is_asked_for_and_read_from_the_next_text() {
         let mut c = conversations();
-        c.apply_sent(&sent(
-            "w1",
-            "tg.shipment.exception",
-            "SH-1",
-            "acme-dispatch",
-            "15550100003",
-        ));
+        c.apply_sent(
+            0,
+            &sent(
+                "w1",
+                "tg.shipment.exception",
+                "SH-1",
+                "acme-dispatch",
+                "15550100003",
+            ),
+        );
         let tap = inbound(
             "in1",
             "15550100003",
@@ -1365,7 +1569,7 @@ opted_in = true
             json!({"type": "button", "context": {"id": "w1"},
                    "button": {"payload": token("NEW_ETA", "SH-1"), "text": "Send new ETA"}}),
         );
-        let out = outcomes(c.handle(&tap, &directory(), NOW, false));
+        let out = outcomes(c.handle(0, &tap, &directory(), NOW, false));
         let Some(Outcome::Reply(prompt)) = out.get(1) else {
             panic!("{out:?}")
         };
@@ -1379,14 +1583,14 @@ opted_in = true
             "15550100003",
         );
         confirmation.correlation_id = "ACME|SH-1".into();
-        c.apply_sent(&confirmation);
+        c.apply_sent(0, &confirmation);
         let text = inbound(
             "in2",
             "15550100003",
             NOW,
             json!({"type": "text", "context": {"id": "w2"}, "text": {"body": "New ETA 2026-12-01, sorry"}}),
         );
-        let out = outcomes(c.handle(&text, &directory(), NOW, false));
+        let out = outcomes(c.handle(0, &text, &directory(), NOW, false));
         assert!(
             matches!(&out[..], [Outcome::Response(r)] if r.body == ResponseBody::CorrectionAnswer {
             document_key: "SH-1".into(), answer: "NEW_ETA".into(), new_eta: Some(1_796_083_200_000),

@@ -51,6 +51,13 @@ fn settings(config: &Config) -> Result<Settings, ConverseError> {
         confirmation_languages: template.languages.clone(),
         phone_number_id: config.send.phone_number_id.clone(),
         remembered_items: config.converse.remembered_items,
+        // A message stays answerable while its buttons are valid, and at least as long as the
+        // send stage remembers it.
+        retention_ms: (config
+            .route
+            .button_ttl_hours
+            .max(config.send.index_retention_hours) as i64)
+            .saturating_mul(3_600_000),
     })
 }
 

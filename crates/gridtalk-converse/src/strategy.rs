@@ -21,9 +21,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use gridtalk_config::Config;
+use gridtalk_contract::WebhookItem;
 use gridtalk_contract::{AvroRecord, SentMessage, WorkflowResponse};
 use gridtalk_directory::SharedDirectory;
-use gridtalk_ingest::WebhookItem;
 use gridtalk_kafka::driver::{Record, StageFailure, Strategy, Submit, Ticket, TopicPartition};
 use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError};
 use gridtalk_telemetry::Metrics;
@@ -173,8 +173,13 @@ impl ConverseStrategy {
         let give_up = give_up || (self.waiting_count >= self.max_waiting);
         let handled = {
             let directory = self.directory.read().expect("directory lock");
-            self.conversations
-                .handle(&w.item, &directory, now_ms(), give_up)
+            self.conversations.handle(
+                w.record.message.partition(),
+                &w.item,
+                &directory,
+                now_ms(),
+                give_up,
+            )
         };
         let metrics = Metrics::global();
         match handled {
@@ -246,21 +251,21 @@ impl ConverseStrategy {
         let published = recently_published(&config)
             .await
             .map_err(|e| StageFailure(format!("response topic read: {e}")))?;
-        let mut restored_entries = Vec::new();
+        let now = now_ms();
         {
             let mut expiries = self.publishing.expiries.lock().expect("expiries");
             for (partition, partition_entries) in entries {
                 let held = expiries.entry(partition).or_default();
+                let mut restored_entries = Vec::with_capacity(partition_entries.len());
                 for (key, entry) in partition_entries {
                     held.insert(key.clone(), entry.expires_at_ms);
                     restored_entries
                         .push((key, String::from_utf8_lossy(&entry.value).into_owned()));
                 }
+                self.conversations.restore(partition, restored_entries, now);
             }
         }
-        self.conversations.restore(restored_entries);
         self.restored.extend(webhook_partitions);
-        let now = now_ms();
         let lookback = config.converse.replay_lookback_ms as i64;
         let mut known = self.published.lock().expect("published");
         known.retain(|_, read_at| *read_at >= now - lookback);
@@ -306,6 +311,8 @@ impl Strategy for ConverseStrategy {
     fn revoked(&mut self, partitions: &[TopicPartition]) {
         let webhook = self.publishing.config.topics.webhook.clone();
         for (topic, partition) in partitions {
+            // Both topics' partition `p` hold the same contacts: their state leaves with either.
+            self.conversations.drop_partition(*partition, now_ms());
             if *topic == webhook {
                 // Restored again if it comes back (merging what its other owner wrote
                 // meanwhile); its parked items are left to the new owner (uncommitted); its
@@ -352,7 +359,7 @@ impl Strategy for ConverseStrategy {
                 );
                 return Submit::Accepted;
             };
-            self.conversations.apply_sent(&sent);
+            self.conversations.apply_sent(partition, &sent);
             for w in self.unpark(&sent.wamid) {
                 match self.publishing.in_flight.clone().try_acquire_owned() {
                     Ok(permit) => self.offer(w, false, permit),
@@ -406,6 +413,11 @@ impl Strategy for ConverseStrategy {
             }
             _ = self.sweep.tick() => {
                 sweep_state(&self.publishing);
+                self.conversations.evict(now_ms());
+                Metrics::global()
+                    .state_entries
+                    .with_label_values(&["converse_memory"])
+                    .set(self.conversations.len() as i64);
                 Ok(())
             }
         }

@@ -1,82 +1,24 @@
 //! Splitting a verified webhook body into items: one per message, status, error or other change,
 //! so that a batched delivery loses nothing and each item can be keyed by its contact.
 
+pub use gridtalk_contract::WebhookItem;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-/// One thing Meta told us, as published on the webhook topic (JSON value, key `contact`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct WebhookItem {
-    /// `message`, `status`, `error`, `other` (a change of another field) or `unparsed`.
-    pub kind: String,
-    /// Stable id for dropping redeliveries: the message wamid, `wamid:status` for a status, or a
-    /// hash of the item for the rest.
-    pub item_id: String,
-    /// WhatsApp id of the contact (sender of a message, recipient of a status); the business
-    /// phone-number id for items about no contact.
-    pub contact: String,
-    pub phone_number_id: Option<String>,
-    /// The contact's profile name, when Meta sent it.
-    pub profile_name: Option<String>,
-    pub received_at_ms: i64,
-    /// The item exactly as Meta sent it.
-    pub item: Value,
-}
 
 fn digest(value: &[u8]) -> String {
     hex::encode(&Sha256::digest(value)[..12])
 }
 
-impl WebhookItem {
-    /// A signed body that is not a WhatsApp payload, kept whole.
-    pub fn unparsed(body: &[u8], received_at_ms: i64, detail: &str) -> Self {
-        WebhookItem {
-            kind: "unparsed".into(),
-            item_id: format!("unparsed:{}", digest(body)),
-            contact: "unknown".into(),
-            phone_number_id: None,
-            profile_name: None,
-            received_at_ms,
-            item: json!({"body": String::from_utf8_lossy(body), "error": detail}),
-        }
-    }
-
-    /// Reads an item as [`WebhookItem::to_json`] wrote it.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-        let field = |key: &str| {
-            v.get(key)
-                .and_then(Value::as_str)
-                .map(String::from)
-                .ok_or_else(|| format!("webhook item without {key}"))
-        };
-        let optional = |key: &str| v.get(key).and_then(Value::as_str).map(String::from);
-        Ok(WebhookItem {
-            kind: field("kind")?,
-            item_id: field("item_id")?,
-            contact: field("contact")?,
-            phone_number_id: optional("phone_number_id"),
-            profile_name: optional("profile_name"),
-            received_at_ms: v
-                .get("received_at_ms")
-                .and_then(Value::as_i64)
-                .ok_or("webhook item without received_at_ms")?,
-            item: v.get("item").cloned().unwrap_or(Value::Null),
-        })
-    }
-
-    pub fn to_json(&self) -> Vec<u8> {
-        json!({
-            "kind": self.kind,
-            "item_id": self.item_id,
-            "contact": self.contact,
-            "phone_number_id": self.phone_number_id,
-            "profile_name": self.profile_name,
-            "received_at_ms": self.received_at_ms,
-            "item": self.item,
-        })
-        .to_string()
-        .into_bytes()
+/// A signed body that is not a WhatsApp payload, kept whole.
+pub fn unparsed(body: &[u8], received_at_ms: i64, detail: &str) -> WebhookItem {
+    WebhookItem {
+        kind: "unparsed".into(),
+        item_id: format!("unparsed:{}", digest(body)),
+        contact: "unknown".into(),
+        phone_number_id: None,
+        profile_name: None,
+        received_at_ms,
+        item: json!({"body": String::from_utf8_lossy(body), "error": detail}),
     }
 }
 

@@ -10,13 +10,18 @@
 //!   every change of every entry) and each is produced to the webhook topic, keyed by the contact's
 //!   WhatsApp id, with `acks=all`. Only when every item is acknowledged does Meta get 200; if any
 //!   produce fails Meta gets 500 and redelivers, and the converse stage drops the repeats by item id.
+//! - **Supervised.** While publishing fails the stage reports not ready (so Kubernetes sends
+//!   Meta's retries to another replica) and probes the broker until it answers again; a fatal
+//!   producer error (a fenced idempotent producer) stops the stage with an error, so the process
+//!   restarts with a new producer instead of answering 500 to every webhook forever.
 //! - The endpoint runs on its own port, apart from `/metrics` and the health checks.
 
 mod items;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -26,7 +31,7 @@ use axum::routing::get;
 use axum::Router;
 use hmac::{Hmac, Mac};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +40,7 @@ use gridtalk_config::{Config, Secret};
 use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::{Metrics, Readiness};
 
-pub use items::{split, WebhookItem};
+pub use items::{split, unparsed, WebhookItem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -43,6 +48,8 @@ pub enum IngestError {
     Config(String),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    #[error("the webhook producer cannot go on (fatal Kafka client error): {0}")]
+    Producer(String),
     #[error("webhook endpoint on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -57,6 +64,80 @@ struct Shared {
     topic: String,
     audit_topic: String,
     timeout: Duration,
+    health: ProducerHealth,
+}
+
+/// Whether webhooks can be published: readiness follows it, and a fatal producer error stops
+/// the stage (the process exits non-zero and is restarted with a new producer) instead of
+/// answering 500 to every webhook forever.
+struct ProducerHealth {
+    ready: Arc<AtomicBool>,
+    /// Since when publishing fails (none while it works).
+    failing_since: Mutex<Option<Instant>>,
+    /// Cancelled on a fatal producer error; the reason is kept in `fatal_reason`.
+    fatal: CancellationToken,
+    fatal_reason: Mutex<Option<String>>,
+}
+
+impl ProducerHealth {
+    fn published(&self) {
+        if self.failing_since.lock().expect("health").take().is_some() {
+            tracing::warn!("webhook items are published again; ready");
+            self.ready.store(true, Ordering::Release);
+        }
+    }
+
+    /// A publish failed: not ready until publishing works again (webhooks then get 500 and Meta
+    /// redelivers them, to this or another replica). A fatal producer error ends the stage.
+    fn failed(&self, producer: &FutureProducer) {
+        self.ready.store(false, Ordering::Release);
+        self.failing_since
+            .lock()
+            .expect("health")
+            .get_or_insert_with(Instant::now);
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            let detail = format!("{code:?}: {reason}");
+            tracing::error!(error = %detail, "webhook producer failed fatally; stopping the ingest stage so the process restarts with a new one");
+            self.fatal_reason
+                .lock()
+                .expect("health")
+                .get_or_insert(detail);
+            self.fatal.cancel();
+        }
+    }
+
+    fn is_failing(&self) -> bool {
+        self.failing_since.lock().expect("health").is_some()
+    }
+}
+
+/// While publishing fails, checks every `PROBE_INTERVAL` whether the broker answers again, so a
+/// replica taken out of service by its readiness comes back without needing a webhook first.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn probe_while_failing(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+        }
+        if !shared.health.is_failing() {
+            continue;
+        }
+        let probe = shared.clone();
+        let reachable = tokio::task::spawn_blocking(move || {
+            probe
+                .producer
+                .client()
+                .fetch_metadata(Some(&probe.topic), probe.timeout)
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if reachable && shared.producer.client().fatal_error().is_none() {
+            shared.health.published();
+        }
+    }
 }
 
 /// Whether `header` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under `secret`.
@@ -137,7 +218,7 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             // Meta retry forever; keep it on the topic as an "unparsed" item for inspection.
             metrics.webhooks.with_label_values(&["malformed"]).inc();
             tracing::warn!(error = %detail, "signed webhook body is not a WhatsApp payload; kept as unparsed");
-            vec![WebhookItem::unparsed(&body, received_at, &detail)]
+            vec![unparsed(&body, received_at, &detail)]
         }
     };
     let values: Vec<Vec<u8>> = items.iter().map(WebhookItem::to_json).collect();
@@ -161,21 +242,35 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             shared.producer.send(record, shared.timeout)
         })
         .collect();
-    for (delivery, item) in futures::future::join_all(deliveries)
-        .await
-        .into_iter()
-        .zip(&items)
-    {
+    // Meta waits for an answer only so long: past the request timeout it gets 500 and
+    // redelivers (a record delivered late anyway is dropped by converse as a redelivery).
+    let Ok(delivered) =
+        tokio::time::timeout(shared.timeout, futures::future::join_all(deliveries)).await
+    else {
+        metrics
+            .webhooks
+            .with_label_values(&["publish_failed"])
+            .inc();
+        tracing::error!(
+            timeout_ms = shared.timeout.as_millis() as u64,
+            "webhook items not acknowledged in time; answering 500 so Meta redelivers"
+        );
+        shared.health.failed(&shared.producer);
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    for (delivery, item) in delivered.into_iter().zip(&items) {
         if let Err((e, _)) = delivery {
             metrics
                 .webhooks
                 .with_label_values(&["publish_failed"])
                 .inc();
             tracing::error!(error = %e, "webhook item not published; answering 500 so Meta redelivers");
+            shared.health.failed(&shared.producer);
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
         metrics.webhook_items.with_label_values(&[&item.kind]).inc();
     }
+    shared.health.published();
     metrics.webhooks.with_label_values(&["accepted"]).inc();
     StatusCode::OK.into_response()
 }
@@ -232,18 +327,45 @@ pub async fn run(
         topic: config.topics.webhook.clone(),
         audit_topic: config.topics.audit.clone(),
         timeout: Duration::from_millis(config.kafka.request_timeout_ms),
+        health: ProducerHealth {
+            ready: ready.clone(),
+            failing_since: Mutex::new(None),
+            fatal: CancellationToken::new(),
+            fatal_reason: Mutex::new(None),
+        },
     });
     let addr = config.ingest.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| IngestError::Listen { addr, source })?;
-    let app = router(shared, &config.ingest.path, config.ingest.max_body_bytes);
-    ready.store(true, std::sync::atomic::Ordering::Release);
+    let app = router(
+        shared.clone(),
+        &config.ingest.path,
+        config.ingest.max_body_bytes,
+    );
+    ready.store(true, Ordering::Release);
     tracing::info!(listen = %addr, path = %config.ingest.path, topic = %config.topics.webhook, "ingest stage listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|source| IngestError::Listen { addr, source })?;
+    let fatal = shared.health.fatal.clone();
+    let stop = CancellationToken::new();
+    let probe = tokio::spawn(probe_while_failing(shared.clone(), stop.clone()));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = fatal.cancelled() => {}
+            }
+        })
+        .await;
+    stop.cancel();
+    let _ = probe.await;
+    ready.store(false, Ordering::Release);
+    served.map_err(|source| IngestError::Listen { addr, source })?;
+    if let Some(reason) = shared.health.fatal_reason.lock().expect("health").clone() {
+        return Err(IngestError::Producer(reason));
+    }
     tracing::info!("ingest stage stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -58,26 +58,29 @@ impl ConsumerContext for RestoreContext {}
 /// The live entries of one changelog partition.
 pub type PartitionEntries = HashMap<String, StoredEntry>;
 
-/// What a stage calls on assignment: [`restore_partitions`] off the async runtime, with the time
-/// it took recorded in `gridtalk_state_restore_seconds{store}` and logged. Entries expired at the
-/// start of the restore are left out; the deadline is four request timeouts.
+/// What a stage calls on assignment: [`restore_partitions`] off the async runtime, then a
+/// tombstone for every expired entry it met (so restores stay bounded however long a partition
+/// went unowned), with the time it took recorded in `gridtalk_state_restore_seconds{store}` and
+/// logged. Entries expired at the start of the restore are left out; the deadline is four request
+/// timeouts.
 pub async fn restore_for_stage(
     config: &KafkaConfig,
     store: &'static str,
     topic: &str,
     partitions: Vec<i32>,
 ) -> Result<HashMap<i32, PartitionEntries>, KafkaError> {
-    let (config, topic_name) = (config.clone(), topic.to_string());
+    let (reader_config, topic_name) = (config.clone(), topic.to_string());
     let started = Instant::now();
-    let (restored, read) = tokio::task::spawn_blocking(move || {
-        let deadline = Duration::from_millis(config.request_timeout_ms.saturating_mul(4));
+    let restored = tokio::task::spawn_blocking(move || {
+        let deadline = Duration::from_millis(reader_config.request_timeout_ms.saturating_mul(4));
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        restore_partitions(&config, &topic_name, &partitions, now_ms, deadline)
+        restore_partitions(&reader_config, &topic_name, &partitions, now_ms, deadline)
     })
     .await
     .map_err(|e| KafkaError::Restore(e.to_string()))??;
+    let tombstoned = tombstone_expired(config, topic, &restored.expired).await?;
     gridtalk_telemetry::Metrics::global()
         .state_restore_seconds
         .with_label_values(&[store])
@@ -85,29 +88,45 @@ pub async fn restore_for_stage(
     tracing::info!(
         store,
         topic,
-        partitions = ?restored.keys().collect::<Vec<_>>(),
-        entries = restored.values().map(HashMap::len).sum::<usize>(),
-        records = read,
+        partitions = ?restored.entries.keys().collect::<Vec<_>>(),
+        entries = restored.entries.values().map(HashMap::len).sum::<usize>(),
+        records = restored.read,
+        tombstoned,
         millis = started.elapsed().as_millis() as u64,
         "state restored"
     );
-    Ok(restored)
+    Ok(restored.entries)
+}
+
+/// What one pass over changelog partitions found.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// The live entries per partition.
+    pub entries: HashMap<i32, PartitionEntries>,
+    /// Per partition, the keys whose latest record is an expired entry (or unreadable): they
+    /// need a tombstone, or every later restore reads them again.
+    pub expired: HashMap<i32, Vec<String>>,
+    /// Records read.
+    pub read: u64,
 }
 
 /// Reads several partitions of one changelog topic in one pass (one consumer, fetched together),
-/// each from its start to its end. Returns the live entries per partition and the number of
-/// records read.
+/// each from its start to its end.
 pub fn restore_partitions(
     config: &KafkaConfig,
     topic: &str,
     partitions: &[i32],
     now_ms: i64,
     deadline: Duration,
-) -> Result<(HashMap<i32, PartitionEntries>, u64), KafkaError> {
+) -> Result<Restored, KafkaError> {
     let mut restored: HashMap<i32, PartitionEntries> =
         partitions.iter().map(|p| (*p, HashMap::new())).collect();
+    let mut expired: HashMap<i32, std::collections::HashSet<String>> = HashMap::new();
     if partitions.is_empty() {
-        return Ok((restored, 0));
+        return Ok(Restored {
+            entries: restored,
+            ..Restored::default()
+        });
     }
     let consumer = tail_reader(config)?;
     let mut tpl = TopicPartitionList::new();
@@ -124,16 +143,62 @@ pub fn restore_partitions(
             return;
         };
         let entries = restored.entry(message.partition()).or_default();
-        match message.payload().and_then(decode_entry) {
-            Some(entry) if entry.expires_at_ms > now_ms => {
+        let expired = expired.entry(message.partition()).or_default();
+        match message.payload().map(decode_entry) {
+            Some(Some(entry)) if entry.expires_at_ms > now_ms => {
+                expired.remove(&key);
                 entries.insert(key, entry);
             }
-            _ => {
+            // Expired, or not an entry at all: deleted, and tombstoned after the pass.
+            Some(_) => {
                 entries.remove(&key);
+                expired.insert(key);
+            }
+            // A tombstone.
+            None => {
+                entries.remove(&key);
+                expired.remove(&key);
             }
         }
     })?;
-    Ok((restored, read))
+    Ok(Restored {
+        entries: restored,
+        expired: expired
+            .into_iter()
+            .map(|(p, keys)| (p, keys.into_iter().collect()))
+            .filter(|(_, keys): &(i32, Vec<String>)| !keys.is_empty())
+            .collect(),
+        read,
+    })
+}
+
+/// Writes a tombstone for every expired key `restored` found, and waits for the broker's
+/// acknowledgement: the next restore of these partitions (and, after compaction, the topic)
+/// no longer holds them. Returns how many were written.
+pub async fn tombstone_expired(
+    config: &KafkaConfig,
+    topic: &str,
+    expired: &HashMap<i32, Vec<String>>,
+) -> Result<usize, KafkaError> {
+    let count: usize = expired.values().map(Vec::len).sum();
+    if count == 0 {
+        return Ok(0);
+    }
+    let producer = crate::producer(config)?;
+    let mut deliveries = Vec::with_capacity(count);
+    for (partition, keys) in expired {
+        for key in keys {
+            deliveries.push(write(&producer, topic, *partition, key, None)?);
+        }
+    }
+    for delivery in futures::future::join_all(deliveries).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(KafkaError::Client(e)),
+            Err(_) => return Err(KafkaError::Restore("tombstone cancelled".into())),
+        }
+    }
+    Ok(count)
 }
 
 /// Reads the partitions of `tpl` from their given offsets to their ends (as of the fetch

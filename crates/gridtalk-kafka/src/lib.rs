@@ -63,7 +63,8 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", config.request_timeout_ms.to_string());
+        .set("message.timeout.ms", config.delivery_timeout_ms.to_string())
+        .set("request.timeout.ms", config.request_timeout_ms.to_string());
     for (key, value) in &config.producer {
         client.set(key, value);
     }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use gridtalk_config::{Config, ParamConfig, RuleConfig, TemplateConfig};
-use gridtalk_contract::samples::payload_type_of;
+use gridtalk_contract::payload_type_of;
 use gridtalk_contract::{EventView, OutboxMessage};
 use gridtalk_kafka::DeadLetterReason;
 

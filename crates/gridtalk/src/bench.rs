@@ -245,8 +245,8 @@ fn interpret(
     directory: &gridtalk_route::Directory,
     now: i64,
 ) {
+    use gridtalk_contract::WebhookItem;
     use gridtalk_converse::{Conversations, Handled, Settings};
-    use gridtalk_ingest::WebhookItem;
     use serde_json::{json, Value};
     let mut conversations = Conversations::new(Settings {
         button_secret: BENCH_BUTTON_SECRET.to_vec(),
@@ -255,6 +255,7 @@ fn interpret(
         confirmation_languages: vec!["en_US".into()],
         phone_number_id: config.send.phone_number_id.clone(),
         remembered_items: planned.len() * 3,
+        retention_ms: 7 * 24 * 3_600_000,
     });
     let sent: Vec<gridtalk_contract::SentMessage> = planned
         .iter()
@@ -310,13 +311,13 @@ fn interpret(
     }
     let started = Instant::now();
     for s in &sent {
-        conversations.apply_sent(s);
+        conversations.apply_sent(0, s);
     }
     let applied = started.elapsed();
     let started = Instant::now();
     let (mut outcomes, mut waits) = (0usize, 0usize);
     for i in &items {
-        match conversations.handle(i, directory, now, false) {
+        match conversations.handle(0, i, directory, now, false) {
             Handled::Done { outcomes: o, .. } => outcomes += o.len(),
             Handled::Wait { .. } => waits += 1,
         }
@@ -385,7 +386,7 @@ async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::R
     let written = started.elapsed();
     let kafka = config.kafka.clone();
     let started = Instant::now();
-    let (restored, read) = tokio::task::spawn_blocking(move || {
+    let restored = tokio::task::spawn_blocking(move || {
         gridtalk_kafka::changelog::restore_partitions(
             &kafka,
             topic,
@@ -396,7 +397,10 @@ async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::R
     })
     .await??;
     let restore = started.elapsed();
-    let live = restored.get(&0).map_or(0, |entries| entries.len());
+    let (read, live) = (
+        restored.read,
+        restored.entries.get(&0).map_or(0, |entries| entries.len()),
+    );
     drop(restored);
 
     // Memory per key of the live structure the route stage keeps (a dedupe window).

@@ -1,0 +1,35 @@
+//! The event types of the contract: which payload record carries each, and its flow. Routing
+//! validates an event against this table; the samples and the traffic generator walk it.
+
+/// Every event type the contract defines, with the payload record that carries it and its flow.
+pub const EVENT_TYPES: &[(&str, &str, char)] = &[
+    ("tg.po.received", "PurchaseOrderReceived", 'a'),
+    ("tg.po.ack_overdue", "PurchaseOrderAckOverdue", 'a'),
+    ("tg.invoice.delivered", "InvoiceStatusChanged", 'b'),
+    ("tg.invoice.acknowledged", "InvoiceStatusChanged", 'b'),
+    ("tg.invoice.rejected", "InvoiceStatusChanged", 'b'),
+    (
+        "tg.invoice.correction_required",
+        "InvoiceStatusChanged",
+        'b',
+    ),
+    ("tg.asn.sent", "ShipmentEvent", 'c'),
+    ("tg.delivery.confirmed", "ShipmentEvent", 'c'),
+    ("tg.shipment.status_updated", "ShipmentEvent", 'c'),
+    ("tg.shipment.exception", "ShipmentEvent", 'c'),
+    ("tg.onboarding.reminder", "OnboardingReminder", 'd'),
+    ("tg.document.validation_failed", "DocumentFailure", 'e'),
+    ("tg.document.delivery_failed", "DocumentFailure", 'e'),
+    ("wf.approval.requested", "ApprovalRequested", 'f'),
+    ("wf.case.opened", "CaseEvent", 'g'),
+    ("wf.case.updated", "CaseEvent", 'g'),
+    ("ops.summary.published", "ActivitySummary", 'h'),
+];
+
+/// The payload record name that carries `event_type`, if the contract knows the type.
+pub fn payload_type_of(event_type: &str) -> Option<&'static str> {
+    EVENT_TYPES
+        .iter()
+        .find(|(t, _, _)| *t == event_type)
+        .map(|(_, p, _)| *p)
+}
