@@ -2,7 +2,6 @@
 //! strategy handed to the driver (see the crate docs for the guarantees).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -99,15 +98,15 @@ pub async fn run(
     let driver = Driver::new(
         &config.kafka,
         DriverSettings {
-            stage: STAGE,
-            group_id: format!("{}-converse", config.kafka.group_prefix),
-            topics: vec![config.topics.sent.clone(), config.topics.webhook.clone()],
             // The sent log is read from its start on every assignment: it rebuilds the join.
             untracked_topics: vec![config.topics.sent.clone()],
             // The same partition numbers of both topics on one member: the join is local.
             assignment: Assignment::Range,
-            drain_deadline: Duration::from_millis(config.kafka.revoke_drain_ms),
-            shutdown_deadline: Duration::from_millis(config.admin.shutdown_deadline_ms),
+            ..DriverSettings::for_stage(
+                &config,
+                STAGE,
+                vec![config.topics.sent.clone(), config.topics.webhook.clone()],
+            )
         },
         ready,
     )?;

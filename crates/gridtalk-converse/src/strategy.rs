@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -555,7 +555,7 @@ fn publish(
     tokio::spawn(async move {
         let _held = held;
         let Record { message, ticket } = record;
-        if let Err(e) = acknowledged(deliveries).await {
+        if let Err(e) = gridtalk_kafka::acknowledged(deliveries).await {
             return ticket.fail(format!("response publish: {e}"));
         }
         let expires = now_ms() + STATE_RETENTION_MS;
@@ -580,24 +580,12 @@ fn publish(
         {
             held.extend(changes.iter().map(|(key, _)| (key.clone(), expires)));
         }
-        match acknowledged(written).await {
+        match gridtalk_kafka::acknowledged(written).await {
             Ok(()) => ticket.finish(),
             Err(e) => ticket.fail(format!("converse state: {e}")),
         }
         publishing.room.notify_one();
     });
-}
-
-/// Waits for the broker's acknowledgement of every delivery.
-async fn acknowledged(deliveries: Vec<DeliveryFuture>) -> Result<(), String> {
-    for delivery in futures::future::join_all(deliveries).await {
-        match delivery {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e.to_string()),
-            Err(_) => return Err("cancelled".into()),
-        }
-    }
-    Ok(())
 }
 
 /// The ids of the responses published within `converse.replay_lookback_ms`.

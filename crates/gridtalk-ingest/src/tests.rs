@@ -77,8 +77,16 @@ fn ingest_ready(readiness: &Readiness) -> bool {
     !readiness.pending().iter().any(|name| name == "ingest")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_outage_makes_ingest_unready_until_the_broker_answers_again() {
+/// The ingest stage on a mock cluster with the webhook and audit topics, once it accepted a
+/// first webhook.
+async fn start_ingest(
+    shutdown: CancellationToken,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    u16,
+    Readiness,
+    tokio::task::JoinHandle<Result<(), IngestError>>,
+) {
     let mock = MockCluster::new(1).expect("mock cluster");
     let port = free_port();
     let config = config(&mock.bootstrap_servers(), port);
@@ -87,13 +95,19 @@ async fn a_broker_outage_makes_ingest_unready_until_the_broker_answers_again() {
     mock.create_topic(&config.topics.audit, 1, 1)
         .expect("topic");
     let readiness = Readiness::default();
-    let shutdown = CancellationToken::new();
-    let stage = tokio::spawn(run(config, readiness.clone(), shutdown.clone()));
+    let stage = tokio::spawn(run(config, readiness.clone(), shutdown));
     wait_for("ingest ready", Duration::from_secs(10), || {
         ingest_ready(&readiness)
     })
     .await;
     assert_eq!(post_status(port, 1).await, 200);
+    (mock, port, readiness, stage)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_makes_ingest_unready_until_the_broker_answers_again() {
+    let shutdown = CancellationToken::new();
+    let (mock, port, readiness, stage) = start_ingest(shutdown.clone()).await;
 
     mock.broker_down(1).expect("broker down");
     assert_eq!(
@@ -132,20 +146,7 @@ async fn a_broker_outage_makes_ingest_unready_until_the_broker_answers_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_producer_error_stops_the_stage_instead_of_answering_500_forever() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let port = free_port();
-    let config = config(&mock.bootstrap_servers(), port);
-    mock.create_topic(&config.topics.webhook, 2, 1)
-        .expect("topic");
-    mock.create_topic(&config.topics.audit, 1, 1)
-        .expect("topic");
-    let readiness = Readiness::default();
-    let stage = tokio::spawn(run(config, readiness.clone(), CancellationToken::new()));
-    wait_for("ingest ready", Duration::from_secs(10), || {
-        ingest_ready(&readiness)
-    })
-    .await;
-    assert_eq!(post_status(port, 1).await, 200);
+    let (mock, port, readiness, stage) = start_ingest(CancellationToken::new()).await;
     // The broker fences the idempotent producer: librdkafka raises a fatal error.
     mock.request_errors(
         RDKafkaApiKey::Produce,

@@ -71,6 +71,21 @@ pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     Ok(client.create()?)
 }
 
+/// Waits for the broker's acknowledgement of every delivery (records enqueued in order with
+/// `send_result`); the first failure is returned.
+pub async fn acknowledged(
+    deliveries: Vec<rdkafka::producer::DeliveryFuture>,
+) -> Result<(), String> {
+    for delivery in futures::future::join_all(deliveries).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e.to_string()),
+            Err(_) => return Err("cancelled".into()),
+        }
+    }
+    Ok(())
+}
+
 /// A consumer without a group, for tailing a topic from the beginning (the directory).
 pub fn tail_consumer(config: &KafkaConfig) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {
     Ok(client_config(config)

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::Config;
 use gridtalk_contract::{ContractSchemas, EventDecoder, RegistryClient, SchemaSet};
-use gridtalk_kafka::driver::{Assignment, Driver, DriverSettings};
+use gridtalk_kafka::driver::{Driver, DriverSettings};
 use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::Readiness;
 
@@ -85,15 +85,7 @@ pub async fn run(
 
     let driver = Driver::new(
         &config.kafka,
-        DriverSettings {
-            stage: STAGE,
-            group_id: format!("{}-route", config.kafka.group_prefix),
-            topics: config.topics.inputs.clone(),
-            untracked_topics: vec![],
-            assignment: Assignment::CooperativeSticky,
-            drain_deadline: Duration::from_millis(config.kafka.revoke_drain_ms),
-            shutdown_deadline: Duration::from_millis(config.admin.shutdown_deadline_ms),
-        },
+        DriverSettings::for_stage(&config, STAGE, config.topics.inputs.clone()),
         ready,
     )?;
     let routing = Arc::new(Routing {

@@ -421,7 +421,7 @@ async fn route_one(
     let event_id = view.event_id().to_string();
     tokio::spawn(async move {
         let _held = (effect, permit);
-        if let Err(e) = acknowledged(deliveries).await {
+        if let Err(e) = gridtalk_kafka::acknowledged(deliveries).await {
             return ticket.fail(format!("outbox produce: {e}"));
         }
         let remembered = gridtalk_kafka::changelog::write(
@@ -432,7 +432,7 @@ async fn route_one(
             Some((&[], expires)),
         );
         let durable = match remembered {
-            Ok(delivery) => acknowledged(vec![delivery]).await,
+            Ok(delivery) => gridtalk_kafka::acknowledged(vec![delivery]).await,
             Err(e) => Err(e.to_string()),
         };
         match durable {
@@ -454,18 +454,6 @@ async fn begin(
         permit = routing.in_flight.clone().acquire_owned() => permit.ok()?,
     };
     Some((ticket.begin_effect()?, permit))
-}
-
-/// Waits for the broker's acknowledgement of every delivery.
-async fn acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Result<(), String> {
-    for delivery in futures::future::join_all(deliveries).await {
-        match delivery {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e.to_string()),
-            Err(_) => return Err("cancelled".into()),
-        }
-    }
-    Ok(())
 }
 
 /// Dead-letters a record (an effect of its partition) and finishes it once acknowledged.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::Config;
-use gridtalk_kafka::driver::{Assignment, Driver, DriverSettings};
+use gridtalk_kafka::driver::{Driver, DriverSettings};
 use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::Readiness;
 use gridtalk_whatsapp::CloudApiClient;
@@ -40,15 +40,7 @@ pub async fn run(
     }
     let driver = Driver::new(
         &config.kafka,
-        DriverSettings {
-            stage: STAGE,
-            group_id: format!("{}-send", config.kafka.group_prefix),
-            topics: vec![config.topics.outbox.clone()],
-            untracked_topics: vec![],
-            assignment: Assignment::CooperativeSticky,
-            drain_deadline: Duration::from_millis(config.kafka.revoke_drain_ms),
-            shutdown_deadline: Duration::from_millis(config.admin.shutdown_deadline_ms),
-        },
+        DriverSettings::for_stage(&config, STAGE, vec![config.topics.outbox.clone()]),
         ready,
     )?;
     let send = &config.send;

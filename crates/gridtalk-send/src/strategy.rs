@@ -515,11 +515,7 @@ async fn send_job(sending: &Sending, job: Job) {
                     Some((&indexed_send.encode(), expires)),
                 );
                 let durable = match indexed {
-                    Ok(delivery) => match delivery.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((e, _))) => Err(e.to_string()),
-                        Err(_) => Err("cancelled".to_string()),
-                    },
+                    Ok(delivery) => gridtalk_kafka::acknowledged(vec![delivery]).await,
                     Err(e) => Err(e.to_string()),
                 };
                 if let Err(e) = durable {

@@ -124,6 +124,26 @@ pub struct DriverSettings {
     pub shutdown_deadline: Duration,
 }
 
+impl DriverSettings {
+    /// A stage's usual settings: group `<group_prefix>-<stage>`, cooperative-sticky, every topic
+    /// committed, the configured revoke drain and shutdown deadlines.
+    pub fn for_stage(
+        config: &gridtalk_config::Config,
+        stage: &'static str,
+        topics: Vec<String>,
+    ) -> Self {
+        DriverSettings {
+            stage,
+            group_id: format!("{}-{stage}", config.kafka.group_prefix),
+            topics,
+            untracked_topics: Vec::new(),
+            assignment: Assignment::CooperativeSticky,
+            drain_deadline: Duration::from_millis(config.kafka.revoke_drain_ms),
+            shutdown_deadline: Duration::from_millis(config.admin.shutdown_deadline_ms),
+        }
+    }
+}
+
 /// The records a partition holds back while the stage pushes back, and its pause state.
 #[derive(Debug, Default)]
 struct Held {
