@@ -24,7 +24,12 @@
 //! Every refusal (bad token, unauthorised contact, second decision, reply to an unknown message)
 //! is an `AuditRecord` on the audit topic and a `gridtalk_refusals_total` count, never a response.
 //! A redelivered webhook item (same item id) is dropped. An item that refers to a message the sent
-//! log has not shown yet waits for it up to `converse.join_wait_ms`.
+//! log has not shown yet waits for it up to `converse.join_wait_ms` (at most `converse.max_waiting`
+//! items at once; one beyond is judged at once).
+//!
+//! State is bounded: what the process holds about a partition's contacts leaves with the
+//! partition, and sent messages (with the requests and contacts only they keep) are evicted after
+//! the longer of the button lifetime and the sent-index retention.
 
 mod conversation;
 mod stage;

@@ -12,6 +12,10 @@
 //! document), records are produced in consumption order by an idempotent producer, and the
 //! outbox is keyed by sending number. A produce that fails after the producer's own retries
 //! stops the stage with an error (the process restarts and replays), never skips.
+//!
+//! One bad record parks only its own partition: a schema id the registry cannot serve is retried
+//! with backoff while the driver pauses that partition (every other partition and topic keeps
+//! routing) and is dead-lettered as `registry_unavailable` after `route.registry_wait_max_secs`.
 
 mod dedupe;
 mod render;

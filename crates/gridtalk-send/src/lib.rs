@@ -6,9 +6,17 @@
 //!   number, so one consumer owns all of a number's sends) and one pair limiter per recipient,
 //!   both a configured margin below Meta's limits. A message that must wait, waits; nothing is
 //!   dropped for being early.
-//! - **Order per recipient.** Messages to one recipient are sent one at a time in outbox order
-//!   (so messages about one document reach a person in event order); different recipients are
-//!   worked concurrently, up to `send.max_in_flight`.
+//! - **Order per recipient, and no recipient blocks another.** Messages to one recipient are sent
+//!   one at a time in outbox order (so messages about one document reach a person in event order);
+//!   different recipients are worked concurrently. A message waiting for its recipient's pair
+//!   limit, a retry backoff or a halted number holds none of the `send.max_in_flight` places on
+//!   the wire, so one busy person never slows the number's others. At most `send.max_queued`
+//!   messages wait in memory; beyond that, and while the number is halted, the stage pushes back
+//!   and the driver pauses the outbox partitions (the consumer keeps polling and stays in its
+//!   group).
+//! - **Nothing sent twice by a rebalance.** A request already on the wire when its partition is
+//!   revoked is waited for (up to `kafka.revoke_drain_ms`) and recorded in the sent index before
+//!   the partition moves; nothing of a revoked partition is sent after the revoke began.
 //! - **Nothing lost.** An outbox offset is stored only after the message was accepted by WhatsApp
 //!   and its sent-log record acknowledged, or after it was dead-lettered. Offsets move only up to
 //!   the lowest unfinished message.

@@ -36,6 +36,12 @@ pub struct BenchArgs {
     /// Dedupe keys for the state part (written to one changelog partition, then restored).
     #[arg(long, default_value_t = 1_000_000)]
     state_keys: u64,
+    /// Sent messages for the converse-state part, each followed by a status webhook item.
+    #[arg(long, default_value_t = 1_000_000)]
+    converse_items: u64,
+    /// Contacts the converse-state part spreads its messages over.
+    #[arg(long, default_value_t = 100_000)]
+    converse_contacts: u64,
 }
 
 fn encoded_events(count: u64) -> Vec<Vec<u8>> {
@@ -150,6 +156,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // Part 1b: interpreting what comes back for those messages.
     interpret(&planned, &config, &directory, now);
+    converse_state_over_time(
+        &config,
+        &directory,
+        args.converse_items,
+        args.converse_contacts,
+    );
 
     // Part 3 first (the broker is idle): restoring state from a changelog.
     state_restore(&config, args.state_keys).await?;
@@ -338,6 +350,102 @@ fn interpret(
         "  items handled   {:>10.0} items/s  ({:.1} µs/item)",
         rate(items.len(), handled),
         micros(handled, items.len())
+    );
+}
+
+/// The converse stage's memory over simulated time: `items` sent messages spread over
+/// `contacts` contacts and 48 simulated hours, each followed by a `delivered` status, with the
+/// stage's eviction every 10 simulated minutes and a 12-hour retention. Prints the live entries
+/// and the process's resident set at every fourth simulated hour: both should stop growing once
+/// the first 12 hours have passed.
+fn converse_state_over_time(
+    config: &gridtalk_config::Config,
+    directory: &gridtalk_route::Directory,
+    items: u64,
+    contacts: u64,
+) {
+    use gridtalk_contract::{SentMessage, WebhookItem};
+    use gridtalk_converse::{Conversations, Settings};
+    const HOUR: i64 = 3_600_000;
+    let span_ms = 48 * HOUR;
+    let retention_ms = 12 * HOUR;
+    let mut conversations = Conversations::new(Settings {
+        button_secret: BENCH_BUTTON_SECRET.to_vec(),
+        service_window_ms: 23 * HOUR,
+        confirmation_template: config.converse.confirmation_template.clone(),
+        confirmation_languages: vec!["en_US".into()],
+        phone_number_id: config.send.phone_number_id.clone(),
+        remembered_items: config.converse.remembered_items,
+        retention_ms,
+    });
+    let start = chrono::Utc::now().timestamp_millis();
+    let step_ms = (span_ms / items.max(1) as i64).max(1);
+    let mut next_evict = start + 10 * 60_000;
+    let mut next_report = start;
+    let contacts = contacts.max(1);
+    println!();
+    println!(
+        "converse state: {items} sent messages and {items} status items over {contacts} contacts, 48 simulated hours, retention 12 h"
+    );
+    println!("  simulated hour   live entries   resident MiB");
+    let started = Instant::now();
+    for i in 0..items {
+        let now = start + i as i64 * step_ms;
+        let wa_id = format!("49170{:07}", i % contacts);
+        let wamid = format!("wamid.STATE{i:010}");
+        let partition = (i % 6) as i32;
+        conversations.apply_sent(
+            partition,
+            &SentMessage {
+                wamid: wamid.clone(),
+                message_id: format!("m{i}"),
+                event_id: format!("e{i}"),
+                event_type: "tg.shipment.exception".into(),
+                correlation_id: format!("ACME|ASN-{i}"),
+                document_key: format!("ASN-{i}"),
+                partner_id: "ACME".into(),
+                phone_number_id: config.send.phone_number_id.clone(),
+                contact_id: format!("contact-{}", i % contacts),
+                recipient: wa_id.clone(),
+                wa_id: wa_id.clone(),
+                template_name: Some("shipment_exception".into()),
+                message_status: "accepted".into(),
+                attempts: 1,
+                accepted_at: now,
+            },
+        );
+        let status = WebhookItem {
+            kind: "status".into(),
+            item_id: format!("{wamid}:delivered"),
+            contact: wa_id.clone(),
+            phone_number_id: Some(config.send.phone_number_id.clone()),
+            profile_name: None,
+            received_at_ms: now,
+            item: serde_json::json!({"id": wamid, "status": "delivered",
+                "timestamp": (now / 1000).to_string(), "recipient_id": wa_id}),
+        };
+        let _ = conversations.handle(partition, &status, directory, now, false);
+        let _ = conversations.take_changes();
+        if now >= next_evict {
+            conversations.evict(now);
+            next_evict += 10 * 60_000;
+        }
+        if now >= next_report {
+            println!(
+                "  {:>14}   {:>12}   {:>12.0}",
+                (now - start) / HOUR,
+                conversations.len(),
+                resident_bytes().unwrap_or(0) as f64 / 1_048_576.0
+            );
+            next_report += 4 * HOUR;
+        }
+    }
+    println!(
+        "  {:>14}   {:>12}   {:>12.0}   ({:.1} s)",
+        48,
+        conversations.len(),
+        resident_bytes().unwrap_or(0) as f64 / 1_048_576.0,
+        started.elapsed().as_secs_f64()
     );
 }
 
