@@ -36,6 +36,13 @@ pub struct BenchArgs {
     /// Dedupe keys for the state part (written to one changelog partition, then restored).
     #[arg(long, default_value_t = 1_000_000)]
     state_keys: u64,
+    /// How long the sandbox takes to answer each send in the pipeline part (Meta answers in about
+    /// 100 to 300 ms), to see how `send.max_in_flight` bounds a number's throughput.
+    #[arg(long, default_value_t = 0)]
+    api_latency_ms: u64,
+    /// `send.max_in_flight` for the pipeline part.
+    #[arg(long, default_value_t = 64)]
+    send_in_flight: usize,
     /// Sent messages for the converse-state part, each followed by a status webhook item.
     #[arg(long, default_value_t = 1_000_000)]
     converse_items: u64,
@@ -80,10 +87,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         0,
         |sandbox| {
             sandbox.throughput_per_second = args.send_rate.saturating_mul(2);
+            if args.api_latency_ms > 0 {
+                sandbox.faults.slow_rate = 1.0;
+                sandbox.faults.slow_ms = args.api_latency_ms;
+            }
             sandbox.pair_burst = u32::MAX;
         },
         vec![
             ("SEND__MAX_MESSAGES_PER_SECOND", args.send_rate.to_string()),
+            ("SEND__MAX_IN_FLIGHT", args.send_in_flight.to_string()),
             ("SEND__PAIR_BURST", "1000000".into()),
         ],
         shutdown.clone(),
@@ -220,9 +232,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rate(generated as usize, drained)
     );
     println!(
-        "  messages sent   {:>10.0} /s  (number limit {}/s less the safety margin)",
+        "  messages sent   {:>10.0} /s  (number limit {}/s less the safety margin; {} on the wire at most, API latency {} ms)",
         rate(stats.accepted as usize, drained),
-        args.send_rate
+        args.send_rate,
+        args.send_in_flight,
+        args.api_latency_ms
     );
     // Steady state: from the first to the last message at the sandbox (no group join, no start-up).
     let times: Vec<i64> = sandbox

@@ -38,17 +38,74 @@ pub(crate) enum Event {
     Fatal(String),
 }
 
-/// The consumer's context: rebalance callbacks, commit errors and the lag gauge.
+/// The stage's readiness, from what the driver knows: it is running (not stopping or failed),
+/// no restore is under way, and at least one broker is reachable (per librdkafka's statistics and
+/// its all-brokers-down error). Back-pressure alone never makes a stage unready.
+#[derive(Debug)]
+pub(crate) struct Health {
+    ready: Arc<AtomicBool>,
+    running: AtomicBool,
+    restoring: AtomicBool,
+    brokers_up: AtomicBool,
+}
+
+impl Health {
+    pub(crate) fn new(ready: Arc<AtomicBool>) -> Self {
+        Health {
+            ready,
+            running: AtomicBool::new(false),
+            restoring: AtomicBool::new(false),
+            brokers_up: AtomicBool::new(true),
+        }
+    }
+
+    pub(crate) fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::Release);
+        self.refresh();
+    }
+
+    pub(crate) fn set_restoring(&self, restoring: bool) {
+        self.restoring.store(restoring, Ordering::Release);
+        self.refresh();
+    }
+
+    fn set_brokers_up(&self, stage: &'static str, up: bool) {
+        if self.brokers_up.swap(up, Ordering::AcqRel) != up {
+            if up {
+                tracing::warn!(stage, "a broker is reachable again; ready");
+            } else {
+                tracing::error!(stage, "no broker is reachable; not ready");
+            }
+        }
+        self.refresh();
+    }
+
+    fn refresh(&self) {
+        let ready = self.running.load(Ordering::Acquire)
+            && !self.restoring.load(Ordering::Acquire)
+            && self.brokers_up.load(Ordering::Acquire);
+        self.ready.store(ready, Ordering::Release);
+    }
+}
+
+/// The consumer's context: rebalance callbacks, commit errors, broker reachability and the lag
+/// gauge.
 pub(crate) struct DriverContext {
     pub(crate) stage: &'static str,
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) events: UnboundedSender<Event>,
     pub(crate) drain_deadline: Duration,
+    pub(crate) health: Arc<Health>,
 }
 
 impl ClientContext for DriverContext {
     /// Consumer lag of the partitions assigned here, from librdkafka's statistics.
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.health.set_brokers_up(self.stage, up);
         let lag = &gridtalk_telemetry::Metrics::global().consumer_lag;
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -67,6 +124,12 @@ impl ClientContext for DriverContext {
     }
 
     fn error(&self, error: RdKafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.health.set_brokers_up(self.stage, false);
+        }
         tracing::warn!(stage = self.stage, error = %error, reason, "Kafka client error");
     }
 }

@@ -22,7 +22,8 @@
 //! - **Failures are loud.** A ticket dropped unfinished (a panicked task), a failed hand-off
 //!   ([`Ticket::fail`], [`Supervisor::fail`]), a fatal client error or a panic in the strategy
 //!   ends [`Driver::run`] with an error, so the process exits non-zero and is restarted; the
-//!   stage's readiness flag is false from that moment.
+//!   stage's readiness flag is false from that moment. It is also false while state is restored
+//!   and while no broker is reachable; back-pressure alone never clears it.
 //! - **Shutdown is a revoke of everything**: stop beginning effects, drain them up to the
 //!   shutdown deadline, commit, leave the group.
 
@@ -161,7 +162,7 @@ pub struct Driver {
     consumer: Arc<BaseConsumer<DriverContext>>,
     ledger: Arc<ledger::Ledger>,
     events: mpsc::UnboundedReceiver<Event>,
-    ready: Arc<AtomicBool>,
+    health: Arc<consumer::Health>,
     #[cfg(feature = "fault-injection")]
     panic_at: Option<(String, i32, i64)>,
 }
@@ -176,7 +177,8 @@ impl std::fmt::Debug for Driver {
 
 impl Driver {
     /// Creates the group consumer and subscribes. `ready` is the stage's readiness flag: the
-    /// driver sets it while the stage runs and clears it while state is restored and on failure.
+    /// driver sets it while the stage runs, and clears it while state is restored, while no
+    /// broker is reachable, and from a failure on. Back-pressure never clears it.
     pub fn new(
         config: &KafkaConfig,
         settings: DriverSettings,
@@ -184,11 +186,13 @@ impl Driver {
     ) -> Result<Self, KafkaError> {
         let ledger = ledger::Ledger::new(settings.untracked_topics.iter().cloned());
         let (tx, events) = mpsc::unbounded_channel();
+        let health = Arc::new(consumer::Health::new(ready));
         let context = DriverContext {
             stage: settings.stage,
             ledger: ledger.clone(),
             events: tx,
             drain_deadline: settings.drain_deadline,
+            health: health.clone(),
         };
         let assignor = match settings.assignment {
             Assignment::CooperativeSticky => "cooperative-sticky",
@@ -221,7 +225,7 @@ impl Driver {
             consumer: Arc::new(consumer),
             ledger,
             events,
-            ready,
+            health,
         })
     }
 
@@ -249,7 +253,7 @@ impl Driver {
         };
         // Stops the consumer thread however this function ends, a panic included.
         let _stop_thread = StopOnDrop(stop.clone());
-        self.ready.store(true, Ordering::Release);
+        self.health.set_running(true);
         tracing::info!(stage, group = %self.settings.group_id, topics = ?self.settings.topics, "stage running");
 
         let mut held: HashMap<TopicPartition, Held> = HashMap::new();
@@ -289,7 +293,7 @@ impl Driver {
                     }
                     Some(Event::Assigned(partitions)) => {
                         // Not ready while state is restored (processing resumes only after it).
-                        self.ready.store(false, Ordering::Release);
+                        self.health.set_restoring(true);
                         // A restore is not waited out when the stage stops or fails meanwhile.
                         let restored = tokio::select! {
                             biased;
@@ -312,7 +316,7 @@ impl Driver {
                             .filter(|tp| self.ledger.is_assigned(tp))
                             .collect();
                         resume(stage, &self.consumer, &still);
-                        self.ready.store(true, Ordering::Release);
+                        self.health.set_restoring(false);
                     }
                 },
                 polled = AssertUnwindSafe(strategy.poll()).catch_unwind() => {
@@ -330,7 +334,7 @@ impl Driver {
                 }
             }
         };
-        self.ready.store(false, Ordering::Release);
+        self.health.set_running(false);
         if let Err(e) = &outcome {
             tracing::error!(stage, error = %e.0, "stage failed; committing what finished and stopping");
         }

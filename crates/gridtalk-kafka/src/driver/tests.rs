@@ -159,7 +159,7 @@ impl Strategy for TestStrategy {
 }
 
 struct Cluster {
-    _mock: MockCluster<'static, DefaultProducerContext>,
+    mock: MockCluster<'static, DefaultProducerContext>,
     config: KafkaConfig,
     producer: ThreadedProducer<DefaultProducerContext>,
 }
@@ -185,7 +185,7 @@ fn cluster(topic: &str, partitions: i32) -> Cluster {
         .create()
         .expect("producer");
     Cluster {
-        _mock: mock,
+        mock,
         config,
         producer,
     }
@@ -211,6 +211,16 @@ impl Cluster {
     }
 
     fn driver(&self, group: &str, topic: &str, drain: Duration) -> Driver {
+        self.driver_with_readiness(group, topic, drain, Arc::new(AtomicBool::new(false)))
+    }
+
+    fn driver_with_readiness(
+        &self,
+        group: &str,
+        topic: &str,
+        drain: Duration,
+        ready: Arc<AtomicBool>,
+    ) -> Driver {
         Driver::new(
             &self.config,
             DriverSettings {
@@ -222,7 +232,7 @@ impl Cluster {
                 drain_deadline: drain,
                 shutdown_deadline: Duration::from_secs(5),
             },
-            Arc::new(AtomicBool::new(false)),
+            ready,
         )
         .expect("driver")
     }
@@ -575,4 +585,36 @@ async fn a_panic_in_the_strategy_fails_the_stage_after_begun_effects_finish() {
         Some(&3),
         "committed up to the record that panicked, not past it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_false_while_no_broker_is_reachable_and_comes_back_with_it() {
+    use std::sync::atomic::Ordering;
+    let cluster = cluster("in", 1);
+    cluster.produce("in", 0, 3);
+    let probe = Arc::new(Probe::default());
+    let strategy = TestStrategy::new(probe.clone(), 100, Arc::new(|_, _| Action::Finish));
+    let ready = Arc::new(AtomicBool::new(false));
+    let driver =
+        cluster.driver_with_readiness("g-ready", "in", Duration::from_secs(2), ready.clone());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(driver.run(strategy, shutdown.clone()));
+    wait_for("records handled and ready", Duration::from_secs(30), || {
+        probe.submitted.lock().unwrap().len() == 3 && ready.load(Ordering::Acquire)
+    })
+    .await;
+    cluster.mock.broker_down(1).expect("broker down");
+    wait_for(
+        "not ready without a broker",
+        Duration::from_secs(30),
+        || !ready.load(Ordering::Acquire),
+    )
+    .await;
+    cluster.mock.broker_up(1).expect("broker up");
+    wait_for("ready again", Duration::from_secs(30), || {
+        ready.load(Ordering::Acquire)
+    })
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().expect("clean stop");
 }
