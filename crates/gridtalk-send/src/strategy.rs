@@ -466,7 +466,11 @@ async fn send_job(sending: &Sending, job: Job) {
                     .with_label_values(&["accepted"])
                     .observe(started.elapsed().as_secs_f64());
                 metrics.sends.with_label_values(&["accepted", "none"]).inc();
-                if sending.halted.send_replace(false) {
+                // Only a real change wakes the driver (a resume lets held records in again).
+                if sending
+                    .halted
+                    .send_if_modified(|halted| std::mem::replace(halted, false))
+                {
                     metrics.sender_halted.set(0);
                     sending.room.notify_one();
                     tracing::warn!(phone_number_id = %outbox.phone_number_id, "sending resumed");
@@ -589,7 +593,10 @@ async fn send_job(sending: &Sending, job: Job) {
                             .sends
                             .with_label_values(&["halt", class.label()])
                             .inc();
-                        if !sending.halted.send_replace(true) {
+                        if sending
+                            .halted
+                            .send_if_modified(|halted| !std::mem::replace(halted, true))
+                        {
                             metrics.sender_halted.set(1);
                             tracing::error!(code = %code, error = %error, phone_number_id = %outbox.phone_number_id, "sending halted for the number: operator action needed (token, account or policy); messages are kept");
                         }
