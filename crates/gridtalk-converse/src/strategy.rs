@@ -277,11 +277,14 @@ impl ConverseStrategy {
 impl Strategy for ConverseStrategy {
     async fn assigned(&mut self, partitions: &[TopicPartition]) -> Result<(), StageFailure> {
         let config = self.publishing.config.clone();
-        let sent: Vec<i32> = partitions
-            .iter()
-            .filter(|(t, _)| *t == config.topics.sent)
-            .map(|(_, p)| *p)
-            .collect();
+        let numbers_of = |topic: &str| -> Vec<i32> {
+            partitions
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, p)| *p)
+                .collect()
+        };
+        let sent = numbers_of(&config.topics.sent);
         if !sent.is_empty() {
             let ends = {
                 let config = config.clone();
@@ -297,11 +300,7 @@ impl Strategy for ConverseStrategy {
                     .insert(p, (0, ends.get(&p).copied().unwrap_or(0)));
             }
         }
-        let webhook: Vec<i32> = partitions
-            .iter()
-            .filter(|(t, _)| *t == config.topics.webhook)
-            .map(|(_, p)| *p)
-            .collect();
+        let webhook = numbers_of(&config.topics.webhook);
         if !webhook.is_empty() {
             self.restore(webhook).await?;
         }
@@ -310,9 +309,14 @@ impl Strategy for ConverseStrategy {
 
     fn revoked(&mut self, partitions: &[TopicPartition]) {
         let webhook = self.publishing.config.topics.webhook.clone();
+        // Both topics' partition `p` hold the same contacts: their state leaves with either, once.
+        let mut numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        for partition in numbers {
+            self.conversations.drop_partition(partition, now_ms());
+        }
         for (topic, partition) in partitions {
-            // Both topics' partition `p` hold the same contacts: their state leaves with either.
-            self.conversations.drop_partition(*partition, now_ms());
             if *topic == webhook {
                 // Restored again if it comes back (merging what its other owner wrote
                 // meanwhile); its parked items are left to the new owner (uncommitted); its
