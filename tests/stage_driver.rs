@@ -1,7 +1,8 @@
 //! The stage driver under the traffic real deployments see, end to end on the embedded broker and
 //! the WhatsApp sandbox: a halt longer than `max.poll.interval.ms`, one busy recipient among many,
-//! a partition moved while its sends are on the wire, a panic in a stage, and a schema id the
-//! registry cannot serve.
+//! a partition moved while its sends are on the wire, a panic in a stage, a schema id the
+//! registry cannot serve, restores that tombstone what expired, and converse state that leaves
+//! with its partition.
 
 mod support;
 
@@ -427,4 +428,113 @@ async fn a_restore_tombstones_what_expired_so_the_next_one_reads_no_dead_entries
         "nothing left to tombstone: {:?}",
         again.expired
     );
+}
+
+/// `gridtalk_state_entries{store="converse_memory"}` as the process behind `port` reports it
+/// (`None` while its admin endpoint does not answer yet).
+async fn converse_memory(port: u16) -> Option<i64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|line| line.strip_prefix("gridtalk_state_entries{store=\"converse_memory\"} "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+async fn wait_for_memory(
+    what: &str,
+    ports: &[u16],
+    accept: impl Fn(&[Option<i64>]) -> bool,
+) -> Vec<Option<i64>> {
+    let started = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for port in ports {
+            seen.push(converse_memory(*port).await);
+        }
+        if accept(&seen) {
+            return seen;
+        }
+        assert!(started.elapsed() < WAIT, "{what}: converse memory {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converse_state_leaves_with_its_partition_and_the_new_owner_rebuilds_it() {
+    // One webhook (and sent-log) partition, so a process that loses it holds nothing. The range
+    // assignor gives a topic's partitions to members in the order of their member ids, which
+    // start with the client id: the newcomer ("a-…") takes the partition from the first ("z-…").
+    let setup = Setup {
+        ingest: true,
+        only_stages: Some(vec![
+            gridtalk::Stage::Route,
+            gridtalk::Stage::Send,
+            gridtalk::Stage::Ingest,
+        ]),
+        overrides: vec![("TOPICS__PARTITIONS", "1".into())],
+        ..Setup::default()
+    };
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let converse = |name: &str, client_id: &str| {
+        let port = gridtalk_embedded::free_port().expect("port");
+        let child = p.spawn_gridtalk_with(
+            name,
+            "converse",
+            &[
+                ("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{port}")),
+                (
+                    "GRIDTALK__KAFKA__CLIENT",
+                    format!("{{\"client.id\" = \"{client_id}\"}}"),
+                ),
+            ],
+        );
+        (child, port)
+    };
+    let (mut first, first_port) = converse("first", "z-converse");
+    let types = gridtalk_contract::samples::EVENT_TYPES;
+    for seq in 0..6u64 {
+        p.publish_event(&event(types[seq as usize].0, 500 + seq, "ACME"))
+            .await;
+    }
+    p.wait_for_messages(6, WAIT).await;
+    // Settled: every message's three statuses are on the response topic.
+    p.wait_until("every status published", WAIT, |p| {
+        let statuses = p
+            .responses()
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.body,
+                    gridtalk_contract::ResponseBody::DeliveryStatus { .. }
+                )
+            })
+            .count();
+        statuses == 3 * p.sandbox.messages().len()
+    })
+    .await;
+    let held = wait_for_memory("the first process holds the state", &[first_port], |m| {
+        m[0].is_some_and(|n| n > 0)
+    })
+    .await[0]
+        .expect("counted");
+
+    let (mut newcomer, newcomer_port) = converse("newcomer", "a-converse");
+    let after = wait_for_memory(
+        "the partition moved to the newcomer",
+        &[first_port, newcomer_port],
+        |m| m[0] == Some(0) && m[1].is_some_and(|n| n >= held),
+    )
+    .await;
+    println!(
+        "converse memory: {held} entries in the first process; after the move {:?} there and {:?} in the newcomer",
+        after[0], after[1]
+    );
+    for child in [&mut first, &mut newcomer] {
+        assert_eq!(terminate(child).code(), Some(0));
+    }
 }

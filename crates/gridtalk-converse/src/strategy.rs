@@ -148,6 +148,16 @@ impl ConverseStrategy {
         self.repark(wamid, w);
     }
 
+    /// Sets the `converse_memory` gauge to what the conversations hold now: after every change
+    /// of the state (a sent record, an item, a restore, a revoke, a sweep), so a revoked
+    /// partition's entries leave the gauge with the partition, not a sweep later.
+    fn count_memory(&self) {
+        Metrics::global()
+            .state_entries
+            .with_label_values(&["converse_memory"])
+            .set(self.conversations.len() as i64);
+    }
+
     fn repark(&mut self, wamid: String, w: Waiting) {
         self.waiting.entry(wamid).or_default().push(w);
         self.waiting_count += 1;
@@ -181,6 +191,7 @@ impl ConverseStrategy {
                 give_up,
             )
         };
+        self.count_memory();
         let metrics = Metrics::global();
         match handled {
             Handled::Wait { wamid } => {
@@ -265,6 +276,7 @@ impl ConverseStrategy {
                 self.conversations.restore(partition, restored_entries, now);
             }
         }
+        self.count_memory();
         self.restored.extend(webhook_partitions);
         let lookback = config.converse.replay_lookback_ms as i64;
         let mut known = self.published.lock().expect("published");
@@ -316,6 +328,7 @@ impl Strategy for ConverseStrategy {
         for partition in numbers {
             self.conversations.drop_partition(partition, now_ms());
         }
+        self.count_memory();
         for (topic, partition) in partitions {
             if *topic == webhook {
                 // Restored again if it comes back (merging what its other owner wrote
@@ -364,6 +377,7 @@ impl Strategy for ConverseStrategy {
                 return Submit::Accepted;
             };
             self.conversations.apply_sent(partition, &sent);
+            self.count_memory();
             for w in self.unpark(&sent.wamid) {
                 match self.publishing.in_flight.clone().try_acquire_owned() {
                     Ok(permit) => self.offer(w, false, permit),
@@ -418,10 +432,7 @@ impl Strategy for ConverseStrategy {
             _ = self.sweep.tick() => {
                 sweep_state(&self.publishing);
                 self.conversations.evict(now_ms());
-                Metrics::global()
-                    .state_entries
-                    .with_label_values(&["converse_memory"])
-                    .set(self.conversations.len() as i64);
+                self.count_memory();
                 Ok(())
             }
         }

@@ -49,6 +49,19 @@ pub struct BenchArgs {
     /// Contacts the converse-state part spreads its messages over.
     #[arg(long, default_value_t = 100_000)]
     converse_contacts: u64,
+    /// Outbox messages for each run of the send-sizing part (0 skips it): the send stage alone,
+    /// one number, many recipients, the API answering in `--sizing-latency-ms`.
+    #[arg(long, default_value_t = 3_000)]
+    sizing_messages: u64,
+    /// Distinct recipients the send-sizing part spreads its messages over.
+    #[arg(long, default_value_t = 1_000)]
+    sizing_recipients: u64,
+    /// How long the sandbox takes to answer each send in the send-sizing part.
+    #[arg(long, default_value_t = 200)]
+    sizing_latency_ms: u64,
+    /// The `send.max_in_flight` values the send-sizing part runs with, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [16usize, 64, 256])]
+    sizing_in_flight: Vec<usize>,
 }
 
 fn encoded_events(count: u64) -> Vec<Vec<u8>> {
@@ -178,8 +191,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Part 3 first (the broker is idle): restoring state from a changelog.
     state_restore(&config, args.state_keys).await?;
 
+    // Part 4: sizing send.max_in_flight against the API's latency (the sandbox's latency is put
+    // back afterwards for the pipeline part).
+    if args.sizing_messages > 0 {
+        sandbox.set_faults(gridtalk_sandbox::Faults {
+            slow_rate: 1.0,
+            slow_ms: args.sizing_latency_ms,
+            ..Default::default()
+        });
+        println!();
+        println!(
+            "send sizing: the send stage alone, {} messages per run over {} recipients of one number, API latency {} ms, number limit {}/s",
+            args.sizing_messages, args.sizing_recipients, args.sizing_latency_ms, args.send_rate
+        );
+        for &in_flight in &args.sizing_in_flight {
+            send_sizing(&stack, &planned, &args, in_flight, &shutdown).await?;
+        }
+        sandbox.set_faults(gridtalk_sandbox::Faults {
+            slow_rate: if args.api_latency_ms > 0 { 1.0 } else { 0.0 },
+            slow_ms: args.api_latency_ms,
+            ..Default::default()
+        });
+    }
+
     // Part 2: the pipeline on the embedded broker.
     // Publish first, then start the stages: the run measures draining a backlog.
+    // The sandbox's counts so far belong to the sizing part.
+    let before = sandbox.stats();
+    let skip = sandbox.messages().len();
     let published = Instant::now();
     let generated = gridtalk_embedded::generate(
         &bootstrap,
@@ -204,7 +243,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut last_change = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let count = sandbox.stats().accepted;
+        let count = sandbox.stats().accepted - before.accepted;
         if count != last_count {
             last_count = count;
             last_change = Instant::now();
@@ -217,7 +256,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let drained = started.elapsed();
-    let stats = sandbox.stats();
+    let mut stats = sandbox.stats();
+    stats.accepted -= before.accepted;
+    stats.errors = errors_since(&before.errors, stats.errors);
     shutdown.cancel();
     let _ = stages.await;
     println!();
@@ -240,7 +281,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     // Steady state: from the first to the last message at the sandbox (no group join, no start-up).
     let times: Vec<i64> = sandbox
-        .messages()
+        .messages_since(skip)
         .iter()
         .map(|m| m.received_at_ms)
         .collect();
@@ -258,6 +299,114 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!(
             "only {} of {expected_messages} messages were sent",
             stats.accepted
+        );
+    }
+    Ok(())
+}
+
+/// One run of the send-sizing part: `args.sizing_messages` template messages, spread round-robin
+/// over `args.sizing_recipients` recipients, published straight to a fresh outbox topic, then
+/// drained by the send stage alone with `send.max_in_flight = in_flight`. Prints the steady rate
+/// at the sandbox next to what the bound allows (`in_flight / latency`) and what the number's
+/// limit allows.
+async fn send_sizing(
+    stack: &crate::stack::EmbeddedStack,
+    planned: &[gridtalk_contract::OutboxMessage],
+    args: &BenchArgs,
+    in_flight: usize,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use gridtalk_contract::AvroRecord;
+    use rdkafka::producer::FutureRecord;
+    let templates: Vec<&gridtalk_contract::OutboxMessage> = planned
+        .iter()
+        .filter(|m| m.template_name.is_some())
+        .collect();
+    anyhow::ensure!(!templates.is_empty(), "no template message was planned");
+    let mut config = (*stack.config).clone();
+    config.send.max_in_flight = in_flight;
+    config.kafka.group_prefix = format!("bench-sizing-{in_flight}");
+    config.topics.outbox = format!("bench.sizing-{in_flight}.outbox");
+    config.topics.send_index = format!("bench.sizing-{in_flight}.send-index");
+    config.topics.sent = format!("bench.sizing-{in_flight}.sent");
+    let config = std::sync::Arc::new(config);
+    gridtalk_kafka::ensure_topics(&config.kafka, &gridtalk::internal_topics(&config)).await?;
+
+    let producer = gridtalk_kafka::producer(&config.kafka)?;
+    let mut deliveries = Vec::with_capacity(args.sizing_messages as usize);
+    for i in 0..args.sizing_messages {
+        let mut message = templates[i as usize % templates.len()].clone();
+        let recipient = format!("+1555{:07}", i % args.sizing_recipients.max(1));
+        let mut request: serde_json::Value = serde_json::from_str(&message.request_json)?;
+        // The Cloud API takes the number without its `+`.
+        request["to"] = serde_json::Value::String(recipient.trim_start_matches('+').to_string());
+        message.request_json = request.to_string();
+        message.recipient = recipient;
+        message.contact_id = format!("bench-contact-{}", i % args.sizing_recipients.max(1));
+        message.message_id = format!("bench-sizing-{in_flight}-{i}");
+        let bytes = message.to_avro();
+        let record = FutureRecord::to(&config.topics.outbox)
+            .key(message.phone_number_id.as_bytes())
+            .payload(&bytes);
+        deliveries.push(
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| anyhow::anyhow!("outbox enqueue: {e}"))?,
+        );
+    }
+    gridtalk_kafka::acknowledged(deliveries)
+        .await
+        .map_err(|e| anyhow::anyhow!("outbox produce: {e}"))?;
+
+    let skip = stack.sandbox.messages().len();
+    let errors_before = stack.sandbox.stats().errors;
+    let stop = shutdown.child_token();
+    let stage = tokio::spawn(crate::run_stages(
+        config.clone(),
+        &[crate::Stage::Send],
+        Readiness::default(),
+        stop.clone(),
+    ));
+    let mut last = (0usize, Instant::now());
+    let sent = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let count = stack.sandbox.messages().len() - skip;
+        if count != last.0 {
+            last = (count, Instant::now());
+        }
+        if count as u64 >= args.sizing_messages
+            || last.1.elapsed() > Duration::from_secs(20)
+            || stage.is_finished()
+        {
+            break stack.sandbox.messages_since(skip);
+        }
+    };
+    stop.cancel();
+    let _ = stage.await;
+    let times: Vec<i64> = sent.iter().map(|m| m.received_at_ms).collect();
+    let (first, last) = (
+        times.iter().min().copied().unwrap_or_default(),
+        times.iter().max().copied().unwrap_or_default(),
+    );
+    let span = Duration::from_millis((last - first).max(1) as u64);
+    let bound = in_flight as f64 * 1000.0 / args.sizing_latency_ms.max(1) as f64;
+    let limit = f64::from(args.send_rate)
+        * (100.0 - f64::from(config.send.rate_safety_margin_percent))
+        / 100.0;
+    let errors = errors_since(&errors_before, stack.sandbox.stats().errors);
+    println!(
+        "  max_in_flight {in_flight:>4}  {:>7.0} messages/s  ({} sent; in-flight bound {:.0}/s, number limit {:.0}/s; sandbox errors {:?})",
+        rate(times.len().saturating_sub(1), span),
+        sent.len(),
+        bound,
+        limit,
+        errors
+    );
+    if (sent.len() as u64) < args.sizing_messages {
+        anyhow::bail!(
+            "send sizing with max_in_flight {in_flight}: only {} of {} messages were sent",
+            sent.len(),
+            args.sizing_messages
         );
     }
     Ok(())
@@ -551,6 +700,19 @@ async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::R
         );
     }
     Ok(())
+}
+
+/// The sandbox's error counts that grew since `before`, by how much.
+fn errors_since(
+    before: &std::collections::HashMap<String, u64>,
+    now: std::collections::HashMap<String, u64>,
+) -> std::collections::HashMap<String, u64> {
+    now.into_iter()
+        .filter_map(|(code, n)| {
+            let new = n - before.get(&code).copied().unwrap_or_default();
+            (new > 0).then_some((code, new))
+        })
+        .collect()
 }
 
 /// The process's resident set size, from /proc (Linux only).
