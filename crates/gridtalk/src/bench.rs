@@ -359,7 +359,7 @@ async fn send_sizing(
         .map_err(|e| anyhow::anyhow!("outbox produce: {e}"))?;
 
     let skip = stack.sandbox.messages().len();
-    let errors_before = stack.sandbox.stats().errors;
+    let before = stack.sandbox.stats();
     let stop = shutdown.child_token();
     let stage = tokio::spawn(crate::run_stages(
         config.clone(),
@@ -370,7 +370,9 @@ async fn send_sizing(
     let mut last = (0usize, Instant::now());
     let sent = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let count = stack.sandbox.messages().len() - skip;
+        // The counter, not the message list: copying the list every 100 ms would slow the
+        // sandbox down as it grows.
+        let count = (stack.sandbox.stats().accepted - before.accepted) as usize;
         if count != last.0 {
             last = (count, Instant::now());
         }
@@ -393,7 +395,7 @@ async fn send_sizing(
     let limit = f64::from(args.send_rate)
         * (100.0 - f64::from(config.send.rate_safety_margin_percent))
         / 100.0;
-    let errors = errors_since(&errors_before, stack.sandbox.stats().errors);
+    let errors = errors_since(&before.errors, stack.sandbox.stats().errors);
     println!(
         "  max_in_flight {in_flight:>4}  {:>7.0} messages/s  ({} sent; in-flight bound {:.0}/s, number limit {:.0}/s; sandbox errors {:?})",
         rate(times.len().saturating_sub(1), span),
