@@ -673,13 +673,83 @@ async fn every_kind_of_bad_input_is_dead_lettered_and_passed() {
     assert_eq!(got[0].3[0], "PO-4500047");
 }
 
+/// Every decimal in `value` re-encoded as `width` bytes, padded with its sign byte, as
+/// fixed-width decimal writers write them.
+fn pad_decimals(value: &mut apache_avro::types::Value, width: usize) {
+    use apache_avro::types::Value;
+    match value {
+        Value::Decimal(d) => {
+            let bytes = <Vec<u8>>::try_from(&*d).expect("decimal bytes");
+            let fill = if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+                0xFF
+            } else {
+                0x00
+            };
+            let mut padded = vec![fill; width.saturating_sub(bytes.len())];
+            padded.extend_from_slice(&bytes);
+            *d = apache_avro::Decimal::from(padded);
+        }
+        Value::Union(_, inner) => pad_decimals(inner, width),
+        Value::Record(fields) => fields.iter_mut().for_each(|(_, v)| pad_decimals(v, width)),
+        Value::Array(items) => items.iter_mut().for_each(|v| pad_decimals(v, width)),
+        Value::Map(items) => items.values_mut().for_each(|v| pad_decimals(v, width)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amounts_written_as_twenty_byte_decimals_render_their_real_value() {
+    let pipeline = Pipeline::start(Setup::default()).await;
+    let schema = &ContractSchemas::get().trading_grid_event;
+    let events: Vec<Json> = ["tg.po.received", "tg.invoice.rejected"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| event(t, 7_700 + i as u64, "ACME"))
+        .collect();
+    for e in &events {
+        let mut value = json_to_avro(e, schema).expect("sample fits");
+        pad_decimals(&mut value, 20);
+        let mut bytes = vec![0xC3, 0x01];
+        bytes
+            .extend_from_slice(&gridtalk_contract::single_object_fingerprint(schema).to_le_bytes());
+        bytes.extend_from_slice(&apache_avro::to_avro_datum(schema, value).expect("encodes"));
+        let event_type = e["event_type"].as_str().unwrap();
+        pipeline
+            .publish_raw(topic_short(event_type), "k", &bytes)
+            .await;
+    }
+    // The same messages as the events' own amounts give: the amount parameter included.
+    let expected = expected_messages(&pipeline, &events);
+    let total: usize = expected.values().sum();
+    assert!(total >= 2, "{expected:?}");
+    pipeline.wait_for_messages(total, WAIT).await;
+    assert_eq!(
+        compare(&pipeline, &expected),
+        (0, 0),
+        "{:?}",
+        received(&pipeline)
+    );
+    let rendered: Vec<String> = pipeline
+        .sandbox
+        .messages()
+        .iter()
+        .map(|m| m.rendered.clone())
+        .collect();
+    assert!(
+        rendered.iter().all(|r| !r.contains(" 0.00")),
+        "no amount read as zero: {rendered:?}"
+    );
+}
+
 /// Bytes built to crash a decoder: huge counts and lengths, deep nesting. Each is a few bytes.
 fn hostile_records() -> Vec<(&'static str, Vec<u8>)> {
     let single = |body: &[u8]| {
         let mut bytes = vec![0xC3, 0x01];
         bytes.extend_from_slice(
-            &gridtalk_contract::rabin_fingerprint(&ContractSchemas::get().trading_grid_event)
-                .to_le_bytes(),
+            &gridtalk_contract::single_object_fingerprint(
+                &ContractSchemas::get().trading_grid_event,
+            )
+            .to_le_bytes(),
         );
         bytes.extend_from_slice(body);
         bytes

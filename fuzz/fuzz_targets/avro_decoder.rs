@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use apache_avro::Schema;
 use gridtalk_contract::{
-    rabin_fingerprint, AuditRecord, AvroRecord, ContractSchemas, EventDecoder, OutboxMessage,
+    single_object_fingerprint, AuditRecord, AvroRecord, ContractSchemas, EventDecoder, OutboxMessage,
     SchemaSet, SentMessage, WorkflowResponse,
 };
 use libfuzzer_sys::fuzz_target;
@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
     match usize::from(selector) % (writers + 2) {
         i if i < writers => {
             let mut framed = vec![0xC3, 0x01];
-            framed.extend_from_slice(&rabin_fingerprint(&target.writers[i]).to_le_bytes());
+            framed.extend_from_slice(&single_object_fingerprint(&target.writers[i]).to_le_bytes());
             framed.extend_from_slice(rest);
             let _ = target.runtime.block_on(target.decoder.decode(&framed));
         }

@@ -940,3 +940,67 @@ pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     assert!(status.success());
     wait_for_exit(child, Duration::from_secs(40))
 }
+
+/// What a recipient sees of a message: (to, template, language, parameters).
+pub type Seen = (String, String, String, Vec<String>);
+
+/// What the recipient of outbox message `m` sees.
+pub fn seen_of(m: &gridtalk_contract::OutboxMessage) -> Seen {
+    let request: serde_json::Value = serde_json::from_str(&m.request_json).unwrap();
+    let params = request["template"]["components"][0]["parameters"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| p["text"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        m.recipient.clone(),
+        m.template_name.clone().unwrap_or_default(),
+        m.language.clone(),
+        params,
+    )
+}
+
+/// The messages `events` must cause, as a multiset, planned with the pipeline's own rules.
+pub fn expected_messages(p: &Pipeline, events: &[serde_json::Value]) -> HashMap<Seen, usize> {
+    let directory =
+        gridtalk_route::Directory::load(&p.dir.join("directory.toml")).expect("directory");
+    let schema = &gridtalk_contract::ContractSchemas::get().trading_grid_event;
+    let mut expected = HashMap::new();
+    for event in events {
+        let value = gridtalk_contract::json_to_avro(event, schema).expect("sample fits");
+        let view = gridtalk_contract::EventView::from_resolved(&value, schema);
+        let Ok(plan) = gridtalk_route::plan(
+            &view,
+            &p.config,
+            &directory,
+            Some(BUTTON_SECRET.as_bytes()),
+            NOW_MS,
+        ) else {
+            continue;
+        };
+        for m in plan.messages {
+            *expected.entry(seen_of(&m)).or_default() += 1;
+        }
+    }
+    expected
+}
+
+/// (missing, duplicated) of what the sandbox received against `expected`.
+pub fn compare(p: &Pipeline, expected: &HashMap<Seen, usize>) -> (usize, usize) {
+    let mut got: HashMap<Seen, usize> = HashMap::new();
+    for m in received(p) {
+        *got.entry(m).or_default() += 1;
+    }
+    let missing = expected
+        .iter()
+        .map(|(k, n)| n.saturating_sub(got.get(k).copied().unwrap_or(0)))
+        .sum();
+    let duplicated = got
+        .iter()
+        .map(|(k, n)| n.saturating_sub(expected.get(k).copied().unwrap_or(0)))
+        .sum();
+    (missing, duplicated)
+}

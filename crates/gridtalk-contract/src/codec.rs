@@ -18,7 +18,7 @@ use apache_avro::Schema;
 
 use crate::bounded::check_datum;
 use crate::registry::{RegistryClient, RegistryError};
-use crate::schemas::{rabin_fingerprint, SchemaSet};
+use crate::schemas::{single_object_fingerprint, SchemaSet};
 
 /// Confluent framing: magic byte 0, then the schema id as a big-endian u32.
 const CONFLUENT_MAGIC: u8 = 0;
@@ -358,7 +358,7 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
 pub fn encode_single_object(schema: &Schema, value: Value) -> Result<Vec<u8>, apache_avro::Error> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(&SINGLE_OBJECT_MARKER);
-    out.extend_from_slice(&rabin_fingerprint(schema).to_le_bytes());
+    out.extend_from_slice(&single_object_fingerprint(schema).to_le_bytes());
     out.extend_from_slice(&apache_avro::to_avro_datum(schema, value)?);
     Ok(out)
 }

@@ -7,14 +7,16 @@
 //!   gridtalk still reads it. Anything that cannot be resolved is an error with a [`DecodeErrorKind`]
 //!   that says which dead-letter reason applies; nothing is silently skipped.
 //! - Both wire formats are accepted on every input topic: the Confluent Schema Registry framing
-//!   (magic byte 0, 4-byte schema id) and Avro single-object encoding (`C3 01` + CRC-64-AVRO
-//!   fingerprint). Writer schemas fetched from a registry are cached by id for the process lifetime
+//!   (magic byte 0, 4-byte schema id) and Avro single-object encoding (`C3 01` + the CRC-64-AVRO
+//!   fingerprint of the schema's Parsing Canonical Form, exactly as the specification defines it;
+//!   the fingerprint gridtalk wrote before is still read). Writer schemas fetched from a registry are cached by id for the process lifetime
 //!   (schema ids are immutable in a registry).
 //! - Bytes from outside never reach `apache-avro` unchecked: a bounded walk first proves that every
 //!   length and count fits in the record and that values nest at most [`MAX_DEPTH`] deep, so what
 //!   decoding allocates is bounded by the record's own size and no record can crash the process.
 
 mod bounded;
+mod canonical;
 mod codec;
 mod event_types;
 mod records;
@@ -25,6 +27,7 @@ mod view;
 mod webhook_item;
 
 pub use bounded::{check_datum, MAX_DEPTH};
+pub use canonical::{crc64_avro, legacy_fingerprint, parsing_canonical_form, standard_fingerprint};
 pub use codec::{
     encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
     WireFormat,
@@ -35,7 +38,8 @@ pub use records::{
 };
 pub use registry::{RegistryClient, RegistryError};
 pub use schemas::{
-    rabin_fingerprint, ContractSchemas, KnownSchema, SchemaSet, TRADING_GRID_EVENT_AVSC,
+    names_schema, single_object_fingerprint, ContractSchemas, KnownSchema, SchemaSet,
+    TRADING_GRID_EVENT_AVSC,
 };
 pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};
 pub use webhook_item::WebhookItem;

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{encode_single_object, read_datum, DecodeError, DecodeErrorKind};
-use crate::schemas::{rabin_fingerprint, ContractSchemas};
+use crate::schemas::{names_schema, ContractSchemas};
 
 /// A serde record with a contract schema.
 pub trait AvroRecord: Serialize + DeserializeOwned {
@@ -29,7 +29,7 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         let body = match bytes {
             [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
                 let fingerprint = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-                if fingerprint != rabin_fingerprint(schema) {
+                if !names_schema(fingerprint, schema) {
                     return Err(DecodeError {
                         kind: DecodeErrorKind::UnknownSchema,
                         detail: format!(
@@ -193,8 +193,10 @@ impl WorkflowResponse {
         let body = match bytes {
             [0xC3, 0x01, rest @ ..]
                 if rest.len() >= 8
-                    && u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"))
-                        == rabin_fingerprint(schema) =>
+                    && names_schema(
+                        u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")),
+                        schema,
+                    ) =>
             {
                 &rest[8..]
             }
@@ -248,6 +250,7 @@ impl WorkflowResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schemas::single_object_fingerprint;
 
     /// Anyone who can write to the outbox or the sent log can send these; the send and converse
     /// stages must dead-letter them, not allocate what they declare.
@@ -255,7 +258,7 @@ mod tests {
     fn hostile_records_on_our_own_topics_are_malformed() {
         let header = |schema: &Schema| {
             let mut bytes = vec![0xC3, 0x01];
-            bytes.extend_from_slice(&rabin_fingerprint(schema).to_le_bytes());
+            bytes.extend_from_slice(&single_object_fingerprint(schema).to_le_bytes());
             bytes
         };
         // message_id of 2^40 bytes; then one of 500 MB (below apache-avro's own 512 MiB cap).

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
+
+use crate::canonical::{legacy_fingerprint, standard_fingerprint};
 
 /// Source text of the contract's schemas, exactly as committed in `schemas/`.
 pub const TRADING_GRID_EVENT_AVSC: &str = include_str!("../../../schemas/trading_grid_event.avsc");
@@ -23,6 +24,8 @@ pub struct ContractSchemas {
     pub sent_message: Schema,
     pub workflow_response: Schema,
     pub audit_record: Schema,
+    /// (standard, legacy) fingerprints of the five schemas above, in that order.
+    fingerprints: [(u64, u64); 5],
 }
 
 impl ContractSchemas {
@@ -32,22 +35,65 @@ impl ContractSchemas {
         static SCHEMAS: OnceLock<ContractSchemas> = OnceLock::new();
         SCHEMAS.get_or_init(|| {
             let parse = |text: &str| Schema::parse_str(text).expect("contract schema must parse");
-            ContractSchemas {
+            let mut schemas = ContractSchemas {
                 trading_grid_event: parse(TRADING_GRID_EVENT_AVSC),
                 outbox_message: parse(OUTBOX_MESSAGE_AVSC),
                 sent_message: parse(SENT_MESSAGE_AVSC),
                 workflow_response: parse(WORKFLOW_RESPONSE_AVSC),
                 audit_record: parse(AUDIT_RECORD_AVSC),
-            }
+                fingerprints: [(0, 0); 5],
+            };
+            let fingerprints = schemas
+                .all()
+                .map(|s| (standard_fingerprint(s), legacy_fingerprint(s)));
+            schemas.fingerprints = fingerprints;
+            schemas
         })
+    }
+
+    fn all(&self) -> [&Schema; 5] {
+        [
+            &self.trading_grid_event,
+            &self.outbox_message,
+            &self.sent_message,
+            &self.workflow_response,
+            &self.audit_record,
+        ]
+    }
+
+    /// The (standard, legacy) fingerprints of one of the contract's own schemas, computed once.
+    fn fingerprints_of(&self, schema: &Schema) -> Option<(u64, u64)> {
+        self.all()
+            .iter()
+            .position(|s| std::ptr::eq(*s, schema))
+            .map(|i| self.fingerprints[i])
     }
 }
 
-/// A writer schema known locally, addressable by its CRC-64-AVRO (Rabin) fingerprint.
+/// The fingerprint a single-object header carries for `schema`: the specification's
+/// ([`standard_fingerprint`]; precomputed for the contract's own schemas).
+pub fn single_object_fingerprint(schema: &Schema) -> u64 {
+    ContractSchemas::get()
+        .fingerprints_of(schema)
+        .map(|(standard, _)| standard)
+        .unwrap_or_else(|| standard_fingerprint(schema))
+}
+
+/// Whether a single-object header's `fingerprint` names `schema`: the specification's
+/// fingerprint, or the legacy one gridtalk wrote before (records already in topics).
+pub fn names_schema(fingerprint: u64, schema: &Schema) -> bool {
+    let (standard, legacy) = ContractSchemas::get()
+        .fingerprints_of(schema)
+        .unwrap_or_else(|| (standard_fingerprint(schema), legacy_fingerprint(schema)));
+    fingerprint == standard || fingerprint == legacy
+}
+
+/// A writer schema known locally, addressable by its CRC-64-AVRO fingerprint.
 #[derive(Debug, Clone)]
 pub struct KnownSchema {
     pub name: String,
     pub schema: Arc<Schema>,
+    /// The specification's fingerprint (the schema is also found by its legacy one).
     pub fingerprint: u64,
 }
 
@@ -56,14 +102,6 @@ pub struct KnownSchema {
 #[derive(Debug, Clone, Default)]
 pub struct SchemaSet {
     by_fingerprint: HashMap<u64, KnownSchema>,
-}
-
-/// CRC-64-AVRO fingerprint of a schema's parsing canonical form, as used in single-object headers.
-pub fn rabin_fingerprint(schema: &Schema) -> u64 {
-    let bytes = schema.fingerprint::<Rabin>().bytes;
-    let mut le = [0u8; 8];
-    le.copy_from_slice(&bytes[..8]);
-    u64::from_le_bytes(le)
 }
 
 impl SchemaSet {
@@ -82,16 +120,18 @@ impl SchemaSet {
         set
     }
 
+    /// Adds `schema` under both its fingerprints: the specification's, which standard encoders
+    /// (Java, fastavro, …) and gridtalk now write, and the legacy one gridtalk wrote before.
     pub fn insert(&mut self, name: &str, schema: Schema) {
-        let fingerprint = rabin_fingerprint(&schema);
-        self.by_fingerprint.insert(
+        let fingerprint = standard_fingerprint(&schema);
+        let legacy = legacy_fingerprint(&schema);
+        let known = KnownSchema {
+            name: name.to_string(),
+            schema: Arc::new(schema),
             fingerprint,
-            KnownSchema {
-                name: name.to_string(),
-                schema: Arc::new(schema),
-                fingerprint,
-            },
-        );
+        };
+        self.by_fingerprint.insert(legacy, known.clone());
+        self.by_fingerprint.insert(fingerprint, known);
     }
 
     /// Adds every `.avsc` file in `dir`. Returns every file that failed, not just the first.
@@ -128,8 +168,12 @@ impl SchemaSet {
         self.by_fingerprint.get(&fingerprint)
     }
 
+    /// Schemas held (each is found by two fingerprints).
     pub fn len(&self) -> usize {
-        self.by_fingerprint.len()
+        self.by_fingerprint
+            .iter()
+            .filter(|(fingerprint, known)| **fingerprint == known.fingerprint)
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {

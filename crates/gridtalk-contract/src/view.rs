@@ -58,24 +58,53 @@ fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Big-endian two's complement unscaled integer to a decimal string.
+/// Big-endian two's complement unscaled integer of any width to a decimal string with `scale`
+/// places. Writers of fixed-width decimals pad with sign bytes (a 20-byte `fixed` holding a
+/// small amount is mostly `0x00` or `0xFF`), and a value may even exceed 128 bits: the digits
+/// are computed on the bytes themselves, never truncated. No bytes is the value zero.
 fn decimal_string(bytes: &[u8], scale: u32) -> String {
-    if bytes.is_empty() || bytes.len() > 16 {
-        return "0".into();
+    let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+    // The magnitude, big-endian: for a negative value, invert and add one.
+    let mut magnitude: Vec<u8> = if negative {
+        let mut m: Vec<u8> = bytes.iter().map(|b| !b).collect();
+        for byte in m.iter_mut().rev() {
+            let (sum, carry) = byte.overflowing_add(1);
+            *byte = sum;
+            if !carry {
+                break;
+            }
+        }
+        m
+    } else {
+        bytes.to_vec()
+    };
+    // Decimal digits by repeated division by ten, least significant first.
+    let mut digits = Vec::new();
+    while magnitude.iter().any(|b| *b != 0) {
+        let mut remainder = 0u32;
+        for byte in magnitude.iter_mut() {
+            let current = (remainder << 8) | u32::from(*byte);
+            *byte = (current / 10) as u8;
+            remainder = current % 10;
+        }
+        digits.push(b'0' + remainder as u8);
+        while magnitude.first() == Some(&0) {
+            magnitude.remove(0);
+        }
     }
-    let negative = bytes[0] & 0x80 != 0;
-    let mut buf = if negative { [0xFFu8; 16] } else { [0u8; 16] };
-    buf[16 - bytes.len()..].copy_from_slice(bytes);
-    let unscaled = i128::from_be_bytes(buf);
-    let divisor = 10i128.pow(scale);
-    let sign = if unscaled < 0 { "-" } else { "" };
-    let abs = unscaled.unsigned_abs();
-    format!(
-        "{sign}{}.{:0width$}",
-        abs / divisor as u128,
-        abs % divisor as u128,
-        width = scale as usize
-    )
+    let scale = scale as usize;
+    while digits.len() <= scale {
+        digits.push(b'0');
+    }
+    digits.reverse();
+    let (whole, fraction) = digits.split_at(digits.len() - scale);
+    let sign = if negative { "-" } else { "" };
+    let whole = std::str::from_utf8(whole).expect("ascii digits");
+    if scale == 0 {
+        return format!("{sign}{whole}");
+    }
+    let fraction = std::str::from_utf8(fraction).expect("ascii digits");
+    format!("{sign}{whole}.{fraction}")
 }
 
 /// Parses "1250.5" into an unscaled integer with `scale` places.
@@ -364,6 +393,36 @@ impl EventView {
 mod tests {
     use super::*;
 
+    /// Fixed-width writers pad with sign bytes; the amount must survive any width, even one
+    /// wider than 128 bits.
+    #[test]
+    fn decimals_wider_than_sixteen_bytes_keep_their_value() {
+        let padded = |unscaled: i128, width: usize| {
+            let fill = if unscaled < 0 { 0xFF } else { 0x00 };
+            let mut bytes = vec![fill; width - 16];
+            bytes.extend_from_slice(&unscaled.to_be_bytes());
+            bytes
+        };
+        assert_eq!(decimal_string(&padded(820_000_000, 20), 4), "82000.0000");
+        assert_eq!(decimal_string(&padded(-1_234_567, 20), 4), "-123.4567");
+        assert_eq!(decimal_string(&padded(0, 32), 4), "0.0000");
+        // 2^128 + 1 (17 bytes, beyond i128), scale 4.
+        let mut huge = vec![0x01];
+        huge.extend_from_slice(&[0u8; 15]);
+        huge.push(0x01);
+        assert_eq!(
+            decimal_string(&huge, 4),
+            "34028236692093846346337460743176821.1457"
+        );
+        // -(2^128) in 17 bytes.
+        let mut negative = vec![0xFF];
+        negative.extend_from_slice(&[0u8; 16]);
+        assert_eq!(
+            decimal_string(&negative, 0),
+            "-340282366920938463463374607431768211456"
+        );
+    }
+
     #[test]
     fn decimals_round_trip_through_bytes() {
         for text in [
@@ -377,6 +436,9 @@ mod tests {
             assert_eq!(decimal_string(&decimal_bytes(unscaled), 4), text);
         }
         assert_eq!(parse_decimal("12.5", 4).unwrap(), 125_000);
+        assert_eq!(decimal_string(&[], 4), "0.0000");
+        assert_eq!(decimal_string(&[0x80], 2), "-1.28");
+        assert_eq!(decimal_string(&[0x01, 0x00], 0), "256");
         assert!(parse_decimal("1.23456", 4).is_err());
         assert!(parse_decimal("abc", 4).is_err());
     }

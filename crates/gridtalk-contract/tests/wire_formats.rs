@@ -39,6 +39,60 @@ async fn every_sample_event_round_trips_in_single_object_encoding() {
     }
 }
 
+/// gridtalk writes the specification's fingerprint from now on and still reads the one it wrote
+/// before, on events and on its own records (outbox, sent log, responses).
+#[tokio::test]
+async fn standard_and_legacy_single_object_headers_both_decode_and_the_standard_one_is_written() {
+    use gridtalk_contract::{legacy_fingerprint, standard_fingerprint, AvroRecord, OutboxMessage};
+    let reheader = |bytes: &[u8], fingerprint: u64| {
+        let mut out = vec![0xC3, 0x01];
+        out.extend_from_slice(&fingerprint.to_le_bytes());
+        out.extend_from_slice(&bytes[10..]);
+        out
+    };
+    let json = sample_event("tg.po.received", 3, "ACME", 1_760_000_000_000).unwrap();
+    let bytes =
+        encode_single_object(event_schema(), json_to_avro(&json, event_schema()).unwrap()).unwrap();
+    assert_eq!(
+        bytes[2..10],
+        standard_fingerprint(event_schema()).to_le_bytes()
+    );
+    let legacy = reheader(&bytes, legacy_fingerprint(event_schema()));
+    for framed in [&bytes, &legacy] {
+        let decoded = decoder().decode(framed).await.unwrap();
+        let view = EventView::from_resolved(&decoded.value, event_schema());
+        assert_eq!(view.event_type(), "tg.po.received");
+    }
+    let unknown = reheader(&bytes, 0x0123_4567_89ab_cdef);
+    assert_eq!(
+        decoder().decode(&unknown).await.unwrap_err().kind,
+        DecodeErrorKind::UnknownSchema
+    );
+
+    let outbox = OutboxMessage {
+        message_id: "m".into(),
+        event_id: "e".into(),
+        event_type: "tg.po.received".into(),
+        correlation_id: "c".into(),
+        document_key: "PO-1".into(),
+        partner_id: "ACME".into(),
+        phone_number_id: "1".into(),
+        contact_id: "k".into(),
+        recipient: "14155550101".into(),
+        template_name: None,
+        language: "en_US".into(),
+        request_json: "{}".into(),
+        rule: "r".into(),
+        created_at: 0,
+    };
+    let written = outbox.to_avro();
+    let schema = OutboxMessage::schema();
+    assert_eq!(written[2..10], standard_fingerprint(schema).to_le_bytes());
+    let old = reheader(&written, legacy_fingerprint(schema));
+    assert_eq!(OutboxMessage::from_avro(&old).unwrap(), outbox);
+    assert_eq!(OutboxMessage::from_avro(&written).unwrap(), outbox);
+}
+
 #[tokio::test]
 async fn money_is_read_back_as_a_decimal_string() {
     let json = sample_event("tg.po.received", 1, "ACME", 0).unwrap();
@@ -200,7 +254,9 @@ async fn a_missing_required_field_is_incompatible() {
 /// one, and the process aborts.
 fn thirty_one_byte_bomb() -> Vec<u8> {
     let mut bytes = vec![0xC3, 0x01];
-    bytes.extend_from_slice(&gridtalk_contract::rabin_fingerprint(event_schema()).to_le_bytes());
+    bytes.extend_from_slice(
+        &gridtalk_contract::single_object_fingerprint(event_schema()).to_le_bytes(),
+    );
     // event_id, event_type, schema_version, occurred_at, producer, tenant_buid (null),
     // correlation_id, causation_id (null), severity, partner {id, name, address, role}, edi (null)
     bytes.extend_from_slice(&[0; 14]);
@@ -236,7 +292,8 @@ async fn hostile_bytes_are_malformed_and_never_abort() {
     let decoder = EventDecoder::new(event_schema().clone(), known, None, 1 << 20);
     let framed = |schema: &Schema, body: &[u8]| {
         let mut bytes = vec![0xC3, 0x01];
-        bytes.extend_from_slice(&gridtalk_contract::rabin_fingerprint(schema).to_le_bytes());
+        bytes
+            .extend_from_slice(&gridtalk_contract::single_object_fingerprint(schema).to_le_bytes());
         bytes.extend_from_slice(body);
         bytes
     };
