@@ -158,21 +158,13 @@ fn write_canonical(
                     out.push('}');
                     Ok(())
                 }
-                "array" => {
-                    let items = attributes
-                        .get("items")
-                        .ok_or_else(|| format!("array without items: {schema}"))?;
-                    out.push_str("{\"type\":\"array\",\"items\":");
-                    write_canonical(items, namespace, out)?;
-                    out.push('}');
-                    Ok(())
-                }
-                "map" => {
-                    let values = attributes
-                        .get("values")
-                        .ok_or_else(|| format!("map without values: {schema}"))?;
-                    out.push_str("{\"type\":\"map\",\"values\":");
-                    write_canonical(values, namespace, out)?;
+                "array" | "map" => {
+                    let key = if kind == "array" { "items" } else { "values" };
+                    let inner = attributes
+                        .get(key)
+                        .ok_or_else(|| format!("{kind} without {key}: {schema}"))?;
+                    out.push_str(&format!("{{\"type\":\"{kind}\",\"{key}\":"));
+                    write_canonical(inner, namespace, out)?;
                     out.push('}');
                     Ok(())
                 }
