@@ -475,6 +475,81 @@ async fn confluent_format_is_resolved_through_the_registry_including_an_evolved_
     );
 }
 
+/// The contract schema split the way a registry with schema references holds it: `Money` under
+/// its own subject, the event schema naming it. Returns (event schema, Money schema).
+fn event_schema_referencing_money() -> (String, String) {
+    fn take_money(value: &mut Json, namespace: &str) -> Option<Json> {
+        match value {
+            Json::Object(map) if map.get("name") == Some(&json!("Money")) => {
+                let mut definition = value.take();
+                definition["namespace"] = json!(namespace);
+                *value = json!(format!("{namespace}.Money"));
+                Some(definition)
+            }
+            Json::Object(map) => map.values_mut().find_map(|v| take_money(v, namespace)),
+            Json::Array(items) => items.iter_mut().find_map(|v| take_money(v, namespace)),
+            _ => None,
+        }
+    }
+    let mut event: Json = serde_json::from_str(TRADING_GRID_EVENT_AVSC).expect("json");
+    let namespace = event["namespace"].as_str().expect("namespace").to_string();
+    let money = take_money(&mut event, &namespace).expect("the contract defines Money");
+    (event.to_string(), money.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_schema_references_resolve_and_an_unknown_id_costs_one_lookup() {
+    let (event_schema, money_schema) = event_schema_referencing_money();
+    assert!(
+        !event_schema.contains("\"amount\""),
+        "Money is only referenced"
+    );
+    let pipeline = Pipeline::start(Setup {
+        registry: vec![(21, event_schema)],
+        registry_references: vec![(
+            21,
+            json!([{"name": "io.gridtalk.v1.Money", "subject": "io.gridtalk.v1.Money", "version": 3}]),
+        )],
+        registry_subjects: vec![("io.gridtalk.v1.Money".into(), 3, money_schema)],
+        ..Setup::default()
+    })
+    .await;
+    let reader = &ContractSchemas::get().trading_grid_event;
+    // Five records naming an id the registry does not have, then one that references Money.
+    for seq in 0..5 {
+        let e = event("tg.invoice.delivered", 40 + seq, "ACME");
+        let bytes =
+            encode_confluent(reader, 99, json_to_avro(&e, reader).expect("avro")).expect("encode");
+        pipeline
+            .publish_raw(topic_short("tg.invoice.delivered"), "k", &bytes)
+            .await;
+    }
+    let e = event("tg.invoice.delivered", 3, "ACME");
+    let bytes =
+        encode_confluent(reader, 21, json_to_avro(&e, reader).expect("avro")).expect("encode");
+    pipeline
+        .publish_raw(topic_short("tg.invoice.delivered"), "k", &bytes)
+        .await;
+
+    pipeline.wait_for_messages(1, WAIT).await;
+    assert_eq!(
+        received(&pipeline)[0].3,
+        strings(&["INV-900003", "EUR 24,757.03", "PO-4500003", "DELIVERED"]),
+        "the amount is read through the referenced Money schema"
+    );
+    let reasons: Vec<String> = pipeline
+        .dead_letters()
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    assert_eq!(reasons, vec!["unknown_schema"; 5]);
+    assert_eq!(
+        *pipeline.registry_requests.lock().unwrap(),
+        3,
+        "id 99 asked once (then remembered), id 21 and its reference once each"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_twice_sends_one_message() {
     let pipeline = Pipeline::start(Setup::default()).await;

@@ -243,6 +243,10 @@ pub struct Setup {
     pub input_partitions: i32,
     /// Serve these writer schemas (id, schema JSON) as a Confluent schema registry.
     pub registry: Vec<(u32, String)>,
+    /// Schema references of registry ids: (id, Confluent `references` array).
+    pub registry_references: Vec<(u32, Json)>,
+    /// Schemas registered under subjects, for references: (subject, version, schema JSON).
+    pub registry_subjects: Vec<(String, u32, String)>,
     /// Write the access token to a file the test can rewrite, instead of the configuration.
     pub token_file: bool,
     /// Also run the way back (ingest and converse), with the sandbox posting its webhooks to it.
@@ -276,6 +280,8 @@ impl Default for Setup {
             overrides: Vec::new(),
             input_partitions: 2,
             registry: Vec::new(),
+            registry_references: Vec::new(),
+            registry_subjects: Vec::new(),
             token_file: false,
             ingest: false,
             in_process: true,
@@ -326,7 +332,22 @@ impl Pipeline {
         let registry_url = if setup.registry.is_empty() {
             None
         } else {
-            Some(serve_registry(setup.registry, registry_requests.clone(), services.clone()).await)
+            Some(
+                serve_registry(
+                    Registered {
+                        by_id: setup.registry.into_iter().collect(),
+                        references: setup.registry_references.into_iter().collect(),
+                        subjects: setup
+                            .registry_subjects
+                            .into_iter()
+                            .map(|(subject, version, schema)| ((subject, version), schema))
+                            .collect(),
+                    },
+                    registry_requests.clone(),
+                    services.clone(),
+                )
+                .await,
+            )
         };
 
         std::fs::write(dir.join("directory.toml"), &setup.directory).expect("directory file");
@@ -847,8 +868,15 @@ pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
 /// Registered in [`Setup::registry`] in place of a schema, the id is answered with 503.
 pub const UNAVAILABLE_SCHEMA: &str = "!unavailable";
 
+/// What the test registry serves.
+struct Registered {
+    by_id: HashMap<u32, String>,
+    references: HashMap<u32, Json>,
+    subjects: HashMap<(String, u32), String>,
+}
+
 async fn serve_registry(
-    schemas: Vec<(u32, String)>,
+    registered: Registered,
     requests: Arc<Mutex<u64>>,
     shutdown: CancellationToken,
 ) -> String {
@@ -857,13 +885,20 @@ async fn serve_registry(
     use axum::routing::get;
     use axum::Json as AxumJson;
 
-    type Shared = (Arc<HashMap<u32, String>>, Arc<Mutex<u64>>);
+    type Shared = (Arc<Registered>, Arc<Mutex<u64>>);
+    type Answer = Result<AxumJson<Json>, (StatusCode, AxumJson<Json>)>;
+    fn not_found(code: u32, message: String) -> (StatusCode, AxumJson<Json>) {
+        (
+            StatusCode::NOT_FOUND,
+            AxumJson(serde_json::json!({"error_code": code, "message": message})),
+        )
+    }
     async fn schema_by_id(
-        State((schemas, requests)): State<Shared>,
+        State((registered, requests)): State<Shared>,
         Path(id): Path<u32>,
-    ) -> Result<AxumJson<Json>, (StatusCode, AxumJson<Json>)> {
+    ) -> Answer {
         *requests.lock().expect("counter") += 1;
-        match schemas.get(&id) {
+        match registered.by_id.get(&id) {
             // A registry that cannot serve this id: what a registry behind a failing backend
             // answers (Confluent's 50003 "error in the backend data store").
             Some(schema) if schema == UNAVAILABLE_SCHEMA => Err((
@@ -872,18 +907,35 @@ async fn serve_registry(
                     serde_json::json!({"error_code": 50003, "message": "Error in the backend data store"}),
                 ),
             )),
-            Some(schema) => Ok(AxumJson(serde_json::json!({ "schema": schema }))),
-            None => Err((
-                StatusCode::NOT_FOUND,
-                AxumJson(
-                    serde_json::json!({"error_code": 40403, "message": format!("Schema {id} not found")}),
-                ),
-            )),
+            Some(schema) => {
+                let mut body = serde_json::json!({ "schema": schema });
+                if let Some(references) = registered.references.get(&id) {
+                    body["references"] = references.clone();
+                }
+                Ok(AxumJson(body))
+            }
+            None => Err(not_found(40403, format!("Schema {id} not found"))),
         }
     }
-    let state: Shared = (Arc::new(schemas.into_iter().collect()), requests);
+    async fn subject_version(
+        State((registered, requests)): State<Shared>,
+        Path((subject, version)): Path<(String, u32)>,
+    ) -> Answer {
+        *requests.lock().expect("counter") += 1;
+        match registered.subjects.get(&(subject.clone(), version)) {
+            Some(schema) => Ok(AxumJson(serde_json::json!({
+                "subject": subject, "version": version, "id": 1000 + version, "schema": schema
+            }))),
+            None => Err(not_found(40401, format!("Subject '{subject}' not found."))),
+        }
+    }
+    let state: Shared = (Arc::new(registered), requests);
     let app = axum::Router::new()
         .route("/schemas/ids/{id}", get(schema_by_id))
+        .route(
+            "/subjects/{subject}/versions/{version}",
+            get(subject_version),
+        )
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -122,6 +122,9 @@ pub struct ContractConfig {
     pub schema_registry_url: Option<String>,
     pub schema_registry_username: Option<String>,
     pub schema_registry_password: Option<Secret>,
+    /// How long an id the registry answered "not found" (or served as unusable Avro) is
+    /// remembered, so that records carrying it are dead-lettered without asking again each time.
+    pub schema_registry_negative_cache_secs: u64,
     /// Directory of extra `.avsc` writer schemas (older contract versions) for single-object records.
     pub extra_schema_dir: Option<PathBuf>,
     /// Records larger than this go to the dead-letter topic as `oversized`.

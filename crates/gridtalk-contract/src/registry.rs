@@ -1,14 +1,30 @@
-//! Client for the Confluent Schema Registry REST API, only the one call decoding needs:
-//! `GET /schemas/ids/{id}`. Schema ids are immutable in a registry, so a fetched schema is cached
-//! for the life of the process and each id is fetched at most once while it succeeds.
+//! Client for the Confluent Schema Registry REST API, only the calls decoding needs:
+//! `GET /schemas/ids/{id}`, and `GET /subjects/{subject}/versions/{version}` for the schemas a
+//! schema *references* (Confluent's schema references: a named type defined under another
+//! subject).
+//!
+//! Guarantees:
+//! - Schema ids are immutable in a registry, so a fetched schema is cached for the life of the
+//!   process and each id is fetched at most once while it succeeds.
+//! - An id the registry does not have (or serves as something that is not usable Avro) is
+//!   remembered for the negative-cache time: a topic full of records with a bad id costs one
+//!   HTTP call per id and period, not one per record. Unavailability (5xx, timeouts) is never
+//!   cached: the caller retries it.
+//! - References are resolved recursively (at most [`MAX_REFERENCE_DEPTH`] deep, cycles refused)
+//!   and inlined where the referencing schema first names them, so the schema decoding uses is
+//!   self-contained.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apache_avro::Schema;
+use serde_json::Value;
 
-#[derive(Debug, thiserror::Error)]
+/// How deep references may nest (a schema referencing one that references another …).
+pub const MAX_REFERENCE_DEPTH: usize = 16;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RegistryError {
     /// The registry answered that the id does not exist: the record can never be decoded.
     #[error("schema id {id} is not registered at {url}")]
@@ -33,6 +49,17 @@ struct SchemaResponse {
     schema: String,
     #[serde(rename = "schemaType", default)]
     schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+/// A Confluent schema reference: the named type `name` is the schema registered as `subject`,
+/// `version`.
+#[derive(serde::Deserialize, Debug, Clone)]
+struct Reference {
+    name: String,
+    subject: String,
+    version: i64,
 }
 
 /// A caching Schema Registry client. Cheap to clone.
@@ -42,6 +69,9 @@ pub struct RegistryClient {
     http: reqwest::Client,
     basic_auth: Option<(String, String)>,
     cache: Arc<Mutex<HashMap<u32, Arc<Schema>>>>,
+    /// Ids the registry refused (not found, not usable), with when that was learnt.
+    refused: Arc<Mutex<HashMap<u32, (Instant, RegistryError)>>>,
+    negative_ttl: Duration,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -57,7 +87,13 @@ impl std::fmt::Debug for RegistryClient {
 }
 
 impl RegistryClient {
-    pub fn new(base_url: &str, basic_auth: Option<(String, String)>, timeout: Duration) -> Self {
+    /// A client of the registry at `base_url`; ids it refuses are remembered for `negative_ttl`.
+    pub fn new(
+        base_url: &str,
+        basic_auth: Option<(String, String)>,
+        timeout: Duration,
+        negative_ttl: Duration,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .build()
@@ -67,18 +103,131 @@ impl RegistryClient {
             http,
             basic_auth,
             cache: Arc::default(),
+            refused: Arc::default(),
+            negative_ttl,
         }
     }
 
-    /// The writer schema registered under `id`.
+    /// The writer schema registered under `id`, its references inlined.
     pub async fn schema(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
         if let Some(schema) = self.cache.lock().expect("registry cache").get(&id) {
             return Ok(schema.clone());
         }
-        let url = format!("{}/schemas/ids/{id}", self.base_url);
+        {
+            let mut refused = self.refused.lock().expect("registry negative cache");
+            match refused.get(&id) {
+                Some((at, error)) if at.elapsed() < self.negative_ttl => return Err(error.clone()),
+                Some(_) => {
+                    refused.remove(&id);
+                }
+                None => {}
+            }
+        }
+        let result = self.fetch(id).await;
+        match &result {
+            Ok(schema) => {
+                self.cache
+                    .lock()
+                    .expect("registry cache")
+                    .insert(id, schema.clone());
+            }
+            Err(error) if !error.is_retryable() => {
+                self.refused
+                    .lock()
+                    .expect("registry negative cache")
+                    .insert(id, (Instant::now(), error.clone()));
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn fetch(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
+        let invalid = |detail: String| RegistryError::Invalid { id, detail };
+        let body = self
+            .get(&format!("{}/schemas/ids/{id}", self.base_url))
+            .await
+            .map_err(|e| match e {
+                RegistryError::Invalid { detail, .. } => invalid(detail),
+                other => other,
+            })?
+            .ok_or_else(|| RegistryError::NotFound {
+                id,
+                url: self.base_url.clone(),
+            })?;
+        check_avro(&body).map_err(invalid)?;
+        let mut main: Value = serde_json::from_str(&body.schema)
+            .map_err(|e| invalid(format!("schema is not JSON: {e}")))?;
+        if !body.references.is_empty() {
+            let mut definitions = HashMap::new();
+            let mut visiting = HashSet::new();
+            self.collect_references(&body.references, 1, &mut visiting, &mut definitions)
+                .await
+                .map_err(|e| match e {
+                    RegistryError::Unavailable(_) => e,
+                    RegistryError::NotFound { .. } | RegistryError::Invalid { .. } => {
+                        invalid(e.to_string())
+                    }
+                })?;
+            inline_references(&mut main, None, &mut definitions);
+        }
+        let schema = Schema::parse(&main).map_err(|e| invalid(e.to_string()))?;
+        Ok(Arc::new(schema))
+    }
+
+    /// Fetches every reference (and theirs) into `definitions`, by the referenced type's name.
+    async fn collect_references(
+        &self,
+        references: &[Reference],
+        depth: usize,
+        visiting: &mut HashSet<(String, i64)>,
+        definitions: &mut HashMap<String, Value>,
+    ) -> Result<(), RegistryError> {
+        let refused = |detail: String| RegistryError::Invalid { id: 0, detail };
+        if depth > MAX_REFERENCE_DEPTH {
+            return Err(refused(format!(
+                "schema references nest deeper than {MAX_REFERENCE_DEPTH}"
+            )));
+        }
+        for reference in references {
+            if definitions.contains_key(&reference.name) {
+                continue;
+            }
+            let key = (reference.subject.clone(), reference.version);
+            if !visiting.insert(key.clone()) {
+                return Err(refused(format!(
+                    "schema references form a cycle through {} version {}",
+                    reference.subject, reference.version
+                )));
+            }
+            let url = format!(
+                "{}/subjects/{}/versions/{}",
+                self.base_url,
+                encode_path_segment(&reference.subject),
+                reference.version
+            );
+            let body = self.get(&url).await?.ok_or_else(|| {
+                refused(format!(
+                    "referenced subject {} version {} is not registered",
+                    reference.subject, reference.version
+                ))
+            })?;
+            check_avro(&body).map_err(refused)?;
+            let definition: Value = serde_json::from_str(&body.schema)
+                .map_err(|e| refused(format!("{}: not JSON: {e}", reference.subject)))?;
+            Box::pin(self.collect_references(&body.references, depth + 1, visiting, definitions))
+                .await?;
+            definitions.insert(reference.name.clone(), definition);
+            visiting.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// GET a registry resource: `Ok(None)` when the registry answers 404.
+    async fn get(&self, url: &str) -> Result<Option<SchemaResponse>, RegistryError> {
         let mut request = self
             .http
-            .get(&url)
+            .get(url)
             .header("Accept", "application/vnd.schemaregistry.v1+json");
         if let Some((user, password)) = &self.basic_auth {
             request = request.basic_auth(user, Some(password));
@@ -89,35 +238,197 @@ impl RegistryClient {
             .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(RegistryError::NotFound {
-                id,
-                url: self.base_url.clone(),
-            });
+            return Ok(None);
         }
         if !status.is_success() {
             return Err(RegistryError::Unavailable(format!(
                 "GET {url} answered {status}"
             )));
         }
-        let body: SchemaResponse = response.json().await.map_err(|e| RegistryError::Invalid {
-            id,
-            detail: e.to_string(),
-        })?;
-        if let Some(kind) = body.schema_type.as_deref().filter(|k| *k != "AVRO") {
-            return Err(RegistryError::Invalid {
-                id,
-                detail: format!("schemaType {kind} is not AVRO"),
-            });
+        response
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| RegistryError::Invalid {
+                id: 0,
+                detail: format!("GET {url}: {e}"),
+            })
+    }
+}
+
+fn check_avro(body: &SchemaResponse) -> Result<(), String> {
+    match body.schema_type.as_deref() {
+        None | Some("AVRO") => Ok(()),
+        Some(kind) => Err(format!("schemaType {kind} is not AVRO")),
+    }
+}
+
+/// A subject name as one URL path segment (subjects may hold `/`, `:` and other reserved
+/// characters).
+fn encode_path_segment(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Replaces the first mention of each referenced type (a name string, qualified with the
+/// namespace that applies there) with its definition, named by its full name so it means the same
+/// wherever it lands; later mentions stay names. Definitions are inlined recursively.
+fn inline_references(
+    schema: &mut Value,
+    namespace: Option<&str>,
+    definitions: &mut HashMap<String, Value>,
+) {
+    match schema {
+        Value::String(name) => {
+            let full = if name.contains('.') {
+                name.clone()
+            } else {
+                match namespace {
+                    Some(ns) if !ns.is_empty() => format!("{ns}.{name}"),
+                    _ => name.clone(),
+                }
+            };
+            let key = if definitions.contains_key(&full) {
+                Some(full)
+            } else if definitions.contains_key(name.as_str()) {
+                Some(name.clone())
+            } else {
+                None
+            };
+            if let Some(mut definition) = key.and_then(|k| definitions.remove(&k)) {
+                let (own, inner) = full_name_of(&definition, None);
+                if let Value::Object(attributes) = &mut definition {
+                    attributes.insert("name".into(), Value::String(own.clone()));
+                    attributes.remove("namespace");
+                }
+                inline_children(&mut definition, inner.as_deref(), definitions);
+                *schema = definition;
+            }
         }
-        let schema = Schema::parse_str(&body.schema).map_err(|e| RegistryError::Invalid {
-            id,
-            detail: e.to_string(),
-        })?;
-        let schema = Arc::new(schema);
-        self.cache
-            .lock()
-            .expect("registry cache")
-            .insert(id, schema.clone());
-        Ok(schema)
+        Value::Array(branches) => {
+            for branch in branches {
+                inline_references(branch, namespace, definitions);
+            }
+        }
+        Value::Object(_) => {
+            let (_, inner) = full_name_of(schema, namespace);
+            let inner = inner.or_else(|| namespace.map(str::to_string));
+            inline_children(schema, inner.as_deref(), definitions);
+        }
+        _ => {}
+    }
+}
+
+/// The full name of a named type's definition and the namespace its children are read in.
+fn full_name_of(definition: &Value, enclosing: Option<&str>) -> (String, Option<String>) {
+    let name = definition
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let full = if name.contains('.') {
+        name.to_string()
+    } else {
+        match definition
+            .get("namespace")
+            .and_then(Value::as_str)
+            .or(enclosing)
+        {
+            Some(ns) if !ns.is_empty() => format!("{ns}.{name}"),
+            _ => name.to_string(),
+        }
+    };
+    let inner = if name.is_empty() {
+        None
+    } else {
+        Some(
+            full.rsplit_once('.')
+                .map(|(ns, _)| ns.to_string())
+                .unwrap_or_default(),
+        )
+    };
+    (full, inner)
+}
+
+fn inline_children(
+    schema: &mut Value,
+    namespace: Option<&str>,
+    definitions: &mut HashMap<String, Value>,
+) {
+    let Value::Object(attributes) = schema else {
+        return;
+    };
+    if let Some(fields) = attributes.get_mut("fields").and_then(Value::as_array_mut) {
+        for field in fields {
+            if let Some(field_type) = field.get_mut("type") {
+                inline_references(field_type, namespace, definitions);
+            }
+        }
+    }
+    for key in ["items", "values"] {
+        if let Some(inner) = attributes.get_mut(key) {
+            inline_references(inner, namespace, definitions);
+        }
+    }
+    if let Some(inner @ (Value::Object(_) | Value::Array(_))) = attributes.get_mut("type") {
+        inline_references(inner, namespace, definitions);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn references_are_inlined_at_their_first_mention_under_their_full_name() {
+        let mut main = json!({"type": "record", "name": "Order", "namespace": "com.acme", "fields": [
+            {"name": "total", "type": "Money"},
+            {"name": "refund", "type": ["null", "com.acme.Money"]},
+            {"name": "lines", "type": {"type": "array", "items": "shared.Line"}}
+        ]});
+        let mut definitions = HashMap::from([
+            (
+                "com.acme.Money".to_string(),
+                json!({"type": "record", "name": "Money", "namespace": "com.acme", "fields": [
+                    {"name": "amount", "type": "string"},
+                    {"name": "currency", "type": {"type": "enum", "name": "Currency", "symbols": ["EUR"]}}
+                ]}),
+            ),
+            (
+                "shared.Line".to_string(),
+                json!({"type": "record", "name": "shared.Line", "fields": [
+                    {"name": "price", "type": "com.acme.Money"}
+                ]}),
+            ),
+        ]);
+        inline_references(&mut main, None, &mut definitions);
+        assert!(definitions.is_empty());
+        let schema = Schema::parse(&main).expect("self-contained");
+        let form = crate::parsing_canonical_form(&serde_json::to_value(&schema).unwrap()).unwrap();
+        assert_eq!(
+            form,
+            concat!(
+                r#"{"name":"com.acme.Order","type":"record","fields":["#,
+                r#"{"name":"total","type":{"name":"com.acme.Money","type":"record","fields":["#,
+                r#"{"name":"amount","type":"string"},"#,
+                r#"{"name":"currency","type":{"name":"com.acme.Currency","type":"enum","symbols":["EUR"]}}]}},"#,
+                r#"{"name":"refund","type":["null","com.acme.Money"]},"#,
+                r#"{"name":"lines","type":{"type":"array","items":{"name":"shared.Line","type":"record","fields":["#,
+                r#"{"name":"price","type":"com.acme.Money"}]}}}]}"#
+            )
+        );
+    }
+
+    #[test]
+    fn subjects_are_encoded_as_one_path_segment() {
+        assert_eq!(encode_path_segment("orders-value"), "orders-value");
+        assert_eq!(encode_path_segment("a/b:c d"), "a%2Fb%3Ac%20d");
     }
 }

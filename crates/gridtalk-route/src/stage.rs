@@ -44,7 +44,12 @@ fn decoder(config: &Config) -> Result<EventDecoder, RouteError> {
                     .unwrap_or_default(),
             )
         });
-        RegistryClient::new(url, auth, Duration::from_secs(10))
+        RegistryClient::new(
+            url,
+            auth,
+            Duration::from_secs(10),
+            Duration::from_secs(config.contract.schema_registry_negative_cache_secs),
+        )
     });
     Ok(EventDecoder::new(
         ContractSchemas::get().trading_grid_event.clone(),
