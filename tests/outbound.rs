@@ -551,6 +551,42 @@ async fn registry_schema_references_resolve_and_an_unknown_id_costs_one_lookup()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_older_than_the_maximum_age_is_dead_lettered_stale_and_sends_nothing() {
+    let pipeline = Pipeline::start(Setup {
+        overrides: vec![("ROUTE__MAX_EVENT_AGE_SECS", "3600".into())],
+        ..Setup::default()
+    })
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    // Two hours old, then one a minute old, for the same recipient and template.
+    let mut old = event("tg.invoice.delivered", 5, "ACME");
+    old["occurred_at"] = json!(now - 2 * 3_600_000);
+    let mut fresh = event("tg.invoice.delivered", 6, "ACME");
+    fresh["occurred_at"] = json!(now - 60_000);
+    pipeline.publish_event(&old).await;
+    pipeline.publish_event(&fresh).await;
+
+    pipeline.wait_for_messages(1, WAIT).await;
+    pipeline
+        .wait_until("the stale event dead-lettered", WAIT, |p| {
+            !p.dead_letters().is_empty()
+        })
+        .await;
+    let got = received(&pipeline);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].3[0], "INV-900006", "only the fresh event is sent");
+    let dead = pipeline.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "stale");
+    let detail = dead[0]
+        .headers
+        .get("gridtalk.dlq.detail")
+        .cloned()
+        .unwrap_or_default();
+    assert!(detail.contains("2 hours ago"), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_twice_sends_one_message() {
     let pipeline = Pipeline::start(Setup::default()).await;
     let po = event("tg.po.received", 1, "ACME");

@@ -143,6 +143,14 @@ pub struct RouteConfig {
     /// How long a record whose schema the registry cannot serve (5xx, timeout) is retried, with
     /// its partition paused, before it is dead-lettered as `registry_unavailable`.
     pub registry_wait_max_secs: u64,
+    /// Events that occurred (`occurred_at`) longer ago than this are dead-lettered as `stale`
+    /// and never sent: after a long outage, a renamed consumer group or expired offsets, the
+    /// input topics' retention must not reach people's phones. 0 turns the check off.
+    pub max_event_age_secs: u64,
+    /// Where the route group starts on an input partition it has no committed offset for:
+    /// `earliest` (everything the topic holds, with old events stopped by `max_event_age_secs`)
+    /// or `latest` (only events published from then on).
+    pub offset_reset: String,
     /// Language used when a contact has none.
     pub default_language: String,
     /// Secret that signs button tokens (request, action, expiry). Required when a template has
@@ -403,6 +411,12 @@ impl Config {
         let mut errors = Vec::new();
         if self.topics.inputs.is_empty() {
             errors.push("topics.inputs: at least one input topic is required".into());
+        }
+        if !matches!(self.route.offset_reset.as_str(), "earliest" | "latest") {
+            errors.push(format!(
+                "route.offset_reset must be \"earliest\" or \"latest\", not {:?}",
+                self.route.offset_reset
+            ));
         }
         if self.send.max_messages_per_second == 0 {
             errors.push("send.max_messages_per_second must be at least 1".into());

@@ -372,6 +372,11 @@ impl EventView {
         self.str_at("/payload_type").unwrap_or_default()
     }
 
+    /// When the event occurred (`occurred_at`, milliseconds since the epoch).
+    pub fn occurred_at_ms(&self) -> Option<i64> {
+        self.json.get("occurred_at").and_then(Json::as_i64)
+    }
+
     pub fn correlation_id(&self) -> &str {
         self.str_at("/correlation_id").unwrap_or_default()
     }

@@ -86,6 +86,8 @@ pub enum DeadLetterReason {
     MalformedWebhookItem,
     /// The schema registry could not serve the record's schema id for `route.registry_wait_max_secs`.
     RegistryUnavailable,
+    /// The event occurred longer ago than `route.max_event_age_secs`: never sent to a phone.
+    Stale,
 }
 
 impl DeadLetterReason {
@@ -105,6 +107,7 @@ impl DeadLetterReason {
             DeadLetterReason::MalformedOutbox => "malformed_outbox",
             DeadLetterReason::MalformedWebhookItem => "malformed_webhook_item",
             DeadLetterReason::RegistryUnavailable => "registry_unavailable",
+            DeadLetterReason::Stale => "stale",
         }
     }
 }

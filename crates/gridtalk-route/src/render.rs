@@ -235,6 +235,19 @@ pub fn plan(
     if view.event_id().trim().is_empty() {
         return Err(fail(DeadLetterReason::MissingField, "event_id is empty"));
     }
+    let max_age_secs = config.route.max_event_age_secs;
+    if let Some(occurred_at) = view.occurred_at_ms().filter(|_| max_age_secs > 0) {
+        let age_ms = now_ms.saturating_sub(occurred_at);
+        if age_ms > (max_age_secs as i64).saturating_mul(1000) {
+            return Err(fail(
+                DeadLetterReason::Stale,
+                format!(
+                    "event occurred {} hours ago (occurred_at {occurred_at}), more than route.max_event_age_secs ({max_age_secs} s); not sent",
+                    age_ms / 3_600_000
+                ),
+            ));
+        }
+    }
     if directory.partner(view.partner_id()).is_none() {
         return Err(fail(
             DeadLetterReason::UnknownPartner,

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::Config;
 use gridtalk_contract::{ContractSchemas, EventDecoder, RegistryClient, SchemaSet};
-use gridtalk_kafka::driver::{Driver, DriverSettings};
+use gridtalk_kafka::driver::{Driver, DriverSettings, OffsetReset};
 use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::Readiness;
 
@@ -90,7 +90,14 @@ pub async fn run(
 
     let driver = Driver::new(
         &config.kafka,
-        DriverSettings::for_stage(&config, STAGE, config.topics.inputs.clone()),
+        DriverSettings {
+            offset_reset: if config.route.offset_reset == "latest" {
+                OffsetReset::Latest
+            } else {
+                OffsetReset::Earliest
+            },
+            ..DriverSettings::for_stage(&config, STAGE, config.topics.inputs.clone())
+        },
         ready,
     )?;
     let routing = Arc::new(Routing {

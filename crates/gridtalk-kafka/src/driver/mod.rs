@@ -123,6 +123,16 @@ pub struct DriverSettings {
     pub drain_deadline: Duration,
     /// How long shutdown waits for every effect.
     pub shutdown_deadline: Duration,
+    /// Where a partition with no committed offset starts: `earliest` (every record the topic
+    /// still holds) or `latest` (only what arrives from now on).
+    pub offset_reset: OffsetReset,
+}
+
+/// librdkafka's `auto.offset.reset` for a group without a committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
 }
 
 impl DriverSettings {
@@ -141,6 +151,7 @@ impl DriverSettings {
             assignment: Assignment::CooperativeSticky,
             drain_deadline: Duration::from_millis(config.kafka.revoke_drain_ms),
             shutdown_deadline: Duration::from_millis(config.admin.shutdown_deadline_ms),
+            offset_reset: OffsetReset::Earliest,
         }
     }
 }
@@ -203,7 +214,13 @@ impl Driver {
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            .set(
+                "auto.offset.reset",
+                match settings.offset_reset {
+                    OffsetReset::Earliest => "earliest",
+                    OffsetReset::Latest => "latest",
+                },
+            )
             .set("partition.assignment.strategy", assignor)
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set(

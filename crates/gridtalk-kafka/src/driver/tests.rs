@@ -231,6 +231,7 @@ impl Cluster {
                 assignment: Assignment::CooperativeSticky,
                 drain_deadline: drain,
                 shutdown_deadline: Duration::from_secs(5),
+                offset_reset: OffsetReset::Earliest,
             },
             ready,
         )
