@@ -101,6 +101,109 @@ async fn errors_carry_metas_codes_and_shape() {
     assert!(sandbox.messages().is_empty());
 }
 
+/// Meta accepts a recipient written with a leading `+`, spaces, hyphens and parentheses, echoes
+/// it as `contacts[].input` and answers the digits as `wa_id`; letters are refused with 100.
+#[tokio::test]
+async fn recipients_in_metas_accepted_formats_are_sent_and_echoed() {
+    let (sandbox, _stop) = sandbox(|_| {}).await;
+    for written in ["+14155550199", "+1 (415) 555-0188", "1-415-555-0177"] {
+        let (status, body) = post(&sandbox, "good", &summary(written)).await;
+        assert_eq!(status, 200, "{written}: {body}");
+        assert_eq!(body["contacts"][0]["input"], written);
+        let digits: String = written.chars().filter(char::is_ascii_digit).collect();
+        assert_eq!(body["contacts"][0]["wa_id"], digits.as_str());
+    }
+    let received: Vec<String> = sandbox.messages().into_iter().map(|m| m.to).collect();
+    assert_eq!(received, ["14155550199", "14155550188", "14155550177"]);
+    for refused in ["+1-555-CALL-ME", "+", "0049 151 1234567", "++14155550199"] {
+        let (status, body) = post(&sandbox, "good", &summary(refused)).await;
+        assert_eq!((status, code(&body)), (400, 100), "{refused}: {body}");
+    }
+}
+
+/// Component `type` and `sub_type` in upper case, as several SDKs write them.
+#[tokio::test]
+async fn upper_case_component_types_are_read_like_lower_case() {
+    let (sandbox, _stop) = sandbox(|_| {}).await;
+    let (status, _) = post(&sandbox, "good", &summary("14155550106")).await;
+    assert_eq!(status, 200);
+    let mut upper = summary("14155550107");
+    upper["template"]["components"][0]["type"] = json!("BODY");
+    let (status, body) = post(&sandbox, "good", &upper).await;
+    assert_eq!(status, 200, "{body}");
+    let messages = sandbox.messages();
+    assert_eq!(
+        messages[1].rendered, messages[0].rendered,
+        "the BODY parameters were read"
+    );
+    assert!(!messages[1].parameters.is_empty());
+
+    // Quick-reply buttons as BUTTON / QUICK_REPLY.
+    let body: Vec<String> = ["PO-1", "Northwind", "USD 1.00", "2026-12-03"]
+        .map(String::from)
+        .to_vec();
+    let mut buttons = gridtalk_whatsapp::template_message(
+        "14155550108",
+        "po_ack_request",
+        "en_US",
+        &body,
+        &["a".into(), "b".into(), "c".into()],
+    );
+    for component in buttons["template"]["components"].as_array_mut().unwrap() {
+        for key in ["type", "sub_type"] {
+            if let Some(text) = component[key].as_str().map(str::to_ascii_uppercase) {
+                component[key] = json!(text);
+            }
+        }
+    }
+    let (status, body) = post(&sandbox, "good", &buttons).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        sandbox.messages()[2].buttons,
+        ["Accept", "Accept with changes", "Reject"]
+    );
+}
+
+/// Token errors come in Meta's OAuth body: no `(#190)` prefix, no `error_data`, subcode 463 for a
+/// token that expired; a token Meta cannot parse has no subcode; no token at all is 104.
+#[tokio::test]
+async fn token_errors_have_metas_oauth_bodies() {
+    let (sandbox, _stop) = sandbox(|_| {}).await;
+    let (status, body) = post(&sandbox, "never-issued", &summary("14155550106")).await;
+    assert_eq!((status, code(&body)), (401, 190));
+    let error = &body["error"];
+    assert_eq!(error["type"], "OAuthException");
+    assert_eq!(
+        error["message"],
+        "Invalid OAuth access token - Cannot parse access token"
+    );
+    assert!(error.get("error_data").is_none() && error.get("error_subcode").is_none());
+    assert!(error["fbtrace_id"].is_string());
+
+    sandbox.set_valid_tokens(vec!["rotated".into()]);
+    let (status, body) = post(&sandbox, "good", &summary("14155550106")).await;
+    assert_eq!((status, code(&body)), (401, 190));
+    assert_eq!(body["error"]["error_subcode"], 463);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Error validating access token: Session has expired on "),
+        "{message}"
+    );
+    assert!(!message.starts_with("(#"));
+    let (status, _) = post(&sandbox, "rotated", &summary("14155550106")).await;
+    assert_eq!(status, 200);
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/v25.0/{NUMBER}/messages", sandbox.base_url()))
+        .json(&summary("14155550106"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 401);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(code(&body), 104);
+}
+
 #[tokio::test]
 async fn the_pair_limit_answers_131056() {
     let (sandbox, _stop) = sandbox(|c| {

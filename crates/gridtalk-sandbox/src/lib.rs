@@ -15,7 +15,7 @@
 // A rejection is the HTTP answer itself (status, Graph error body), built once per refused request.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -171,6 +171,9 @@ struct Inner {
     window: HashMap<String, VecDeque<Instant>>,
     /// GCRA theoretical arrival time per (number, recipient).
     pair_tat: HashMap<(String, String), Instant>,
+    /// Tokens that were valid once and no longer are: Meta reports those as expired (subcode
+    /// 463), any other token as one it cannot parse.
+    expired_tokens: HashSet<String>,
     next_id: u64,
 }
 
@@ -204,6 +207,44 @@ fn graph_error(status: StatusCode, code: i64, title: &str, details: &str) -> Res
     (status, Json(body)).into_response()
 }
 
+/// Meta's OAuth error body: unlike the WhatsApp errors, no `(#code)` prefix and no `error_data`;
+/// an `error_subcode` when Meta gives one (463 expired session).
+fn oauth_error(code: i64, subcode: Option<i64>, message: &str) -> Rejection {
+    let trace: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(22)
+        .map(char::from)
+        .collect();
+    let mut error = json!({
+        "message": message,
+        "type": "OAuthException",
+        "code": code,
+        "fbtrace_id": trace,
+    });
+    if let Some(subcode) = subcode {
+        error["error_subcode"] = json!(subcode);
+    }
+    (
+        code,
+        (StatusCode::UNAUTHORIZED, Json(json!({ "error": error }))).into_response(),
+    )
+}
+
+/// A recipient as Meta reads `to`: digits, optionally written with a leading `+`, spaces,
+/// hyphens and parentheses (`+1 (415) 555-0188`). Returns the digits (the `wa_id`).
+fn recipient_digits(to: &str) -> Option<String> {
+    let mut digits = String::with_capacity(to.len());
+    for (i, c) in to.trim().chars().enumerate() {
+        match c {
+            '0'..='9' => digits.push(c),
+            '+' if i == 0 => {}
+            ' ' | '-' | '(' | ')' => {}
+            _ => return None,
+        }
+    }
+    ((8..=15).contains(&digits.len()) && !digits.starts_with('0')).then_some(digits)
+}
+
 /// HMAC-SHA256 signature header value over `body`, as Meta sends it.
 pub fn signature(app_secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()).expect("any key length");
@@ -229,6 +270,7 @@ impl Sandbox {
                 stats: Stats::default(),
                 window: HashMap::new(),
                 pair_tat: HashMap::new(),
+                expired_tokens: HashSet::new(),
                 next_id: 1,
             })),
             http: reqwest::Client::builder()
@@ -445,7 +487,19 @@ impl Sandbox {
 
     /// Replaces the accepted tokens: an empty list expires every token (error 190).
     pub fn set_valid_tokens(&self, tokens: Vec<String>) {
-        self.inner.lock().expect("sandbox").config.valid_tokens = tokens;
+        let mut inner = self.inner.lock().expect("sandbox");
+        let dropped: Vec<String> = inner
+            .config
+            .valid_tokens
+            .iter()
+            .filter(|t| !tokens.contains(t))
+            .cloned()
+            .collect();
+        inner.expired_tokens.extend(dropped);
+        for token in &tokens {
+            inner.expired_tokens.remove(token);
+        }
+        inner.config.valid_tokens = tokens;
     }
 
     fn set_status(&self, wamid: &str, status: &str) {
@@ -544,20 +598,31 @@ fn validate_and_accept(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| {
-            reject(
-                StatusCode::UNAUTHORIZED,
-                190,
-                "Invalid OAuth access token",
+            oauth_error(
+                104,
+                None,
                 "An access token is required to request this resource.",
             )
         })?;
     if !inner.config.valid_tokens.iter().any(|t| t == token) {
-        return Err(reject(
-            StatusCode::UNAUTHORIZED,
-            190,
-            "Error validating access token",
-            "Error validating access token: Session has expired or the token is invalid.",
-        ));
+        return Err(if inner.expired_tokens.contains(token) {
+            let now = chrono::Utc::now();
+            oauth_error(
+                190,
+                Some(463),
+                &format!(
+                    "Error validating access token: Session has expired on {}. The current time is {}.",
+                    (now - chrono::Duration::hours(1)).format("%A, %d-%b-%y %H:%M:%S UTC"),
+                    now.format("%A, %d-%b-%y %H:%M:%S UTC")
+                ),
+            )
+        } else {
+            oauth_error(
+                190,
+                None,
+                "Invalid OAuth access token - Cannot parse access token",
+            )
+        });
     }
     if !inner
         .config
@@ -574,18 +639,16 @@ fn validate_and_accept(
     if request.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
         return Err(invalid("messaging_product must be \"whatsapp\""));
     }
-    let to = request
+    let input = request
         .get("to")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("The parameter to is required."))?;
-    if !(8..=15).contains(&to.len())
-        || !to.chars().all(|c| c.is_ascii_digit())
-        || to.starts_with('0')
-    {
-        return Err(invalid(&format!(
-            "to: {to:?} is not a valid WhatsApp phone number"
-        )));
-    }
+    let to = recipient_digits(input).ok_or_else(|| {
+        invalid(&format!(
+            "to: {input:?} is not a valid WhatsApp phone number"
+        ))
+    })?;
+    let to = to.as_str();
     let kind = request
         .get("type")
         .and_then(Value::as_str)
@@ -813,7 +876,14 @@ fn validate_template(
     let mut body_params = Vec::new();
     let mut quick_replies = 0;
     for c in &components {
-        match c.get("type").and_then(Value::as_str) {
+        // Meta reads component types and sub-types case-insensitively ("BODY", "QUICK_REPLY",
+        // as several SDKs send them).
+        let lower = |key: &str| {
+            c.get(key)
+                .and_then(Value::as_str)
+                .map(str::to_ascii_lowercase)
+        };
+        match lower("type").as_deref() {
             Some("body") => {
                 for p in c
                     .get("parameters")
@@ -835,7 +905,7 @@ fn validate_template(
                     body_params.push(text.to_string());
                 }
             }
-            Some("button") if c.get("sub_type").and_then(Value::as_str) == Some("quick_reply") => {
+            Some("button") if lower("sub_type").as_deref() == Some("quick_reply") => {
                 let payload = c
                     .pointer("/parameters/0/payload")
                     .and_then(Value::as_str)
@@ -911,7 +981,8 @@ async fn send_message(
             sandbox.schedule_statuses(&message);
             Json(json!({
                 "messaging_product": "whatsapp",
-                "contacts": [{"input": message.to, "wa_id": message.to}],
+                // `input` echoes `to` as written; `wa_id` is the digits.
+                "contacts": [{"input": message.request["to"], "wa_id": message.to}],
                 "messages": [{"id": message.wamid, "message_status": "accepted"}],
             }))
             .into_response()

@@ -54,7 +54,9 @@ pub fn classify(code: i64) -> ErrorClass {
         130429 | 4 | 80007 | 1 | 2 | 131016 | 131057 => ErrorClass::Retry(RetryScope::Number),
         131056 => ErrorClass::Retry(RetryScope::Recipient),
         131000 | 131053 => ErrorClass::Retry(RetryScope::Limited),
+        // 104: no access token reached Meta (an OAuth failure like 190, not the message's fault).
         190
+        | 104
         | 0
         | 3
         | 10
@@ -309,7 +311,7 @@ mod tests {
         assert_eq!(classify(131056), ErrorClass::Retry(RetryScope::Recipient));
         assert_eq!(classify(131000), ErrorClass::Retry(RetryScope::Limited));
         for halt in [
-            190, 0, 3, 10, 200, 299, 368, 131031, 131042, 133010, 131048, 132015, 132016,
+            190, 104, 0, 3, 10, 200, 299, 368, 131031, 131042, 133010, 131048, 132015, 132016,
         ] {
             assert_eq!(classify(halt), ErrorClass::HaltSender, "{halt}");
         }
