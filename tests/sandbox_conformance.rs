@@ -2,6 +2,9 @@
 //! error codes and bodies for a bad token, an unknown template, a wrong parameter count, and the
 //! throughput and pair limits. Without this, "no 130429 / 131056 seen" would prove nothing.
 
+#[path = "third_party/mod.rs"]
+mod third_party;
+
 use gridtalk_config::Config;
 use gridtalk_sandbox::{Sandbox, SandboxConfig};
 use serde_json::{json, Value};
@@ -314,4 +317,54 @@ async fn status_webhooks_are_signed_and_follow_the_message() {
     let failed = statuses(&mut rx, 1).await;
     assert_eq!(failed[0]["status"], "failed");
     assert_eq!(failed[0]["errors"][0]["code"], 131026);
+}
+
+/// pywa, a WhatsApp Cloud API SDK written by others (installed by `scripts/install-test-tools`),
+/// sends through the sandbox as it would through Meta and parses every answer: a template to a
+/// number written with `+`, spaces and parentheses, and three refusals, each into the error class
+/// pywa maps Meta's code to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_party_sdk_parses_every_answer_as_it_would_from_meta() {
+    let (sandbox, _stop) = sandbox(|_| {}).await;
+    let url = sandbox.base_url();
+    let output = tokio::task::spawn_blocking(move || {
+        third_party::run(
+            "pywa_conformance.py",
+            &[url.as_ref(), NUMBER.as_ref(), "good".as_ref()],
+        )
+    })
+    .await
+    .expect("pywa ran");
+    let results: Value = serde_json::from_str(output.trim()).expect("json from the script");
+    println!("pywa: {results:#}");
+
+    let template = &results["template"];
+    assert_eq!(template["ok"], true, "{template}");
+    let wamid = template["id"].as_str().expect("pywa read the wamid");
+    let received = sandbox.messages();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].wamid, wamid);
+    assert_eq!(received[0].to, "14155550199");
+
+    for (case, code, class) in [
+        ("outside_window", 131047, "ReEngagementMessage"),
+        ("unknown_template", 132001, "TemplateNotExists"),
+        ("bad_token", 190, "ExpiredAccessToken"),
+    ] {
+        let result = &results[case];
+        assert_eq!(result["ok"], false, "{case}: {result}");
+        assert_eq!(result["code"], code, "{case}: {result}");
+        assert_eq!(result["class"], class, "{case}: {result}");
+        assert!(
+            result["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{case}: {result}"
+        );
+    }
+    assert!(
+        results["outside_window"]["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("24 hours")),
+        "pywa read error_data.details: {}",
+        results["outside_window"]
+    );
 }

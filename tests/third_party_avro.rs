@@ -8,9 +8,9 @@
 //!   of the same events does: every expected message arrives, nothing is dead-lettered.
 
 mod support;
+#[path = "third_party/mod.rs"]
+mod third_party;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
@@ -20,45 +20,13 @@ use gridtalk_contract::{
     parsing_canonical_form, standard_fingerprint, ContractSchemas, TRADING_GRID_EVENT_AVSC,
 };
 use support::*;
+use third_party::repo_file;
 
 const WAIT: Duration = Duration::from_secs(90);
 const SCHEMA_ID: u32 = 41;
 
-/// The Python that has fastavro: `GRIDTALK_TEST_PYTHON` (set by `scripts/test`), else where
-/// `scripts/install-test-tools` puts it. Missing is a failure, not a skip: CI must run this.
-fn python() -> PathBuf {
-    let path = std::env::var_os("GRIDTALK_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME");
-            Path::new(&home).join(".cache/gridtalk/py/bin/python")
-        });
-    assert!(
-        path.exists(),
-        "{} does not exist: run scripts/install-test-tools (scripts/test does)",
-        path.display()
-    );
-    path
-}
-
-fn repo_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(relative)
-}
-
 fn fastavro(args: &[&std::ffi::OsStr]) -> String {
-    let output = Command::new(python())
-        .arg(repo_file("tests/third_party/fastavro_encode.py"))
-        .args(args)
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "fastavro_encode.py failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8")
+    third_party::run("fastavro_encode.py", args)
 }
 
 fn hex(bytes: &[u8]) -> String {
