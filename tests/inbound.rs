@@ -191,6 +191,59 @@ async fn only_correctly_signed_webhooks_are_published_and_batches_are_split() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_malformed_message_delivers_the_others() {
+    let pipeline = started(Setup {
+        ingest: true,
+        ..Setup::default()
+    })
+    .await;
+    let body = json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "messages": [
+                {"from": "14155550101", "id": "wamid.OK1", "timestamp": "1795514400", "type": "text", "text": {"body": "first"}},
+                {"id": "wamid.NOFROM", "timestamp": "1795514401", "type": "text", "text": {"body": "no sender"}},
+                {"from": "14155550102", "id": "wamid.OK2", "timestamp": "1795514402", "type": "text", "text": {"body": "second"}}
+            ]
+        }}]}]
+    })
+    .to_string();
+    let signature = gridtalk_sandbox::signature(APP_SECRET, body.as_bytes());
+    assert_eq!(post(&pipeline, body.as_bytes(), Some(signature)).await, 200);
+    let items = webhook_items(&pipeline);
+    let mut kinds: Vec<(String, String)> = items
+        .iter()
+        .map(|(_, v)| {
+            (
+                v["kind"].as_str().unwrap().to_string(),
+                v["item_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .filter(|(kind, _)| kind == "message")
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            ("message".to_string(), "wamid.OK1".to_string()),
+            ("message".to_string(), "wamid.OK2".to_string()),
+        ]
+    );
+    let unparsed: Vec<&Value> = items
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "unparsed")
+        .collect();
+    assert_eq!(unparsed.len(), 1, "{items:?}");
+    assert!(unparsed[0]["item"]["body"]
+        .as_str()
+        .unwrap()
+        .contains("wamid.NOFROM"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscription_handshake_answers_only_the_right_verify_token() {
     let pipeline = started(Setup {
         ingest: true,

@@ -39,7 +39,10 @@ fn text<'a>(value: &'a Value, key: &str, what: &str) -> Result<&'a str, String> 
         .ok_or_else(|| format!("{what} without {key}"))
 }
 
-/// Splits a WhatsApp Business Account webhook body into its items.
+/// Splits a WhatsApp Business Account webhook body into its items. A body that is not a WhatsApp
+/// Business Account webhook at all is an error; within one, an element that cannot be read (a
+/// message without `from`, an entry without `changes`) becomes an `unparsed` item of its own and
+/// every other item of the batch is kept.
 pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, String> {
     let payload: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
     if payload.get("object").and_then(Value::as_str) != Some("whatsapp_business_account") {
@@ -50,11 +53,14 @@ pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, Strin
         .and_then(Value::as_array)
         .ok_or("no entry array")?;
     let mut items = Vec::new();
+    let malformed = |element: &Value, detail: String| {
+        unparsed(element.to_string().as_bytes(), received_at_ms, &detail)
+    };
     for entry in entries {
-        let changes = entry
-            .get("changes")
-            .and_then(Value::as_array)
-            .ok_or("entry without changes")?;
+        let Some(changes) = entry.get("changes").and_then(Value::as_array) else {
+            items.push(malformed(entry, "entry without changes".into()));
+            continue;
+        };
         for change in changes {
             let value = change.get("value").cloned().unwrap_or(Value::Null);
             let phone_number_id = value
@@ -88,8 +94,16 @@ pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, Strin
                     .map(String::from)
             };
             for message in list(&value, "messages") {
-                let from = text(message, "from", "message")?;
-                let id = text(message, "id", "message")?;
+                let (from, id) = match (
+                    text(message, "from", "message"),
+                    text(message, "id", "message"),
+                ) {
+                    (Ok(from), Ok(id)) => (from, id),
+                    (Err(e), _) | (_, Err(e)) => {
+                        items.push(malformed(message, e));
+                        continue;
+                    }
+                };
                 items.push(item(
                     "message",
                     id.to_string(),
@@ -99,9 +113,20 @@ pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, Strin
                 ));
             }
             for status in list(&value, "statuses") {
-                let id = text(status, "id", "status")?;
-                let state = text(status, "status", "status")?;
-                let recipient = text(status, "recipient_id", "status")?;
+                let fields = (|| {
+                    Ok::<_, String>((
+                        text(status, "id", "status")?,
+                        text(status, "status", "status")?,
+                        text(status, "recipient_id", "status")?,
+                    ))
+                })();
+                let (id, state, recipient) = match fields {
+                    Ok(fields) => fields,
+                    Err(e) => {
+                        items.push(malformed(status, e));
+                        continue;
+                    }
+                };
                 items.push(item(
                     "status",
                     format!("{id}:{state}"),
@@ -175,5 +200,56 @@ mod tests {
         assert!(split(b"not json", 1).is_err());
         assert!(split(br#"{"object": "page", "entry": []}"#, 1).is_err());
         assert!(split(br#"{"object": "whatsapp_business_account"}"#, 1).is_err());
+    }
+
+    #[test]
+    fn one_malformed_element_of_a_batch_keeps_the_others() {
+        let body = json!({
+            "object": "whatsapp_business_account",
+            "entry": [
+                {"id": "WABA", "changes": [{"field": "messages", "value": {
+                    "metadata": {"phone_number_id": "106540352242922"},
+                    "messages": [
+                        {"from": "14155550101", "id": "wamid.IN1", "type": "text", "text": {"body": "one"}},
+                        {"id": "wamid.NOFROM", "type": "text", "text": {"body": "who?"}},
+                        {"from": "14155550102", "id": "wamid.IN3", "type": "text", "text": {"body": "three"}}
+                    ],
+                    "statuses": [
+                        {"id": "wamid.OUT1", "status": "read"},
+                        {"id": "wamid.OUT2", "status": "delivered", "recipient_id": "14155550103"}
+                    ]
+                }}]},
+                {"id": "WABA-without-changes"}
+            ]
+        });
+        let items = split(body.to_string().as_bytes(), 1).expect("splits");
+        let kinds: Vec<(&str, &str)> = items
+            .iter()
+            .map(|i| (i.kind.as_str(), i.item_id.as_str()))
+            .filter(|(kind, _)| *kind != "unparsed")
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("message", "wamid.IN1"),
+                ("message", "wamid.IN3"),
+                ("status", "wamid.OUT2:delivered"),
+            ]
+        );
+        let unparsed: Vec<&WebhookItem> = items.iter().filter(|i| i.kind == "unparsed").collect();
+        assert_eq!(unparsed.len(), 3, "{unparsed:?}");
+        assert!(unparsed[0].item["body"]
+            .as_str()
+            .unwrap()
+            .contains("wamid.NOFROM"));
+        assert!(unparsed[0].item["error"].as_str().unwrap().contains("from"));
+        assert!(unparsed[1].item["error"]
+            .as_str()
+            .unwrap()
+            .contains("recipient_id"));
+        assert!(unparsed[2].item["error"]
+            .as_str()
+            .unwrap()
+            .contains("changes"));
     }
 }
