@@ -587,6 +587,71 @@ async fn an_event_older_than_the_maximum_age_is_dead_lettered_stale_and_sends_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_records_that_cannot_be_applied_are_dead_lettered_and_routing_goes_on() {
+    let pipeline = Pipeline::start(Setup::default()).await;
+    let directory = pipeline.config.topics.directory.clone();
+    for (key, value) in [
+        (
+            "contact:acme-billing",
+            json!({"id": "acme-billing", "name": "Billing ACME", "phone": "+1-555-CALL-ME",
+                   "language": "en_US", "opted_in": true, "partner": "ACME", "roles": ["billing"]})
+            .to_string(),
+        ),
+        ("partner:BROKEN", "{not json".to_string()),
+        ("robot:r2d2", "{}".to_string()),
+    ] {
+        pipeline
+            .producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&directory)
+                    .key(key)
+                    .payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("directory record");
+    }
+    pipeline
+        .wait_until("three directory dead letters", WAIT, |p| {
+            p.dead_letters().len() >= 3
+        })
+        .await;
+    let letters = pipeline.dead_letters();
+    let mut reasons: Vec<(&str, &str)> = letters
+        .iter()
+        .map(|d| {
+            (
+                d.reason.as_str(),
+                d.headers
+                    .get("gridtalk.dlq.stage")
+                    .map(String::as_str)
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("invalid_phone", "directory"),
+            ("malformed_directory_record", "directory"),
+            ("malformed_directory_record", "directory"),
+        ]
+    );
+    // The refused phone did not replace the contact's number: ACME's invoices still reach billing.
+    pipeline
+        .publish_event(&event("tg.invoice.rejected", 12, "ACME"))
+        .await;
+    pipeline
+        .wait_until("the invoice to reach ACME billing", WAIT, |p| {
+            received(p).iter().any(|m| m.0 == "15550100002")
+        })
+        .await;
+    assert_eq!(pipeline.dead_letters().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_twice_sends_one_message() {
     let pipeline = Pipeline::start(Setup::default()).await;
     let po = event("tg.po.received", 1, "ACME");

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::KafkaConfig;
+use gridtalk_kafka::DeadLetterReason;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -84,12 +85,20 @@ impl Directory {
         Ok(Self::from_file_data(file))
     }
 
-    /// Applies one directory-topic record. Returns an error for a record it cannot read (the
-    /// entry is then left as it was).
-    pub fn apply(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), String> {
+    /// Applies one directory-topic record. A record it cannot apply is refused with the
+    /// dead-letter reason and why, and the entry is left as it was: a key that is not
+    /// `partner:<id>` / `contact:<id>` or a value that is not such an entry is
+    /// `malformed_directory_record`; a contact whose phone is not a number WhatsApp can reach is
+    /// `invalid_phone` here, once, instead of at every event for that contact.
+    pub fn apply(
+        &mut self,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), (DeadLetterReason, String)> {
+        let malformed = |detail: String| (DeadLetterReason::MalformedDirectoryRecord, detail);
         let (kind, id) = key
             .split_once(':')
-            .ok_or_else(|| format!("key {key:?} is not kind:id"))?;
+            .ok_or_else(|| malformed(format!("key {key:?} is not kind:id")))?;
         match (kind, value) {
             ("partner", None) => {
                 self.partners.remove(id);
@@ -98,14 +107,26 @@ impl Directory {
                 self.contacts.remove(id);
             }
             ("partner", Some(v)) => {
-                let p: Partner = serde_json::from_slice(v).map_err(|e| format!("{key}: {e}"))?;
+                let p: Partner =
+                    serde_json::from_slice(v).map_err(|e| malformed(format!("{key}: {e}")))?;
                 self.partners.insert(id.to_string(), p);
             }
             ("contact", Some(v)) => {
-                let c: Contact = serde_json::from_slice(v).map_err(|e| format!("{key}: {e}"))?;
+                let c: Contact =
+                    serde_json::from_slice(v).map_err(|e| malformed(format!("{key}: {e}")))?;
+                if let Err(e) = gridtalk_whatsapp::normalize_phone(&c.phone) {
+                    return Err((
+                        DeadLetterReason::InvalidPhone,
+                        format!("{key}: phone {:?}: {e}", c.phone),
+                    ));
+                }
                 self.contacts.insert(id.to_string(), c);
             }
-            _ => return Err(format!("key {key:?}: kind must be partner or contact")),
+            _ => {
+                return Err(malformed(format!(
+                    "key {key:?}: kind must be partner or contact"
+                )))
+            }
         }
         Ok(())
     }
@@ -168,6 +189,7 @@ fn publish_counts(directory: &Directory) {
 pub fn tail_directory(
     kafka: KafkaConfig,
     topic: String,
+    dlq_topic: String,
     directory: SharedDirectory,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -176,6 +198,8 @@ pub fn tail_directory(
     let ends = gridtalk_kafka::end_offsets(&kafka, &topic).map_err(|e| e.to_string())?;
     let consumer: BaseConsumer =
         gridtalk_kafka::tail_consumer(&kafka).map_err(|e| e.to_string())?;
+    let producer = gridtalk_kafka::producer(&kafka).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Handle::current();
     let mut assignment = TopicPartitionList::new();
     let mut catch_up: HashMap<i32, i64> = HashMap::new();
     for (partition, end) in ends {
@@ -206,15 +230,31 @@ pub fn tail_directory(
             .key()
             .map(String::from_utf8_lossy)
             .unwrap_or_default();
-        {
+        let refused = {
             let mut d = directory.write().expect("directory lock");
-            match d.apply(&key, message.payload()) {
-                Ok(()) => tracing::debug!(key = %key, "directory entry updated"),
-                Err(e) => {
-                    tracing::warn!(error = %e, offset = message.offset(), "directory record ignored")
+            let applied = d.apply(&key, message.payload());
+            publish_counts(&d);
+            applied.err()
+        };
+        match refused {
+            None => tracing::debug!(key = %key, "directory entry updated"),
+            // The operator sees it on the dead-letter topic (and its metric and log line); every
+            // process reading the directory refuses it alike, so each writes one.
+            Some((reason, detail)) => {
+                let written = runtime.block_on(gridtalk_kafka::dead_letter(
+                    &producer,
+                    &dlq_topic,
+                    "directory",
+                    reason,
+                    &detail,
+                    &message,
+                    &[],
+                    Duration::from_millis(kafka.delivery_timeout_ms),
+                ));
+                if let Err(e) = written {
+                    tracing::error!(error = %e, key = %key, offset = message.offset(), reason = reason.as_str(), detail, "directory record refused; its dead letter could not be written");
                 }
             }
-            publish_counts(&d);
         }
         if let Some(high) = catch_up.get(&message.partition()).copied() {
             if message.offset() + 1 >= high {
@@ -242,14 +282,17 @@ pub async fn open(
     }));
     let ready = Arc::new(AtomicBool::new(false));
     let tail = {
-        let (kafka, topic, directory, ready, stop) = (
+        let (kafka, topic, dlq, directory, ready, stop) = (
             config.kafka.clone(),
             config.topics.directory.clone(),
+            config.topics.dlq.clone(),
             directory.clone(),
             ready.clone(),
             shutdown.child_token(),
         );
-        tokio::task::spawn_blocking(move || tail_directory(kafka, topic, directory, ready, stop))
+        tokio::task::spawn_blocking(move || {
+            tail_directory(kafka, topic, dlq, directory, ready, stop)
+        })
     };
     while !ready.load(Ordering::Acquire) {
         if shutdown.is_cancelled() {
@@ -265,4 +308,45 @@ pub async fn open(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(directory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_it_cannot_apply_are_refused_with_their_reason_and_change_nothing() {
+        let mut d = Directory::default();
+        let good = br#"{"id": "c1", "name": "One", "phone": "+1 415 555 0101", "language": "en_US",
+                        "opted_in": true, "roles": ["billing"]}"#;
+        d.apply("contact:c1", Some(good)).expect("applies");
+        let cases: [(&str, &[u8], DeadLetterReason); 4] = [
+            (
+                "contact:c1",
+                br#"{"id": "c1", "name": "One", "phone": "+1-555-CALL-ME", "language": "en_US",
+                     "opted_in": true, "roles": ["billing"]}"#,
+                DeadLetterReason::InvalidPhone,
+            ),
+            (
+                "contact:c1",
+                b"not json",
+                DeadLetterReason::MalformedDirectoryRecord,
+            ),
+            (
+                "no-colon",
+                b"{}",
+                DeadLetterReason::MalformedDirectoryRecord,
+            ),
+            (
+                "robot:r1",
+                b"{}",
+                DeadLetterReason::MalformedDirectoryRecord,
+            ),
+        ];
+        for (key, value, reason) in cases {
+            let refused = d.apply(key, Some(value)).expect_err(key);
+            assert_eq!(refused.0, reason, "{key}: {}", refused.1);
+        }
+        assert_eq!(d.contact("c1").expect("kept").phone, "+1 415 555 0101");
+    }
 }

@@ -88,6 +88,8 @@ pub enum DeadLetterReason {
     RegistryUnavailable,
     /// The event occurred longer ago than `route.max_event_age_secs`: never sent to a phone.
     Stale,
+    /// A directory-topic record that is not a readable partner or contact.
+    MalformedDirectoryRecord,
 }
 
 impl DeadLetterReason {
@@ -108,6 +110,7 @@ impl DeadLetterReason {
             DeadLetterReason::MalformedWebhookItem => "malformed_webhook_item",
             DeadLetterReason::RegistryUnavailable => "registry_unavailable",
             DeadLetterReason::Stale => "stale",
+            DeadLetterReason::MalformedDirectoryRecord => "malformed_directory_record",
         }
     }
 }
