@@ -505,7 +505,15 @@ async fn registry_schema_references_resolve_and_an_unknown_id_costs_one_lookup()
         "Money is only referenced"
     );
     let pipeline = Pipeline::start(Setup {
-        registry: vec![(21, event_schema)],
+        registry: vec![
+            (21, event_schema),
+            // A name apache-avro's parser panics on (found by fuzzing): refused, not a crash.
+            (
+                22,
+                r#"{"type":"record","name":"Out]ox","fields":[{"name":"a","type":"string"}]}"#
+                    .into(),
+            ),
+        ],
         registry_references: vec![(
             21,
             json!([{"name": "io.gridtalk.v1.Money", "subject": "io.gridtalk.v1.Money", "version": 3}]),
@@ -524,6 +532,15 @@ async fn registry_schema_references_resolve_and_an_unknown_id_costs_one_lookup()
             .publish_raw(topic_short("tg.invoice.delivered"), "k", &bytes)
             .await;
     }
+    let hostile = encode_confluent(
+        reader,
+        22,
+        json_to_avro(&event("tg.invoice.delivered", 50, "ACME"), reader).expect("avro"),
+    )
+    .expect("encode");
+    pipeline
+        .publish_raw(topic_short("tg.invoice.delivered"), "k", &hostile)
+        .await;
     let e = event("tg.invoice.delivered", 3, "ACME");
     let bytes =
         encode_confluent(reader, 21, json_to_avro(&e, reader).expect("avro")).expect("encode");
@@ -542,11 +559,11 @@ async fn registry_schema_references_resolve_and_an_unknown_id_costs_one_lookup()
         .into_iter()
         .map(|d| d.reason)
         .collect();
-    assert_eq!(reasons, vec!["unknown_schema"; 5]);
+    assert_eq!(reasons, vec!["unknown_schema"; 6]);
     assert_eq!(
         *pipeline.registry_requests.lock().unwrap(),
-        3,
-        "id 99 asked once (then remembered), id 21 and its reference once each"
+        4,
+        "id 99 asked once (then remembered), ids 22 and 21 and 21's reference once each"
     );
 }
 

@@ -331,6 +331,19 @@ mod tests {
         "382dface6fdaab53",
     ];
 
+    /// Found by fuzzing (`schema_fingerprint`): apache-avro's parser panics on this name; the
+    /// contract's parser turns that into an error.
+    #[test]
+    fn a_schema_the_parser_would_panic_on_is_an_error() {
+        let schema = json!({"type": "record", "name": "Out]oxMessage", "namespace": "io.gridtalk.v1",
+                            "fields": [{"name": "message_id", "type": "string"}]});
+        assert!(crate::parse_schema(&schema).is_err());
+        assert!(
+            parsing_canonical_form(&schema).is_ok(),
+            "the canonical form is only text"
+        );
+    }
+
     #[test]
     fn not_a_schema_is_an_error_not_a_panic() {
         for bad in [

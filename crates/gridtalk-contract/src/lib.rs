@@ -38,7 +38,7 @@ pub use records::{
 };
 pub use registry::{RegistryClient, RegistryError};
 pub use schemas::{
-    names_schema, single_object_fingerprint, ContractSchemas, KnownSchema, SchemaSet,
+    names_schema, parse_schema, single_object_fingerprint, ContractSchemas, KnownSchema, SchemaSet,
     TRADING_GRID_EVENT_AVSC,
 };
 pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};

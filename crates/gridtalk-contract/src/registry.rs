@@ -171,7 +171,7 @@ impl RegistryClient {
                 })?;
             inline_references(&mut main, None, &mut definitions);
         }
-        let schema = Schema::parse(&main).map_err(|e| invalid(e.to_string()))?;
+        let schema = crate::schemas::parse_schema(&main).map_err(invalid)?;
         Ok(Arc::new(schema))
     }
 
