@@ -338,3 +338,74 @@ async fn a_tapped_button_comes_back_with_its_signed_token_and_the_quoted_message
     assert_eq!(reply["item"]["text"]["body"], "Approved, thanks");
     assert_eq!(reply["item"]["context"]["id"], sent.wamid.as_str());
 }
+
+/// `gridtalk_refusals_total{stage="ingest",reason="bad_signature"}` as the process behind `port`
+/// reports it.
+async fn bad_signature_refusals(port: u16) -> Option<u64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|line| {
+            line.strip_prefix(r#"gridtalk_refusals_total{reason="bad_signature",stage="ingest"} "#)
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_wrong_signatures_are_all_counted_and_audited_at_a_bounded_rate() {
+    // Ingest as its own process, so that its counters are its alone.
+    let pipeline = Pipeline::start(Setup {
+        ingest: true,
+        only_stages: Some(vec![]),
+        overrides: vec![("INGEST__MAX_REFUSAL_AUDITS_PER_MINUTE", "20".into())],
+        ..Setup::default()
+    })
+    .await;
+    let admin = gridtalk_embedded::free_port().expect("port");
+    let mut ingest = pipeline.spawn_gridtalk_with(
+        "ingest",
+        "ingest",
+        &[("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))],
+    );
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    while http.get(&pipeline.webhook_url).send().await.is_err() {
+        assert!(
+            started.elapsed() < WAIT,
+            "{}",
+            pipeline.process_log("ingest")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = br#"{"object":"whatsapp_business_account","entry":[]}"#;
+    for batch in 0..20 {
+        let mut posts = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            let request = http
+                .post(&pipeline.webhook_url)
+                .header("content-type", "application/json")
+                .header(
+                    "X-Hub-Signature-256",
+                    format!("sha256={:064x}", batch * 50 + i),
+                )
+                .body(body.to_vec());
+            posts.spawn(async move { request.send().await.expect("answered").status().as_u16() });
+        }
+        while let Some(status) = posts.join_next().await {
+            assert_eq!(status.expect("post task"), 401);
+        }
+    }
+    let counted = bad_signature_refusals(admin).await;
+    assert_eq!(counted, Some(1000), "every refusal counted");
+    let audited = pipeline
+        .audits()
+        .iter()
+        .filter(|a| a.reason == "bad_signature")
+        .count();
+    assert_eq!(audited, 20, "audited at most 20 a minute");
+    assert_eq!(terminate(&mut ingest).code(), Some(0));
+}

@@ -232,6 +232,10 @@ pub struct IngestConfig {
     pub app_secret_file: Option<PathBuf>,
     /// Larger bodies are refused with 413 before any parsing.
     pub max_body_bytes: usize,
+    /// Refused (unauthenticated) requests written to the audit topic per minute at most; every
+    /// refusal is still counted (`gridtalk_refusals_total`). Anyone who can reach the endpoint can
+    /// send wrong signatures, and must not be able to fill the audit topic with them.
+    pub max_refusal_audits_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -65,6 +65,15 @@ struct Shared {
     audit_topic: String,
     timeout: Duration,
     health: ProducerHealth,
+    /// Bounds the audit records refused requests write (`ingest.max_refusal_audits_per_minute`);
+    /// none when it is 0 (nothing audited, everything still counted).
+    refusal_audits: Option<
+        governor::RateLimiter<
+            governor::state::NotKeyed,
+            governor::state::InMemoryState,
+            governor::clock::DefaultClock,
+        >,
+    >,
 }
 
 /// Whether webhooks can be published: readiness follows it, and a fatal producer error stops
@@ -203,11 +212,24 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             .refusals
             .with_label_values(&["ingest", "bad_signature"])
             .inc();
-        tracing::warn!(
-            bytes = body.len(),
-            "webhook refused: missing or invalid X-Hub-Signature-256"
-        );
-        audit_bad_signature(&shared, &body, signature.is_some()).await;
+        // Counted always; audited (and logged) at a bounded rate, so that anyone who can reach
+        // the endpoint cannot fill the audit topic or the logs.
+        let audited = shared
+            .refusal_audits
+            .as_ref()
+            .is_some_and(|limit| limit.check().is_ok());
+        if audited {
+            tracing::warn!(
+                bytes = body.len(),
+                "webhook refused: missing or invalid X-Hub-Signature-256"
+            );
+            audit_bad_signature(&shared, &body, signature.is_some()).await;
+        } else {
+            metrics
+                .webhooks
+                .with_label_values(&["bad_signature_not_audited"])
+                .inc();
+        }
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let received_at = chrono::Utc::now().timestamp_millis();
@@ -333,6 +355,8 @@ pub async fn run(
             fatal: CancellationToken::new(),
             fatal_reason: Mutex::new(None),
         },
+        refusal_audits: std::num::NonZeroU32::new(config.ingest.max_refusal_audits_per_minute)
+            .map(|n| governor::RateLimiter::direct(governor::Quota::per_minute(n))),
     });
     let addr = config.ingest.listen;
     let listener = tokio::net::TcpListener::bind(addr)
