@@ -339,22 +339,6 @@ async fn a_tapped_button_comes_back_with_its_signed_token_and_the_quoted_message
     assert_eq!(reply["item"]["context"]["id"], sent.wamid.as_str());
 }
 
-/// `gridtalk_refusals_total{stage="ingest",reason="bad_signature"}` as the process behind `port`
-/// reports it.
-async fn bad_signature_refusals(port: u16) -> Option<u64> {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    body.lines()
-        .find_map(|line| {
-            line.strip_prefix(r#"gridtalk_refusals_total{reason="bad_signature",stage="ingest"} "#)
-        })
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_wrong_signatures_are_all_counted_and_audited_at_a_bounded_rate() {
     // Ingest as its own process, so that its counters are its alone.
@@ -399,7 +383,11 @@ async fn a_thousand_wrong_signatures_are_all_counted_and_audited_at_a_bounded_ra
             assert_eq!(status.expect("post task"), 401);
         }
     }
-    let counted = bad_signature_refusals(admin).await;
+    let counted = metric(
+        admin,
+        r#"gridtalk_refusals_total{reason="bad_signature",stage="ingest"}"#,
+    )
+    .await;
     assert_eq!(counted, Some(1000), "every refusal counted");
     let audited = pipeline
         .audits()

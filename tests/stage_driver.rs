@@ -433,15 +433,7 @@ async fn a_restore_tombstones_what_expired_so_the_next_one_reads_no_dead_entries
 /// `gridtalk_state_entries{store="converse_memory"}` as the process behind `port` reports it
 /// (`None` while its admin endpoint does not answer yet).
 async fn converse_memory(port: u16) -> Option<i64> {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    body.lines()
-        .find_map(|line| line.strip_prefix("gridtalk_state_entries{store=\"converse_memory\"} "))
-        .and_then(|value| value.trim().parse().ok())
+    metric(port, r#"gridtalk_state_entries{store="converse_memory"}"#).await
 }
 
 async fn wait_for_memory(

@@ -1059,3 +1059,18 @@ pub fn compare(p: &Pipeline, expected: &HashMap<Seen, usize>) -> (usize, usize) 
         .sum();
     (missing, duplicated)
 }
+
+/// The value of one metric series (`name{labels}` exactly as Prometheus text prints it) on the
+/// `/metrics` endpoint of the `gridtalk` process whose admin port is `port`; `None` while the
+/// endpoint does not answer or the series does not exist yet.
+pub async fn metric(port: u16, series: &str) -> Option<i64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}

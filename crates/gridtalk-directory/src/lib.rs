@@ -198,7 +198,8 @@ pub fn tail_directory(
     let ends = gridtalk_kafka::end_offsets(&kafka, &topic).map_err(|e| e.to_string())?;
     let consumer: BaseConsumer =
         gridtalk_kafka::tail_consumer(&kafka).map_err(|e| e.to_string())?;
-    let producer = gridtalk_kafka::producer(&kafka).map_err(|e| e.to_string())?;
+    // Made on the first refused record: most directories never need it.
+    let mut producer = None;
     let runtime = tokio::runtime::Handle::current();
     let mut assignment = TopicPartitionList::new();
     let mut catch_up: HashMap<i32, i64> = HashMap::new();
@@ -241,8 +242,12 @@ pub fn tail_directory(
             // The operator sees it on the dead-letter topic (and its metric and log line); every
             // process reading the directory refuses it alike, so each writes one.
             Some((reason, detail)) => {
+                if producer.is_none() {
+                    producer = Some(gridtalk_kafka::producer(&kafka).map_err(|e| e.to_string())?);
+                }
+                let producer = producer.as_ref().expect("made above");
                 let written = runtime.block_on(gridtalk_kafka::dead_letter(
-                    &producer,
+                    producer,
                     &dlq_topic,
                     "directory",
                     reason,
