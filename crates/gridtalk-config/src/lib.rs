@@ -232,6 +232,14 @@ pub struct IngestConfig {
     pub app_secret_file: Option<PathBuf>,
     /// Larger bodies are refused with 413 before any parsing.
     pub max_body_bytes: usize,
+    /// A connection that has not sent a complete request head this long after it opened (or
+    /// after its previous request) is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request whose body has not fully arrived this long after its head is answered 408 and
+    /// its connection closed (a client that dribbles a body is cut off).
+    pub body_read_timeout_ms: u64,
+    /// Connections open at once at most; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
     /// Refused (unauthenticated) requests written to the audit topic per minute at most; every
     /// refusal is still counted (`gridtalk_refusals_total`). Anyone who can reach the endpoint can
     /// send wrong signatures, and must not be able to fill the audit topic with them.
@@ -477,6 +485,15 @@ impl Config {
         }
         if self.admin.shutdown_deadline_ms == 0 {
             errors.push("admin.shutdown_deadline_ms must be at least 1".into());
+        }
+        if self.ingest.header_read_timeout_ms == 0 || self.ingest.body_read_timeout_ms == 0 {
+            errors.push(
+                "ingest.header_read_timeout_ms and ingest.body_read_timeout_ms must be at least 1"
+                    .into(),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.ingest.max_connections) {
+            errors.push("ingest.max_connections must be between 1 and 1000000".into());
         }
         if !["json", "text"].contains(&self.admin.log_format.as_str()) {
             errors.push(format!(

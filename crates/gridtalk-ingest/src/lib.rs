@@ -14,18 +14,21 @@
 //!   Meta's retries to another replica) and probes the broker until it answers again; a fatal
 //!   producer error (a fenced idempotent producer) stops the stage with an error, so the process
 //!   restarts with a new producer instead of answering 500 to every webhook forever.
+//! - **Bounded.** Connections are capped and must send their request head and body within
+//!   their timeouts (`server`); nobody can hold the port with idle or dribbling connections.
 //! - The endpoint runs on its own port, apart from `/metrics` and the health checks.
 
 mod items;
+mod server;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -64,6 +67,8 @@ struct Shared {
     topic: String,
     audit_topic: String,
     timeout: Duration,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
     health: ProducerHealth,
     /// Bounds the audit records refused requests write (`ingest.max_refusal_audits_per_minute`);
     /// none when it is 0 (nothing audited, everything still counted).
@@ -164,11 +169,63 @@ pub fn signature_valid(secret: &[u8], body: &[u8], header: Option<&str>) -> bool
 }
 
 /// The router of the webhook endpoint (exposed for tests and embedding).
-fn router(shared: Arc<Shared>, path: &str, max_body_bytes: usize) -> Router {
+fn router(shared: Arc<Shared>, path: &str) -> Router {
     Router::new()
         .route(path, get(handshake).post(receive))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(shared)
+}
+
+/// Reads a request body whole: refused with 413 (unread) above `max_body_bytes`, and with 408 and
+/// the connection closed when it has not fully arrived within `body_read_timeout`.
+async fn read_body(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let metrics = Metrics::global();
+    let too_large = || {
+        metrics.webhooks.with_label_values(&["too_large"]).inc();
+        StatusCode::PAYLOAD_TOO_LARGE.into_response()
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > shared.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(
+        shared.body_read_timeout,
+        collect_body(body, shared.max_body_bytes),
+    )
+    .await
+    {
+        Ok(Ok(Some(bytes))) => Ok(bytes),
+        Ok(Ok(None)) => Err(too_large()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "webhook body not read");
+            Err(StatusCode::BAD_REQUEST.into_response())
+        }
+        Err(_) => {
+            metrics.webhooks.with_label_values(&["body_timeout"]).inc();
+            tracing::debug!(
+                timeout_ms = shared.body_read_timeout.as_millis() as u64,
+                "webhook body not received in time; closing the connection"
+            );
+            Err((StatusCode::REQUEST_TIMEOUT, [(header::CONNECTION, "close")]).into_response())
+        }
+    }
+}
+
+/// The whole body, or none as soon as it exceeds `limit` bytes (the rest is not read).
+async fn collect_body(body: Body, limit: usize) -> Result<Option<Bytes>, axum::Error> {
+    use futures::StreamExt;
+    let mut chunks = body.into_data_stream();
+    let mut whole = bytes::BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        if whole.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        whole.extend_from_slice(&chunk);
+    }
+    Ok(Some(whole.freeze()))
 }
 
 async fn handshake(
@@ -201,8 +258,12 @@ async fn handshake(
     }
 }
 
-async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
     let metrics = Metrics::global();
+    let body = match read_body(&shared, &headers, body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let signature = headers
         .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok());
@@ -349,6 +410,8 @@ pub async fn run(
         topic: config.topics.webhook.clone(),
         audit_topic: config.topics.audit.clone(),
         timeout: Duration::from_millis(config.kafka.request_timeout_ms),
+        max_body_bytes: config.ingest.max_body_bytes,
+        body_read_timeout: Duration::from_millis(config.ingest.body_read_timeout_ms),
         health: ProducerHealth {
             ready: ready.clone(),
             failing_since: Mutex::new(None),
@@ -362,28 +425,26 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| IngestError::Listen { addr, source })?;
-    let app = router(
-        shared.clone(),
-        &config.ingest.path,
-        config.ingest.max_body_bytes,
-    );
+    let app = router(shared.clone(), &config.ingest.path);
+    let limits = server::ConnectionLimits {
+        header_read_timeout: Duration::from_millis(config.ingest.header_read_timeout_ms),
+        max_connections: config.ingest.max_connections,
+    };
     ready.store(true, Ordering::Release);
     tracing::info!(listen = %addr, path = %config.ingest.path, topic = %config.topics.webhook, "ingest stage listening");
     let fatal = shared.health.fatal.clone();
     let stop = CancellationToken::new();
     let probe = tokio::spawn(probe_while_failing(shared.clone(), stop.clone()));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = fatal.cancelled() => {}
-            }
-        })
-        .await;
+    server::serve(listener, app, limits, async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = fatal.cancelled() => {}
+        }
+    })
+    .await;
     stop.cancel();
     let _ = probe.await;
     ready.store(false, Ordering::Release);
-    served.map_err(|source| IngestError::Listen { addr, source })?;
     if let Some(reason) = shared.health.fatal_reason.lock().expect("health").clone() {
         return Err(IngestError::Producer(reason));
     }

@@ -50,9 +50,15 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Directory entries loaded, by kind (partner, contact).
     pub directory_entries: IntGaugeVec,
-    /// Webhook requests by outcome (accepted, bad_signature, too_large, malformed, publish_failed,
-    /// verified_handshake, refused_handshake).
+    /// Webhook requests by outcome (accepted, bad_signature, bad_signature_not_audited, too_large,
+    /// body_timeout, malformed, publish_failed, verified_handshake, refused_handshake).
     pub webhooks: IntCounterVec,
+    /// Connections to the webhook port, by outcome (accepted, over_cap: closed at once because
+    /// `ingest.max_connections` were open, header_timeout: closed for not sending a request head
+    /// within `ingest.header_read_timeout_ms`).
+    pub webhook_connections: IntCounterVec,
+    /// Connections open on the webhook port.
+    pub webhook_connections_open: IntGauge,
     /// Webhook items published, by kind (message, status).
     pub webhook_items: IntCounterVec,
     /// Webhook items the converse stage handled, by outcome (answered, status, stale_status,
@@ -192,6 +198,15 @@ impl Metrics {
                 "gridtalk_ingest_webhooks_total",
                 "Webhook requests by outcome.",
                 &["outcome"],
+            ),
+            webhook_connections: counter(
+                "gridtalk_ingest_connections_total",
+                "Connections to the webhook port by outcome.",
+                &["outcome"],
+            ),
+            webhook_connections_open: gauge(
+                "gridtalk_ingest_connections_open",
+                "Connections open on the webhook port.",
             ),
             webhook_items: counter(
                 "gridtalk_ingest_items_total",
