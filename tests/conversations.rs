@@ -261,13 +261,41 @@ async fn flow_f_the_designated_approver_decides_once_and_a_second_tap_is_politel
     assert_eq!(audit.contact_id.as_deref(), Some("buyer-maria"));
     assert!(refusals("converse", "already_decided") > before);
     text_to(&p, "14155550101", "was already answered (Approve)").await;
+
+    // Then she writes, quoting the request: a comment on it, not a second (UNKNOWN) decision.
+    let afterthought = p
+        .sandbox
+        .reply(
+            &request.wamid,
+            Reply::Text {
+                body: "Sorry, I meant to reject it".into(),
+            },
+        )
+        .await
+        .expect("text delivered");
+    let comment = response_to(&p, &afterthought).await;
+    assert_eq!(comment.response_type, "wa.request.comment");
+    assert_eq!(comment.request_id.as_deref(), Some("APR-8015"));
     assert_eq!(
-        decisions(&p)
-            .iter()
-            .filter(|r| r.request_id.as_deref() == Some("APR-8015"))
-            .count(),
-        1,
-        "exactly one decision on the request"
+        comment.correlation_id,
+        approval["correlation_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        comment.body,
+        ResponseBody::CaseMessage {
+            case_id: Some("APR-8015".into()),
+            text: "Sorry, I meant to reject it".into()
+        }
+    );
+    let on_the_request: Vec<String> = decisions(&p)
+        .into_iter()
+        .filter(|r| r.request_id.as_deref() == Some("APR-8015"))
+        .map(|r| r.response_type)
+        .collect();
+    assert_eq!(
+        on_the_request,
+        ["wa.approval.decided", "wa.request.comment"],
+        "exactly one decision on the request, then the comment"
     );
 }
 

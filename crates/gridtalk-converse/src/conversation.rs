@@ -73,9 +73,19 @@ impl RequestKind {
         .find(|k| k.code() == code)
     }
 
-    /// Whether `action` settles the request (first one wins) rather than adding to it.
+    /// Whether `action` settles the request (first one wins) rather than adding to it. A promise
+    /// (`WILL_SUBMIT`, `WILL_RESEND`) or a question adds to it: what follows still answers it.
     fn is_final(self, action: &str) -> bool {
-        !matches!(action, "NEED_INFO" | "NEED_HELP" | "NEW_ETA" | "COMMENT") && self.decidable()
+        !matches!(
+            action,
+            "NEED_INFO" | "NEED_HELP" | "NEW_ETA" | "COMMENT" | "WILL_SUBMIT" | "WILL_RESEND"
+        ) && self.decidable()
+    }
+
+    /// Whether only a button can answer it: free text about it is a comment
+    /// ([`COMMENT_RESPONSE_TYPE`]), never a decision (a text cannot approve or accept anything).
+    fn decided_by_buttons_only(self) -> bool {
+        matches!(self, RequestKind::PoAcknowledgement | RequestKind::Approval)
     }
 
     fn decidable(self) -> bool {
@@ -98,6 +108,12 @@ impl RequestKind {
         }
     }
 }
+
+/// The response type of free text about a request that text cannot answer: an approval or a
+/// purchase order (only their buttons decide them), or any request already decided. Its body is a
+/// `CaseMessage` whose `case_id` is the request's id. A workflow that switches on the response type
+/// so never takes a text, or anything said after the decision, for a (second) decision.
+pub const COMMENT_RESPONSE_TYPE: &str = "wa.request.comment";
 
 /// A request a person can answer: one document or workflow request, whichever messages asked it.
 #[derive(Debug, Clone)]
@@ -940,6 +956,15 @@ impl Conversations {
             );
             return done("refused", vec![Outcome::Audit(audit)]);
         };
+        if request.decided.is_some() || request.kind.decided_by_buttons_only() {
+            let body = ResponseBody::CaseMessage {
+                case_id: Some(request.id.clone()),
+                text,
+            };
+            let mut response = self.response(item, &request, &contact, context, body);
+            response.response_type = COMMENT_RESPONSE_TYPE.into();
+            return done("comment", vec![Outcome::Response(response)]);
+        }
         let body = body_for(&request, None, Some(text), document);
         let response = self.response(item, &request, &contact, context, body);
         done("answered", vec![Outcome::Response(response)])
@@ -1368,6 +1393,102 @@ opted_in = true
             matches!(&out[0], Outcome::Response(r) if r.body == ResponseBody::OnboardingAcknowledgement {
             onboarding_id: "ONB-1".into(), action: "NEED_HELP".into(), item_code: None, comment: None })
         );
+    }
+
+    #[test]
+    fn a_text_never_decides_and_what_follows_a_decision_is_a_comment() {
+        let mut c = conversations();
+        c.apply_sent(
+            0,
+            &sent("w1", "tg.po.received", "PO-1", "acme-orders", "15550100001"),
+        );
+        let text = |id: &str, quoted: &str, body: &str| {
+            inbound(
+                id,
+                "15550100001",
+                NOW,
+                json!({"type": "text", "context": {"id": quoted}, "text": {"body": body}}),
+            )
+        };
+        let comment_on = |out: &[Outcome], request: &str, words: &str| {
+            assert_eq!(out.len(), 1, "{out:?}");
+            let Outcome::Response(r) = &out[0] else {
+                panic!("{out:?}")
+            };
+            assert_eq!(r.response_type, COMMENT_RESPONSE_TYPE);
+            assert_eq!(r.request_id.as_deref(), Some(request));
+            assert_eq!(
+                r.body,
+                ResponseBody::CaseMessage {
+                    case_id: Some(request.into()),
+                    text: words.into()
+                }
+            );
+        };
+        // Before any tap: "ok" is not an acceptance.
+        let out = outcomes(c.handle(0, &text("t1", "w1", "ok"), &directory(), NOW, false));
+        comment_on(&out, "PO-1", "ok");
+        assert!(c.requests.values().all(|r| r.decided.is_none()));
+
+        let tap = inbound(
+            "t2",
+            "15550100001",
+            NOW,
+            json!({"type": "button", "context": {"id": "w1"},
+                   "button": {"payload": token("ACCEPT", "PO-1"), "text": "Accept"}}),
+        );
+        let out = outcomes(c.handle(0, &tap, &directory(), NOW, false));
+        assert!(matches!(&out[0], Outcome::Response(r) if r.response_type == "wa.po.ack_decision"));
+        // After it: a comment, not a second decision.
+        let out = outcomes(c.handle(
+            0,
+            &text("t3", "w1", "sorry, I meant reject"),
+            &directory(),
+            NOW,
+            false,
+        ));
+        comment_on(&out, "PO-1", "sorry, I meant reject");
+
+        // A request text may answer (a shipment exception takes a new ETA from a text) is
+        // answered by text until it is settled, then takes only comments.
+        c.apply_sent(
+            0,
+            &sent(
+                "w2",
+                "tg.shipment.exception",
+                "ASN-1",
+                "acme-orders",
+                "15550100001",
+            ),
+        );
+        let out = outcomes(c.handle(
+            0,
+            &text("t4", "w2", "arrives 2026-12-03"),
+            &directory(),
+            NOW,
+            false,
+        ));
+        assert!(matches!(&out[0], Outcome::Response(r)
+            if matches!(&r.body, ResponseBody::CorrectionAnswer { answer, .. } if answer == "NEW_ETA")));
+        let settle = inbound(
+            "t5",
+            "15550100001",
+            NOW,
+            json!({"type": "button", "context": {"id": "w2"},
+                   "button": {"payload": token("ACKNOWLEDGED", "ASN-1"), "text": "OK"}}),
+        );
+        let out = outcomes(c.handle(0, &settle, &directory(), NOW, false));
+        assert!(
+            matches!(&out[0], Outcome::Response(r) if r.response_type == "wa.shipment.exception_response")
+        );
+        let out = outcomes(c.handle(
+            0,
+            &text("t6", "w2", "arrives 2026-12-04"),
+            &directory(),
+            NOW,
+            false,
+        ));
+        comment_on(&out, "ASN-1", "arrives 2026-12-04");
     }
 
     #[test]

@@ -61,8 +61,8 @@ pub struct Metrics {
     pub webhook_connections_open: IntGauge,
     /// Webhook items published, by kind (message, status).
     pub webhook_items: IntCounterVec,
-    /// Webhook items the converse stage handled, by outcome (answered, status, stale_status,
-    /// redelivery, refused, waited, unknown, ignored).
+    /// Webhook items the converse stage handled, by outcome (answered, comment, status,
+    /// stale_status, redelivery, refused, waited, unknown, ignored).
     pub converse_items: IntCounterVec,
     /// Records published on the response topic, by response type.
     pub responses: IntCounterVec,
