@@ -38,7 +38,8 @@ const WRITERS: &[&str] = &[
 
 struct Target {
     decoder: EventDecoder,
-    writers: Vec<Schema>,
+    /// The single-object header (marker and fingerprint) of each writer schema, computed once.
+    headers: Vec<Vec<u8>>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -55,6 +56,14 @@ fn target() -> &'static Target {
         for (i, w) in writers.iter().enumerate() {
             known.insert(&format!("w{i}"), w.clone());
         }
+        let headers = writers
+            .iter()
+            .map(|w| {
+                let mut header = vec![0xC3, 0x01];
+                header.extend_from_slice(&single_object_fingerprint(w).to_le_bytes());
+                header
+            })
+            .collect();
         Target {
             decoder: EventDecoder::new(
                 ContractSchemas::get().trading_grid_event.clone(),
@@ -62,7 +71,7 @@ fn target() -> &'static Target {
                 None,
                 256 * 1024,
             ),
-            writers,
+            headers,
             runtime: tokio::runtime::Builder::new_current_thread()
                 .build()
                 .expect("runtime"),
@@ -75,11 +84,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let target = target();
-    let writers = target.writers.len();
+    let writers = target.headers.len();
     match usize::from(selector) % (writers + 2) {
         i if i < writers => {
-            let mut framed = vec![0xC3, 0x01];
-            framed.extend_from_slice(&single_object_fingerprint(&target.writers[i]).to_le_bytes());
+            let mut framed = target.headers[i].clone();
             framed.extend_from_slice(rest);
             let _ = target.runtime.block_on(target.decoder.decode(&framed));
         }

@@ -376,21 +376,46 @@ pub struct ConfigErrors(pub Vec<String>);
 const PARAM_FORMATS: &[&str] = &["text", "money", "date", "datetime", "number", "list"];
 const SEVERITIES: &[&str] = &["INFO", "WARNING", "CRITICAL"];
 
+/// The embedded defaults, parsed once.
+fn defaults() -> &'static toml::Table {
+    static DEFAULTS: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    DEFAULTS.get_or_init(|| DEFAULT_TOML.parse().expect("embedded defaults parse"))
+}
+
 impl Config {
     /// Loads defaults, then `file`, then `GRIDTALK__*` variables from `env`.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
+        match file.map(|path| (path, std::fs::read_to_string(path))) {
+            None => Self::load_text(None, env),
+            Some((path, Ok(text))) => {
+                Self::load_text(Some((&path.display().to_string(), &text)), env)
+            }
+            Some((path, Err(e))) => {
+                let mut errors = vec![format!("{}: {e}", path.display())];
+                if let Err(ConfigErrors(more)) = Self::load_text(None, env) {
+                    errors.extend(more);
+                }
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
+    /// [`Config::load`] with the file's text given (`(name, text)`): defaults, then the text, then
+    /// `GRIDTALK__*` variables from `env`. Total: any text and variables give a configuration or
+    /// every problem found, never a panic (fuzzed by the `config_loader` target).
+    pub fn load_text(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
         let mut errors = Vec::new();
-        let mut merged: toml::Table = DEFAULT_TOML.parse().expect("embedded defaults parse");
-        if let Some(path) = file {
-            match std::fs::read_to_string(path) {
-                Ok(text) => match text.parse::<toml::Table>() {
-                    Ok(table) => merge(&mut merged, table),
-                    Err(e) => errors.push(format!("{}: {e}", path.display())),
-                },
-                Err(e) => errors.push(format!("{}: {e}", path.display())),
+        let mut merged = defaults().clone();
+        if let Some((name, text)) = file {
+            match text.parse::<toml::Table>() {
+                Ok(table) => merge(&mut merged, table),
+                Err(e) => errors.push(format!("{name}: {e}")),
             }
         }
         for (key, value) in env {

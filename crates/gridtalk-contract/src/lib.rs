@@ -18,12 +18,14 @@
 mod bounded;
 mod canonical;
 mod codec;
+mod dead_letter;
 mod event_types;
 mod records;
 mod registry;
 pub mod samples;
 mod schemas;
 mod view;
+pub mod webhook_body;
 mod webhook_item;
 
 pub use bounded::{check_datum, MAX_DEPTH};
@@ -32,6 +34,7 @@ pub use codec::{
     encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
     WireFormat,
 };
+pub use dead_letter::DeadLetterReason;
 pub use event_types::{payload_type_of, EVENT_TYPES};
 pub use records::{
     AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse,

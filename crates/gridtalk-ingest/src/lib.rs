@@ -18,7 +18,6 @@
 //!   their timeouts (`server`); nobody can hold the port with idle or dribbling connections.
 //! - The endpoint runs on its own port, apart from `/metrics` and the health checks.
 
-mod items;
 mod server;
 
 use std::net::SocketAddr;
@@ -43,7 +42,8 @@ use gridtalk_config::{Config, Secret};
 use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::{Metrics, Readiness};
 
-pub use items::{split, unparsed, WebhookItem};
+pub use gridtalk_contract::webhook_body::{split, unparsed};
+pub use gridtalk_contract::WebhookItem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {

@@ -17,6 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use gridtalk_config::KafkaConfig;
+use gridtalk_contract::DeadLetterReason;
 
 use crate::{tail_consumer, KafkaError};
 
@@ -65,54 +66,6 @@ fn too_large(error: &rdkafka::error::KafkaError) -> bool {
         error.rdkafka_error_code(),
         Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
     )
-}
-
-/// Why a record was dead-lettered. The code is the `gridtalk.dlq.reason` header and the `reason`
-/// label of `gridtalk_dead_letters_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterReason {
-    MalformedAvro,
-    UnknownSchema,
-    MissingField,
-    Oversized,
-    UnknownEventType,
-    UnknownPartner,
-    NoRecipient,
-    InvalidPhone,
-    UnknownTemplate,
-    WhatsappPermanent,
-    WhatsappRetriesExhausted,
-    MalformedOutbox,
-    MalformedWebhookItem,
-    /// The schema registry could not serve the record's schema id for `route.registry_wait_max_secs`.
-    RegistryUnavailable,
-    /// The event occurred longer ago than `route.max_event_age_secs`: never sent to a phone.
-    Stale,
-    /// A directory-topic record that is not a readable partner or contact.
-    MalformedDirectoryRecord,
-}
-
-impl DeadLetterReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterReason::MalformedAvro => "malformed_avro",
-            DeadLetterReason::UnknownSchema => "unknown_schema",
-            DeadLetterReason::MissingField => "missing_field",
-            DeadLetterReason::Oversized => "oversized",
-            DeadLetterReason::UnknownEventType => "unknown_event_type",
-            DeadLetterReason::UnknownPartner => "unknown_partner",
-            DeadLetterReason::NoRecipient => "no_recipient",
-            DeadLetterReason::InvalidPhone => "invalid_phone",
-            DeadLetterReason::UnknownTemplate => "unknown_template",
-            DeadLetterReason::WhatsappPermanent => "whatsapp_permanent",
-            DeadLetterReason::WhatsappRetriesExhausted => "whatsapp_retries_exhausted",
-            DeadLetterReason::MalformedOutbox => "malformed_outbox",
-            DeadLetterReason::MalformedWebhookItem => "malformed_webhook_item",
-            DeadLetterReason::RegistryUnavailable => "registry_unavailable",
-            DeadLetterReason::Stale => "stale",
-            DeadLetterReason::MalformedDirectoryRecord => "malformed_directory_record",
-        }
-    }
 }
 
 /// Writes `source` to the dead-letter topic with reason headers and waits for the broker's ack.

@@ -1,0 +1,50 @@
+//! Why a record was dead-lettered: part of the published contract, since operators and tools
+//! filter the dead-letter topic by the `gridtalk.dlq.reason` header.
+
+/// Why a record was dead-lettered. The code is the `gridtalk.dlq.reason` header and the `reason`
+/// label of `gridtalk_dead_letters_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    MalformedAvro,
+    UnknownSchema,
+    MissingField,
+    Oversized,
+    UnknownEventType,
+    UnknownPartner,
+    NoRecipient,
+    InvalidPhone,
+    UnknownTemplate,
+    WhatsappPermanent,
+    WhatsappRetriesExhausted,
+    MalformedOutbox,
+    MalformedWebhookItem,
+    /// The schema registry could not serve the record's schema id for `route.registry_wait_max_secs`.
+    RegistryUnavailable,
+    /// The event occurred longer ago than `route.max_event_age_secs`: never sent to a phone.
+    Stale,
+    /// A directory-topic record that is not a readable partner or contact.
+    MalformedDirectoryRecord,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::MalformedAvro => "malformed_avro",
+            DeadLetterReason::UnknownSchema => "unknown_schema",
+            DeadLetterReason::MissingField => "missing_field",
+            DeadLetterReason::Oversized => "oversized",
+            DeadLetterReason::UnknownEventType => "unknown_event_type",
+            DeadLetterReason::UnknownPartner => "unknown_partner",
+            DeadLetterReason::NoRecipient => "no_recipient",
+            DeadLetterReason::InvalidPhone => "invalid_phone",
+            DeadLetterReason::UnknownTemplate => "unknown_template",
+            DeadLetterReason::WhatsappPermanent => "whatsapp_permanent",
+            DeadLetterReason::WhatsappRetriesExhausted => "whatsapp_retries_exhausted",
+            DeadLetterReason::MalformedOutbox => "malformed_outbox",
+            DeadLetterReason::MalformedWebhookItem => "malformed_webhook_item",
+            DeadLetterReason::RegistryUnavailable => "registry_unavailable",
+            DeadLetterReason::Stale => "stale",
+            DeadLetterReason::MalformedDirectoryRecord => "malformed_directory_record",
+        }
+    }
+}
