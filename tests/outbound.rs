@@ -934,81 +934,10 @@ async fn amounts_written_as_twenty_byte_decimals_render_their_real_value() {
     );
 }
 
-/// Bytes built to crash a decoder: huge counts and lengths, deep nesting. Each is a few bytes.
-fn hostile_records() -> Vec<(&'static str, Vec<u8>)> {
-    let single = |body: &[u8]| {
-        let mut bytes = vec![0xC3, 0x01];
-        bytes.extend_from_slice(
-            &gridtalk_contract::single_object_fingerprint(
-                &ContractSchemas::get().trading_grid_event,
-            )
-            .to_le_bytes(),
-        );
-        bytes.extend_from_slice(body);
-        bytes
-    };
-    let confluent = |id: u32, body: &[u8]| {
-        let mut bytes = vec![0x00];
-        bytes.extend_from_slice(&id.to_be_bytes());
-        bytes.extend_from_slice(body);
-        bytes
-    };
-    // The envelope up to a ShipmentEvent's po_numbers array: 14 zero bytes of empty strings,
-    // zero numbers, null unions and first enum symbols; branch 3; an empty shipment id.
-    let envelope: Vec<u8> = [0u8; 14].into_iter().chain([0x06, 0x00]).collect();
-    let with = |tail: &[u8]| single(&[envelope.as_slice(), tail].concat());
-    let deep: Vec<u8> = std::iter::repeat_n(0x02, 200_000).chain([0x00]).collect();
-    vec![
-        // The 31-byte record that crash-looped every stage: 2^29 array items declared.
-        ("array of 2^29", with(&[0x80, 0x80, 0x80, 0x80, 0x04])),
-        (
-            "negative array count",
-            with(&[0xFF, 0xFF, 0xFF, 0xFF, 0x03, 0x02]),
-        ),
-        (
-            "count of i64::MIN",
-            with(&[0xFF; 9].iter().copied().chain([0x01]).collect::<Vec<_>>()),
-        ),
-        (
-            "string of 2^40 bytes",
-            single(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02]),
-        ),
-        ("varint of eleven bytes", single(&[0xFF; 11])),
-        (
-            "union index 7",
-            single(&[[0u8; 5].as_slice(), &[0x0E]].concat()),
-        ),
-        (
-            "payload branch 40",
-            single(&[[0u8; 14].as_slice(), &[0x50]].concat()),
-        ),
-        ("record cut before its payload", single(&[0u8; 14])),
-        (
-            "map of 2^29 records",
-            confluent(31, &[0x80, 0x80, 0x80, 0x80, 0x04]),
-        ),
-        ("linked list 200,000 deep", confluent(32, &deep)),
-        ("fixed of 4 GiB", confluent(33, &[0; 8])),
-    ]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_records_are_dead_lettered_and_routing_goes_on() {
     let setup = Setup {
-        registry: vec![
-            (
-                31,
-                r#"{"type":"record","name":"M","fields":[{"name":"m","type":{"type":"map","values":{"type":"record","name":"V","fields":[{"name":"x","type":"long"}]}}}]}"#.into(),
-            ),
-            (
-                32,
-                r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#.into(),
-            ),
-            (
-                33,
-                r#"{"type":"record","name":"F","fields":[{"name":"f","type":{"type":"fixed","name":"Huge","size":4294967296}}]}"#.into(),
-            ),
-        ],
+        registry: hostile::hostile_writer_schemas(),
         input_partitions: 1,
         // Smaller than the oversized record below, so its dead letter cannot carry it whole.
         overrides: vec![("KAFKA__PRODUCER__MESSAGE.MAX.BYTES", "\"200000\"".into())],
@@ -1017,7 +946,7 @@ async fn hostile_records_are_dead_lettered_and_routing_goes_on() {
     let pipeline = Pipeline::start(setup).await;
     let topic = topic_short("tg.shipment.exception");
     let mut expected: BTreeMap<i64, (&str, &str)> = BTreeMap::new();
-    for (case, bytes) in hostile_records() {
+    for (case, bytes) in hostile::hostile_records() {
         let (_, o) = pipeline.publish_raw(topic, case, &bytes).await;
         expected.insert(o, (case, "malformed_avro"));
     }

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod hostile;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

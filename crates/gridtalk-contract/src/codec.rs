@@ -185,10 +185,30 @@ impl EventDecoder {
                 ))
             }
         };
+        // The specification resolves a record only against a record (or a union holding one): a
+        // writer of another type is a schema this reader cannot read, whatever the bytes.
+        if !matches!(*writer, Schema::Record(_) | Schema::Union(_)) {
+            return Err(DecodeError::new(
+                DecodeErrorKind::UnknownSchema,
+                format!(
+                    "the writer schema is {}, not a record: it cannot be read as the event",
+                    schema_kind(&writer)
+                ),
+            ));
+        }
         let mut value = read_datum(&writer, body)?;
         widen_decimals(&mut value);
         let value = resolve(value, &writer, &self.reader)?;
         Ok(Decoded { value, format })
+    }
+}
+
+/// The type of a schema, for error details (`string`, `map`, `fixed Huge`).
+fn schema_kind(schema: &Schema) -> String {
+    let kind = apache_avro::schema::SchemaKind::from(schema);
+    match schema.name() {
+        Some(name) => format!("{kind:?} {}", name.fullname(None)).to_lowercase(),
+        None => format!("{kind:?}").to_lowercase(),
     }
 }
 
