@@ -8,11 +8,13 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use gridtalk_contract::{encode_confluent, json_to_avro, AvroRecord, OutboxMessage};
 use gridtalk_contract::TRADING_GRID_EVENT_AVSC;
+use gridtalk_contract::{encode_confluent, json_to_avro, AvroRecord, OutboxMessage};
 use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value as Json};
-use support::hostile::{confluent_body, hostile_records, hostile_writer_schemas, single_object_body};
+use support::hostile::{
+    confluent_body, hostile_records, hostile_writer_schemas, single_object_body,
+};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -100,7 +102,11 @@ fn input_cases(p: &Pipeline) -> Vec<Case> {
         single_object_body(&body)
     };
     let mut cases: Vec<(String, Vec<u8>, &'static str)> = vec![
-        ("text, not Avro".into(), b"this is not Avro".to_vec(), "malformed_avro"),
+        (
+            "text, not Avro".into(),
+            b"this is not Avro".to_vec(),
+            "malformed_avro",
+        ),
         ("an empty value".into(), Vec::new(), "malformed_avro"),
         ("one byte".into(), vec![0xC3], "malformed_avro"),
         (
@@ -108,13 +114,21 @@ fn input_cases(p: &Pipeline) -> Vec<Case> {
             vec![0xC3, 0x01, 0xAA, 0xBB, 0xCC],
             "malformed_avro",
         ),
-        ("a Confluent header cut short".into(), vec![0x00, 0x00, 0x01], "malformed_avro"),
+        (
+            "a Confluent header cut short".into(),
+            vec![0x00, 0x00, 0x01],
+            "malformed_avro",
+        ),
         (
             "the event as JSON".into(),
             fresh("tg.po.received", 91, "ACME").to_string().into_bytes(),
             "malformed_avro",
         ),
-        ("gzip bytes".into(), vec![0x1F, 0x8B, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03], "malformed_avro"),
+        (
+            "gzip bytes".into(),
+            vec![0x1F, 0x8B, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03],
+            "malformed_avro",
+        ),
         (
             "a valid record cut in half".into(),
             valid[..valid.len() / 2].to_vec(),
@@ -139,9 +153,21 @@ fn input_cases(p: &Pipeline) -> Vec<Case> {
             single_object_body(&[0x01, 0x41]),
             "malformed_avro",
         ),
-        ("producer enum index 63".into(), zero_envelope(4, 0x7E), "malformed_avro"),
-        ("severity enum index 40".into(), zero_envelope(8, 0x50), "malformed_avro"),
-        ("a negative payload branch".into(), zero_envelope(14, 0x01), "malformed_avro"),
+        (
+            "producer enum index 63".into(),
+            zero_envelope(4, 0x7E),
+            "malformed_avro",
+        ),
+        (
+            "severity enum index 40".into(),
+            zero_envelope(8, 0x50),
+            "malformed_avro",
+        ),
+        (
+            "a negative payload branch".into(),
+            zero_envelope(14, 0x01),
+            "malformed_avro",
+        ),
         (
             "a registry id whose body is not its schema's".into(),
             confluent_body(21, &[0xFF; 12]),
@@ -258,9 +284,17 @@ fn outbox_cases(p: &Pipeline) -> Vec<Case> {
     let topic = p.config.topics.outbox.clone();
     let event = single_object(&fresh("tg.po.received", 99, "ACME"));
     [
-        ("outbox: text, not Avro", b"not an outbox record".to_vec(), "malformed_outbox"),
+        (
+            "outbox: text, not Avro",
+            b"not an outbox record".to_vec(),
+            "malformed_outbox",
+        ),
         ("outbox: an empty value", Vec::new(), "malformed_outbox"),
-        ("outbox: an event instead of an outbox record", event, "malformed_outbox"),
+        (
+            "outbox: an event instead of an outbox record",
+            event,
+            "malformed_outbox",
+        ),
         (
             "outbox: a record cut short",
             {
@@ -367,14 +401,20 @@ async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is
     assert_eq!(p.post_webhook(&text).await, 200);
 
     p.wait_until("the purchase order behind the corpus", WAIT, |p| {
-        received(p).iter().any(|m| m.3.first().map(String::as_str) == Some("PO-4500100"))
+        received(p)
+            .iter()
+            .any(|m| m.3.first().map(String::as_str) == Some("PO-4500100"))
     })
     .await;
-    p.wait_until("the text behind the corpus on the response topic", WAIT, |p| {
-        p.responses()
-            .iter()
-            .any(|r| r.wa_message_id == "wamid.CORPUS-AFTER")
-    })
+    p.wait_until(
+        "the text behind the corpus on the response topic",
+        WAIT,
+        |p| {
+            p.responses()
+                .iter()
+                .any(|r| r.wa_message_id == "wamid.CORPUS-AFTER")
+        },
+    )
     .await;
     p.wait_until("a dead letter for every case", WAIT, |p| {
         p.dead_letters().len() >= expected.len()
@@ -388,7 +428,9 @@ async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is
         let header = |name: &str| letter.headers.get(name).cloned().unwrap_or_default();
         let at = (
             header("gridtalk.dlq.source_topic"),
-            header("gridtalk.dlq.source_partition").parse().unwrap_or(-1),
+            header("gridtalk.dlq.source_partition")
+                .parse()
+                .unwrap_or(-1),
             header("gridtalk.dlq.source_offset").parse().unwrap_or(-1),
         );
         let detail = header("gridtalk.dlq.detail");
@@ -430,7 +472,8 @@ async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is
         .filter_map(|m| m.3.first().cloned())
         .collect();
     assert!(
-        sent.iter().all(|d| d == "PO-4500100" || d.starts_with("INV-") || d.is_empty()),
+        sent.iter()
+            .all(|d| d == "PO-4500100" || d.starts_with("INV-") || d.is_empty()),
         "{sent:?}"
     );
 }

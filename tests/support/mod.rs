@@ -399,6 +399,7 @@ responses = "{namespace}.responses"
 audit = "{namespace}.audit"
 send_index = "{namespace}.send-index"
 converse_state = "{namespace}.converse-state"
+decisions = "{namespace}.decisions"
 dedupe_changelog_prefix = "{namespace}.dedupe."
 partitions = 2
 

@@ -99,6 +99,9 @@ pub struct TopicsConfig {
     pub responses: String,
     /// Refused inbounds (bad signature, bad token, unauthorised contact, second decision), Avro.
     pub audit: String,
+    /// Deciding taps (JSON), keyed by request: the one owner of a request's partition settles
+    /// it, so the first decision wins across converse processes.
+    pub decisions: String,
     /// The converse stage's state changelog (compacted, partitioned like the webhook topic):
     /// decisions, applied statuses and answered item ids, so a restart answers nothing twice.
     pub converse_state: String,

@@ -24,6 +24,8 @@ pub enum DeadLetterReason {
     Stale,
     /// A directory-topic record that is not a readable partner or contact.
     MalformedDirectoryRecord,
+    /// A decisions-topic record that is not a decision candidate.
+    MalformedDecision,
 }
 
 impl DeadLetterReason {
@@ -45,6 +47,7 @@ impl DeadLetterReason {
             DeadLetterReason::RegistryUnavailable => "registry_unavailable",
             DeadLetterReason::Stale => "stale",
             DeadLetterReason::MalformedDirectoryRecord => "malformed_directory_record",
+            DeadLetterReason::MalformedDecision => "malformed_decision",
         }
     }
 }

@@ -59,7 +59,7 @@ impl RequestKind {
         }
     }
 
-    fn from_code(code: &str) -> Option<Self> {
+    pub(crate) fn from_code(code: &str) -> Option<Self> {
         [
             RequestKind::PoAcknowledgement,
             RequestKind::Approval,
@@ -97,7 +97,7 @@ impl RequestKind {
         self != RequestKind::Notice
     }
 
-    fn response_type(self) -> &'static str {
+    pub(crate) fn response_type(self) -> &'static str {
         match self {
             RequestKind::PoAcknowledgement => "wa.po.ack_decision",
             RequestKind::Approval => "wa.approval.decided",
@@ -126,6 +126,18 @@ struct Request {
     /// WhatsApp id → directory contact id of everyone it was sent to.
     recipients: HashMap<String, String>,
     decided: Option<Decision>,
+}
+
+impl Request {
+    fn reference(&self) -> RequestRef {
+        RequestRef {
+            kind: self.kind.code().into(),
+            id: self.id.clone(),
+            correlation_id: self.correlation_id.clone(),
+            event_id: self.event_id.clone(),
+            partner_id: self.partner_id.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +222,58 @@ pub enum Outcome {
     Audit(AuditRecord),
     /// A reply to the person, for the outbox.
     Reply(OutboxMessage),
+    /// A deciding tap, for the decisions topic: the one owner of its request settles it (see
+    /// [`crate::settle`]), so "first decision wins" holds across processes.
+    Candidate(Box<Candidate>),
+}
+
+/// What a response or a reply needs to know about the request it answers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RequestRef {
+    /// [`RequestKind`]'s code (`po`, `approval`, …).
+    pub kind: String,
+    pub id: String,
+    pub correlation_id: String,
+    pub event_id: String,
+    pub partner_id: String,
+}
+
+/// A verified, authorised deciding tap, not yet settled: the first candidate of its request on
+/// the decisions topic wins. Carries what the settlement needs to answer either way.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Candidate {
+    pub request: RequestRef,
+    pub action: String,
+    /// The button's title as the person saw it.
+    pub title: String,
+    pub contact_id: String,
+    pub contact_language: Option<String>,
+    /// The wamid the tap quoted, if any.
+    pub context: Option<String>,
+    /// Whether the person's customer service window is open (a free-form reply is allowed).
+    pub inside_window: bool,
+    pub item_id: String,
+    /// The person's WhatsApp id.
+    pub wa_id: String,
+    /// The business number they wrote to.
+    pub phone_number_id: Option<String>,
+    /// Meta's time of the tap.
+    pub at_ms: i64,
+}
+
+impl Candidate {
+    /// The decisions topic's key, and the settlement's: one per request.
+    pub fn request_key(&self) -> String {
+        format!("{}:{}", self.request.kind, self.request.id)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a candidate serialises")
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a decision candidate: {e}"))
+    }
 }
 
 /// The result of offering an item.
@@ -257,7 +321,7 @@ fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
 }
 
 /// Meta's `timestamp` (unix seconds as a string) in milliseconds.
-fn meta_time_ms(item: &Value) -> Option<i64> {
+pub(crate) fn meta_time_ms(item: &Value) -> Option<i64> {
     str_at(item, "/timestamp")
         .and_then(|t| t.parse::<i64>().ok())
         .map(|s| s * 1000)
@@ -788,61 +852,43 @@ impl Conversations {
         let request = request.clone();
         let is_final = request.kind.is_final(&token.action);
         if is_final {
-            if let Some(decided) = &request.decided {
-                let mut audit = self.audit(
-                    item,
-                    "already_decided",
-                    format!(
-                        "{} was already decided ({} by {}); {} not recorded",
-                        request.id, decided.action, decided.by_contact, token.action
-                    ),
-                    Some(&request.id),
-                    Some(&token.action),
-                    correlation,
-                );
-                audit.contact_id = Some(contact.id.clone());
-                let note = format!(
-                    "this was already answered ({}), so your answer {title:?} was not recorded.",
-                    title_case(&decided.action)
-                );
-                let reply = self.reply(
-                    item,
-                    &request,
-                    &contact,
-                    "already_decided",
-                    format!(
-                        "{} was already answered ({}), so your answer \"{title}\" was not recorded. Thank you all the same.",
-                        request.id,
-                        title_case(&decided.action)
-                    ),
-                    note,
-                    now_ms,
-                );
-                return done(
-                    "refused",
-                    vec![Outcome::Audit(audit), Outcome::Reply(reply)],
-                );
-            }
+            // Settled by the one owner of the request (first candidate wins), wherever the other
+            // people it was sent to are served. Locally the request counts as decided from now
+            // on: what this person writes after it is a comment either way.
             let key = (request.kind, request.id.clone());
-            self.changes.push((
-                format!("decided:{}:{}", key.0.code(), key.1),
-                format!("{}\u{1f}{}", token.action, contact.id),
-            ));
-            if let Some(r) = self.requests.get_mut(&key) {
-                r.decided = Some(Decision {
-                    action: token.action.clone(),
-                    by_contact: contact.id.clone(),
-                });
-                for wa_id in r.recipients.keys() {
-                    if let Some(state) = self.contacts.get_mut(wa_id) {
-                        if request.kind != RequestKind::Case {
+            if request.decided.is_none() {
+                self.changes.push((
+                    format!("decided:{}:{}", key.0.code(), key.1),
+                    format!("{}\u{1f}{}", token.action, contact.id),
+                ));
+                if let Some(r) = self.requests.get_mut(&key) {
+                    r.decided = Some(Decision {
+                        action: token.action.clone(),
+                        by_contact: contact.id.clone(),
+                    });
+                    for wa_id in r.recipients.keys() {
+                        if let Some(state) = self.contacts.get_mut(wa_id) {
                             state.open.remove(&key);
                         }
                     }
                 }
             }
+            let candidate = Candidate {
+                request: request.reference(),
+                action: token.action.clone(),
+                title: title.to_string(),
+                contact_id: contact.id.clone(),
+                contact_language: contact.language.clone(),
+                context,
+                inside_window: self.inside_window(&item.contact, now_ms),
+                item_id: item.item_id.clone(),
+                wa_id: item.contact.clone(),
+                phone_number_id: item.phone_number_id.clone(),
+                at_ms: meta_time_ms(&item.item).unwrap_or(item.received_at_ms),
+            };
+            return done("candidate", vec![Outcome::Candidate(Box::new(candidate))]);
         }
-        let body = body_for(&request, Some(&token.action), None, false);
+        let body = body_for(request.kind, &request.id, Some(&token.action), None, false);
         let response = self.response(item, &request, &contact, context, body);
         let (text, note) = match token.action.as_str() {
             "NEW_ETA" => (
@@ -852,19 +898,12 @@ impl Conversations {
                 ),
                 "please reply with the new ETA as a date (YYYY-MM-DD).".to_string(),
             ),
-            _ if !is_final => (
+            _ => (
                 format!(
                     "Thanks, we noted \"{title}\" on {}. Reply to this message with any details.",
                     request.id
                 ),
                 format!("we noted {title:?}; reply with any details."),
-            ),
-            _ => (
-                format!(
-                    "Thank you, your answer \"{title}\" on {} is recorded.",
-                    request.id
-                ),
-                format!("your answer {title:?} is recorded."),
             ),
         };
         let reply = self.reply(item, &request, &contact, "recorded", text, note, now_ms);
@@ -956,6 +995,14 @@ impl Conversations {
             );
             return done("refused", vec![Outcome::Audit(audit)]);
         };
+        if let Some(decided) = &request.decided {
+            tracing::debug!(
+                request = %request.id,
+                decided = %decided.action,
+                by = %decided.by_contact,
+                "text after a decision: a comment"
+            );
+        }
         if request.decided.is_some() || request.kind.decided_by_buttons_only() {
             let body = ResponseBody::CaseMessage {
                 case_id: Some(request.id.clone()),
@@ -965,7 +1012,7 @@ impl Conversations {
             response.response_type = COMMENT_RESPONSE_TYPE.into();
             return done("comment", vec![Outcome::Response(response)]);
         }
-        let body = body_for(&request, None, Some(text), document);
+        let body = body_for(request.kind, &request.id, None, Some(text), document);
         let response = self.response(item, &request, &contact, context, body);
         done("answered", vec![Outcome::Response(response)])
     }
@@ -1017,9 +1064,13 @@ impl Conversations {
         }
     }
 
-    /// A reply to the person through the outbox: free-form inside their customer service window
-    /// (opened by the very message it answers, unless that is older than the window by now), else
-    /// the confirmation template.
+    /// Whether `wa_id`'s customer service window is open at `now_ms` (their last message is
+    /// younger than the window).
+    fn inside_window(&self, wa_id: &str, now_ms: i64) -> bool {
+        let last_inbound = self.contacts.get(wa_id).map_or(0, |c| c.last_inbound_ms);
+        now_ms - last_inbound < self.settings.service_window_ms
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn reply(
         &self,
@@ -1031,57 +1082,92 @@ impl Conversations {
         note: String,
         now_ms: i64,
     ) -> OutboxMessage {
-        let last_inbound = self
-            .contacts
-            .get(&item.contact)
-            .map_or(0, |c| c.last_inbound_ms);
-        let inside_window = now_ms - last_inbound < self.settings.service_window_ms;
-        let language = contact
-            .language
-            .clone()
-            .filter(|l| self.settings.confirmation_languages.contains(l))
-            .or_else(|| self.settings.confirmation_languages.first().cloned())
-            .unwrap_or_else(|| "en_US".into());
-        let (template_name, body) = if inside_window {
-            (None, gridtalk_whatsapp::text_message(&item.contact, &text))
-        } else {
-            let template = &self.settings.confirmation_template;
-            (
-                Some(template.clone()),
-                gridtalk_whatsapp::template_message(
-                    &item.contact,
-                    template,
-                    &language,
-                    &[request.id.clone(), note],
-                    &[],
-                ),
-            )
-        };
-        // Answer from the number the person wrote to.
-        let phone_number_id = item
-            .phone_number_id
-            .clone()
-            .unwrap_or_else(|| self.settings.phone_number_id.clone());
-        OutboxMessage {
-            message_id: short_hash(&[&item.item_id, kind]),
-            event_id: item.item_id.clone(),
-            event_type: format!("gridtalk.answer.{kind}"),
-            correlation_id: request.correlation_id.clone(),
-            document_key: request.id.clone(),
-            partner_id: request.partner_id.clone(),
-            phone_number_id,
-            contact_id: contact.id.clone(),
-            recipient: item.contact.clone(),
-            template_name,
-            language,
-            request_json: body.to_string(),
-            rule: format!("converse-{kind}"),
-            created_at: now_ms,
-        }
+        reply(
+            &self.settings,
+            &Addressee {
+                item_id: &item.item_id,
+                wa_id: &item.contact,
+                phone_number_id: item.phone_number_id.as_deref(),
+                contact_id: &contact.id,
+                language: contact.language.as_deref(),
+                inside_window: self.inside_window(&item.contact, now_ms),
+            },
+            &request.reference(),
+            kind,
+            (text, note),
+            now_ms,
+        )
     }
 }
 
-fn title_case(action: &str) -> String {
+/// Who a reply goes to, and whether a free-form message may reach them.
+pub(crate) struct Addressee<'a> {
+    /// The inbound item the reply answers (its message id derives from it).
+    pub item_id: &'a str,
+    pub wa_id: &'a str,
+    pub phone_number_id: Option<&'a str>,
+    pub contact_id: &'a str,
+    pub language: Option<&'a str>,
+    pub inside_window: bool,
+}
+
+/// A reply to the person through the outbox: free-form inside their customer service window
+/// (opened by the very message it answers, unless that is older than the window by now), else
+/// the confirmation template with `note`. Its message id derives from the item and `kind`, so a
+/// replayed item queues the same reply, which the send stage sends once.
+pub(crate) fn reply(
+    settings: &Settings,
+    to: &Addressee<'_>,
+    request: &RequestRef,
+    kind: &str,
+    (text, note): (String, String),
+    now_ms: i64,
+) -> OutboxMessage {
+    let language = to
+        .language
+        .map(String::from)
+        .filter(|l| settings.confirmation_languages.contains(l))
+        .or_else(|| settings.confirmation_languages.first().cloned())
+        .unwrap_or_else(|| "en_US".into());
+    let (template_name, body) = if to.inside_window {
+        (None, gridtalk_whatsapp::text_message(to.wa_id, &text))
+    } else {
+        let template = &settings.confirmation_template;
+        (
+            Some(template.clone()),
+            gridtalk_whatsapp::template_message(
+                to.wa_id,
+                template,
+                &language,
+                &[request.id.clone(), note],
+                &[],
+            ),
+        )
+    };
+    // Answer from the number the person wrote to.
+    let phone_number_id = to
+        .phone_number_id
+        .map(String::from)
+        .unwrap_or_else(|| settings.phone_number_id.clone());
+    OutboxMessage {
+        message_id: short_hash(&[to.item_id, kind]),
+        event_id: to.item_id.to_string(),
+        event_type: format!("gridtalk.answer.{kind}"),
+        correlation_id: request.correlation_id.clone(),
+        document_key: request.id.clone(),
+        partner_id: request.partner_id.clone(),
+        phone_number_id,
+        contact_id: to.contact_id.to_string(),
+        recipient: to.wa_id.to_string(),
+        template_name,
+        language,
+        request_json: body.to_string(),
+        rule: format!("converse-{kind}"),
+        created_at: now_ms,
+    }
+}
+
+pub(crate) fn title_case(action: &str) -> String {
     let lower = action.replace('_', " ").to_lowercase();
     let mut chars = lower.chars();
     chars
@@ -1091,20 +1177,21 @@ fn title_case(action: &str) -> String {
 }
 
 /// The typed body for an answer to `request`: a button `action`, or a `text` (a comment, a file).
-fn body_for(
-    request: &Request,
+pub(crate) fn body_for(
+    kind: RequestKind,
+    id: &str,
     action: Option<&str>,
     text: Option<String>,
     document: bool,
 ) -> ResponseBody {
-    let id = request.id.clone();
+    let id = id.to_string();
     let symbol = |allowed: &[&str]| {
         action
             .filter(|a| allowed.contains(a))
             .unwrap_or("UNKNOWN")
             .to_string()
     };
-    match request.kind {
+    match kind {
         RequestKind::PoAcknowledgement => ResponseBody::PoAckDecision {
             po_number: id,
             decision: symbol(&["ACCEPT", "ACCEPT_WITH_CHANGES", "REJECT"]),
@@ -1135,15 +1222,13 @@ fn body_for(
                     "NEW_ETA",
                     "COMMENT",
                 ]),
-                (None, Some(_)) if request.kind == RequestKind::ShipmentException => {
-                    "NEW_ETA".into()
-                }
+                (None, Some(_)) if kind == RequestKind::ShipmentException => "NEW_ETA".into(),
                 (None, _) => "COMMENT".into(),
             };
             ResponseBody::CorrectionAnswer {
                 document_key: id,
                 answer,
-                new_eta: new_eta.filter(|_| request.kind == RequestKind::ShipmentException),
+                new_eta: new_eta.filter(|_| kind == RequestKind::ShipmentException),
                 comment: text,
             }
         }
@@ -1203,8 +1288,8 @@ opted_in = true
         )
     }
 
-    fn conversations() -> Conversations {
-        Conversations::new(Settings {
+    fn settings() -> Settings {
+        Settings {
             button_secret: SECRET.to_vec(),
             service_window_ms: 23 * HOUR + 30 * 60_000,
             confirmation_template: "answer_status".into(),
@@ -1212,7 +1297,11 @@ opted_in = true
             phone_number_id: "1065".into(),
             remembered_items: 100,
             retention_ms: 7 * 24 * HOUR,
-        })
+        }
+    }
+
+    fn conversations() -> Conversations {
+        Conversations::new(settings())
     }
 
     fn sent(wamid: &str, event_type: &str, doc: &str, contact: &str, wa_id: &str) -> SentMessage {
@@ -1255,9 +1344,19 @@ opted_in = true
         buttons::sign(SECRET, action, request, NOW / 1000 + 168 * 3600).unwrap()
     }
 
+    /// What handling produced, with each deciding tap settled as the first on its request (the
+    /// settlement itself is tested in `settle`).
     fn outcomes(handled: Handled) -> Vec<Outcome> {
         match handled {
-            Handled::Done { outcomes, .. } => outcomes,
+            Handled::Done { outcomes, .. } => outcomes
+                .into_iter()
+                .flat_map(|o| match o {
+                    Outcome::Candidate(c) => {
+                        crate::settle::Settlements::new(settings()).settle(0, &c, NOW)
+                    }
+                    other => vec![other],
+                })
+                .collect(),
             Handled::Wait { wamid } => panic!("unexpected wait for {wamid}"),
         }
     }

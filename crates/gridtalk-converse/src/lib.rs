@@ -32,8 +32,14 @@
 //! the longer of the button lifetime and the sent-index retention.
 
 mod conversation;
+mod settle;
+mod settle_strategy;
 mod stage;
 mod strategy;
 
-pub use conversation::{Conversations, Handled, Outcome, RequestKind, Settings};
+pub use conversation::{
+    Candidate, Conversations, Handled, Outcome, RequestKind, RequestRef, Settings,
+    COMMENT_RESPONSE_TYPE,
+};
+pub use settle::Settlements;
 pub use stage::{run, ConverseError};

@@ -11,6 +11,8 @@ use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::Readiness;
 
 use crate::conversation::{Conversations, Settings};
+use crate::settle::Settlements;
+use crate::settle_strategy::{SettleStrategy, STAGE as SETTLE_STAGE};
 use crate::strategy::{ConverseStrategy, Publishing, STAGE};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,15 +112,36 @@ pub async fn run(
         },
         ready,
     )?;
-    let publishing = Arc::new(Publishing::new(
-        config.clone(),
-        gridtalk_kafka::producer(&config.kafka)?,
-    ));
-    driver
-        .run(
-            ConverseStrategy::new(publishing, conversations, directory),
-            shutdown,
-        )
-        .await
-        .map_err(|e| ConverseError::Failed(e.0))
+    // The settlement of deciding taps: its own group over the decisions topic, so each request
+    // has one owner among the converse processes.
+    let settle_driver = Driver::new(
+        &config.kafka,
+        DriverSettings::for_stage(&config, SETTLE_STAGE, vec![config.topics.decisions.clone()]),
+        readiness.register(SETTLE_STAGE),
+    )?;
+    let producer = gridtalk_kafka::producer(&config.kafka)?;
+    let publishing = Arc::new(Publishing::new(config.clone(), producer.clone(), STAGE));
+    let settling = Arc::new(Publishing::new(config.clone(), producer, SETTLE_STAGE));
+    let settlements = Settlements::new(settings(&config)?);
+    // Either failing stops both (the process restarts and replays).
+    let stop = shutdown.child_token();
+    let converse = async {
+        let ended = driver
+            .run(
+                ConverseStrategy::new(publishing, conversations, directory),
+                stop.clone(),
+            )
+            .await;
+        stop.cancel();
+        ended
+    };
+    let settle = async {
+        let ended = settle_driver
+            .run(SettleStrategy::new(settling, settlements), stop.clone())
+            .await;
+        stop.cancel();
+        ended
+    };
+    let (converse, settle) = tokio::join!(converse, settle);
+    converse.and(settle).map_err(|e| ConverseError::Failed(e.0))
 }

@@ -56,25 +56,28 @@ struct Waiting {
 pub(crate) struct Publishing {
     pub config: Arc<Config>,
     pub producer: FutureProducer,
+    /// The stage its changelog entries belong to (`converse`, `decide`).
+    pub stage: &'static str,
     /// When each state entry of each held webhook partition expires, for its tombstone.
-    expiries: Mutex<HashMap<i32, HashMap<String, i64>>>,
-    in_flight: Arc<Semaphore>,
+    pub(crate) expiries: Mutex<HashMap<i32, HashMap<String, i64>>>,
+    pub(crate) in_flight: Arc<Semaphore>,
     /// Signalled when a publication is acknowledged (room for more).
-    room: Notify,
+    pub(crate) room: Notify,
 }
 
 impl Publishing {
-    pub(crate) fn new(config: Arc<Config>, producer: FutureProducer) -> Self {
+    pub(crate) fn new(config: Arc<Config>, producer: FutureProducer, stage: &'static str) -> Self {
         Publishing {
             config,
             producer,
+            stage,
             expiries: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             room: Notify::new(),
         }
     }
 
-    fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.kafka.request_timeout_ms)
     }
 }
@@ -209,7 +212,7 @@ impl ConverseStrategy {
                     &self.publishing,
                     &self.published,
                     w.record,
-                    &w.item,
+                    &w.item.item_id,
                     outcomes,
                     changes,
                     (effect, permit),
@@ -252,7 +255,7 @@ impl ConverseStrategy {
         let config = self.publishing.config.clone();
         let entries = gridtalk_kafka::changelog::restore_for_stage(
             &config.kafka,
-            "converse",
+            STAGE,
             &config.topics.converse_state,
             webhook_partitions.clone(),
         )
@@ -404,7 +407,13 @@ impl Strategy for ConverseStrategy {
                     Some(Err(detail)) => detail,
                     _ => "record has no value".into(),
                 };
-                spawn_dead_letter(&self.publishing, &mut self.tasks, record, detail, permit);
+                spawn_dead_letter(
+                    &self.publishing,
+                    &mut self.tasks,
+                    record,
+                    (DeadLetterReason::MalformedWebhookItem, detail),
+                    permit,
+                );
                 return Submit::Accepted;
             }
         };
@@ -448,11 +457,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Enqueues every outcome now (keeping order), then, in a task, finishes the item once all are
 /// acknowledged and its state changes are durable.
-fn publish(
+pub(crate) fn publish(
     publishing: &Arc<Publishing>,
     published: &Mutex<HashMap<String, i64>>,
     record: Record,
-    item: &WebhookItem,
+    item_id: &str,
     outcomes: Vec<Outcome>,
     changes: Vec<(String, String)>,
     held: (gridtalk_kafka::driver::EffectGuard, OwnedSemaphorePermit),
@@ -524,6 +533,21 @@ fn publish(
                     }),
                 )
             }
+            Outcome::Candidate(c) => {
+                metrics
+                    .converse_items
+                    .with_label_values(&["candidate_forwarded"])
+                    .inc();
+                (
+                    &topics.decisions,
+                    c.request_key(),
+                    c.to_json(),
+                    OwnedHeaders::new().insert(Header {
+                        key: "gridtalk.action",
+                        value: Some(c.action.as_bytes()),
+                    }),
+                )
+            }
             Outcome::Reply(o) => {
                 let form = if o.template_name.is_some() {
                     "template"
@@ -559,7 +583,7 @@ fn publish(
             Err((e, _)) => {
                 return record
                     .ticket
-                    .fail(format!("publish for item {}: {e}", item.item_id))
+                    .fail(format!("publish for item {item_id}: {e}"))
             }
         }
     }
@@ -604,7 +628,7 @@ fn publish(
 }
 
 /// The ids of the responses published within `converse.replay_lookback_ms`.
-async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaError> {
+pub(crate) async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaError> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
         let since = now_ms() - config.converse.replay_lookback_ms as i64;
@@ -626,7 +650,7 @@ async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaEr
 
 /// Deletes expired state entries of the held partitions from the changelog (tombstones), so it
 /// stays bounded; an entry whose tombstone is lost is dropped on restore anyway.
-fn sweep_state(publishing: &Publishing) {
+pub(crate) fn sweep_state(publishing: &Publishing) {
     let now = now_ms();
     let mut expiries = publishing.expiries.lock().expect("expiries");
     let mut live = 0;
@@ -654,14 +678,14 @@ fn sweep_state(publishing: &Publishing) {
         .set(live as i64);
 }
 
-fn spawn_dead_letter(
+pub(crate) fn spawn_dead_letter(
     publishing: &Arc<Publishing>,
     tasks: &mut JoinSet<()>,
     record: Record,
-    detail: String,
+    (reason, detail): (DeadLetterReason, String),
     permit: OwnedSemaphorePermit,
 ) {
-    tracing::warn!(error = %detail, offset = record.message.offset(), "webhook item unreadable; dead-lettered");
+    tracing::warn!(error = %detail, offset = record.message.offset(), reason = reason.as_str(), "record unreadable; dead-lettered");
     let Some(effect) = record.ticket.begin_effect() else {
         return;
     };
@@ -672,8 +696,8 @@ fn spawn_dead_letter(
         let result = dead_letter(
             &publishing.producer,
             &publishing.config.topics.dlq,
-            STAGE,
-            DeadLetterReason::MalformedWebhookItem,
+            publishing.stage,
+            reason,
             &detail,
             &message,
             &[],

@@ -122,19 +122,22 @@ fn print_new_messages(sandbox: &Sandbox, shown: usize) -> usize {
 }
 
 /// Whether the route group committed every input event, the send group every outbox message and
-/// the converse group every webhook item: every event routed, every message sent or dead-lettered,
-/// every reply and status answered.
+/// the converse group every webhook item and the decide group every deciding tap: every event
+/// routed, every message sent or dead-lettered, every reply and status answered.
 async fn worked_off(config: &Arc<Config>) -> bool {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
         let route = format!("{}-route", config.kafka.group_prefix);
         let send = format!("{}-send", config.kafka.group_prefix);
         let converse = format!("{}-converse", config.kafka.group_prefix);
+        let decide = format!("{}-decide", config.kafka.group_prefix);
         let inputs: Vec<&str> = config.topics.inputs.iter().map(String::as_str).collect();
         gridtalk_kafka::caught_up(&config.kafka, &route, &inputs).unwrap_or(false)
             && gridtalk_kafka::caught_up(&config.kafka, &send, &[&config.topics.outbox])
                 .unwrap_or(false)
             && gridtalk_kafka::caught_up(&config.kafka, &converse, &[&config.topics.webhook])
+                .unwrap_or(false)
+            && gridtalk_kafka::caught_up(&config.kafka, &decide, &[&config.topics.decisions])
                 .unwrap_or(false)
     })
     .await

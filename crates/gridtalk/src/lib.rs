@@ -55,6 +55,9 @@ pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
         // Same partition count as the sent log: both are keyed by contact (co-partitioned).
         plain(&t.webhook),
         plain(&t.responses),
+        // Keyed by request: partition p's settlements are on partition p of the converse-state
+        // changelog (prefix `settled:`), so it has the same partition count.
+        plain(&t.decisions),
         plain(&t.audit),
         // Compacted and partitioned like the outbox: partition p holds what was sent from outbox
         // partition p.
