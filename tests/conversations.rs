@@ -617,3 +617,164 @@ async fn a_person_taps_approve_on_the_sandbox_page_in_headless_chromium() {
     )
     .await;
 }
+
+/// Whether the log of process `name` shows it was assigned a partition of `topic`.
+fn holds_partition_of(p: &Pipeline, name: &str, topic: &str) -> bool {
+    p.process_log(name)
+        .lines()
+        .any(|line| line.contains("partitions assigned") && line.contains(topic))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_approvers_served_by_two_converse_processes_get_one_decision_per_request() {
+    // Maria's and Jo's messages land on different webhook (and sent-log) partitions, and two
+    // converse processes share the two partitions: each approver is served by another process.
+    let mut setup = Setup {
+        ingest: true,
+        only_stages: Some(vec![
+            gridtalk::Stage::Route,
+            gridtalk::Stage::Send,
+            gridtalk::Stage::Ingest,
+        ]),
+        // Twenty requests and twenty confirmations per person: Meta's pair limit, scaled down.
+        overrides: vec![("SEND__PAIR_INTERVAL_MS", "100".into())],
+        ..Setup::default()
+    };
+    setup.sandbox.pair_interval_ms = 100;
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let mut processes = [
+        p.spawn_gridtalk("converse-a", "converse"),
+        p.spawn_gridtalk("converse-b", "converse"),
+    ];
+    let (webhook, decisions) = (
+        p.config.topics.webhook.clone(),
+        p.config.topics.decisions.clone(),
+    );
+    p.wait_until(
+        "both processes hold webhook and decision partitions",
+        WAIT,
+        |p| {
+            ["converse-a", "converse-b"].iter().all(|name| {
+                holds_partition_of(p, name, &webhook) && holds_partition_of(p, name, &decisions)
+            })
+        },
+    )
+    .await;
+
+    const REQUESTS: u64 = 20;
+    let (maria, jo) = ("14155550101", "14155550104");
+    for seq in 0..REQUESTS {
+        let mut approval = event("wf.approval.requested", 300 + seq, "ACME");
+        approval["payload"]["ApprovalRequested"]["approver_contact_ids"] =
+            json!(["buyer-maria", "warehouse-jo"]);
+        p.publish_event(&approval).await;
+    }
+    p.wait_for_messages(2 * REQUESTS as usize, WAIT).await;
+    let partition_of = |wa_id: &str| {
+        read_topic(&p.config.topics.sent)
+            .iter()
+            .find(|m| {
+                use rdkafka::message::Message;
+                m.key() == Some(wa_id.as_bytes())
+            })
+            .map(|m| {
+                use rdkafka::message::Message;
+                m.partition()
+            })
+    };
+    p.wait_until("both approvers on the sent log", WAIT, |_| {
+        partition_of(maria).is_some() && partition_of(jo).is_some()
+    })
+    .await;
+    assert_ne!(
+        partition_of(maria),
+        partition_of(jo),
+        "the approvers are on different partitions"
+    );
+
+    // Both tap on every request at once: Maria approves, Jo rejects.
+    let messages = p.sandbox.messages();
+    let mut taps: Vec<(String, String, String)> = Vec::new(); // (request, maria's tap, jo's tap)
+    for seq in 0..REQUESTS {
+        let request = format!("APR-{}", 8_300 + seq);
+        // The approval's message names the purchase order it changes.
+        let subject = format!("PO-{} change", 4_500_300 + seq);
+        let to = |wa_id: &str| {
+            messages
+                .iter()
+                .find(|m| m.to == wa_id && m.rendered.contains(&subject))
+                .unwrap_or_else(|| panic!("no message about {subject} to {wa_id}"))
+                .wamid
+                .clone()
+        };
+        let (for_maria, for_jo) = (to(maria), to(jo));
+        let approve = p.sandbox.reply(&for_maria, Reply::Button { index: 0 });
+        let reject = p.sandbox.reply(&for_jo, Reply::Button { index: 1 });
+        // Started together; who is polled first alternates, so either may be first at Meta.
+        let (a, b) = if seq % 2 == 0 {
+            tokio::join!(approve, reject)
+        } else {
+            let (b, a) = tokio::join!(reject, approve);
+            (a, b)
+        };
+        taps.push((
+            request,
+            a.expect("tap delivered"),
+            b.expect("tap delivered"),
+        ));
+    }
+
+    // Per request: exactly one decision, the other tap audited already_decided, each person
+    // told accordingly.
+    p.wait_until("every request settled", WAIT, |p| {
+        let responses = p.responses();
+        let audits = p.audits();
+        taps.iter().all(|(_, a, b)| {
+            let decided = responses
+                .iter()
+                .filter(|r| r.wa_message_id == *a || r.wa_message_id == *b)
+                .count();
+            let refused = audits
+                .iter()
+                .filter(|x| {
+                    x.reason == "already_decided"
+                        && (x.wa_message_id.as_deref() == Some(a)
+                            || x.wa_message_id.as_deref() == Some(b))
+                })
+                .count();
+            decided == 1 && refused == 1
+        })
+    })
+    .await;
+    let responses = p.responses();
+    let mut maria_won = 0;
+    for (request, a, b) in &taps {
+        let decisions: Vec<&WorkflowResponse> = responses
+            .iter()
+            .filter(|r| {
+                r.request_id.as_deref() == Some(request.as_str())
+                    && r.response_type == "wa.approval.decided"
+            })
+            .collect();
+        assert_eq!(decisions.len(), 1, "{request}: {decisions:?}");
+        let (winner, loser) = if decisions[0].wa_message_id == *a {
+            maria_won += 1;
+            ((maria, "Approve"), jo)
+        } else {
+            assert_eq!(decisions[0].wa_message_id, *b);
+            ((jo, "Reject"), maria)
+        };
+        text_to(&p, winner.0, &format!("on {request} is recorded")).await;
+        text_to(
+            &p,
+            loser,
+            &format!("{request} was already answered ({})", winner.1),
+        )
+        .await;
+    }
+    println!("Maria's tap won {maria_won} of {REQUESTS} races");
+    for child in &mut processes {
+        assert_eq!(terminate(child).code(), Some(0));
+    }
+}
