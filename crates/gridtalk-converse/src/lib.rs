@@ -14,10 +14,11 @@
 //!   Meta's code), so out-of-order statuses end in the right state;
 //! - a **button** (template quick reply, interactive button or list row) counts only if its token
 //!   verifies, names the request of the quoted message, comes from a contact the directory
-//!   authorises, and, for a deciding action, is the first decision on the request. The decision is
-//!   published and confirmed to the person through the outbox (free-form text inside the customer
-//!   service window, the confirmation template outside it); a later decision gets a polite
-//!   "already answered" reply;
+//!   authorises. A deciding action is a candidate on the decisions topic, keyed by request, and
+//!   the one owner of that key's partition settles it (`settle`, its own group): the first
+//!   candidate wins, across every converse process. The decision is published and confirmed to
+//!   the person through the outbox (free-form text inside the customer service window, the
+//!   confirmation template outside it); a later decision gets a polite "already answered" reply;
 //! - **text** quoting a message is attached to that message's request; unquoted text to the
 //!   contact's single open request, otherwise it opens a case.
 //!
