@@ -20,7 +20,7 @@ use gridtalk_telemetry::Metrics;
 
 use crate::conversation::Candidate;
 use crate::settle::Settlements;
-use crate::strategy::{publish, recently_published, spawn_dead_letter, sweep_state, Publishing};
+use crate::strategy::{publish, read_or_dead_letter, recently_published, sweep_state, Publishing};
 
 pub(crate) const STAGE: &str = "decide";
 /// How often expired settlements are forgotten and tombstoned.
@@ -120,22 +120,14 @@ impl Strategy for SettleStrategy {
         let Ok(permit) = self.publishing.in_flight.clone().try_acquire_owned() else {
             return Submit::PushBack(record);
         };
-        let candidate = match record.message.payload().map(Candidate::from_json) {
-            Some(Ok(candidate)) => candidate,
-            other => {
-                let detail = match other {
-                    Some(Err(detail)) => detail,
-                    _ => "record has no value".into(),
-                };
-                spawn_dead_letter(
-                    &self.publishing,
-                    &mut self.tasks,
-                    record,
-                    (DeadLetterReason::MalformedDecision, detail),
-                    permit,
-                );
-                return Submit::Accepted;
-            }
+        let Some((candidate, record, permit)) = read_or_dead_letter(
+            &self.publishing,
+            &mut self.tasks,
+            (record, permit),
+            DeadLetterReason::MalformedDecision,
+            Candidate::from_json,
+        ) else {
+            return Submit::Accepted;
         };
         let outcomes = self
             .settlements

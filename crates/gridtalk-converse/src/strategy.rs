@@ -400,22 +400,14 @@ impl Strategy for ConverseStrategy {
         let Ok(permit) = self.publishing.in_flight.clone().try_acquire_owned() else {
             return Submit::PushBack(record);
         };
-        let item = match record.message.payload().map(WebhookItem::from_json) {
-            Some(Ok(item)) => item,
-            other => {
-                let detail = match other {
-                    Some(Err(detail)) => detail,
-                    _ => "record has no value".into(),
-                };
-                spawn_dead_letter(
-                    &self.publishing,
-                    &mut self.tasks,
-                    record,
-                    (DeadLetterReason::MalformedWebhookItem, detail),
-                    permit,
-                );
-                return Submit::Accepted;
-            }
+        let Some((item, record, permit)) = read_or_dead_letter(
+            &self.publishing,
+            &mut self.tasks,
+            (record, permit),
+            DeadLetterReason::MalformedWebhookItem,
+            WebhookItem::from_json,
+        ) else {
+            return Submit::Accepted;
         };
         let w = Waiting {
             record,
@@ -678,7 +670,25 @@ pub(crate) fn sweep_state(publishing: &Publishing) {
         .set(live as i64);
 }
 
-pub(crate) fn spawn_dead_letter(
+/// The record's value as `parse` reads it, or none when it cannot: then the record is
+/// dead-lettered with `reason` (its permit held until the letter is written).
+pub(crate) fn read_or_dead_letter<T>(
+    publishing: &Arc<Publishing>,
+    tasks: &mut JoinSet<()>,
+    (record, permit): (Record, OwnedSemaphorePermit),
+    reason: DeadLetterReason,
+    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Option<(T, Record, OwnedSemaphorePermit)> {
+    let detail = match record.message.payload().map(parse) {
+        Some(Ok(value)) => return Some((value, record, permit)),
+        Some(Err(detail)) => detail,
+        None => "record has no value".into(),
+    };
+    spawn_dead_letter(publishing, tasks, record, (reason, detail), permit);
+    None
+}
+
+fn spawn_dead_letter(
     publishing: &Arc<Publishing>,
     tasks: &mut JoinSet<()>,
     record: Record,
