@@ -1,7 +1,7 @@
 //! The bad-input corpus, end to end on the real broker: every kind of record an outsider can put
-//! on a topic gridtalk reads (an input topic, the outbox, the webhook topic) is dead-lettered with
-//! its reason, the stages stay up, the committed offsets move past it, and a valid record behind
-//! the bad ones is still delivered.
+//! on a topic gridtalk reads (an input topic, the outbox, the webhook and decisions topics) is
+//! dead-lettered with its reason, the stages stay up, the committed offsets move past it, and a
+//! valid record behind the bad ones is still delivered.
 
 mod support;
 
@@ -345,6 +345,50 @@ fn webhook_cases(p: &Pipeline) -> Vec<Case> {
     .collect()
 }
 
+/// The settlement's cases, on the decisions topic.
+fn decision_cases(p: &Pipeline) -> Vec<Case> {
+    let topic = p.config.topics.decisions.clone();
+    [
+        ("decision: text, not JSON", b"approve it".to_vec()),
+        (
+            "decision: JSON that is not a candidate",
+            br#"{"request": {"kind": "approval"}, "action": "APPROVE"}"#.to_vec(),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, bytes)| Case {
+        name: name.to_string(),
+        topic: topic.clone(),
+        bytes,
+        reason: "malformed_decision",
+    })
+    .collect()
+}
+
+/// A valid candidate, as a converse process forwards a deciding tap.
+fn valid_candidate() -> gridtalk_converse::Candidate {
+    gridtalk_converse::Candidate {
+        request: gridtalk_converse::RequestRef {
+            kind: "approval".into(),
+            id: "APR-CORPUS".into(),
+            correlation_id: "ACME|860|APR-CORPUS".into(),
+            event_id: "corpus-event".into(),
+            partner_id: "ACME".into(),
+        },
+        action: "APPROVE".into(),
+        title: "Approve".into(),
+        contact_id: "buyer-maria".into(),
+        contact_language: None,
+        context: None,
+        // She has not written to the number: the confirmation must be the template.
+        inside_window: false,
+        item_id: "wamid.CORPUS-DECISION".into(),
+        wa_id: "14155550101".into(),
+        phone_number_id: None,
+        at_ms: chrono::Utc::now().timestamp_millis(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is_delivered() {
     let p = Pipeline::start(Setup {
@@ -364,6 +408,7 @@ async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is
     let mut cases = input_cases(&p);
     cases.extend(outbox_cases(&p));
     cases.extend(webhook_cases(&p));
+    cases.extend(decision_cases(&p));
     assert!(cases.len() >= 40, "{} cases", cases.len());
     let mut names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     names.sort();
@@ -399,6 +444,17 @@ async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is
                       "text": {"body": "after the corpus"}}]
     });
     assert_eq!(p.post_webhook(&text).await, 200);
+    let candidate = valid_candidate();
+    p.producer
+        .send(
+            FutureRecord::to(&p.config.topics.decisions)
+                .key(&candidate.request_key())
+                .payload(&candidate.to_json()),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("publish");
 
     p.wait_until("the purchase order behind the corpus", WAIT, |p| {
         received(p)
@@ -413,6 +469,16 @@ async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is
             p.responses()
                 .iter()
                 .any(|r| r.wa_message_id == "wamid.CORPUS-AFTER")
+        },
+    )
+    .await;
+    p.wait_until(
+        "the decision behind the corpus on the response topic",
+        WAIT,
+        |p| {
+            p.responses()
+                .iter()
+                .any(|r| r.wa_message_id == "wamid.CORPUS-DECISION")
         },
     )
     .await;
@@ -466,14 +532,24 @@ async fn every_case_of_the_bad_input_corpus_is_dead_lettered_and_what_follows_is
         WAIT,
     )
     .await;
-    // Nothing but the valid purchase order reached a phone from the input topic.
+    p.wait_for_commits(
+        &format!("{}-decide", p.config.kafka.group_prefix),
+        &p.config.topics.decisions,
+        WAIT,
+    )
+    .await;
+    // Nothing reached a phone but the valid purchase order and the valid decision's confirmation.
     let sent: Vec<String> = received(&p)
         .iter()
         .filter_map(|m| m.3.first().cloned())
         .collect();
     assert!(
-        sent.iter()
-            .all(|d| d == "PO-4500100" || d.starts_with("INV-") || d.is_empty()),
+        sent.iter().all(|d| d == "PO-4500100" || d == "APR-CORPUS"),
+        "{sent:?}"
+    );
+    assert_eq!(
+        sent.iter().filter(|d| *d == "APR-CORPUS").count(),
+        1,
         "{sent:?}"
     );
 }
