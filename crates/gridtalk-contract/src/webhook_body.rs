@@ -34,12 +34,15 @@ fn list<'a>(value: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
         .flatten()
 }
 
-/// The string `value[key]`, or an error naming what lacks it.
+/// The string `value[key]`, or an error naming what lacks it. An empty string is no value: an
+/// empty message id would make every such message a redelivery of the first, an empty contact a
+/// key no contact has.
 fn text<'a>(value: &'a Value, key: &str, what: &str) -> Result<&'a str, String> {
-    value
-        .get(key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("{what} without {key}"))
+    match value.get(key).and_then(Value::as_str) {
+        Some(text) if !text.trim().is_empty() => Ok(text),
+        Some(_) => Err(format!("{what} with an empty {key}")),
+        None => Err(format!("{what} without {key}")),
+    }
 }
 
 /// Splits a WhatsApp Business Account webhook body into its items. A body that is not a WhatsApp
@@ -269,6 +272,19 @@ mod tests {
                 WebhookItem::from_json(&item.to_json()).expect("reads"),
                 item
             );
+        }
+    }
+
+    /// Found by the `webhook_body` fuzz target: a message with an empty id became an item with
+    /// an empty id, which the converse stage would take for a redelivery of any other such item.
+    #[test]
+    fn elements_with_empty_ids_or_contacts_are_unparsed_items() {
+        let body = br#"{"object": "whatsapp_business_account", "entry": [{"id": "20", "changes": [{"field": "messages", "value": {"messages": [{"from": "14155550101", "id": "", "type": "text", "text": {"body": "a"}}, {"from": " ", "id": "wamid.2", "type": "text"}], "statuses": [{"id": "wamid.3", "status": "read", "recipient_id": ""}]}}]}]}"#;
+        let items = split(body, 1).expect("a WhatsApp payload");
+        assert_eq!(items.len(), 3, "{items:?}");
+        for item in &items {
+            assert_eq!(item.kind, "unparsed", "{item:?}");
+            assert!(!item.item_id.is_empty());
         }
     }
 }
