@@ -331,6 +331,10 @@ fn webhook_cases(p: &Pipeline) -> Vec<Case> {
         ("webhook item: text, not JSON", b"not json".to_vec()),
         ("webhook item: a JSON array", b"[1, 2, 3]".to_vec()),
         (
+            "webhook item: an empty item id",
+            br#"{"kind": "message", "item_id": "", "contact": "14155550101", "received_at_ms": 1, "item": {}}"#.to_vec(),
+        ),
+        (
             "webhook item: an object without an item id",
             br#"{"kind": "message", "contact": "14155550101", "item": {}}"#.to_vec(),
         ),

@@ -27,9 +27,11 @@ impl WebhookItem {
     /// Reads an item as [`WebhookItem::to_json`] wrote it.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        // Empty is missing: an empty item id would be a redelivery of every other one.
         let field = |key: &str| {
             v.get(key)
                 .and_then(Value::as_str)
+                .filter(|s| !s.trim().is_empty())
                 .map(String::from)
                 .ok_or_else(|| format!("webhook item without {key}"))
         };
