@@ -72,6 +72,7 @@ pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, Strin
             let phone_number_id = value
                 .pointer("/metadata/phone_number_id")
                 .and_then(Value::as_str)
+                .filter(|id| !id.trim().is_empty())
                 .map(String::from);
             let fallback_contact = phone_number_id.clone().unwrap_or_else(|| "unknown".into());
             let item = |kind: &str,
@@ -279,12 +280,12 @@ mod tests {
     /// an empty id, which the converse stage would take for a redelivery of any other such item.
     #[test]
     fn elements_with_empty_ids_or_contacts_are_unparsed_items() {
-        let body = br#"{"object": "whatsapp_business_account", "entry": [{"id": "20", "changes": [{"field": "messages", "value": {"messages": [{"from": "14155550101", "id": "", "type": "text", "text": {"body": "a"}}, {"from": " ", "id": "wamid.2", "type": "text"}], "statuses": [{"id": "wamid.3", "status": "read", "recipient_id": ""}]}}]}]}"#;
+        let body = br#"{"object": "whatsapp_business_account", "entry": [{"id": "20", "changes": [{"field": "messages", "value": {"messages": [{"from": "14155550101", "id": "", "type": "text", "text": {"body": "a"}}, {"from": " ", "id": "wamid.2", "type": "text"}], "errors": [{"code": 1}], "metadata": {"phone_number_id": ""}, "statuses": [{"id": "wamid.3", "status": "read", "recipient_id": ""}]}}]}]}"#;
         let items = split(body, 1).expect("a WhatsApp payload");
-        assert_eq!(items.len(), 3, "{items:?}");
+        assert_eq!(items.len(), 4, "{items:?}");
         for item in &items {
-            assert_eq!(item.kind, "unparsed", "{item:?}");
-            assert!(!item.item_id.is_empty());
+            assert!(["unparsed", "error"].contains(&item.kind.as_str()), "{item:?}");
+            assert_eq!(WebhookItem::from_json(&item.to_json()).as_ref(), Ok(item));
         }
     }
 }
