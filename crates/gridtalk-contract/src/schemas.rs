@@ -83,7 +83,9 @@ pub fn parse_schema(schema: &serde_json::Value) -> Result<Schema, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Every `name` and `namespace` of a named type is a valid Avro (full) name.
+/// Every name the parser would unwrap is a valid Avro (full) name: the `name`, `namespace` and
+/// `aliases` of every schema object and field, and every type referenced by name (a `type`,
+/// `items` or `values` string, a union's strings). Default values are data and are not read.
 fn check_names(schema: &serde_json::Value) -> Result<(), String> {
     use serde_json::Value;
     fn valid(full: &str) -> bool {
@@ -95,26 +97,48 @@ fn check_names(schema: &serde_json::Value) -> Result<(), String> {
                 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         })
     }
+    let name = |what: &str, text: &str| {
+        if valid(text) {
+            Ok(())
+        } else {
+            Err(format!("{text:?} is not a valid Avro {what}"))
+        }
+    };
+    // A schema in a type position: a name reference, a union, or a schema object.
+    fn check_type(schema: &Value) -> Result<(), String> {
+        match schema {
+            Value::String(reference) => check_names(&Value::String(reference.clone())),
+            Value::Array(branches) => branches.iter().try_for_each(check_type),
+            Value::Object(_) => check_names(schema),
+            _ => Ok(()),
+        }
+    }
     match schema {
-        Value::Array(items) => items.iter().try_for_each(check_names),
+        Value::String(reference) => name("type name", reference),
+        Value::Array(branches) => branches.iter().try_for_each(check_type),
         Value::Object(attributes) => {
-            let named = matches!(
-                attributes.get("type").and_then(Value::as_str),
-                Some("record" | "error" | "enum" | "fixed")
-            );
-            if named {
-                if let Some(name) = attributes.get("name").and_then(Value::as_str) {
-                    if !valid(name) {
-                        return Err(format!("{name:?} is not a valid Avro name"));
-                    }
-                }
-                if let Some(ns) = attributes.get("namespace").and_then(Value::as_str) {
-                    if !ns.is_empty() && !valid(ns) {
-                        return Err(format!("{ns:?} is not a valid Avro namespace"));
-                    }
+            if let Some(text) = attributes.get("name").and_then(Value::as_str) {
+                name("name", text)?;
+            }
+            if let Some(ns) = attributes.get("namespace").and_then(Value::as_str) {
+                if !ns.is_empty() {
+                    name("namespace", ns)?;
                 }
             }
-            attributes.values().try_for_each(check_names)
+            if let Some(aliases) = attributes.get("aliases").and_then(Value::as_array) {
+                for alias in aliases.iter().filter_map(Value::as_str) {
+                    name("alias", alias)?;
+                }
+            }
+            for key in ["type", "items", "values"] {
+                if let Some(inner) = attributes.get(key) {
+                    check_type(inner)?;
+                }
+            }
+            if let Some(fields) = attributes.get("fields").and_then(Value::as_array) {
+                fields.iter().try_for_each(check_names)?;
+            }
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -229,5 +253,42 @@ impl SchemaSet {
 
     pub fn is_empty(&self) -> bool {
         self.by_fingerprint.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Found by the `schema_fingerprint` fuzz target (the contract's response schema with a `)`
+    /// inserted into an enum's alias): apache-avro 0.21 unwraps the parse of a named type's
+    /// aliases, so an invalid alias panics its parser. The names check refuses it before the
+    /// parser sees it (and names referenced as types too, which the parser refuses itself).
+    #[test]
+    fn every_name_the_parser_would_unwrap_is_checked_first() {
+        let panicking = [
+            json!({"type": "enum", "name": "E", "namespace": "io.gridtalk.v1",
+                   "aliases": ["REJE)CT"], "symbols": ["A"]}),
+            json!({"type": "record", "name": "R", "aliases": ["Old)R"],
+                   "fields": [{"name": "f", "type": "int"}]}),
+            json!({"type": "fixed", "name": "F", "aliases": ["a..b"], "size": 2}),
+        ];
+        for schema in panicking {
+            let parsed = std::panic::catch_unwind(|| Schema::parse(&schema));
+            assert!(parsed.is_err(), "apache-avro panics on {schema}");
+            assert!(check_names(&schema).is_err(), "{schema}");
+            assert!(parse_schema(&schema).is_err(), "{schema}");
+        }
+        for schema in [
+            OUTBOX_MESSAGE_AVSC,
+            TRADING_GRID_EVENT_AVSC,
+            WORKFLOW_RESPONSE_AVSC,
+            SENT_MESSAGE_AVSC,
+            AUDIT_RECORD_AVSC,
+        ] {
+            let value: serde_json::Value = serde_json::from_str(schema).expect("JSON");
+            check_names(&value).expect("the contract's names are valid");
+        }
     }
 }

@@ -284,7 +284,10 @@ mod tests {
         let items = split(body, 1).expect("a WhatsApp payload");
         assert_eq!(items.len(), 4, "{items:?}");
         for item in &items {
-            assert!(["unparsed", "error"].contains(&item.kind.as_str()), "{item:?}");
+            assert!(
+                ["unparsed", "error"].contains(&item.kind.as_str()),
+                "{item:?}"
+            );
             assert_eq!(WebhookItem::from_json(&item.to_json()).as_ref(), Ok(item));
         }
     }
