@@ -1018,10 +1018,14 @@ async fn hostile_records_are_dead_lettered_and_routing_goes_on() {
         &pipeline.config.kafka,
         &pipeline.producer,
         &pipeline.config.topics.dlq,
+        &gridtalk_kafka::ReplayLedger {
+            topic: &pipeline.config.topics.dlq_replays,
+        },
         &gridtalk_kafka::ReplayFilter {
             reason: Some("oversized".into()),
             ..Default::default()
         },
+        |_| {},
     )
     .await
     .expect("replay");
@@ -1132,6 +1136,108 @@ async fn a_dead_letter_replayed_after_the_directory_is_fixed_is_delivered() {
 }
 
 /// A directory of `n` internal approvers, `approver-0000` …, each with their own phone.
+/// Runs `gridtalk dlq replay` with `args` against the pipeline's configuration.
+async fn dlq_replay(p: &Pipeline, args: &[&str]) -> std::process::Output {
+    let config_file = p.config_file();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
+            .args(["dlq", "replay", "--config"])
+            .arg(&config_file)
+            .args(&args)
+            .output()
+            .expect("gridtalk dlq replay runs")
+    })
+    .await
+    .expect("replay task")
+}
+
+/// The replayed records on input topic `short`, by the root letter each names.
+fn replayed_records(p: &Pipeline, short: &str) -> Vec<String> {
+    use rdkafka::message::{Headers, Message};
+    read_topic(&p.input(short))
+        .iter()
+        .filter_map(|m| {
+            m.headers()?
+                .iter()
+                .find(|h| h.key == "gridtalk.replayed_from")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_same_filter_three_times_republishes_each_record_once() {
+    let p = Pipeline::start(Setup::default()).await;
+    // Three events for a partner nobody adds: every replay of them fails again.
+    for seq in 0..3 {
+        p.publish_event(&event("tg.po.received", 70 + seq, "NOBODY"))
+            .await;
+    }
+    p.wait_until("three unknown_partner letters", WAIT, |p| {
+        p.dead_letters().len() == 3
+    })
+    .await;
+
+    let unknown = dlq_replay(&p, &["--reason", "unknown_partnr"]).await;
+    assert!(!unknown.status.success(), "an unknown reason fails");
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        said.contains("known reasons") && said.contains("unknown_partner"),
+        "{said}"
+    );
+
+    let dry = dlq_replay(&p, &["--reason", "unknown_partner", "--dry-run"]).await;
+    assert!(dry.status.success());
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("scanned 3 dead letters, would replay 3"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert!(
+        replayed_records(&p, "tg.documents.v1").is_empty(),
+        "a dry run publishes nothing"
+    );
+
+    for run in 1..=3 {
+        let output = dlq_replay(&p, &["--reason", "unknown_partner"]).await;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Each replayed record fails again: a second letter per record, once.
+        p.wait_until("the replayed records dead-lettered again", WAIT, |p| {
+            p.dead_letters().len() == 6
+        })
+        .await;
+        p.wait_for_commits(&p.route_group(), &p.input("tg.documents.v1"), WAIT)
+            .await;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let expected = if run == 1 { "replayed 3" } else { "replayed 0" };
+        assert!(stdout.contains(expected), "run {run}: {stdout}");
+    }
+    let mut roots = replayed_records(&p, "tg.documents.v1");
+    assert_eq!(roots.len(), 3, "each record re-published once: {roots:?}");
+    roots.sort();
+    roots.dedup();
+    assert_eq!(roots.len(), 3, "one per original letter");
+
+    // After a fix an operator replays what failed again since: the second letters, once.
+    let again = dlq_replay(&p, &["--reason", "unknown_partner", "--again"]).await;
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("replayed 3"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    p.wait_until("the third letters", WAIT, |p| p.dead_letters().len() == 9)
+        .await;
+    let once_more = dlq_replay(&p, &["--reason", "unknown_partner"]).await;
+    assert!(String::from_utf8_lossy(&once_more.stdout).contains("replayed 0"));
+    assert_eq!(replayed_records(&p, "tg.documents.v1").len(), 6);
+}
+
 fn approvers(n: usize) -> String {
     format!(
         "[[partners]]\nid = \"ACME\"\nname = \"ACME\"\n{}",

@@ -393,6 +393,7 @@ inputs = {inputs:?}
 outbox = "{namespace}.outbox"
 sent = "{namespace}.sent"
 dlq = "{namespace}.dlq"
+dlq_replays = "{namespace}.dlq-replays"
 directory = "{namespace}.directory"
 webhook = "{namespace}.webhook"
 responses = "{namespace}.responses"

@@ -99,6 +99,9 @@ pub struct TopicsConfig {
     pub responses: String,
     /// Refused inbounds (bad signature, bad token, unauthorised contact, second decision), Avro.
     pub audit: String,
+    /// The replay ledger (compacted, one partition): the dead letters `gridtalk dlq replay`
+    /// re-published, so a replay never re-publishes a record twice.
+    pub dlq_replays: String,
     /// Deciding taps (JSON), keyed by request: the one owner of a request's partition settles
     /// it, so the first decision wins across converse processes.
     pub decisions: String,

@@ -29,6 +29,32 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    /// Every reason gridtalk writes.
+    pub const ALL: [DeadLetterReason; 17] = [
+        DeadLetterReason::MalformedAvro,
+        DeadLetterReason::UnknownSchema,
+        DeadLetterReason::MissingField,
+        DeadLetterReason::Oversized,
+        DeadLetterReason::UnknownEventType,
+        DeadLetterReason::UnknownPartner,
+        DeadLetterReason::NoRecipient,
+        DeadLetterReason::InvalidPhone,
+        DeadLetterReason::UnknownTemplate,
+        DeadLetterReason::WhatsappPermanent,
+        DeadLetterReason::WhatsappRetriesExhausted,
+        DeadLetterReason::MalformedOutbox,
+        DeadLetterReason::MalformedWebhookItem,
+        DeadLetterReason::RegistryUnavailable,
+        DeadLetterReason::Stale,
+        DeadLetterReason::MalformedDirectoryRecord,
+        DeadLetterReason::MalformedDecision,
+    ];
+
+    /// The reason whose code is `code`.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == code)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::MalformedAvro => "malformed_avro",
@@ -49,5 +75,22 @@ impl DeadLetterReason {
             DeadLetterReason::MalformedDirectoryRecord => "malformed_directory_record",
             DeadLetterReason::MalformedDecision => "malformed_decision",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_names_one_reason() {
+        let mut codes: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
+        for reason in DeadLetterReason::ALL {
+            assert_eq!(DeadLetterReason::from_code(reason.as_str()), Some(reason));
+        }
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), DeadLetterReason::ALL.len());
+        assert_eq!(DeadLetterReason::from_code("unknown_partnr"), None);
     }
 }

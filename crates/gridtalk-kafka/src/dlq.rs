@@ -183,7 +183,24 @@ pub struct ReplayFilter {
     pub to_topic: Option<String>,
     /// Stop after this many replays.
     pub limit: Option<usize>,
+    /// Only count what would be replayed: publish nothing, record nothing.
+    pub dry_run: bool,
+    /// Also replay letters of records replayed before, if they failed again after that replay
+    /// (after a fix of something a first replay did not cure). Never the same letter twice.
+    pub again: bool,
 }
+
+/// The replay ledger: a compacted topic of one partition whose keys are the letters replayed, by
+/// their root (the first letter of the record; a record that fails again after its replay makes
+/// a new letter of the same root), so a replay never re-publishes what an earlier one did.
+#[derive(Debug, Clone)]
+pub struct ReplayLedger<'a> {
+    pub topic: &'a str,
+}
+
+/// Ledger entries never expire on their own: the dead-letter topic's retention bounds what
+/// can be replayed, and the ledger is compacted to one entry per root.
+const LEDGER_EXPIRY_MS: i64 = i64::MAX;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -191,6 +208,8 @@ pub struct ReplayReport {
     pub replayed: usize,
     /// Matching letters that hold only the start of a record too large to dead-letter whole.
     pub truncated_skipped: usize,
+    /// Matching letters whose record an earlier replay already re-published.
+    pub already_replayed: usize,
 }
 
 fn header<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> {
@@ -203,13 +222,36 @@ fn header<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> {
 
 /// Re-publishes the dead letters that match `filter`, from the start of the topic up to its end
 /// at the time of the call, with their original key, value and headers (reason headers removed,
-/// `gridtalk.replayed_from` added). Each replay is acknowledged before the next is read.
+/// `gridtalk.replayed_from` added: the letter's root). Each replay is acknowledged, then recorded
+/// in the ledger and acknowledged, before the next is read; a letter whose root the ledger holds
+/// is not replayed again (see [`ReplayFilter::again`]), so re-running a replay is a no-op.
 pub async fn replay_dead_letters(
     config: &KafkaConfig,
     producer: &FutureProducer,
     dlq_topic: &str,
+    ledger: &ReplayLedger<'_>,
     filter: &ReplayFilter,
+    mut progress: impl FnMut(&ReplayReport),
 ) -> Result<ReplayReport, KafkaError> {
+    // Root → when it was last replayed.
+    let mut replayed: std::collections::HashMap<String, i64> = {
+        let restored = crate::changelog::restore_partitions(
+            config,
+            ledger.topic,
+            &[0],
+            0,
+            Duration::from_millis(config.request_timeout_ms.saturating_mul(4)),
+        )?;
+        restored
+            .entries
+            .into_values()
+            .flatten()
+            .map(|(root, entry)| {
+                let at = String::from_utf8_lossy(&entry.value).parse().unwrap_or(0);
+                (root, at)
+            })
+            .collect()
+    };
     // Ends first (exactly, see `end_offsets`), so letters that replays produce are not replayed again.
     let ends_now = crate::end_offsets(config, dlq_topic)?;
     let consumer: BaseConsumer = tail_consumer(config)?;
@@ -222,6 +264,7 @@ pub async fn replay_dead_letters(
         }
     }
     let mut report = ReplayReport::default();
+    progress(&report);
     if ends.is_empty() {
         return Ok(report);
     }
@@ -271,11 +314,29 @@ pub async fn replay_dead_letters(
             );
             continue;
         };
+        // The root: the first letter of the record, which a replayed record carries along (and
+        // a letter of it again, since dead letters keep the record's headers).
+        let root = headers
+            .and_then(|h| header(h, "gridtalk.replayed_from"))
+            .map(String::from)
+            .unwrap_or_else(|| format!("{dlq_topic}/{}/{}", message.partition(), message.offset()));
+        let written_at = message.timestamp().to_millis().unwrap_or(0);
+        if let Some(last) = replayed.get(&root) {
+            // Again: only a letter written after the last replay of its record (it failed again).
+            if !filter.again || written_at <= *last {
+                report.already_replayed += 1;
+                continue;
+            }
+        }
+        if filter.dry_run {
+            report.replayed += 1;
+            progress(&report);
+            continue;
+        }
         let (mut out, _) = without_dlq_headers(headers);
-        let origin = format!("{dlq_topic}/{}/{}", message.partition(), message.offset());
         out = out.insert(Header {
             key: "gridtalk.replayed_from",
-            value: Some(origin.as_bytes()),
+            value: Some(root.as_bytes()),
         });
         let mut record = FutureRecord::<[u8], [u8]>::to(target).headers(out);
         if let Some(k) = message.key() {
@@ -288,7 +349,23 @@ pub async fn replay_dead_letters(
             .send(record, Duration::from_millis(config.request_timeout_ms))
             .await
             .map_err(|(e, _)| KafkaError::Client(e))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let at = now.to_string();
+        crate::changelog::write(
+            producer,
+            ledger.topic,
+            0,
+            &root,
+            Some((at.as_bytes(), LEDGER_EXPIRY_MS)),
+        )?
+        .await
+        .map_err(|_| KafkaError::Restore("the replay ledger write was cancelled".into()))?
+        .map_err(|(e, _)| KafkaError::Client(e))?;
+        replayed.insert(root, now);
         report.replayed += 1;
+        progress(&report);
     }
     Ok(report)
 }

@@ -25,7 +25,9 @@ use gridtalk_config::KafkaConfig;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
-pub use dlq::{dead_letter, replay_dead_letters, ReplayFilter, ReplayReport, DLQ_HEADER_PREFIX};
+pub use dlq::{
+    dead_letter, replay_dead_letters, ReplayFilter, ReplayLedger, ReplayReport, DLQ_HEADER_PREFIX,
+};
 pub use ends::{caught_up, committed_offsets, end_offsets, end_offsets_of, partitions_of};
 pub use gridtalk_contract::DeadLetterReason;
 pub use offsets::OffsetTracker;

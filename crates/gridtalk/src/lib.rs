@@ -74,6 +74,11 @@ pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
             configs: vec![("cleanup.policy".into(), "compact".into())],
         },
         TopicSpec {
+            name: t.dlq_replays.clone(),
+            partitions: 1,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        },
+        TopicSpec {
             name: t.directory.clone(),
             partitions: 1,
             configs: vec![("cleanup.policy".into(), "compact".into())],

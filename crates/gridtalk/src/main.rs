@@ -85,6 +85,13 @@ enum DlqCommand {
         to_topic: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
+        /// Count what would be replayed; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also replay records that failed again after an earlier replay (never the same letter
+        /// twice); without it, a record is replayed once.
+        #[arg(long)]
+        again: bool,
     },
 }
 
@@ -187,29 +194,79 @@ async fn main() -> anyhow::Result<()> {
                     source_topic,
                     to_topic,
                     limit,
+                    dry_run,
+                    again,
                 },
         } => {
             let config = load(config.as_ref())?;
             gridtalk_telemetry::init_logging("text");
+            if let Some(code) = reason.as_deref() {
+                if gridtalk_contract::DeadLetterReason::from_code(code).is_none() {
+                    let known: Vec<&str> = gridtalk_contract::DeadLetterReason::ALL
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect();
+                    anyhow::bail!(
+                        "--reason {code:?} is no reason gridtalk writes; known reasons: {}",
+                        known.join(", ")
+                    );
+                }
+            }
             let producer = gridtalk_kafka::producer(&config.kafka)?;
+            if config.topics.create {
+                gridtalk_kafka::ensure_topics(
+                    &config.kafka,
+                    &gridtalk::internal_topics(&config)
+                        .into_iter()
+                        .filter(|t| t.name == config.topics.dlq_replays)
+                        .collect::<Vec<_>>(),
+                )
+                .await?;
+            }
             let filter = gridtalk_kafka::ReplayFilter {
                 reason,
                 source_topic,
                 to_topic,
                 limit,
+                dry_run,
+                again,
             };
+            let started = std::time::Instant::now();
+            let mut last_shown = started;
             let report = gridtalk_kafka::replay_dead_letters(
                 &config.kafka,
                 &producer,
                 &config.topics.dlq,
+                &gridtalk_kafka::ReplayLedger {
+                    topic: &config.topics.dlq_replays,
+                },
                 &filter,
+                |so_far| {
+                    // A progress line on stderr at most every two seconds on long replays.
+                    if last_shown.elapsed() >= std::time::Duration::from_secs(2) {
+                        last_shown = std::time::Instant::now();
+                        let rate = so_far.replayed as f64 / started.elapsed().as_secs_f64();
+                        eprintln!(
+                            "… scanned {}, replayed {} ({rate:.0}/s)",
+                            so_far.scanned, so_far.replayed
+                        );
+                    }
+                },
             )
             .await
             .context("replaying dead letters")?;
             println!(
-                "scanned {} dead letters, replayed {}",
-                report.scanned, report.replayed
+                "scanned {} dead letters, {} {}",
+                report.scanned,
+                if dry_run { "would replay" } else { "replayed" },
+                report.replayed
             );
+            if report.already_replayed > 0 {
+                println!(
+                    "skipped {} letters whose records were replayed before (--again replays those                      that failed again since)",
+                    report.already_replayed
+                );
+            }
             if report.truncated_skipped > 0 {
                 println!(
                     "skipped {} truncated letters (records too large to dead-letter whole; \
