@@ -1224,6 +1224,37 @@ async fn replaying_the_same_filter_three_times_republishes_each_record_once() {
     roots.dedup();
     assert_eq!(roots.len(), 3, "one per original letter");
 
+    // The listing counts both letters of each record, the first ones replayed.
+    let config_file = p.config_file();
+    let listed = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
+            .args(["dlq", "list", "--json", "--config"])
+            .arg(&config_file)
+            .output()
+            .expect("gridtalk dlq list runs")
+    })
+    .await
+    .expect("list task");
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let groups: Vec<Json> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["reason"], "unknown_partner");
+    assert_eq!(groups[0]["source_topic"], json!(p.input("tg.documents.v1")));
+    assert_eq!(
+        (
+            groups[0]["letters"].as_u64(),
+            groups[0]["replayed"].as_u64()
+        ),
+        (Some(6), Some(3))
+    );
+
     // After a fix an operator replays what failed again since: the second letters, once.
     let again = dlq_replay(&p, &["--reason", "unknown_partner", "--again"]).await;
     assert!(

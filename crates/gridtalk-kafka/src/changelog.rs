@@ -43,7 +43,7 @@ fn decode_entry(bytes: &[u8]) -> Option<StoredEntry> {
 }
 
 /// The restore consumer's context: reaching the end of the partition is the goal, not an error.
-struct RestoreContext;
+pub(crate) struct RestoreContext;
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: RdKafkaError, reason: &str) {
@@ -203,7 +203,7 @@ pub async fn tombstone_expired(
 
 /// Reads the partitions of `tpl` from their given offsets to their ends (as of the fetch
 /// responses' high watermarks), handing every record to `on_record`.
-fn read_to_end(
+pub(crate) fn read_to_end(
     consumer: &BaseConsumer<RestoreContext>,
     topic: &str,
     tpl: &TopicPartitionList,
@@ -236,7 +236,9 @@ fn read_to_end(
 }
 
 /// A consumer outside any group that reports the end of each partition it reads.
-fn tail_reader(config: &KafkaConfig) -> Result<BaseConsumer<RestoreContext>, KafkaError> {
+pub(crate) fn tail_reader(
+    config: &KafkaConfig,
+) -> Result<BaseConsumer<RestoreContext>, KafkaError> {
     Ok(client_config(config)
         .set("group.id", "gridtalk-restore")
         .set("enable.auto.commit", "false")

@@ -220,6 +220,108 @@ fn header<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
+/// The roots in the replay ledger, with when each was last replayed.
+fn ledger_entries(
+    config: &KafkaConfig,
+    ledger: &ReplayLedger<'_>,
+) -> Result<std::collections::HashMap<String, i64>, KafkaError> {
+    let restored = crate::changelog::restore_partitions(
+        config,
+        ledger.topic,
+        &[0],
+        0,
+        Duration::from_millis(config.request_timeout_ms.saturating_mul(4)),
+    )?;
+    Ok(restored
+        .entries
+        .into_values()
+        .flatten()
+        .map(|(root, entry)| {
+            let at = String::from_utf8_lossy(&entry.value).parse().unwrap_or(0);
+            (root, at)
+        })
+        .collect())
+}
+
+/// The root of a letter: the first letter of its record (see [`replay_dead_letters`]).
+fn root_of<M: Message>(dlq_topic: &str, message: &M) -> String {
+    message
+        .headers()
+        .and_then(|h| header(h, "gridtalk.replayed_from"))
+        .map(String::from)
+        .unwrap_or_else(|| format!("{dlq_topic}/{}/{}", message.partition(), message.offset()))
+}
+
+/// The dead letters of one reason from one source topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LetterGroup {
+    pub reason: String,
+    pub source_topic: String,
+    pub letters: usize,
+    /// Letters whose record a replay re-published (this letter, or a later one of its record,
+    /// was replayed after it was written).
+    pub replayed: usize,
+    /// When the oldest and the newest letter were written (milliseconds since the epoch).
+    pub oldest_ms: i64,
+    pub newest_ms: i64,
+}
+
+/// Every dead letter, counted by reason and source topic, sorted by reason then topic.
+pub fn list_dead_letters(
+    config: &KafkaConfig,
+    dlq_topic: &str,
+    ledger: &ReplayLedger<'_>,
+) -> Result<Vec<LetterGroup>, KafkaError> {
+    let replayed = ledger_entries(config, ledger)?;
+    let consumer = crate::changelog::tail_reader(config)?;
+    let mut tpl = TopicPartitionList::new();
+    for partition in crate::partitions_of(&consumer, dlq_topic)? {
+        tpl.add_partition_offset(dlq_topic, partition, Offset::Beginning)?;
+    }
+    let mut groups: std::collections::BTreeMap<(String, String), LetterGroup> =
+        std::collections::BTreeMap::new();
+    crate::changelog::read_to_end(
+        &consumer,
+        dlq_topic,
+        &tpl,
+        Duration::from_millis(config.request_timeout_ms.saturating_mul(4)),
+        |message| {
+            let headers = message.headers();
+            let text = |key: &str| {
+                headers
+                    .and_then(|h| header(h, key))
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            let (reason, source) = (
+                text("gridtalk.dlq.reason"),
+                text("gridtalk.dlq.source_topic"),
+            );
+            let written = message.timestamp().to_millis().unwrap_or(0);
+            let group = groups
+                .entry((reason.clone(), source.clone()))
+                .or_insert(LetterGroup {
+                    reason,
+                    source_topic: source,
+                    letters: 0,
+                    replayed: 0,
+                    oldest_ms: i64::MAX,
+                    newest_ms: i64::MIN,
+                });
+            group.letters += 1;
+            if replayed
+                .get(&root_of(dlq_topic, message))
+                .is_some_and(|at| written <= *at)
+            {
+                group.replayed += 1;
+            }
+            group.oldest_ms = group.oldest_ms.min(written);
+            group.newest_ms = group.newest_ms.max(written);
+        },
+    )?;
+    Ok(groups.into_values().collect())
+}
+
 /// Re-publishes the dead letters that match `filter`, from the start of the topic up to its end
 /// at the time of the call, with their original key, value and headers (reason headers removed,
 /// `gridtalk.replayed_from` added: the letter's root). Each replay is acknowledged, then recorded
@@ -234,24 +336,7 @@ pub async fn replay_dead_letters(
     mut progress: impl FnMut(&ReplayReport),
 ) -> Result<ReplayReport, KafkaError> {
     // Root → when it was last replayed.
-    let mut replayed: std::collections::HashMap<String, i64> = {
-        let restored = crate::changelog::restore_partitions(
-            config,
-            ledger.topic,
-            &[0],
-            0,
-            Duration::from_millis(config.request_timeout_ms.saturating_mul(4)),
-        )?;
-        restored
-            .entries
-            .into_values()
-            .flatten()
-            .map(|(root, entry)| {
-                let at = String::from_utf8_lossy(&entry.value).parse().unwrap_or(0);
-                (root, at)
-            })
-            .collect()
-    };
+    let mut replayed = ledger_entries(config, ledger)?;
     // Ends first (exactly, see `end_offsets`), so letters that replays produce are not replayed again.
     let ends_now = crate::end_offsets(config, dlq_topic)?;
     let consumer: BaseConsumer = tail_consumer(config)?;
@@ -316,10 +401,7 @@ pub async fn replay_dead_letters(
         };
         // The root: the first letter of the record, which a replayed record carries along (and
         // a letter of it again, since dead letters keep the record's headers).
-        let root = headers
-            .and_then(|h| header(h, "gridtalk.replayed_from"))
-            .map(String::from)
-            .unwrap_or_else(|| format!("{dlq_topic}/{}/{}", message.partition(), message.offset()));
+        let root = root_of(dlq_topic, &message);
         let written_at = message.timestamp().to_millis().unwrap_or(0);
         if let Some(last) = replayed.get(&root) {
             // Again: only a letter written after the last replay of its record (it failed again).

@@ -26,7 +26,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
 pub use dlq::{
-    dead_letter, replay_dead_letters, ReplayFilter, ReplayLedger, ReplayReport, DLQ_HEADER_PREFIX,
+    dead_letter, list_dead_letters, replay_dead_letters, LetterGroup, ReplayFilter, ReplayLedger,
+    ReplayReport, DLQ_HEADER_PREFIX,
 };
 pub use ends::{caught_up, committed_offsets, end_offsets, end_offsets_of, partitions_of};
 pub use gridtalk_contract::DeadLetterReason;

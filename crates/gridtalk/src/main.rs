@@ -71,6 +71,14 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum DlqCommand {
+    /// Count the dead letters by reason and source topic, with their age and how many were replayed.
+    List {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
+        /// One JSON object per group instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-publish dead letters to their source topic (or --to-topic).
     Replay {
         #[arg(long, env = "GRIDTALK_CONFIG")]
@@ -184,6 +192,60 @@ async fn main() -> anyhow::Result<()> {
                 config.templates.len(),
                 config.topics.inputs
             );
+            Ok(())
+        }
+        Command::Dlq {
+            command: DlqCommand::List { config, json },
+        } => {
+            // No log lines: stdout is the listing, which scripts read (`--json`).
+            let config = load(config.as_ref())?;
+            let groups = {
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    gridtalk_kafka::list_dead_letters(
+                        &config.kafka,
+                        &config.topics.dlq,
+                        &gridtalk_kafka::ReplayLedger {
+                            topic: &config.topics.dlq_replays,
+                        },
+                    )
+                })
+                .await?
+                .context("reading the dead-letter topic")?
+            };
+            let time = |ms: i64| {
+                chrono::DateTime::from_timestamp_millis(ms)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            if json {
+                for g in &groups {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "reason": g.reason, "source_topic": g.source_topic,
+                            "letters": g.letters, "replayed": g.replayed,
+                            "oldest": time(g.oldest_ms), "newest": time(g.newest_ms),
+                        })
+                    );
+                }
+            } else {
+                println!(
+                    "{:<28} {:<32} {:>8} {:>9}  {:<20} {:<20}",
+                    "reason", "source topic", "letters", "replayed", "oldest", "newest"
+                );
+                for g in &groups {
+                    println!(
+                        "{:<28} {:<32} {:>8} {:>9}  {:<20} {:<20}",
+                        g.reason,
+                        g.source_topic,
+                        g.letters,
+                        g.replayed,
+                        time(g.oldest_ms),
+                        time(g.newest_ms)
+                    );
+                }
+            }
             Ok(())
         }
         Command::Dlq {
