@@ -1295,9 +1295,15 @@ fn approval_for(seq: u64, approver: usize) -> Json {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_hundred_messages_stay_under_eighty_per_second() {
+    // The sandbox counts messages as they arrive, as Meta does; requests leave evenly spaced but
+    // can arrive bunched on a loaded machine (up to 64 on the wire at once). The safety margin is
+    // what absorbs that: 10 % here, on a test machine running the rest of the suite beside it.
     let mut setup = Setup {
         directory: approvers(400),
-        overrides: vec![("SEND__MAX_MESSAGES_PER_SECOND", "80".into())],
+        overrides: vec![
+            ("SEND__MAX_MESSAGES_PER_SECOND", "80".into()),
+            ("SEND__RATE_SAFETY_MARGIN_PERCENT", "10".into()),
+        ],
         ..Setup::default()
     };
     setup.sandbox.throughput_per_second = 80;
