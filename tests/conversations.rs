@@ -12,7 +12,9 @@ use gridtalk_sandbox::{ReceivedMessage, Reply};
 use serde_json::{json, Value};
 use support::*;
 
-const WAIT: Duration = Duration::from_secs(60);
+/// Generous: eight tests share two cores and one embedded broker, one of them with two extra
+/// `gridtalk` processes and one with Chromium.
+const WAIT: Duration = Duration::from_secs(120);
 
 async fn way_back(setup: Setup) -> Pipeline {
     let pipeline = Pipeline::start(Setup {
