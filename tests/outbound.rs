@@ -1092,16 +1092,7 @@ async fn a_dead_letter_replayed_after_the_directory_is_fixed_is_delivered() {
     let letters = pipeline.dead_letters().len();
 
     // The operator replays the letter with the CLI.
-    let config_file = pipeline.config_file();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
-            .args(["dlq", "replay", "--reason", "unknown_partner", "--config"])
-            .arg(&config_file)
-            .output()
-            .expect("gridtalk dlq replay runs")
-    })
-    .await
-    .expect("replay task");
+    let output = dlq_replay(&pipeline, &["--reason", "unknown_partner"]).await;
     assert!(
         output.status.success(),
         "dlq replay failed: {}",

@@ -107,9 +107,8 @@ fn check_names(schema: &serde_json::Value) -> Result<(), String> {
     // A schema in a type position: a name reference, a union, or a schema object.
     fn check_type(schema: &Value) -> Result<(), String> {
         match schema {
-            Value::String(reference) => check_names(&Value::String(reference.clone())),
             Value::Array(branches) => branches.iter().try_for_each(check_type),
-            Value::Object(_) => check_names(schema),
+            Value::String(_) | Value::Object(_) => check_names(schema),
             _ => Ok(()),
         }
     }

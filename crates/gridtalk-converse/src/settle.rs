@@ -40,7 +40,8 @@ pub struct Settlements {
     changes: Vec<(String, String)>,
 }
 
-const KEY_PREFIX: &str = "settled:";
+/// The changelog keys of settlements (the converse stage's own keys share the topic).
+pub(crate) const KEY_PREFIX: &str = "settled:";
 
 impl Settlements {
     pub fn new(settings: Settings) -> Self {

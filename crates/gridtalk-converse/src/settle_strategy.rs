@@ -19,14 +19,12 @@ use gridtalk_kafka::DeadLetterReason;
 use gridtalk_telemetry::Metrics;
 
 use crate::conversation::Candidate;
-use crate::settle::Settlements;
-use crate::strategy::{publish, read_or_dead_letter, recently_published, sweep_state, Publishing};
+use crate::settle::{Settlements, KEY_PREFIX};
+use crate::strategy::{publish, read_or_dead_letter, restore_state, sweep_state, Publishing};
 
 pub(crate) const STAGE: &str = "decide";
 /// How often expired settlements are forgotten and tombstoned.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// The changelog keys of this strategy (the converse strategy's share the topic).
-const KEY_PREFIX: &str = "settled:";
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -65,42 +63,19 @@ impl SettleStrategy {
 
 impl Strategy for SettleStrategy {
     async fn assigned(&mut self, partitions: &[TopicPartition]) -> Result<(), StageFailure> {
-        let config = self.publishing.config.clone();
         let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
         if numbers.is_empty() {
             return Ok(());
         }
-        let entries = gridtalk_kafka::changelog::restore_for_stage(
-            &config.kafka,
-            STAGE,
-            &config.topics.converse_state,
-            numbers,
-        )
-        .await
-        .map_err(|e| StageFailure(format!("settlements: {e}")))?;
-        let published = recently_published(&config)
-            .await
-            .map_err(|e| StageFailure(format!("response topic read: {e}")))?;
+        let entries = restore_state(&self.publishing, &self.published, numbers, |key| {
+            key.starts_with(KEY_PREFIX)
+        })
+        .await?;
         let now = now_ms();
-        {
-            let mut expiries = self.publishing.expiries.lock().expect("expiries");
-            for (partition, partition_entries) in entries {
-                let held = expiries.entry(partition).or_default();
-                let mut restored = Vec::new();
-                for (key, entry) in partition_entries {
-                    if key.starts_with(KEY_PREFIX) {
-                        held.insert(key.clone(), entry.expires_at_ms);
-                        restored.push((key, String::from_utf8_lossy(&entry.value).into_owned()));
-                    }
-                }
-                self.settlements.restore(partition, restored, now);
-            }
+        for (partition, restored) in entries {
+            self.settlements.restore(partition, restored, now);
         }
         self.count_memory();
-        let lookback = config.converse.replay_lookback_ms as i64;
-        let mut known = self.published.lock().expect("published");
-        known.retain(|_, read_at| *read_at >= now - lookback);
-        known.extend(published.into_iter().map(|id| (id, now)));
         Ok(())
     }
 

@@ -252,41 +252,67 @@ impl ConverseStrategy {
     }
 
     async fn restore(&mut self, webhook_partitions: Vec<i32>) -> Result<(), StageFailure> {
-        let config = self.publishing.config.clone();
-        let entries = gridtalk_kafka::changelog::restore_for_stage(
-            &config.kafka,
-            STAGE,
-            &config.topics.converse_state,
+        let entries = restore_state(
+            &self.publishing,
+            &self.published,
             webhook_partitions.clone(),
+            |key| !key.starts_with(crate::settle::KEY_PREFIX),
         )
-        .await
-        .map_err(|e| StageFailure(format!("converse state: {e}")))?;
-        // What reached the response topic but not the state (a crash between the two).
-        let published = recently_published(&config)
-            .await
-            .map_err(|e| StageFailure(format!("response topic read: {e}")))?;
+        .await?;
         let now = now_ms();
-        {
-            let mut expiries = self.publishing.expiries.lock().expect("expiries");
-            for (partition, partition_entries) in entries {
-                let held = expiries.entry(partition).or_default();
-                let mut restored_entries = Vec::with_capacity(partition_entries.len());
-                for (key, entry) in partition_entries {
-                    held.insert(key.clone(), entry.expires_at_ms);
-                    restored_entries
-                        .push((key, String::from_utf8_lossy(&entry.value).into_owned()));
-                }
-                self.conversations.restore(partition, restored_entries, now);
-            }
+        for (partition, restored) in entries {
+            self.conversations.restore(partition, restored, now);
         }
         self.count_memory();
         self.restored.extend(webhook_partitions);
-        let lookback = config.converse.replay_lookback_ms as i64;
-        let mut known = self.published.lock().expect("published");
-        known.retain(|_, read_at| *read_at >= now - lookback);
-        known.extend(published.into_iter().map(|id| (id, now)));
         Ok(())
     }
+}
+
+/// Restores `partitions` of the converse-state changelog for `publishing`'s stage, keeping the
+/// keys `owns` accepts (the converse and settle strategies share the topic, each with its own
+/// keys): their expiries are held for the sweep and the entries returned per partition. Then
+/// `published` learns what reached the response topic within `converse.replay_lookback_ms` (what
+/// a crash between the publication and the state left unrecorded).
+pub(crate) async fn restore_state(
+    publishing: &Publishing,
+    published: &Mutex<HashMap<String, i64>>,
+    partitions: Vec<i32>,
+    owns: impl Fn(&str) -> bool,
+) -> Result<HashMap<i32, Vec<(String, String)>>, StageFailure> {
+    let config = &publishing.config;
+    let entries = gridtalk_kafka::changelog::restore_for_stage(
+        &config.kafka,
+        publishing.stage,
+        &config.topics.converse_state,
+        partitions,
+    )
+    .await
+    .map_err(|e| StageFailure(format!("{} state: {e}", publishing.stage)))?;
+    let recent = recently_published(config)
+        .await
+        .map_err(|e| StageFailure(format!("response topic read: {e}")))?;
+    let mut restored = HashMap::new();
+    {
+        let mut expiries = publishing.expiries.lock().expect("expiries");
+        for (partition, partition_entries) in entries {
+            let held = expiries.entry(partition).or_default();
+            let mut kept = Vec::with_capacity(partition_entries.len());
+            for (key, entry) in partition_entries {
+                if owns(&key) {
+                    held.insert(key.clone(), entry.expires_at_ms);
+                    kept.push((key, String::from_utf8_lossy(&entry.value).into_owned()));
+                }
+            }
+            restored.insert(partition, kept);
+        }
+    }
+    let now = now_ms();
+    let lookback = config.converse.replay_lookback_ms as i64;
+    let mut known = published.lock().expect("published");
+    known.retain(|_, read_at| *read_at >= now - lookback);
+    known.extend(recent.into_iter().map(|id| (id, now)));
+    Ok(restored)
 }
 
 impl Strategy for ConverseStrategy {
@@ -620,7 +646,7 @@ pub(crate) fn publish(
 }
 
 /// The ids of the responses published within `converse.replay_lookback_ms`.
-pub(crate) async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaError> {
+async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaError> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
         let since = now_ms() - config.converse.replay_lookback_ms as i64;
