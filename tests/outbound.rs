@@ -1191,6 +1191,48 @@ async fn replaying_the_same_filter_three_times_republishes_each_record_once() {
         "a dry run publishes nothing"
     );
 
+    // The ranges: one record by its source position; none before the letters were written.
+    let first = &p.dead_letters()[0];
+    let (source, partition, offset) = (
+        first.headers["gridtalk.dlq.source_topic"].clone(),
+        first.headers["gridtalk.dlq.source_partition"].clone(),
+        first.headers["gridtalk.dlq.source_offset"].clone(),
+    );
+    let one = dlq_replay(
+        &p,
+        &[
+            "--dry-run",
+            "--source-topic",
+            &source,
+            "--source-partition",
+            &partition,
+            "--from-offset",
+            &offset,
+            "--to-offset",
+            &offset,
+        ],
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&one.stdout).contains("would replay 1"),
+        "{}",
+        String::from_utf8_lossy(&one.stdout)
+    );
+    let before = dlq_replay(&p, &["--dry-run", "--until", "2026-01-01T00:00:00Z"]).await;
+    assert!(
+        String::from_utf8_lossy(&before.stdout).contains("would replay 0"),
+        "{}",
+        String::from_utf8_lossy(&before.stdout)
+    );
+    let recent = dlq_replay(&p, &["--dry-run", "--since", "1h"]).await;
+    assert!(
+        String::from_utf8_lossy(&recent.stdout).contains("would replay 3"),
+        "{}",
+        String::from_utf8_lossy(&recent.stdout)
+    );
+    let nonsense = dlq_replay(&p, &["--dry-run", "--since", "yesterday"]).await;
+    assert!(!nonsense.status.success(), "an unreadable time fails");
+
     for run in 1..=3 {
         let output = dlq_replay(&p, &["--reason", "unknown_partner"]).await;
         assert!(

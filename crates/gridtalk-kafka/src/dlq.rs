@@ -179,6 +179,17 @@ pub struct ReplayFilter {
     pub reason: Option<String>,
     /// Only letters that came from this topic.
     pub source_topic: Option<String>,
+    /// Only letters of records from this partition of the source topic.
+    pub source_partition: Option<i32>,
+    /// Only letters of records at or after this offset of the source partition (as the
+    /// `record dead-lettered` log line and the `gridtalk.dlq.source_offset` header show it).
+    pub from_offset: Option<i64>,
+    /// Only letters of records at or before this offset of the source partition.
+    pub to_offset: Option<i64>,
+    /// Only letters written at or after this time (milliseconds since the epoch).
+    pub since_ms: Option<i64>,
+    /// Only letters written at or before this time (milliseconds since the epoch).
+    pub until_ms: Option<i64>,
     /// Publish to this topic instead of each letter's source topic.
     pub to_topic: Option<String>,
     /// Stop after this many replays.
@@ -188,6 +199,28 @@ pub struct ReplayFilter {
     /// Also replay letters of records replayed before, if they failed again after that replay
     /// (after a fix of something a first replay did not cure). Never the same letter twice.
     pub again: bool,
+}
+
+impl ReplayFilter {
+    /// Whether a letter of the record at `partition`/`offset` of its source, written at
+    /// `written_ms`, lies inside the partition, offset and time ranges. A letter that lacks a
+    /// value a range asks about is outside it.
+    pub fn admits_position(
+        &self,
+        partition: Option<i32>,
+        offset: Option<i64>,
+        written_ms: Option<i64>,
+    ) -> bool {
+        let inside = |value: Option<i64>, low: Option<i64>, high: Option<i64>| {
+            if low.is_none() && high.is_none() {
+                return true;
+            }
+            value.is_some_and(|v| low.is_none_or(|l| v >= l) && high.is_none_or(|h| v <= h))
+        };
+        self.source_partition.is_none_or(|p| partition == Some(p))
+            && inside(offset, self.from_offset, self.to_offset)
+            && inside(written_ms, self.since_ms, self.until_ms)
+    }
 }
 
 /// The replay ledger: a compacted topic of one partition whose keys are the letters replayed, by
@@ -384,6 +417,17 @@ pub async fn replay_dead_letters(
         {
             continue;
         }
+        if !filter.admits_position(
+            headers
+                .and_then(|h| header(h, "gridtalk.dlq.source_partition"))
+                .and_then(|p| p.parse().ok()),
+            headers
+                .and_then(|h| header(h, "gridtalk.dlq.source_offset"))
+                .and_then(|o| o.parse().ok()),
+            message.timestamp().to_millis(),
+        ) {
+            continue;
+        }
         if headers.and_then(|h| header(h, "gridtalk.dlq.truncated")) == Some("true") {
             tracing::warn!(
                 offset = message.offset(),
@@ -450,4 +494,50 @@ pub async fn replay_dead_letters(
         progress(&report);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReplayFilter;
+
+    #[test]
+    fn no_range_admits_every_letter_even_without_position_headers() {
+        assert!(ReplayFilter::default().admits_position(None, None, None));
+        assert!(ReplayFilter::default().admits_position(Some(3), Some(17), Some(5)));
+    }
+
+    #[test]
+    fn offset_ranges_are_inclusive_and_need_the_partition() {
+        let filter = ReplayFilter {
+            source_partition: Some(1),
+            from_offset: Some(10),
+            to_offset: Some(20),
+            ..ReplayFilter::default()
+        };
+        assert!(filter.admits_position(Some(1), Some(10), None));
+        assert!(filter.admits_position(Some(1), Some(20), None));
+        assert!(!filter.admits_position(Some(1), Some(9), None));
+        assert!(!filter.admits_position(Some(1), Some(21), None));
+        assert!(!filter.admits_position(Some(0), Some(15), None));
+        assert!(!filter.admits_position(None, Some(15), None));
+        assert!(!filter.admits_position(Some(1), None, None));
+    }
+
+    #[test]
+    fn open_ended_time_ranges() {
+        let since = ReplayFilter {
+            since_ms: Some(1_000),
+            ..ReplayFilter::default()
+        };
+        assert!(since.admits_position(None, None, Some(1_000)));
+        assert!(since.admits_position(None, None, Some(i64::MAX)));
+        assert!(!since.admits_position(None, None, Some(999)));
+        assert!(!since.admits_position(None, None, None));
+        let until = ReplayFilter {
+            until_ms: Some(1_000),
+            ..ReplayFilter::default()
+        };
+        assert!(until.admits_position(None, None, Some(0)));
+        assert!(!until.admits_position(None, None, Some(1_001)));
+    }
 }

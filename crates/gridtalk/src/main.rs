@@ -89,6 +89,24 @@ enum DlqCommand {
         /// Only letters that came from this topic.
         #[arg(long)]
         source_topic: Option<String>,
+        /// Only records from this partition of the source topic.
+        #[arg(long, requires = "source_topic")]
+        source_partition: Option<i32>,
+        /// Only records at or after this offset of the source partition (as logged when the
+        /// record was dead-lettered).
+        #[arg(long, requires = "source_partition")]
+        from_offset: Option<i64>,
+        /// Only records at or before this offset of the source partition.
+        #[arg(long, requires = "source_partition")]
+        to_offset: Option<i64>,
+        /// Only letters written at or after this time: RFC 3339 (2026-12-01T08:00:00Z) or an
+        /// age (90s, 30m, 6h, 2d).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i64>,
+        /// Only letters written at or before this time (same forms as --since).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+        /// Publish to this topic instead of each letter's source topic.
         #[arg(long)]
         to_topic: Option<String>,
         #[arg(long)]
@@ -101,6 +119,31 @@ enum DlqCommand {
         #[arg(long)]
         again: bool,
     },
+}
+
+/// A point in time in milliseconds since the epoch: RFC 3339, or an age such as `30m` (that
+/// long before now).
+fn parse_time(text: &str) -> Result<i64, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(at.timestamp_millis());
+    }
+    let unit_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .filter(|&i| i > 0)
+        .ok_or_else(|| format!("{text:?} is neither RFC 3339 nor an age like 30m"))?;
+    let (amount, unit) = text.split_at(unit_at);
+    let seconds: i64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: an age ends in s, m, h or d")),
+    };
+    let amount: i64 = amount.parse().map_err(|_| format!("{text:?}: too large"))?;
+    let ago_ms = amount
+        .checked_mul(seconds * 1_000)
+        .ok_or_else(|| format!("{text:?}: too large"))?;
+    Ok(chrono::Utc::now().timestamp_millis().saturating_sub(ago_ms))
 }
 
 fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -254,6 +297,11 @@ async fn main() -> anyhow::Result<()> {
                     config,
                     reason,
                     source_topic,
+                    source_partition,
+                    from_offset,
+                    to_offset,
+                    since,
+                    until,
                     to_topic,
                     limit,
                     dry_run,
@@ -288,6 +336,11 @@ async fn main() -> anyhow::Result<()> {
             let filter = gridtalk_kafka::ReplayFilter {
                 reason,
                 source_topic,
+                source_partition,
+                from_offset,
+                to_offset,
+                since_ms: since,
+                until_ms: until,
                 to_topic,
                 limit,
                 dry_run,
@@ -325,7 +378,8 @@ async fn main() -> anyhow::Result<()> {
             );
             if report.already_replayed > 0 {
                 println!(
-                    "skipped {} letters whose records were replayed before (--again replays those                      that failed again since)",
+                    "skipped {} letters whose records were replayed before (--again replays those \
+                     that failed again since)",
                     report.already_replayed
                 );
             }
