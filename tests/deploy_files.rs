@@ -131,3 +131,46 @@ fn every_file_the_compose_stack_and_image_use_exists() {
         );
     }
 }
+
+fn yaml(path: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn the_compose_stack_keeps_kafka_data_on_its_volume_and_suits_both_compose_tools() {
+    let compose = yaml("docker-compose.yml");
+    // Debian's docker-compose (1.29) refuses a top-level `name`; `docker compose` needs none.
+    let top: Vec<&str> = compose
+        .as_mapping()
+        .expect("a mapping")
+        .keys()
+        .filter_map(|k| k.as_str())
+        .collect();
+    for key in &top {
+        assert!(
+            ["services", "secrets", "volumes", "networks", "configs"].contains(key)
+                || key.starts_with("x-"),
+            "top-level key {key:?} is not valid for docker-compose 1.29"
+        );
+    }
+    let kafka = &compose["services"]["kafka"];
+    let log_dirs = kafka["environment"]["KAFKA_LOG_DIRS"]
+        .as_str()
+        .expect("KAFKA_LOG_DIRS is set: the image's default is a directory of the container");
+    let volumes: Vec<&str> = kafka["volumes"]
+        .as_sequence()
+        .expect("kafka mounts a volume")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let data = volumes
+        .iter()
+        .find_map(|v| v.strip_suffix(&format!(":{log_dirs}")))
+        .unwrap_or_else(|| panic!("no volume is mounted at {log_dirs}: {volumes:?}"));
+    assert!(
+        compose["volumes"].get(data).is_some(),
+        "{data} is a named volume of the stack"
+    );
+    // Where the image prepares a directory its user may write (apache/kafka's Dockerfile).
+    assert_eq!(log_dirs, "/var/lib/kafka/data");
+}
