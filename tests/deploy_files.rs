@@ -174,3 +174,157 @@ fn the_compose_stack_keeps_kafka_data_on_its_volume_and_suits_both_compose_tools
     // Where the image prepares a directory its user may write (apache/kafka's Dockerfile).
     assert_eq!(log_dirs, "/var/lib/kafka/data");
 }
+
+/// Every document of the YAML files given.
+fn documents(paths: &[&str]) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    paths
+        .iter()
+        .flat_map(|path| {
+            let text = read(path);
+            serde_yaml::Deserializer::from_str(&text)
+                .map(|d| {
+                    serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_base_is_hardened_least_privileged_and_keda_is_optional() {
+    let base = documents(&[
+        "deploy/kubernetes/route.yaml",
+        "deploy/kubernetes/send.yaml",
+        "deploy/kubernetes/ingest.yaml",
+        "deploy/kubernetes/converse.yaml",
+        "deploy/kubernetes/networkpolicy.yaml",
+        "deploy/kubernetes/pdb.yaml",
+        "deploy/kubernetes/serviceaccount.yaml",
+    ]);
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    assert!(
+        kustomization["resources"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .all(|r| !r.as_str().unwrap_or("").contains("keda")),
+        "the base applies without KEDA"
+    );
+    // Which secrets each stage may read.
+    let allowed = [
+        ("route", vec!["gridtalk-buttons"]),
+        ("send", vec!["gridtalk-whatsapp-token"]),
+        ("ingest", vec!["gridtalk-webhook"]),
+        ("converse", vec!["gridtalk-buttons"]),
+    ];
+    let deployments: Vec<&serde_yaml::Value> =
+        base.iter().filter(|d| d["kind"] == "Deployment").collect();
+    assert_eq!(deployments.len(), 4);
+    for deployment in deployments {
+        let stage = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+            .as_str()
+            .expect("component label");
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "gridtalk", "{stage}");
+        assert_eq!(pod["automountServiceAccountToken"], false, "{stage}");
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{stage}");
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+            "{stage}"
+        );
+        let container = &pod["containers"][0];
+        let security = &container["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{stage}");
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{stage}");
+        assert_eq!(security["capabilities"]["drop"][0], "ALL", "{stage}");
+        assert!(
+            container["resources"]["requests"]["memory"].is_string()
+                && container["resources"]["limits"]["memory"].is_string(),
+            "{stage}: requests and limits"
+        );
+        // The secrets it mounts or reads from its environment are its own.
+        let (_, own) = allowed
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .expect("known stage");
+        let mounted: Vec<&str> = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["secret"]["secretName"].as_str())
+            .collect();
+        let from_env: Vec<&str> = container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["valueFrom"]["secretKeyRef"]["name"].as_str())
+            .collect();
+        assert!(!mounted.is_empty(), "{stage} mounts its secret");
+        for secret in mounted.iter().chain(&from_env) {
+            assert!(own.contains(secret), "{stage} reads {secret}, not its own");
+        }
+        // The bootstrap is one setting, which the KEDA scaler reads too.
+        assert!(
+            container["env"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "GRIDTALK__KAFKA__BOOTSTRAP_SERVERS"
+                    && e["valueFrom"]["configMapKeyRef"]["name"] == "gridtalk-kafka"),
+            "{stage}"
+        );
+        if stage == "route" {
+            assert!(
+                deployment["spec"].get("replicas").is_none(),
+                "the autoscaler owns the route stage's replicas"
+            );
+        }
+        if stage == "send" {
+            assert!(
+                deployment["spec"]["replicas"].as_u64() >= Some(2),
+                "a node drain leaves a send replica"
+            );
+        }
+    }
+    let send_budget = base
+        .iter()
+        .find(|d| d["kind"] == "PodDisruptionBudget" && d["metadata"]["name"] == "gridtalk-send")
+        .expect("a budget for send");
+    assert_eq!(send_budget["spec"]["minAvailable"], 1);
+    let policies: Vec<&serde_yaml::Value> = base
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    let all = policies
+        .iter()
+        .find(|p| {
+            p["spec"]["podSelector"]["matchLabels"]
+                .as_mapping()
+                .map(|m| m.len())
+                == Some(1)
+        })
+        .expect("a policy over every gridtalk pod");
+    assert_eq!(all["spec"]["policyTypes"][0], "Ingress");
+    assert_eq!(all["spec"]["policyTypes"][1], "Egress");
+    assert_eq!(all["spec"]["ingress"][0]["ports"][0]["port"], "admin");
+
+    // KEDA: the scaler authenticates and reads the bootstrap from the route container.
+    let keda = documents(&["deploy/components/keda/scaledobject.yaml"]);
+    let scaled = keda.iter().find(|d| d["kind"] == "ScaledObject").unwrap();
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(
+        trigger["metadata"]["bootstrapServersFromEnv"],
+        "GRIDTALK__KAFKA__BOOTSTRAP_SERVERS"
+    );
+    assert!(trigger["metadata"].get("bootstrapServers").is_none());
+    let auth = trigger["authenticationRef"]["name"].as_str().unwrap();
+    assert!(keda
+        .iter()
+        .any(|d| d["kind"] == "TriggerAuthentication" && d["metadata"]["name"] == auth));
+    let production = yaml("deploy/overlays/production/kustomization.yaml");
+    assert_eq!(
+        production["components"].as_sequence().map(Vec::len),
+        Some(2)
+    );
+}
