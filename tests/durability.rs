@@ -692,3 +692,79 @@ async fn a_converse_restart_replaying_every_webhook_answers_nothing_twice() {
         .count();
     assert_eq!(confirmations, 1, "one confirmation");
 }
+
+/// `/readyz` of a `gridtalk run` started with `env` (its admin port is `admin`), polled for
+/// `window`: every answer must be 503 (not ready), and the last one is returned.
+async fn never_ready_for(admin: u16, window: Duration) -> String {
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let mut answers = 0;
+    let mut last = String::new();
+    while started.elapsed() < window {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+        {
+            let status = r.status().as_u16();
+            last = r.text().await.unwrap_or_default();
+            assert_eq!(status, 503, "ready against an unusable cluster: {last}");
+            answers += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(answers >= 10, "the admin endpoint answered {answers} times");
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_an_unreachable_cluster_gridtalk_is_never_ready_says_why_and_stops_at_once() {
+    let mut setup = fast_external_setup(100);
+    setup.ingest = true;
+    let p = Pipeline::start(setup).await;
+    // Nothing listens on this port: a wrong bootstrap address. Once with gridtalk creating its
+    // topics (it waits for Kafka before any stage starts), once without (the stages start and
+    // wait for their group).
+    let dead = gridtalk_embedded::free_port().expect("port");
+    for create in ["true", "false"] {
+        let admin = gridtalk_embedded::free_port().expect("port");
+        let webhook = gridtalk_embedded::free_port().expect("port");
+        let name = format!("unreachable-create-{create}");
+        let mut gridtalk = p.spawn_gridtalk_with(
+            &name,
+            "route,send,ingest,converse",
+            &[
+                (
+                    "GRIDTALK__KAFKA__BOOTSTRAP_SERVERS",
+                    format!("127.0.0.1:{dead}"),
+                ),
+                ("GRIDTALK__TOPICS__CREATE", create.into()),
+                ("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{admin}")),
+                ("GRIDTALK__INGEST__LISTEN", format!("127.0.0.1:{webhook}")),
+            ],
+        );
+        let pending = never_ready_for(admin, Duration::from_secs(7)).await;
+        for stage in ["route", "send", "ingest", "converse", "decide"] {
+            assert!(pending.contains(stage), "{stage} not ready: {pending}");
+        }
+        let log = p.process_log(&name);
+        assert!(
+            log.contains("still waiting for Kafka"),
+            "the log says why:\n{log}"
+        );
+        // librdkafka repeats a connection failure on every attempt; the log keeps one of each.
+        let refused = log.matches("Connection refused").count();
+        assert!(refused <= 40, "{refused} connection-refused lines:\n{log}");
+        let asked = std::time::Instant::now();
+        let status = terminate(&mut gridtalk);
+        let took = asked.elapsed();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "clean stop:\n{}",
+            p.process_log(&name)
+        );
+        // Generous for two busy cores; without the fix it took the 30 s metadata timeout.
+        assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    }
+}

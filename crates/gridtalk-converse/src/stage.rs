@@ -90,9 +90,16 @@ pub async fn run(
     let conversations = Conversations::new(settings(&config)?);
     {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || check_co_partitioned(&config))
-            .await
-            .map_err(|e| ConverseError::Config(e.to_string()))??;
+        match gridtalk_kafka::unless_stopped(
+            &shutdown,
+            "the partitions of the sent log and the webhook topic",
+            move || check_co_partitioned(&config),
+        )
+        .await
+        {
+            None => return Ok(()),
+            Some(checked) => checked?,
+        }
     }
     let directory = gridtalk_directory::open(&config, &shutdown)
         .await

@@ -96,7 +96,7 @@ struct ProducerHealth {
 impl ProducerHealth {
     fn published(&self) {
         if self.failing_since.lock().expect("health").take().is_some() {
-            tracing::warn!("webhook items are published again; ready");
+            tracing::info!("the webhook producer reaches the broker; ready");
             self.ready.store(true, Ordering::Release);
         }
     }
@@ -129,27 +129,38 @@ impl ProducerHealth {
 /// replica taken out of service by its readiness comes back without needing a webhook first.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The stage starts out failing, so the first probe (at once) is what makes it ready: not before
+/// its producer has reached the broker.
 async fn probe_while_failing(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut told = false;
     loop {
+        if shared.health.is_failing() {
+            let probe = shared.clone();
+            let reachable = tokio::task::spawn_blocking(move || {
+                probe
+                    .producer
+                    .client()
+                    .fetch_metadata(Some(&probe.topic), probe.timeout)
+                    .is_ok()
+            });
+            // A probe against an unreachable broker takes the request timeout; stopping does not
+            // wait for it.
+            let reachable = tokio::select! {
+                _ = stop.cancelled() => return,
+                reachable = reachable => reachable.unwrap_or(false),
+            };
+            if reachable && shared.producer.client().fatal_error().is_none() {
+                shared.health.published();
+                told = false;
+            } else if !told {
+                // Once per failing period; the probe goes on every PROBE_INTERVAL.
+                tracing::warn!(topic = %shared.topic, "the webhook producer cannot reach Kafka; not ready");
+                told = true;
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-        }
-        if !shared.health.is_failing() {
-            continue;
-        }
-        let probe = shared.clone();
-        let reachable = tokio::task::spawn_blocking(move || {
-            probe
-                .producer
-                .client()
-                .fetch_metadata(Some(&probe.topic), probe.timeout)
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        if reachable && shared.producer.client().fatal_error().is_none() {
-            shared.health.published();
         }
     }
 }
@@ -414,7 +425,8 @@ pub async fn run(
         body_read_timeout: Duration::from_millis(config.ingest.body_read_timeout_ms),
         health: ProducerHealth {
             ready: ready.clone(),
-            failing_since: Mutex::new(None),
+            // Not ready until the producer has reached the broker (the first probe).
+            failing_since: Mutex::new(Some(Instant::now())),
             fatal: CancellationToken::new(),
             fatal_reason: Mutex::new(None),
         },
@@ -430,7 +442,6 @@ pub async fn run(
         header_read_timeout: Duration::from_millis(config.ingest.header_read_timeout_ms),
         max_connections: config.ingest.max_connections,
     };
-    ready.store(true, Ordering::Release);
     tracing::info!(listen = %addr, path = %config.ingest.path, topic = %config.topics.webhook, "ingest stage listening");
     let fatal = shared.health.fatal.clone();
     let stop = CancellationToken::new();

@@ -96,5 +96,32 @@ pub fn tail_consumer(config: &KafkaConfig) -> Result<rdkafka::consumer::BaseCons
         .create()?)
 }
 
+/// Runs a blocking Kafka call (metadata, admin) off the async workers. `None` when `shutdown`
+/// comes first: a stage starting against an unreachable cluster stops at once rather than after
+/// the call's timeout (the call finishes, unobserved, on its blocking thread).
+/// A call that takes longer than a few seconds (the cluster does not answer) is logged once,
+/// with `what` it is for.
+pub async fn unless_stopped<T: Send + 'static>(
+    shutdown: &tokio_util::sync::CancellationToken,
+    what: &'static str,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let call = tokio::task::spawn_blocking(call);
+    tokio::pin!(call);
+    let slow = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(slow);
+    let mut told = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            done = &mut call => return Some(done.expect("a blocking Kafka call panicked")),
+            _ = &mut slow, if !told => {
+                told = true;
+                tracing::warn!("still waiting for Kafka ({what}); not ready");
+            }
+        }
+    }
+}
+
 /// Timeout for metadata and admin calls.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);

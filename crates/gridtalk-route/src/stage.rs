@@ -66,7 +66,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RouteError> {
     let ready = readiness.register(STAGE);
-    let missing = gridtalk_kafka::missing_topics(&config.kafka, &config.topics.inputs)?;
+    let missing = {
+        let (kafka, inputs) = (config.kafka.clone(), config.topics.inputs.clone());
+        match gridtalk_kafka::unless_stopped(&shutdown, "the input topics", move || {
+            gridtalk_kafka::missing_topics(&kafka, &inputs)
+        })
+        .await
+        {
+            None => return Ok(()),
+            Some(missing) => missing?,
+        }
+    };
     if !missing.is_empty() {
         return Err(KafkaError::MissingTopics(missing.join(", ")).into());
     }

@@ -34,9 +34,16 @@ pub async fn run(
     let token = config.read_access_token().map_err(SendError::Config)?;
     {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || check_index_partitions(&config))
-            .await
-            .map_err(|e| SendError::Config(e.to_string()))??;
+        match gridtalk_kafka::unless_stopped(
+            &shutdown,
+            "the partitions of the outbox and the sent index",
+            move || check_index_partitions(&config),
+        )
+        .await
+        {
+            None => return Ok(()),
+            Some(checked) => checked?,
+        }
     }
     let driver = Driver::new(
         &config.kafka,

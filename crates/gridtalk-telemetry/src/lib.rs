@@ -261,28 +261,35 @@ impl Metrics {
 /// Named readiness flags, one per stage.
 type Checks = Vec<(String, Arc<AtomicBool>)>;
 
-/// Readiness of the process: ready once every stage that runs has its assignment and state.
+/// Readiness of the process: ready once every stage that runs has joined its group, reached the
+/// broker and restored its state. Nothing registered yet is not ready ("startup"): a process
+/// still waiting for Kafka before its stages start must not look healthy.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     checks: Arc<std::sync::Mutex<Checks>>,
 }
 
 impl Readiness {
-    /// Registers a named check, initially not ready. Set it with the returned flag.
+    /// Registers a named check, initially not ready, and returns its flag. Registering a name
+    /// again returns the same flag, so a check can be announced (pending) before the part that
+    /// sets it has started.
     pub fn register(&self, name: &str) -> Arc<AtomicBool> {
+        let mut checks = self.checks.lock().expect("readiness");
+        if let Some((_, flag)) = checks.iter().find(|(n, _)| n == name) {
+            return flag.clone();
+        }
         let flag = Arc::new(AtomicBool::new(false));
-        self.checks
-            .lock()
-            .expect("readiness")
-            .push((name.to_string(), flag.clone()));
+        checks.push((name.to_string(), flag.clone()));
         flag
     }
 
-    /// Names of checks that are not ready.
+    /// Names of checks that are not ready (`startup` while nothing is registered).
     pub fn pending(&self) -> Vec<String> {
-        self.checks
-            .lock()
-            .expect("readiness")
+        let checks = self.checks.lock().expect("readiness");
+        if checks.is_empty() {
+            return vec!["startup".into()];
+        }
+        checks
             .iter()
             .filter(|(_, f)| !f.load(Ordering::Acquire))
             .map(|(n, _)| n.clone())
@@ -331,12 +338,104 @@ pub fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,rdkafka=warn,tansu=warn,tansu_broker=warn,tansu_storage=warn")
     });
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = if format == "json" {
-        builder.json().flatten_event(true).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(RepeatLimit::default())
+            .try_init()
     } else {
-        builder.with_target(false).try_init()
+        builder
+            .with_target(false)
+            .finish()
+            .with(RepeatLimit::default())
+            .try_init()
     };
+}
+
+/// Rate limit for repeated warnings and errors: while a broker is down, librdkafka reports the
+/// same failure on every reconnect attempt (hundreds of lines a second across a process's
+/// clients). A WARN or ERROR line whose call site and message start match one written in the
+/// last [`RepeatLimit::INTERVAL`] is left out; the first is always written, so every distinct
+/// problem is seen at once. INFO and DEBUG lines are never limited.
+#[derive(Debug, Default)]
+pub struct RepeatLimit {
+    written: std::sync::Mutex<
+        std::collections::HashMap<(tracing::callsite::Identifier, String), std::time::Instant>,
+    >,
+}
+
+impl RepeatLimit {
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+    /// How much of the message identifies a repeat (the rest is often a changing count).
+    const PREFIX: usize = 48;
+    /// Distinct lines remembered; past it the memory starts over.
+    const CAPACITY: usize = 1024;
+
+    /// Whether a line with this call site and message is written at `now`.
+    fn admit(
+        &self,
+        site: tracing::callsite::Identifier,
+        message: &str,
+        now: std::time::Instant,
+    ) -> bool {
+        let prefix: String = message.chars().take(Self::PREFIX).collect();
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if written.len() >= Self::CAPACITY {
+            written.clear();
+        }
+        match written.get_mut(&(site.clone(), prefix.clone())) {
+            Some(at) if now.duration_since(*at) < Self::INTERVAL => false,
+            Some(at) => {
+                *at = now;
+                true
+            }
+            None => {
+                written.insert((site, prefix), now);
+                true
+            }
+        }
+    }
+}
+
+/// The `message` field of an event, as written.
+#[derive(Default)]
+struct MessageText(String);
+
+impl tracing::field::Visit for MessageText {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = value.to_string();
+        }
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RepeatLimit {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if *event.metadata().level() > tracing::Level::WARN {
+            return true;
+        }
+        let mut message = MessageText::default();
+        event.record(&mut message);
+        self.admit(
+            event.metadata().callsite(),
+            &message.0,
+            std::time::Instant::now(),
+        )
+    }
 }
 
 /// Masks a phone number for logs: keeps the country-code side and the last two digits.
@@ -353,6 +452,40 @@ pub fn mask_phone(phone: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_is_pending_until_every_announced_check_is_set() {
+        let readiness = Readiness::default();
+        assert_eq!(readiness.pending(), ["startup"]);
+        let announced = readiness.register("route");
+        let registered = readiness.register("route");
+        assert!(Arc::ptr_eq(&announced, &registered));
+        readiness.register("kafka");
+        assert_eq!(readiness.pending(), ["route", "kafka"]);
+        announced.store(true, Ordering::Release);
+        assert_eq!(readiness.pending(), ["kafka"]);
+    }
+
+    #[test]
+    fn a_repeated_warning_is_written_once_per_interval() {
+        struct Site;
+        static SITE: Site = Site;
+        impl tracing::callsite::Callsite for Site {
+            fn set_interest(&self, _: tracing::subscriber::Interest) {}
+            fn metadata(&self) -> &tracing::Metadata<'_> {
+                unimplemented!()
+            }
+        }
+        let limit = RepeatLimit::default();
+        let site = || tracing::callsite::Identifier(&SITE);
+        let t0 = std::time::Instant::now();
+        let later = |s| t0 + std::time::Duration::from_secs(s);
+        let down = "Global error: AllBrokersDown (Local: All broker connections are down): 1/1";
+        assert!(limit.admit(site(), down, t0));
+        assert!(!limit.admit(site(), &down.replace("1/1", "0/1"), later(1)));
+        assert!(limit.admit(site(), "Global error: Authentication failed", later(1)));
+        assert!(limit.admit(site(), down, later(61)));
+    }
 
     #[test]
     fn phones_are_masked() {

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use gridtalk_config::Config;
 use gridtalk_kafka::TopicSpec;
@@ -23,6 +24,18 @@ pub enum Stage {
     Ingest,
     /// Replies and statuses joined with the sent log, published on the response topic.
     Converse,
+}
+
+impl Stage {
+    /// The readiness checks the stage registers (its drivers' names).
+    pub fn readiness_checks(self) -> &'static [&'static str] {
+        match self {
+            Stage::Route => &["route"],
+            Stage::Send => &["send"],
+            Stage::Ingest => &["ingest"],
+            Stage::Converse => &["converse", "decide"],
+        }
+    }
 }
 
 impl FromStr for Stage {
@@ -94,8 +107,37 @@ pub async fn run_stages(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Announced before anything waits for Kafka: until every stage has set its own check the
+    // process is not ready, however long the broker takes to answer.
+    for stage in stages {
+        for check in stage.readiness_checks() {
+            readiness.register(check);
+        }
+    }
     if config.topics.create {
-        gridtalk_kafka::ensure_topics(&config.kafka, &internal_topics(&config)).await?;
+        let created = readiness.register("kafka topics");
+        let specs = internal_topics(&config);
+        let ensure = gridtalk_kafka::ensure_topics(&config.kafka, &specs);
+        tokio::pin!(ensure);
+        let mut reminder = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(30),
+        );
+        loop {
+            tokio::select! {
+                // Stopping while Kafka is unreachable is a clean stop: nothing has started.
+                _ = shutdown.cancelled() => return Ok(()),
+                ensured = &mut ensure => {
+                    ensured?;
+                    break;
+                }
+                _ = reminder.tick() => tracing::warn!(
+                    bootstrap = %config.kafka.bootstrap_servers,
+                    "still waiting for Kafka to create the internal topics; not ready"
+                ),
+            }
+        }
+        created.store(true, std::sync::atomic::Ordering::Release);
     }
     let mut tasks = tokio::task::JoinSet::new();
     for stage in stages {

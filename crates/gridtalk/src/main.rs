@@ -173,9 +173,34 @@ fn handle_signals(token: CancellationToken) {
     });
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Errors end the process with a message and exit code 1, never a backtrace: they are an
+/// operator's to read (a wrong setting, an unreachable cluster), not a developer's.
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(Cli::parse()));
+    // A blocking Kafka call against an unreachable cluster (a metadata fetch at start-up) may
+    // still be waiting out its timeout; its answer is no longer wanted, so the process does not
+    // wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, stages } => {
             let config = Arc::new(load(config.as_ref())?);

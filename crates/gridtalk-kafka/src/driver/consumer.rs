@@ -38,13 +38,16 @@ pub(crate) enum Event {
     Fatal(String),
 }
 
-/// The stage's readiness, from what the driver knows: it is running (not stopping or failed),
-/// no restore is under way, and at least one broker is reachable (per librdkafka's statistics and
-/// its all-brokers-down error). Back-pressure alone never makes a stage unready.
+/// The stage's readiness, from what the driver knows: it is running (not stopping or failed), it
+/// has joined its group (an assignment came, even an empty one: a wrong bootstrap address or
+/// refused credentials never get that far), no restore is under way, and at least one broker is
+/// reachable (per librdkafka's statistics and its all-brokers-down error). Back-pressure alone
+/// never makes a stage unready.
 #[derive(Debug)]
 pub(crate) struct Health {
     ready: Arc<AtomicBool>,
     running: AtomicBool,
+    joined: AtomicBool,
     restoring: AtomicBool,
     brokers_up: AtomicBool,
 }
@@ -54,6 +57,7 @@ impl Health {
         Health {
             ready,
             running: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
             restoring: AtomicBool::new(false),
             brokers_up: AtomicBool::new(true),
         }
@@ -61,6 +65,13 @@ impl Health {
 
     pub(crate) fn set_running(&self, running: bool) {
         self.running.store(running, Ordering::Release);
+        self.refresh();
+    }
+
+    fn set_joined(&self, stage: &'static str) {
+        if !self.joined.swap(true, Ordering::AcqRel) {
+            tracing::info!(stage, "joined the consumer group");
+        }
         self.refresh();
     }
 
@@ -82,6 +93,7 @@ impl Health {
 
     fn refresh(&self) {
         let ready = self.running.load(Ordering::Acquire)
+            && self.joined.load(Ordering::Acquire)
             && !self.restoring.load(Ordering::Acquire)
             && self.brokers_up.load(Ordering::Acquire);
         self.ready.store(ready, Ordering::Release);
@@ -130,7 +142,9 @@ impl ClientContext for DriverContext {
         ) {
             self.health.set_brokers_up(self.stage, false);
         }
-        tracing::warn!(stage = self.stage, error = %error, reason, "Kafka client error");
+        // The error is part of the message so that the log's repeat limit (one line per
+        // distinct message a minute) keeps distinct errors apart.
+        tracing::warn!(stage = self.stage, reason, "Kafka client error: {error}");
     }
 }
 
@@ -184,6 +198,7 @@ impl ConsumerContext for DriverContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            self.health.set_joined(self.stage);
             let assigned = partitions(tpl);
             if assigned.is_empty() {
                 return;
