@@ -2,6 +2,7 @@
 //! survives in its changelog, and what a crash replays is not sent again.
 
 mod support;
+mod third_party;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -743,13 +744,15 @@ async fn against_an_unreachable_cluster_gridtalk_is_never_ready_says_why_and_sto
                 ("GRIDTALK__INGEST__LISTEN", format!("127.0.0.1:{webhook}")),
             ],
         );
-        let pending = never_ready_for(admin, Duration::from_secs(7)).await;
+        let pending = never_ready_for(admin, Duration::from_secs(10)).await;
         for stage in ["route", "send", "ingest", "converse", "decide"] {
             assert!(pending.contains(stage), "{stage} not ready: {pending}");
         }
         let log = p.process_log(&name);
         assert!(
-            log.contains("still waiting for Kafka"),
+            log.contains("still waiting for Kafka")
+                && log.contains("not ready: ")
+                && log.contains("Connection refused"),
             "the log says why:\n{log}"
         );
         // librdkafka repeats a connection failure on every attempt; the log keeps one of each.
@@ -767,4 +770,86 @@ async fn against_an_unreachable_cluster_gridtalk_is_never_ready_says_why_and_sto
         // Generous for two busy cores; without the fix it took the 30 s metadata timeout.
         assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_sasl_gridtalk_is_ready_with_accepted_credentials_and_never_with_refused_ones() {
+    let mut setup = fast_external_setup(100);
+    setup.ingest = true;
+    let p = Pipeline::start(setup).await;
+    // A broker that requires SASL, with a SCRAM user created by a third-party admin client
+    // (confluent-kafka, logging in with PLAIN).
+    let port = gridtalk_embedded::free_port().expect("port");
+    let mut broker =
+        spawn_broker_with(&p.dir, port, &["--sasl", "--storage", "sqlite://broker.db"]);
+    let bootstrap = format!("127.0.0.1:{port}");
+    // The input topics are the upstream's; gridtalk creates only its own.
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        bootstrap.as_ref(),
+        "gridtalk".as_ref(),
+        "the-right-password".as_ref(),
+    ];
+    args.extend(p.config.topics.inputs.iter().map(std::ffi::OsStr::new));
+    let created = third_party::run("kafka_scram_user.py", &args);
+    assert!(created.contains("gridtalk"), "{created}");
+    let start = |name: &str, password: &str| {
+        let admin = gridtalk_embedded::free_port().expect("port");
+        let webhook = gridtalk_embedded::free_port().expect("port");
+        let env = [
+            ("GRIDTALK__KAFKA__BOOTSTRAP_SERVERS", bootstrap.clone()),
+            (
+                "GRIDTALK__KAFKA__CLIENT__SECURITY.PROTOCOL",
+                "SASL_PLAINTEXT".into(),
+            ),
+            (
+                "GRIDTALK__KAFKA__CLIENT__SASL.MECHANISM",
+                "SCRAM-SHA-256".into(),
+            ),
+            ("GRIDTALK__KAFKA__CLIENT__SASL.USERNAME", "gridtalk".into()),
+            ("GRIDTALK__KAFKA__CLIENT__SASL.PASSWORD", password.into()),
+            ("GRIDTALK__TOPICS__CREATE", "true".into()),
+            ("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{admin}")),
+            ("GRIDTALK__INGEST__LISTEN", format!("127.0.0.1:{webhook}")),
+        ];
+        let child = p.spawn_gridtalk_with(name, "route,send,ingest,converse", &env);
+        (child, admin)
+    };
+
+    let (mut refused, admin) = start("sasl-refused", "not-the-password");
+    never_ready_for(admin, Duration::from_secs(10)).await;
+    let log = p.process_log("sasl-refused");
+    assert!(
+        log.contains("not ready: ") && log.contains("SASL authentication error"),
+        "the log says the credentials were refused:\n{log}"
+    );
+    assert!(
+        !log.contains("not-the-password"),
+        "the password is never logged:\n{log}"
+    );
+    let asked = std::time::Instant::now();
+    let status = terminate(&mut refused);
+    assert_eq!(status.code(), Some(0), "clean stop:\n{log}");
+    assert!(asked.elapsed() < Duration::from_secs(5));
+
+    let (mut accepted, admin) = start("sasl-accepted", "the-right-password");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let answer = http
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await;
+        if answer.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready over SASL/SCRAM:\n{}",
+            p.process_log("sasl-accepted")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(terminate(&mut accepted).code(), Some(0));
+    broker.kill().ok();
+    broker.wait().ok();
 }

@@ -192,19 +192,20 @@ pub fn broker() -> &'static str {
 /// `dir/broker.db` (SQLite), and returns once it accepts connections. Killed and started again on
 /// the same port and directory, it comes back with its topics, records, groups and offsets.
 pub fn spawn_broker(dir: &std::path::Path, port: u16) -> std::process::Child {
+    spawn_broker_with(dir, port, &["--storage", "sqlite://broker.db"])
+}
+
+/// Starts `gridtalk broker --port port` with further `args` (e.g. `--sasl`) in `dir`, logging
+/// to `dir/broker.log`, and returns once it accepts connections.
+pub fn spawn_broker_with(dir: &std::path::Path, port: u16, args: &[&str]) -> std::process::Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("broker.log"))
         .expect("broker log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
-        .args([
-            "broker",
-            "--port",
-            &port.to_string(),
-            "--storage",
-            "sqlite://broker.db",
-        ])
+        .args(["broker", "--port", &port.to_string()])
+        .args(args)
         .current_dir(dir)
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone().expect("broker log"))

@@ -89,9 +89,10 @@ pub async fn run(
     let ready = readiness.register(STAGE);
     let conversations = Conversations::new(settings(&config)?);
     {
-        let config = config.clone();
+        let (config, kafka) = (config.clone(), config.kafka.clone());
         match gridtalk_kafka::unless_stopped(
             &shutdown,
+            &kafka,
             "the partitions of the sent log and the webhook topic",
             move || check_co_partitioned(&config),
         )

@@ -25,7 +25,7 @@ pub const MEMORY_STORAGE: &str = "memory://tansu/";
 /// Starts a tansu broker with memory storage on `127.0.0.1:port` and returns its bootstrap address
 /// once it accepts connections.
 pub async fn start_broker(port: u16) -> anyhow::Result<String> {
-    start_broker_with_storage(port, MEMORY_STORAGE).await
+    start_broker_with_storage(port, MEMORY_STORAGE, false).await
 }
 
 /// Starts a tansu broker on `127.0.0.1:port` with `storage`: [`MEMORY_STORAGE`], or
@@ -35,7 +35,16 @@ pub async fn start_broker(port: u16) -> anyhow::Result<String> {
 /// The broker runs on its own thread with its own Tokio runtime, so that clients which block a
 /// worker thread of the caller's runtime (librdkafka's synchronous commit on close, for example)
 /// can never starve the broker they are waiting for. The broker lives until the process exits.
-pub async fn start_broker_with_storage(port: u16, storage: &str) -> anyhow::Result<String> {
+///
+/// With `sasl`, every client must authenticate (SASL_PLAINTEXT): PLAIN accepts any password for
+/// any user, SCRAM-SHA-256/512 checks against the credentials stored with
+/// AlterUserScramCredentials. Memory storage keeps no SCRAM credentials, so there every SCRAM
+/// login is refused, as a real cluster refuses an unknown user or a wrong password.
+pub async fn start_broker_with_storage(
+    port: u16,
+    storage: &str,
+    sasl: bool,
+) -> anyhow::Result<String> {
     let storage = url::Url::parse(storage)?;
     let address = format!("127.0.0.1:{port}");
     let url = url::Url::parse(&format!("tcp://{address}"))?;
@@ -62,6 +71,7 @@ pub async fn start_broker_with_storage(port: u16, storage: &str) -> anyhow::Resu
                     .advertised_listener(url.clone())
                     .listener(url)
                     .storage(storage)
+                    .authentication(sasl)
                     .silent(true)
                     .build()
                     .await;

@@ -13,6 +13,7 @@
 //!   [`dead_letter`] returns only once the broker has acknowledged it.
 
 pub mod changelog;
+mod diagnose;
 mod dlq;
 pub mod driver;
 mod ends;
@@ -25,6 +26,7 @@ use gridtalk_config::KafkaConfig;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
+pub use diagnose::{probe, why_unreachable};
 pub use dlq::{
     dead_letter, list_dead_letters, replay_dead_letters, LetterGroup, ReplayFilter, ReplayLedger,
     ReplayReport, DLQ_HEADER_PREFIX,
@@ -100,9 +102,10 @@ pub fn tail_consumer(config: &KafkaConfig) -> Result<rdkafka::consumer::BaseCons
 /// comes first: a stage starting against an unreachable cluster stops at once rather than after
 /// the call's timeout (the call finishes, unobserved, on its blocking thread).
 /// A call that takes longer than a few seconds (the cluster does not answer) is logged once,
-/// with `what` it is for.
+/// with `what` it is for and why the cluster does not answer ([`why_unreachable`]).
 pub async fn unless_stopped<T: Send + 'static>(
     shutdown: &tokio_util::sync::CancellationToken,
+    kafka: &KafkaConfig,
     what: &'static str,
     call: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
@@ -117,7 +120,15 @@ pub async fn unless_stopped<T: Send + 'static>(
             done = &mut call => return Some(done.expect("a blocking Kafka call panicked")),
             _ = &mut slow, if !told => {
                 told = true;
-                tracing::warn!("still waiting for Kafka ({what}); not ready");
+                let reason = tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    reason = why_unreachable(kafka) => reason,
+                };
+                let reason = reason.unwrap_or_else(|| "the cluster answers, slowly".into());
+                tracing::warn!(
+                    bootstrap = %kafka.bootstrap_servers,
+                    "still waiting for Kafka ({what}); not ready: {reason}"
+                );
             }
         }
     }

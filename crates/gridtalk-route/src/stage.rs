@@ -68,7 +68,8 @@ pub async fn run(
     let ready = readiness.register(STAGE);
     let missing = {
         let (kafka, inputs) = (config.kafka.clone(), config.topics.inputs.clone());
-        match gridtalk_kafka::unless_stopped(&shutdown, "the input topics", move || {
+        let probe = kafka.clone();
+        match gridtalk_kafka::unless_stopped(&shutdown, &probe, "the input topics", move || {
             gridtalk_kafka::missing_topics(&kafka, &inputs)
         })
         .await

@@ -33,9 +33,10 @@ pub async fn run(
     let ready = readiness.register(STAGE);
     let token = config.read_access_token().map_err(SendError::Config)?;
     {
-        let config = config.clone();
+        let (config, kafka) = (config.clone(), config.kafka.clone());
         match gridtalk_kafka::unless_stopped(
             &shutdown,
+            &kafka,
             "the partitions of the outbox and the sent index",
             move || check_index_partitions(&config),
         )

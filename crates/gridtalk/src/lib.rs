@@ -131,10 +131,17 @@ pub async fn run_stages(
                     ensured?;
                     break;
                 }
-                _ = reminder.tick() => tracing::warn!(
-                    bootstrap = %config.kafka.bootstrap_servers,
-                    "still waiting for Kafka to create the internal topics; not ready"
-                ),
+                _ = reminder.tick() => {
+                    let reason = tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        reason = gridtalk_kafka::why_unreachable(&config.kafka) => reason,
+                    };
+                    let reason = reason.unwrap_or_else(|| "the cluster answers, slowly".into());
+                    tracing::warn!(
+                        bootstrap = %config.kafka.bootstrap_servers,
+                        "still waiting for Kafka to create the internal topics; not ready: {reason}"
+                    );
+                }
             }
         }
         created.store(true, std::sync::atomic::Ordering::Release);

@@ -66,6 +66,10 @@ enum Command {
         port: u16,
         #[arg(long, default_value = gridtalk_embedded::MEMORY_STORAGE)]
         storage: String,
+        /// Require SASL authentication (SASL_PLAINTEXT): PLAIN accepts any password, SCRAM
+        /// checks the stored credentials (none in memory storage, so every SCRAM login fails).
+        #[arg(long)]
+        sasl: bool,
     },
 }
 
@@ -422,10 +426,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "demo")]
         Command::Bench(args) => bench::run(args).await,
         #[cfg(feature = "demo")]
-        Command::Broker { port, storage } => {
+        Command::Broker {
+            port,
+            storage,
+            sasl,
+        } => {
             gridtalk_telemetry::init_logging("text");
-            let bootstrap = gridtalk_embedded::start_broker_with_storage(port, &storage).await?;
-            println!("broker listening on {bootstrap} (storage {storage})");
+            let bootstrap =
+                gridtalk_embedded::start_broker_with_storage(port, &storage, sasl).await?;
+            let security = if sasl { ", SASL required" } else { "" };
+            println!("broker listening on {bootstrap} (storage {storage}{security})");
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
