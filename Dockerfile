@@ -4,6 +4,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-de
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# The repository's history is not copied (.dockerignore): pass the commit for --version and
+# gridtalk_build_info, e.g. --build-arg GRIDTALK_COMMIT=$(git rev-parse --short=12 HEAD).
+ARG GRIDTALK_COMMIT=unknown
 RUN cargo build --release --locked -p gridtalk \
     && cp target/release/gridtalk /usr/local/bin/gridtalk
 

@@ -86,6 +86,34 @@ fn dashboards_and_alerts_query_metrics_that_exist() {
         .filter_map(|t| t["expr"].as_str().map(str::to_string))
         .collect();
     assert!(!expressions.is_empty());
+    // Every series is filtered by the dashboard's namespace and stage variables, and every
+    // panel reads the data source the user picked.
+    for expr in &expressions {
+        for occurrence in expr.split("gridtalk_").skip(1) {
+            let after = occurrence.trim_start_matches(|c: char| c.is_ascii_lowercase() || c == '_');
+            assert!(
+                after.starts_with("{namespace=~\"$namespace\", component=~\"$stage\""),
+                "gridtalk_{occurrence} in {expr} is not filtered by $namespace and $stage"
+            );
+        }
+    }
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("dashboard variables")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(variables, ["datasource", "namespace", "stage"]);
+    let text = read("deploy/grafana/dashboards/gridtalk.json");
+    assert!(
+        !text.contains("\"uid\": \"prometheus\""),
+        "a hard-coded data source uid"
+    );
+    let monitor = read("deploy/components/servicemonitor/servicemonitor.yaml");
+    assert!(
+        monitor.contains("targetLabel: component"),
+        "the stage label"
+    );
     let alerts = read("deploy/prometheus/alerts.yml");
     for name in expressions
         .iter()
@@ -327,4 +355,211 @@ fn the_kubernetes_base_is_hardened_least_privileged_and_keda_is_optional() {
         production["components"].as_sequence().map(Vec::len),
         Some(2)
     );
+}
+
+/// Runs `gridtalk` with `args` in `dir` with no `GRIDTALK__*` variables; (exit code, stdout,
+/// stderr).
+fn gridtalk(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "1");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("GRIDTALK") {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("gridtalk runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gridtalk-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn gridtalk_check_reports_every_problem_at_once_with_its_key_path_and_never_a_secret() {
+    let dir = scratch("check");
+    std::fs::write(
+        dir.join("directory.toml"),
+        r#"
+[[partners]]
+id = "ACME"
+name = "Acme"
+
+[[contacts]]
+id = "c1"
+name = "One"
+phone = "555-CALL-ME"
+partner = "ACME"
+
+[[contacts]]
+id = "c1"
+name = "Two"
+phone = "+14155550102"
+partner = "NOBODY"
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("gridtalk.toml"),
+        r#"
+[kafka]
+bootstrap_servers = "kafka:9092"
+sesion_timeout_ms = 6000
+
+[send]
+phone_number_id = "CHANGE-ME"
+access_token_file = "missing-token"
+pair_burst = "hunter2-secret"
+
+[ingest]
+verify_token = "v"
+app_secret = "a-secret-value"
+
+[route]
+offset_reset = "sometimes"
+
+[directory]
+file = "directory.toml"
+
+[[templates]]
+name = "po_ack_request"
+languages = ["en_US"]
+text = "PO {{1}} needs your acknowledgement."
+document_key = "/payload/po_number"
+body = [{ path = "/payload/po_numbr" }]
+buttons = [{ action = "ACCEPT", title = "Accept" }]
+"#,
+    )
+    .unwrap();
+    // Wrong types and unknown keys first: every one of them in one run, with its path.
+    let (code, _, stderr) = gridtalk(&dir, &["check", "--config", "gridtalk.toml"], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    for expected in ["kafka.sesion_timeout_ms", "send.pair_burst"] {
+        assert!(stderr.contains(expected), "{expected} missing:\n{stderr}");
+    }
+    assert!(!stderr.contains("hunter2"), "a value is echoed:\n{stderr}");
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+
+    // With the types right, everything else, at once.
+    let text = std::fs::read_to_string(dir.join("gridtalk.toml")).unwrap();
+    let text = text
+        .replace("sesion_timeout_ms = 6000\n", "")
+        .replace("pair_burst = \"hunter2-secret\"", "pair_burst = 0");
+    std::fs::write(dir.join("gridtalk.toml"), text).unwrap();
+    let (code, _, stderr) = gridtalk(&dir, &["check", "--config", "gridtalk.toml"], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let problems: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  - ")).collect();
+    for expected in [
+        "send.pair_burst",
+        "route.offset_reset",
+        "send.phone_number_id",
+        "send.access_token_file",
+        "route.button_secret",
+        "templates.po_ack_request.body[0].path",
+        "contacts[0] (c1).phone",
+        "contacts[1]: id \"c1\" is defined twice",
+        "contacts[1] (c1).partner",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{expected} missing:\n{stderr}"
+        );
+    }
+    assert!(problems.len() >= 9, "{stderr}");
+    assert!(
+        stderr.contains("(gridtalk.toml:"),
+        "a file line is named:\n{stderr}"
+    );
+    assert!(!stderr.contains("a-secret-value"), "{stderr}");
+    assert!(!stderr.contains("stack backtrace"), "{stderr}");
+}
+
+#[test]
+fn a_user_template_replaces_its_built_in_namesake_and_keeps_the_others() {
+    let dir = scratch("templates");
+    let builtin = Config::load(None, std::iter::empty()).unwrap();
+    let user = r#"
+[[templates]]
+name = "po_ack_request"
+languages = ["de_DE"]
+text = "Bestellung {{1}} bitte bestätigen."
+document_key = "/payload/po_number"
+body = [{ path = "/payload/po_number" }]
+buttons = [{ action = "ACCEPT", title = "Annehmen" }, { action = "REJECT", title = "Ablehnen" }]
+
+[[templates]]
+name = "our_own_notice"
+languages = ["en_US"]
+text = "Notice {{1}}"
+document_key = "/payload/po_number"
+body = [{ path = "/payload/po_number" }]
+"#;
+    let config = Config::load_text(Some(("user.toml", user)), std::iter::empty()).unwrap();
+    assert_eq!(config.templates.len(), builtin.templates.len() + 1);
+    let po = config
+        .templates
+        .iter()
+        .find(|t| t.name == "po_ack_request")
+        .unwrap();
+    assert_eq!(po.languages, ["de_DE"]);
+    for t in &builtin.templates {
+        assert!(
+            config.templates.iter().any(|c| c.name == t.name),
+            "{} lost",
+            t.name
+        );
+    }
+    // Saying so replaces them all (the confirmation template must then be defined too).
+    let only = format!("replace_builtin_templates = true\n{user}");
+    let errors = Config::load_text(Some(("user.toml", &only)), std::iter::empty())
+        .unwrap_err()
+        .0
+        .join("\n");
+    assert!(
+        errors.contains("converse.confirmation_template"),
+        "{errors}"
+    );
+
+    // `gridtalk config show` names the source of each value and never shows a secret.
+    std::fs::write(
+        dir.join("user.toml"),
+        format!("[send]\npair_burst = 3\n{user}"),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = gridtalk(
+        &dir,
+        &["config", "show", "--config", "user.toml"],
+        &[
+            ("GRIDTALK__SEND__ACCESS_TOKEN", "tok-secret-1234"),
+            ("GRIDTALK__SEND__MAX_IN_FLIGHT", "32"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains("tok-secret-1234"), "{stdout}");
+    for expected in [
+        "pair_burst = 3  # file user.toml",
+        "max_in_flight = 32  # env GRIDTALK__SEND__MAX_IN_FLIGHT",
+        "access_token = \"***\"  # env GRIDTALK__SEND__ACCESS_TOKEN",
+        "max_messages_per_second = 80  # default",
+        "[[templates]]  # file user.toml",
+        "[[templates]]  # default",
+    ] {
+        assert!(stdout.contains(expected), "{expected} missing:\n{stdout}");
+    }
+    // What show prints loads again as the same configuration (secrets aside).
+    let shown = Config::load_text(Some(("shown.toml", &stdout)), std::iter::empty()).unwrap();
+    assert_eq!(shown.templates, config.templates);
+    assert_eq!(shown.send.pair_burst, 3);
 }

@@ -849,6 +849,28 @@ async fn over_sasl_gridtalk_is_ready_with_accepted_credentials_and_never_with_re
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // The build and the process are described, and counters whose labels are known exist at
+    // zero before the first event, so that `increase(...) > 0` sees the first one.
+    let metrics = http
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    for expected in [
+        "gridtalk_build_info{commit=\"",
+        "gridtalk_dead_letters_total{reason=\"unknown_partner\",stage=\"route\"} 0",
+        "gridtalk_dead_letters_total{reason=\"malformed_avro\",stage=\"converse\"} 0",
+        "gridtalk_route_events_deduplicated_total{event_type=\"tg.po.received\"} 0",
+        "gridtalk_ingest_webhooks_total{outcome=\"bad_signature\"} 0",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+        "process_open_fds ",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing:\n{metrics}");
+    }
     assert_eq!(terminate(&mut accepted).code(), Some(0));
     broker.kill().ok();
     broker.wait().ok();

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod layers;
 mod secret;
+pub use layers::{render, Source, Sources};
 pub use secret::Secret;
 
 /// The embedded defaults.
@@ -37,6 +39,12 @@ pub struct Config {
     /// Approved WhatsApp templates and how to fill them from an event.
     #[serde(default)]
     pub templates: Vec<TemplateConfig>,
+    /// A layer's `rules` replace the built-in ones instead of merging with them by name.
+    #[serde(default)]
+    pub replace_builtin_rules: bool,
+    /// A layer's `templates` replace the built-in ones instead of merging with them by name.
+    #[serde(default)]
+    pub replace_builtin_templates: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -416,12 +424,41 @@ impl Config {
         file: Option<(&str, &str)>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
+        Self::load_traced(file, env).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`] that also tells where each value came from (see [`Sources`]).
+    pub fn load_traced(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Sources), ConfigErrors> {
+        match Self::load_report(file, env) {
+            (Some(loaded), errors) if errors.is_empty() => Ok(loaded),
+            (_, errors) => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// Everything the loader found: the configuration when the layers deserialize (even if it
+    /// does not validate, so that further checks can run on it) and every problem.
+    pub fn load_report(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Option<(Config, Sources)>, Vec<String>) {
         let mut errors = Vec::new();
+        let mut sources = Sources::default();
         let mut merged = defaults().clone();
         if let Some((name, text)) = file {
             match text.parse::<toml::Table>() {
-                Ok(table) => merge(&mut merged, table),
-                Err(e) => errors.push(format!("{name}: {e}")),
+                Ok(table) => layers::merge_layer(
+                    &mut merged,
+                    table,
+                    &Source::File(name.into()),
+                    &mut sources,
+                ),
+                Err(e) => errors.push(format!(
+                    "{name}: {}",
+                    layers::without_quoted_values(e.to_string().trim()).replace('\n', " ")
+                )),
             }
         }
         for (key, value) in env {
@@ -429,24 +466,41 @@ impl Config {
                 continue;
             };
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-            if let Err(e) = set_path(&mut merged, &path, value) {
+            let mut layer = toml::Table::new();
+            if let Err(e) = set_path(&mut layer, &path, value, &merged) {
                 errors.push(format!("{key}: {e}"));
+                continue;
             }
+            layers::merge_layer(&mut merged, layer, &Source::Env(key.clone()), &mut sources);
         }
-        let config: Option<Config> = match toml::Value::Table(merged).try_into() {
+        let config = match layers::deserialize(&merged) {
             Ok(c) => Some(c),
-            Err(e) => {
-                errors.push(e.to_string().trim().replace('\n', " "));
+            Err(whole) => {
+                let located = layers::locate_errors(defaults(), &merged);
+                if located.is_empty() {
+                    errors.push(whole.replace('\n', " "));
+                } else {
+                    errors.extend(located);
+                }
                 None
             }
         };
         if let Some(config) = &config {
             errors.extend(config.validate());
         }
-        match config {
-            Some(c) if errors.is_empty() => Ok(c),
-            _ => Err(ConfigErrors(errors)),
+        // Point at the file's line where the path names a key the file set.
+        if let Some((name, text)) = file {
+            for error in &mut errors {
+                let path = error.split([':', ' ']).next().unwrap_or("").to_string();
+                let parts: Vec<&str> = path.split('.').collect();
+                if matches!(sources.of(&path), Source::File(_)) {
+                    if let Some(line) = layers::line_of(text, &parts) {
+                        error.push_str(&format!(" ({name}:{line})"));
+                    }
+                }
+            }
         }
+        (config.map(|c| (c, sources)), errors)
     }
 
     /// Semantic checks serde cannot make. Returns every problem.
@@ -469,9 +523,6 @@ impl Config {
         }
         if self.send.pair_burst == 0 {
             errors.push("send.pair_burst must be at least 1".into());
-        }
-        if self.send.access_token.is_none() && self.send.access_token_file.is_none() {
-            errors.push("send: set access_token or access_token_file".into());
         }
         let kafka = &self.kafka;
         if kafka.session_timeout_ms == 0 {
@@ -642,6 +693,72 @@ impl Config {
         errors
     }
 
+    /// What the given stages (`route`, `send`, `ingest`, `converse`) need beyond a valid
+    /// configuration: real ids instead of placeholders, and secrets that are set and readable
+    /// (files are read, their content never shown). Every problem at once.
+    pub fn problems_for(&self, stages: &[&str]) -> Vec<String> {
+        let mut problems = Vec::new();
+        if stages.contains(&"send") {
+            let id = self.send.phone_number_id.trim();
+            if id.is_empty() {
+                problems.push(
+                    "send.phone_number_id is empty: set the Graph id of the sending number".into(),
+                );
+            } else if looks_like_placeholder(id) || !id.chars().all(|c| c.is_ascii_digit()) {
+                problems.push(format!(
+                    "send.phone_number_id {id:?} is not a phone-number id: Meta's ids are digits \
+                     (WhatsApp Manager → API setup), not the phone number or a placeholder"
+                ));
+            }
+            match self.read_access_token() {
+                Ok(token) if token.expose().trim().is_empty() => problems.push(
+                    "send.access_token / send.access_token_file: the access token is empty".into(),
+                ),
+                Ok(token) if looks_like_placeholder(token.expose()) => {
+                    problems.push("send.access_token: the access token is a placeholder".into())
+                }
+                Ok(_) => {}
+                Err(e) if self.send.access_token_file.is_some() => {
+                    problems.push(format!("send.access_token_file: cannot read {e}"))
+                }
+                Err(_) => problems.push("send: set access_token or access_token_file".into()),
+            }
+        }
+        if stages.contains(&"ingest") {
+            if let Err(e) = self.ingest_secrets() {
+                let key = if e.contains("verify_token") || self.ingest.app_secret_file.is_none() {
+                    "ingest"
+                } else {
+                    "ingest.app_secret_file"
+                };
+                problems.push(format!("{key}: {e}"));
+            }
+        }
+        if stages.contains(&"route") || stages.contains(&"converse") {
+            let with_buttons = self
+                .templates
+                .iter()
+                .filter(|t| !t.buttons.is_empty())
+                .count();
+            match self.button_secret() {
+                Ok(None) if with_buttons > 0 => problems.push(format!(
+                    "route.button_secret: {with_buttons} templates have buttons: set route.button_secret or route.button_secret_file"
+                )),
+                Err(e) => problems.push(format!(
+                    "{}: {e}",
+                    if self.route.button_secret_file.is_some() { "route.button_secret_file" } else { "route.button_secret" }
+                )),
+                _ => {}
+            }
+        }
+        if let Some(path) = &self.directory.file {
+            if let Err(e) = std::fs::metadata(path) {
+                problems.push(format!("directory.file: {}: {e}", path.display()));
+            }
+        }
+        problems
+    }
+
     /// The secret that signs button tokens, if configured.
     pub fn button_secret(&self) -> Result<Option<Secret>, String> {
         match file_or_inline(&self.route.button_secret_file, &self.route.button_secret)? {
@@ -675,6 +792,26 @@ impl Config {
     }
 }
 
+/// Whether a value is one of the obvious stand-ins people leave in example files.
+fn looks_like_placeholder(value: &str) -> bool {
+    let lower = value.to_ascii_lowercase();
+    [
+        "change-me",
+        "changeme",
+        "change_me",
+        "replace",
+        "todo",
+        "xxx",
+        "your-",
+        "your_",
+        "<",
+        "placeholder",
+        "example",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
+}
+
 /// A secret from `file` (trimmed, read now) when one is configured, else the inline value.
 fn file_or_inline(
     file: &Option<PathBuf>,
@@ -685,17 +822,6 @@ fn file_or_inline(
             .map(|t| Some(Secret::new(t.trim())))
             .map_err(|e| format!("{}: {e}", path.display())),
         None => Ok(inline.clone()),
-    }
-}
-
-fn merge(base: &mut toml::Table, overlay: toml::Table) {
-    for (key, value) in overlay {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(key, v);
-            }
-        }
     }
 }
 
@@ -716,21 +842,32 @@ fn env_value(existing: Option<&toml::Value>, raw: String) -> toml::Value {
     }
 }
 
-fn set_path(table: &mut toml::Table, path: &[String], raw: String) -> Result<(), String> {
+/// Puts an environment value at `path` of `layer`, typed like the value `merged` has there.
+fn set_path(
+    layer: &mut toml::Table,
+    path: &[String],
+    raw: String,
+    merged: &toml::Table,
+) -> Result<(), String> {
     match path {
         [] => Err("empty key".into()),
         [last] => {
-            let value = env_value(table.get(last), raw);
-            table.insert(last.clone(), value);
+            let value = env_value(merged.get(last), raw);
+            layer.insert(last.clone(), value);
             Ok(())
         }
-        [first, rest @ ..] => match table
-            .entry(first.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        {
-            toml::Value::Table(t) => set_path(t, rest, raw),
-            _ => Err(format!("{first} is not a section")),
-        },
+        [first, rest @ ..] => {
+            let empty = toml::Table::new();
+            let existing = match merged.get(first) {
+                None => &empty,
+                Some(toml::Value::Table(t)) => t,
+                Some(_) => return Err(format!("{first} is not a section")),
+            };
+            let mut inner = toml::Table::new();
+            set_path(&mut inner, rest, raw, existing)?;
+            layer.insert(first.clone(), toml::Value::Table(inner));
+            Ok(())
+        }
     }
 }
 
@@ -760,12 +897,7 @@ mod tests {
         ];
         let errors = Config::load(None, env).unwrap_err().0;
         let joined = errors.join("\n");
-        for needle in [
-            "max_messages_per_second",
-            "pair_burst",
-            "topics.inputs",
-            "access_token",
-        ] {
+        for needle in ["max_messages_per_second", "pair_burst", "topics.inputs"] {
             assert!(joined.contains(needle), "{needle} missing in {joined}");
         }
     }

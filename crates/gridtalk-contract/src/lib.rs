@@ -20,6 +20,7 @@ mod canonical;
 mod codec;
 mod dead_letter;
 mod event_types;
+mod pointers;
 mod records;
 mod registry;
 pub mod samples;
@@ -36,6 +37,7 @@ pub use codec::{
 };
 pub use dead_letter::DeadLetterReason;
 pub use event_types::{payload_type_of, EVENT_TYPES};
+pub use pointers::check_pointer;
 pub use records::{
     AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse,
 };

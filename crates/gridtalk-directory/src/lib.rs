@@ -170,6 +170,47 @@ impl Directory {
         found.into_iter().next()
     }
 
+    /// Every problem of a directory file's text, each naming the entry: TOML or field errors,
+    /// duplicate partner or contact ids (a later entry would silently replace an earlier one),
+    /// phones WhatsApp cannot reach, contacts of partners the file does not define.
+    pub fn lint_toml(text: &str) -> Vec<String> {
+        let file: DirectoryFile = match toml::from_str(text) {
+            Ok(file) => file,
+            Err(e) => return vec![e.to_string().trim().replace('\n', " ")],
+        };
+        let mut problems = Vec::new();
+        let mut partners = std::collections::HashSet::new();
+        for (i, p) in file.partners.iter().enumerate() {
+            if p.id.trim().is_empty() {
+                problems.push(format!("partners[{i}]: the id is empty"));
+            } else if !partners.insert(p.id.as_str()) {
+                problems.push(format!("partners[{i}]: id {:?} is defined twice", p.id));
+            }
+        }
+        let mut contacts = std::collections::HashSet::new();
+        for (i, c) in file.contacts.iter().enumerate() {
+            if c.id.trim().is_empty() {
+                problems.push(format!("contacts[{i}]: the id is empty"));
+            } else if !contacts.insert(c.id.as_str()) {
+                problems.push(format!("contacts[{i}]: id {:?} is defined twice", c.id));
+            }
+            if let Err(e) = gridtalk_whatsapp::normalize_phone(&c.phone) {
+                problems.push(format!("contacts[{i}] ({}).phone {:?}: {e}", c.id, c.phone));
+            }
+            if let Some(partner) = &c.partner {
+                if !partners.contains(partner.as_str())
+                    && !file.partners.iter().any(|p| &p.id == partner)
+                {
+                    problems.push(format!(
+                        "contacts[{i}] ({}).partner: partner {partner:?} is not in the directory",
+                        c.id
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         (self.partners.len(), self.contacts.len())
     }

@@ -18,11 +18,13 @@
 //! routing) and is dead-lettered as `registry_unavailable` after `route.registry_wait_max_secs`.
 
 mod dedupe;
+mod lint;
 mod render;
 mod stage;
 mod strategy;
 
 pub use dedupe::DedupeWindow;
 pub use gridtalk_directory::{Contact, Directory, DirectoryFile, Partner, SharedDirectory};
+pub use lint::pointer_problems;
 pub use render::{plan, RouteFailure, RoutePlan};
 pub use stage::{run, RouteError};

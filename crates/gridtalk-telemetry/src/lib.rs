@@ -10,6 +10,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+mod process;
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -75,6 +77,9 @@ pub struct Metrics {
     /// Replies to people queued on the outbox by the converse stage, by kind (recorded,
     /// already_decided) and form (text, template).
     pub confirmations: IntCounterVec,
+    /// Always 1, labelled with the running build's version and commit.
+    pub build_info: IntGaugeVec,
+    process: process::ProcessMetrics,
 }
 
 impl Metrics {
@@ -244,12 +249,34 @@ impl Metrics {
                 "Replies to people queued by the converse stage, by kind and form.",
                 &["kind", "form"],
             ),
+            build_info: gauge_vec(
+                "gridtalk_build_info",
+                "Always 1: the version and commit of the running build.",
+                &["version", "commit"],
+            ),
+            process: process::ProcessMetrics::register(&registry),
             registry,
+        }
+    }
+
+    /// Records the running build: `gridtalk_build_info{version,commit} 1`.
+    pub fn set_build(&self, version: &str, commit: &str) {
+        self.build_info.reset();
+        self.build_info.with_label_values(&[version, commit]).set(1);
+    }
+
+    /// Creates every series of a counter whose label values are known in advance, at zero, so
+    /// that `increase(...)` sees the first event after a restart (a series that appears with
+    /// the value 1 has no increase to show).
+    pub fn start_at_zero(counter: &IntCounterVec, label_sets: &[Vec<&str>]) {
+        for labels in label_sets {
+            let _ = counter.with_label_values(labels);
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.process.update();
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)

@@ -27,6 +27,16 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stage's name, as `--stages` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Route => "route",
+            Stage::Send => "send",
+            Stage::Ingest => "ingest",
+            Stage::Converse => "converse",
+        }
+    }
+
     /// The readiness checks the stage registers (its drivers' names).
     pub fn readiness_checks(self) -> &'static [&'static str] {
         match self {
@@ -97,6 +107,79 @@ pub fn internal_topics(config: &Config) -> Vec<TopicSpec> {
             configs: vec![("cleanup.policy".into(), "compact".into())],
         },
     ]
+}
+
+/// Each value as a one-label set.
+fn one_label(values: Vec<&str>) -> Vec<Vec<&str>> {
+    values.into_iter().map(|v| vec![v]).collect()
+}
+
+/// Creates, at zero, every counter series whose labels the stages can know before the first
+/// event: dead letters by stage and reason, events by input topic and event type, messages by
+/// template, webhook requests and converse items by outcome. An alert on `increase(...) > 0`
+/// then fires on the first dead letter after a restart too.
+pub fn start_metrics_at_zero(config: &Config, stages: &[Stage]) {
+    use gridtalk_telemetry::Metrics;
+    let metrics = Metrics::global();
+    let mut dead_letter_stages: Vec<&str> = Vec::new();
+    for stage in stages {
+        dead_letter_stages.extend(stage.readiness_checks());
+        if matches!(stage, Stage::Route | Stage::Converse) {
+            dead_letter_stages.push("directory");
+        }
+    }
+    dead_letter_stages.dedup();
+    let reasons = gridtalk_contract::DeadLetterReason::ALL;
+    let pairs: Vec<Vec<&str>> = dead_letter_stages
+        .iter()
+        .flat_map(|stage| reasons.iter().map(move |r| vec![*stage, r.as_str()]))
+        .collect();
+    Metrics::start_at_zero(&metrics.dead_letters, &pairs);
+    if stages.contains(&Stage::Route) {
+        let event_types = one_label(
+            gridtalk_contract::EVENT_TYPES
+                .iter()
+                .map(|(t, _, _)| *t)
+                .collect(),
+        );
+        for counter in [
+            &metrics.events_routed,
+            &metrics.events_deduplicated,
+            &metrics.events_unrouted,
+        ] {
+            Metrics::start_at_zero(counter, &event_types);
+        }
+        let inputs = one_label(config.topics.inputs.iter().map(String::as_str).collect());
+        Metrics::start_at_zero(&metrics.events_consumed, &inputs);
+        let templates = one_label(config.templates.iter().map(|t| t.name.as_str()).collect());
+        Metrics::start_at_zero(&metrics.messages_rendered, &templates);
+    }
+    if stages.contains(&Stage::Ingest) {
+        let outcomes = one_label(vec![
+            "accepted",
+            "bad_signature",
+            "bad_signature_not_audited",
+            "too_large",
+            "body_timeout",
+            "malformed",
+            "publish_failed",
+        ]);
+        Metrics::start_at_zero(&metrics.webhooks, &outcomes);
+    }
+    if stages.contains(&Stage::Converse) {
+        let outcomes = one_label(vec![
+            "answered",
+            "comment",
+            "status",
+            "stale_status",
+            "redelivery",
+            "refused",
+            "waited",
+            "unknown",
+            "ignored",
+        ]);
+        Metrics::start_at_zero(&metrics.converse_items, &outcomes);
+    }
 }
 
 /// Runs `stages` until `shutdown` is cancelled. A stage that fails cancels the others (through

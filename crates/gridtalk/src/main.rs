@@ -19,10 +19,18 @@ mod demo;
 #[cfg(feature = "demo")]
 mod stack;
 
+/// The version and the commit it was built from (`GRIDTALK_COMMIT` at build time, else git's).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("GRIDTALK_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "gridtalk",
-    version,
+    version = VERSION,
     about = "Trading Grid events to WhatsApp messages, and the replies back"
 )]
 struct Cli {
@@ -40,10 +48,23 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "route,send,converse")]
         stages: Vec<Stage>,
     },
-    /// Validate the configuration, routing rules, templates and directory without starting anything.
+    /// Validate the configuration, routing rules, templates and directory without starting
+    /// anything; every problem is reported at once, each with its key path.
     Check {
         #[arg(long, env = "GRIDTALK_CONFIG")]
         config: Option<PathBuf>,
+        /// The stages whose needs (ids, secrets) are checked too.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "route,send,ingest,converse"
+        )]
+        stages: Vec<Stage>,
+    },
+    /// The configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Dead-letter topic tools.
     Dlq {
@@ -70,6 +91,16 @@ enum Command {
         /// checks the stored credentials (none in memory storage, so every SCRAM login fails).
         #[arg(long)]
         sasl: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults, then the file, then `GRIDTALK__*`
+    /// variables) as TOML, secrets shown as ***, each value with where it came from.
+    Show {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -151,7 +182,60 @@ fn parse_time(text: &str) -> Result<i64, String> {
 }
 
 fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
-    Ok(Config::load(config.map(|p| p.as_path()), std::env::vars())?)
+    Ok(load_traced(config)?.0)
+}
+
+/// The configuration and where each value came from; every problem at once.
+fn load_traced(
+    config: Option<&PathBuf>,
+) -> Result<(Config, gridtalk_config::Sources), gridtalk_config::ConfigErrors> {
+    match config {
+        None => Config::load_traced(None, std::env::vars()),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => {
+                Config::load_traced(Some((&path.display().to_string(), &text)), std::env::vars())
+            }
+            Err(e) => {
+                let mut errors = vec![format!("{}: {e}", path.display())];
+                if let Err(more) = Config::load_traced(None, std::env::vars()) {
+                    errors.extend(more.0);
+                }
+                Err(gridtalk_config::ConfigErrors(errors))
+            }
+        },
+    }
+}
+
+/// Every problem `gridtalk check` finds: the configuration's own, what the stages need, the
+/// rules' pointers against the event contract, and the directory file.
+fn check_problems(config: Option<&PathBuf>, stages: &[Stage]) -> (Vec<String>, Option<Config>) {
+    let (loaded, mut problems) = match config {
+        None => Config::load_report(None, std::env::vars()),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => {
+                Config::load_report(Some((&path.display().to_string(), &text)), std::env::vars())
+            }
+            Err(e) => return (vec![format!("{}: {e}", path.display())], None),
+        },
+    };
+    // The further checks need a configuration that deserialized; one that does not validate
+    // still gets them, so that one run reports everything.
+    let Some((config, _)) = loaded else {
+        return (problems, None);
+    };
+    let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+    problems.extend(config.problems_for(&names));
+    problems.extend(gridtalk_route::pointer_problems(&config));
+    if let Some(path) = &config.directory.file {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            problems.extend(
+                gridtalk_route::Directory::lint_toml(&text)
+                    .into_iter()
+                    .map(|p| format!("directory {}: {p}", path.display())),
+            );
+        }
+    }
+    (problems, Some(config))
 }
 
 /// Cancels `token` on the first SIGINT/SIGTERM; a second signal exits at once.
@@ -207,7 +291,16 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, stages } => {
-            let config = Arc::new(load(config.as_ref())?);
+            let config = load(config.as_ref())?;
+            let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+            let problems = config.problems_for(&names);
+            if !problems.is_empty() {
+                anyhow::bail!(gridtalk_config::ConfigErrors(problems));
+            }
+            gridtalk_telemetry::Metrics::global()
+                .set_build(env!("CARGO_PKG_VERSION"), env!("GRIDTALK_COMMIT"));
+            gridtalk::start_metrics_at_zero(&config, &stages);
+            let config = Arc::new(config);
             gridtalk_telemetry::init_logging(&config.admin.log_format);
             let shutdown = CancellationToken::new();
             handle_signals(shutdown.clone());
@@ -235,23 +328,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = admin.await;
             result
         }
-        Command::Check { config } => {
-            let config = load(config.as_ref())?;
-            let with_buttons = config
-                .templates
-                .iter()
-                .filter(|t| !t.buttons.is_empty())
-                .count();
-            if with_buttons > 0
-                && config
-                    .button_secret()
-                    .map_err(anyhow::Error::msg)?
-                    .is_none()
-            {
-                anyhow::bail!(
-                    "{with_buttons} templates have buttons: set route.button_secret or route.button_secret_file"
-                );
+        Command::Check { config, stages } => {
+            let (problems, config) = check_problems(config.as_ref(), &stages);
+            if !problems.is_empty() {
+                for problem in &problems {
+                    eprintln!("  - {problem}");
+                }
+                anyhow::bail!("{} problems in the configuration", problems.len());
             }
+            let config = config.expect("a configuration without problems");
             if let Some(path) = &config.directory.file {
                 let directory =
                     gridtalk_route::Directory::load(path).map_err(anyhow::Error::msg)?;
@@ -264,6 +349,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.templates.len(),
                 config.topics.inputs
             );
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Show { config },
+        } => {
+            let (config, sources) = load_traced(config.as_ref())?;
+            print!("{}", gridtalk_config::render(&config, &sources));
             Ok(())
         }
         Command::Dlq {
