@@ -779,4 +779,10 @@ async fn two_approvers_served_by_two_converse_processes_get_one_decision_per_req
     for child in &mut processes {
         assert_eq!(terminate(child).code(), Some(0));
     }
+    // Replies, statuses, refusals and confirmations name messages by wamid (shaped like Meta's,
+    // holding the number) and people by number: none of it reaches a log line in clear.
+    let numbers = [maria, jo].map(String::from).into_iter().collect();
+    for name in ["converse-a", "converse-b"] {
+        assert_no_number_or_wamid_logged(&p.process_log(name), &numbers);
+    }
 }

@@ -491,7 +491,15 @@ async fn three_replicas_sharing_one_number_stay_within_its_limits() {
     let names = ["r1", "r2", "r3"];
     let mut replicas: Vec<_> = names
         .iter()
-        .map(|name| p.spawn_gridtalk(name, "route,send"))
+        .map(|name| {
+            // Every send's line (DEBUG), so that the log scan below sees each wamid gridtalk
+            // logs, and the owner can be told by what it sent.
+            p.spawn_gridtalk_with(
+                name,
+                "route,send",
+                &[("RUST_LOG", "info,gridtalk_send=debug".into())],
+            )
+        })
         .collect();
     // The number's outbox partition has one owner at a time. Stop that owner mid-stream, so the
     // partition (and the recipients' pair-limit history) moves to another replica.
@@ -537,6 +545,13 @@ async fn three_replicas_sharing_one_number_stay_within_its_limits() {
         "pair limit hit: {stats:?}"
     );
     assert_eq!(compare(&p, &expected), (0, 0));
+    // The sandbox's wamids are shaped like Meta's (base64 holding the number): no log line of
+    // any replica carries a wamid or a recipient's number in clear.
+    let recipients: std::collections::BTreeSet<String> =
+        p.sandbox.messages().into_iter().map(|m| m.to).collect();
+    for name in names {
+        assert_no_number_or_wamid_logged(&p.process_log(name), &recipients);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

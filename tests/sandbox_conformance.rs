@@ -70,10 +70,17 @@ async fn accepted_messages_get_a_wamid() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["messaging_product"], "whatsapp");
     assert_eq!(body["contacts"][0]["wa_id"], "14155550106");
-    assert!(body["messages"][0]["id"]
-        .as_str()
-        .unwrap()
-        .starts_with("wamid."));
+    // Shaped like Meta's: base64 of a structure that holds the recipient's number.
+    let wamid = body["messages"][0]["id"].as_str().unwrap();
+    let encoded = wamid.strip_prefix("wamid.").expect("wamid. prefix");
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("base64");
+    assert!(
+        decoded.windows(11).any(|w| w == b"14155550106"),
+        "{wamid} holds the number"
+    );
     assert_eq!(sandbox.messages()[0].rendered, "Summary to 2026-11-24: 45 POs completed, 7 invoices pending, 2 failed acknowledgements, 3 open exceptions.");
 }
 

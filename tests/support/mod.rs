@@ -1078,3 +1078,16 @@ pub async fn metric(port: u16, series: &str) -> Option<i64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
 }
+
+/// Fails when a line of `log` holds a wamid (Meta's carry the number, base64-encoded) or the
+/// digits of one of `numbers` in clear.
+pub fn assert_no_number_or_wamid_logged(log: &str, numbers: &std::collections::BTreeSet<String>) {
+    assert!(!log.is_empty(), "an empty log proves nothing");
+    for line in log.lines() {
+        assert!(!line.contains("wamid."), "a wamid in clear: {line}");
+        for number in numbers {
+            let digits: String = number.chars().filter(char::is_ascii_digit).collect();
+            assert!(!line.contains(&digits), "number {digits} in clear: {line}");
+        }
+    }
+}

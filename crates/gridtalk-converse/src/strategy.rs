@@ -510,7 +510,7 @@ pub(crate) fn publish(
                 if r.response_type == "wa.message.status" {
                     tracing::debug!(request = r.request_id.as_deref().unwrap_or("-"), correlation_id = %r.correlation_id, "delivery status published");
                 } else {
-                    tracing::info!(
+                    tracing::debug!(
                         response_type = %r.response_type,
                         request = r.request_id.as_deref().unwrap_or("-"),
                         correlation_id = %r.correlation_id,
@@ -534,7 +534,7 @@ pub(crate) fn publish(
                     .inc();
                 tracing::warn!(
                     reason = %a.reason,
-                    detail = %a.detail,
+                    detail = %gridtalk_telemetry::redact(&a.detail),
                     request = a.request_id.as_deref().unwrap_or("-"),
                     "inbound refused"
                 );
@@ -721,7 +721,7 @@ fn spawn_dead_letter(
     (reason, detail): (DeadLetterReason, String),
     permit: OwnedSemaphorePermit,
 ) {
-    tracing::warn!(error = %detail, offset = record.message.offset(), reason = reason.as_str(), "record unreadable; dead-lettered");
+    tracing::warn!(error = %gridtalk_telemetry::redact(&detail), offset = record.message.offset(), reason = reason.as_str(), "record unreadable; dead-lettered");
     let Some(effect) = record.ticket.begin_effect() else {
         return;
     };

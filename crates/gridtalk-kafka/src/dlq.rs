@@ -162,7 +162,7 @@ pub async fn dead_letter<M: Message>(
     tracing::warn!(
         stage,
         reason = reason.as_str(),
-        detail,
+        detail = %gridtalk_telemetry::redact(detail),
         source_topic = source.topic(),
         source_partition = source.partition(),
         source_offset = source.offset(),

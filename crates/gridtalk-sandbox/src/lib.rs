@@ -392,7 +392,7 @@ impl Sandbox {
                 .webhook_url
                 .clone()
                 .ok_or("no webhook URL is configured")?;
-            let id = format!("wamid.SBXIN{:016}", inner.next_id);
+            let id = meta_shaped_wamid(from, inner.next_id);
             inner.next_id += 1;
             inner
                 .last_inbound_ms
@@ -813,11 +813,7 @@ fn validate_and_accept(
         .push_back(now);
     let id = inner.next_id;
     inner.next_id += 1;
-    let wamid = format!(
-        "wamid.SBX{}{:012}",
-        phone_number_id.chars().rev().take(4).collect::<String>(),
-        id
-    );
+    let wamid = meta_shaped_wamid(to, id);
     let message = ReceivedMessage {
         wamid,
         phone_number_id: phone_number_id.to_string(),
@@ -1058,4 +1054,22 @@ pub fn templates_from_config(
             button_titles: t.buttons.iter().map(|b| b.title.clone()).collect(),
         })
         .collect()
+}
+
+/// A message id shaped like Meta's: `wamid.` and the base64 of a structure that holds the other
+/// party's phone number (as digits) and a message id, e.g.
+/// `wamid.HBgLMTQxNTU1NTAxMDEVAgARGBI…`. Real wamids leak the number this way, so the sandbox's
+/// do too, and a test can prove that gridtalk never logs one in clear.
+fn meta_shaped_wamid(phone: &str, id: u64) -> String {
+    use base64::Engine;
+    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
+    let mut bytes = vec![0x1c, 0x18, digits.len() as u8];
+    bytes.extend_from_slice(digits.as_bytes());
+    bytes.extend_from_slice(&[0x15, 0x02, 0x00, 0x11, 0x18, 0x12]);
+    bytes.extend_from_slice(format!("{id:018X}").as_bytes());
+    bytes.push(0x00);
+    format!(
+        "wamid.{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
 }

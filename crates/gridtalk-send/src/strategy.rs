@@ -125,7 +125,7 @@ impl Sending {
                     .sends
                     .with_label_values(&["replay_suppressed", "none"])
                     .inc();
-                tracing::info!(%wamid, message_id = %job.outbox.message_id, "outbox replay of an accepted message skipped");
+                tracing::debug!(wamid = %gridtalk_telemetry::mask_wamid(&wamid), message_id = %job.outbox.message_id, "outbox replay of an accepted message skipped");
                 job.ticket.finish();
                 None
             }
@@ -536,7 +536,7 @@ async fn send_job(sending: &Sending, job: Job) {
                     .end_to_end_seconds
                     .with_label_values(&[&outbox.event_type])
                     .observe(age);
-                tracing::info!(wamid = %accepted.wamid, to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, "message accepted by WhatsApp");
+                tracing::debug!(wamid = %gridtalk_telemetry::mask_wamid(&accepted.wamid), to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, "message accepted by WhatsApp");
                 ticket.finish();
                 drop(effect);
                 return;

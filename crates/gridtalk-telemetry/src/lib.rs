@@ -476,9 +476,75 @@ pub fn mask_phone(phone: &str) -> String {
     format!("+{head}{}{tail}", "*".repeat(digits.len() - 4))
 }
 
+/// A WhatsApp message id as logs show it: a stable 64-bit hash (`wamid:3f2a…`). A real wamid is
+/// base64 of a structure that contains the recipient's phone number, so it is never logged as
+/// is; the hash still lets lines about one message be found together, across processes and
+/// versions (FNV-1a, fixed).
+pub fn mask_wamid(wamid: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in wamid.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("wamid:{hash:016x}")
+}
+
+/// `text` with every wamid replaced by [`mask_wamid`] and every run of seven or more digits
+/// (a phone number, possibly with a leading `+`) by [`mask_phone`]: for free text that reaches a
+/// log line (an error's detail, a refusal's reason).
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        if let Some(tail) = rest.strip_prefix("wamid.") {
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "+/=_-".contains(c)))
+                .unwrap_or(tail.len());
+            out.push_str(&mask_wamid(&rest[..6 + end]));
+            rest = &tail[end..];
+            continue;
+        }
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '+'))
+            .unwrap_or(rest.len());
+        let run = &rest[..digits];
+        if run.chars().filter(char::is_ascii_digit).count() >= 7 {
+            out.push_str(&mask_phone(run));
+            rest = &rest[digits..];
+            continue;
+        }
+        let next = rest.chars().next().expect("not empty");
+        out.push(next);
+        rest = &rest[next.len_utf8()..];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wamids_and_numbers_never_reach_a_log_line_in_clear() {
+        let wamid = "wamid.HBgLMTQxNTU1NTAxMDEVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA";
+        assert_eq!(mask_wamid(wamid), mask_wamid(wamid));
+        assert_ne!(mask_wamid(wamid), mask_wamid("wamid.other"));
+        let line = redact(&format!(
+            "status read for message {wamid}, from +14155550101."
+        ));
+        assert!(
+            !line.contains("HBgL") && !line.contains("4155550101"),
+            "{line}"
+        );
+        assert!(
+            line.contains(&mask_wamid(wamid)) && line.ends_with("01."),
+            "{line}"
+        );
+        assert_eq!(
+            redact("attempt 3 of 12, code 131047"),
+            "attempt 3 of 12, code 131047"
+        );
+    }
 
     #[test]
     fn readiness_is_pending_until_every_announced_check_is_set() {
