@@ -458,7 +458,7 @@ async fn a_group_of_three_loses_and_repeats_nothing_and_keeps_document_order_thr
     for (shipment, statuses) in by_shipment {
         assert_eq!(
             statuses,
-            ["ASN_SENT", "IN_TRANSIT", "DELIVERED"],
+            ["ASN sent", "in transit", "delivered"],
             "order of {shipment}"
         );
     }

@@ -80,7 +80,7 @@ fn every_flow() -> Vec<Flow> {
                 "14155550102",
                 "invoice_status",
                 "en_US",
-                strings(&["INV-900003", "EUR 24,757.03", "PO-4500003", "DELIVERED"]),
+                strings(&["INV-900003", "EUR 24,757.03", "PO-4500003", "delivered"]),
             )],
         ),
         (
@@ -89,7 +89,7 @@ fn every_flow() -> Vec<Flow> {
                 "14155550102",
                 "invoice_status",
                 "en_US",
-                strings(&["INV-900004", "EUR 32,676.04", "PO-4500004", "ACKNOWLEDGED"]),
+                strings(&["INV-900004", "EUR 32,676.04", "PO-4500004", "acknowledged"]),
             )],
         ),
         // b. rejected: accounts payable and the partner's billing desk, in its language
@@ -131,7 +131,7 @@ fn every_flow() -> Vec<Flow> {
                 "14155550103",
                 "shipment_update",
                 "en_US",
-                strings(&["SH-700008", "ODFL", "ASN_SENT", "2026-11-26"]),
+                strings(&["SH-700008", "ODFL", "ASN sent", "2026-11-26"]),
             )],
         ),
         (
@@ -140,7 +140,7 @@ fn every_flow() -> Vec<Flow> {
                 "14155550103",
                 "shipment_update",
                 "en_US",
-                strings(&["SH-700009", "ODFL", "DELIVERED", "2026-11-26"]),
+                strings(&["SH-700009", "ODFL", "delivered", "2026-11-26"]),
             )],
         ),
         (
@@ -149,7 +149,7 @@ fn every_flow() -> Vec<Flow> {
                 "14155550103",
                 "shipment_update",
                 "en_US",
-                strings(&["SH-700010", "ODFL", "IN_TRANSIT", "2026-11-26"]),
+                strings(&["SH-700010", "ODFL", "in transit", "2026-11-26"]),
             )],
         ),
         // c. shipment exception: logistics, warehouse and the partner's dispatch
@@ -162,7 +162,7 @@ fn every_flow() -> Vec<Flow> {
                     "en_US",
                     strings(&[
                         "SH-700011",
-                        "DELAYED",
+                        "delayed",
                         "Carrier reports weather delay at hub",
                         "120",
                         "96",
@@ -174,7 +174,7 @@ fn every_flow() -> Vec<Flow> {
                     "en_US",
                     strings(&[
                         "SH-700011",
-                        "DELAYED",
+                        "delayed",
                         "Carrier reports weather delay at hub",
                         "120",
                         "96",
@@ -186,7 +186,7 @@ fn every_flow() -> Vec<Flow> {
                     "en_US",
                     strings(&[
                         "SH-700011",
-                        "DELAYED",
+                        "delayed",
                         "Carrier reports weather delay at hub",
                         "120",
                         "96",
@@ -261,7 +261,7 @@ fn every_flow() -> Vec<Flow> {
                 "en_US",
                 strings(&[
                     "CASE-1216",
-                    "OPEN",
+                    "open",
                     "Short shipment on SH-700016",
                     "Please confirm the missing 24 cartons",
                 ]),
@@ -275,7 +275,7 @@ fn every_flow() -> Vec<Flow> {
                 "en_US",
                 strings(&[
                     "CASE-1217",
-                    "PENDING_PARTNER",
+                    "pending partner",
                     "Short shipment on SH-700017",
                     "Please confirm the missing 24 cartons",
                 ]),

@@ -361,7 +361,8 @@ fn utility() -> String {
 pub struct ParamConfig {
     /// JSON pointer into the event view, e.g. `/payload/po_number`.
     pub path: String,
-    /// text, money, date, datetime, number or list.
+    /// text, money, date, datetime, number, list or words (a code such as `ASN_SENT` as a person
+    /// reads it: "ASN sent").
     #[serde(default = "text_format")]
     pub format: String,
     /// Used when the event has no value at `path`; without it a missing value is a dead letter.
@@ -387,7 +388,9 @@ pub struct ButtonConfig {
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigErrors(pub Vec<String>);
 
-const PARAM_FORMATS: &[&str] = &["text", "money", "date", "datetime", "number", "list"];
+const PARAM_FORMATS: &[&str] = &[
+    "text", "money", "date", "datetime", "number", "list", "words",
+];
 const SEVERITIES: &[&str] = &["INFO", "WARNING", "CRITICAL"];
 
 /// The embedded defaults, parsed once.

@@ -47,7 +47,10 @@ pub(crate) struct RestoreContext;
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: RdKafkaError, reason: &str) {
-        if !matches!(error, RdKafkaError::PartitionEOF(_)) {
+        // librdkafka reports it as a partition's or as a global error.
+        let end_of_partition = matches!(error, RdKafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !end_of_partition {
             tracing::warn!(error = %error, reason, "changelog reader error");
         }
     }

@@ -165,6 +165,7 @@ fn render_param(
                 .join(", "),
             other => scalar_text(other).ok_or_else(|| wrong("a list"))?,
         },
+        "words" => words(&scalar_text(value).ok_or_else(|| wrong("text"))?),
         _ => scalar_text(value).ok_or_else(|| wrong("text"))?,
     };
     if text.trim().is_empty() {
@@ -172,6 +173,23 @@ fn render_param(
     }
     // Meta rejects body parameters with newlines, tabs or more than four consecutive spaces.
     Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// A code as a person reads it: `ASN_SENT` → "ASN sent", `PENDING_PARTNER` → "pending
+/// partner". Known abbreviations stay upper case.
+fn words(code: &str) -> String {
+    const ABBREVIATIONS: &[&str] = &["ASN", "PO", "EDI", "ETA", "ERP", "API", "POD"];
+    code.split(['_', '-'])
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            if ABBREVIATIONS.contains(&w) {
+                w.to_string()
+            } else {
+                w.to_lowercase()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn message_id(event_id: &str, contact_id: &str, template: &str) -> String {
@@ -378,6 +396,15 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_are_rendered_as_words() {
+        assert_eq!(words("ASN_SENT"), "ASN sent");
+        assert_eq!(words("PENDING_PARTNER"), "pending partner");
+        assert_eq!(words("IN_TRANSIT"), "in transit");
+        assert_eq!(words("CORRECTION_REQUIRED"), "correction required");
+        assert_eq!(words("Already words"), "already words");
+    }
 
     #[test]
     fn amounts_are_formatted_for_people() {

@@ -328,7 +328,7 @@ async fn route_one(
             .events_deduplicated
             .with_label_values(&[view.event_type()])
             .inc();
-        tracing::info!(
+        tracing::debug!(
             event_id = view.event_id(),
             event_type = view.event_type(),
             "duplicate event dropped"
@@ -367,7 +367,7 @@ async fn route_one(
             .events_unrouted
             .with_label_values(&[view.event_type()])
             .inc();
-        tracing::info!(
+        tracing::debug!(
             event_id = view.event_id(),
             event_type = view.event_type(),
             "no rule matched"
@@ -408,7 +408,7 @@ async fn route_one(
         .events_routed
         .with_label_values(&[view.event_type()])
         .inc();
-    tracing::info!(
+    tracing::debug!(
         event_id = view.event_id(),
         event_type = view.event_type(),
         messages = plan.messages.len(),

@@ -612,7 +612,7 @@ async fn send_job(sending: &Sending, job: Job) {
                         .sends
                         .with_label_values(&["retry", class.label()])
                         .inc();
-                    tracing::info!(code = %code, attempt, wait_ms = wait.as_millis() as u64, to = %mask_phone(&outbox.recipient), "send will be retried");
+                    tracing::debug!(code = %code, attempt, wait_ms = wait.as_millis() as u64, to = %mask_phone(&outbox.recipient), "send will be retried");
                     tokio::time::sleep(wait).await;
                 }
             }

@@ -274,6 +274,17 @@ impl Metrics {
         }
     }
 
+    /// The sum of every series of a counter.
+    pub fn total(counter: &IntCounterVec) -> u64 {
+        use prometheus::core::Collector;
+        counter
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.process.update();
@@ -358,16 +369,37 @@ pub fn admin_router(readiness: Readiness) -> Router {
         .with_state(readiness)
 }
 
-/// Installs the global tracing subscriber (JSON or text), filtered by `RUST_LOG` (default info).
-/// Safe to call more than once; later calls do nothing.
+/// Installs the log subscriber: `format` `json` or `text`, the filter from `RUST_LOG` (default:
+/// info, librdkafka and the embedded broker at warn), to standard error with colours only when it
+/// is a terminal.
 pub fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,rdkafka=warn,tansu=warn,tansu_broker=warn,tansu_storage=warn")
-    });
+    init_logging_with(format, None, None);
+}
+
+/// [`init_logging`] with a filter that takes precedence over `RUST_LOG` (e.g. `debug`,
+/// `info,gridtalk_send=debug`) and, with `file`, written to that file (without colours) instead
+/// of standard error.
+pub fn init_logging_with(format: &str, filter: Option<&str>, file: Option<std::fs::File>) {
+    use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use tracing_subscriber::EnvFilter;
+    let default = "info,rdkafka=warn,tansu=warn,tansu_broker=warn,tansu_storage=warn";
+    let filter = match filter {
+        Some(f) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new(default)),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+    };
+    let ansi = file.is_none() && std::io::stderr().is_terminal();
+    let writer = match file {
+        Some(file) => {
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(writer);
     let _ = if format == "json" {
         builder
             .json()

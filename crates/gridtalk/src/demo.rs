@@ -34,6 +34,17 @@ pub struct DemoArgs {
     /// Do not try to open the phones page in a browser.
     #[arg(long)]
     no_browser: bool,
+    /// Show the log in the terminal too (by default it goes to a file whose path is printed).
+    #[arg(long)]
+    verbose: bool,
+    /// Log filter, e.g. `debug` or `info,gridtalk_send=debug` (default: `RUST_LOG`, else info).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+/// Where the demo writes its log unless `--verbose`.
+fn log_file() -> std::path::PathBuf {
+    std::env::temp_dir().join("gridtalk-demo.log")
 }
 
 /// Opens `url` in the desktop's browser when there is a desktop; the URL is printed regardless.
@@ -58,7 +69,11 @@ fn open_in_browser(url: &str) {
 
 /// Prints the records of the response and audit topics as they arrive, until `shutdown`; returns
 /// how many decisions (responses other than delivery statuses) it saw.
-fn print_way_back(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<u64> {
+fn print_way_back(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    counted: Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<u64> {
     use gridtalk_contract::{AuditRecord, AvroRecord, ResponseBody, WorkflowResponse};
     use rdkafka::consumer::Consumer;
     use rdkafka::message::Message;
@@ -93,6 +108,7 @@ fn print_way_back(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::R
             ResponseBody::CaseMessage { text, .. } => format!("{text:?}"),
         };
         answers += 1;
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         println!(
             "↩  {} {} {} from {} (correlation {})",
             r.response_type,
@@ -103,6 +119,26 @@ fn print_way_back(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::R
         );
     }
     Ok(answers)
+}
+
+/// How often the demo prints its one-line summary.
+const SUMMARY_EVERY: Duration = Duration::from_secs(30);
+
+/// One line: how much has happened since the start.
+fn print_summary(
+    started: std::time::Instant,
+    sandbox: &Sandbox,
+    answered: &std::sync::atomic::AtomicU64,
+) {
+    let metrics = gridtalk_telemetry::Metrics::global();
+    println!(
+        "⏱  {} s: {} events read, {} messages on the phones, {} answers back, {} dead letters",
+        started.elapsed().as_secs(),
+        gridtalk_telemetry::Metrics::total(&metrics.events_consumed),
+        sandbox.stats().accepted,
+        answered.load(std::sync::atomic::Ordering::Relaxed),
+        gridtalk_telemetry::Metrics::total(&metrics.dead_letters),
+    );
 }
 
 /// Prints the messages the sandbox accepted since the first `shown`, as the phone shows them;
@@ -145,7 +181,14 @@ async fn worked_off(config: &Arc<Config>) -> bool {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    gridtalk_telemetry::init_logging("text");
+    let log_path = log_file();
+    if args.verbose {
+        gridtalk_telemetry::init_logging_with("text", args.log_level.as_deref(), None);
+    } else {
+        let file = std::fs::File::create(&log_path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", log_path.display()))?;
+        gridtalk_telemetry::init_logging_with("text", args.log_level.as_deref(), Some(file));
+    }
     let shutdown = CancellationToken::new();
     super::handle_signals(shutdown.clone());
 
@@ -191,6 +234,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  responses               topic {} (audit: {})",
         config.topics.responses, config.topics.audit
     );
+    if args.verbose {
+        println!("  log                     here (--log-level or RUST_LOG to filter)");
+    } else {
+        println!(
+            "  log                     {}  (--verbose shows it here)",
+            log_path.display()
+        );
+    }
     println!("  Ctrl-C stops (in-flight sends drain first)");
     println!();
 
@@ -215,10 +266,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !args.no_browser {
         open_in_browser(&format!("{}/", sandbox.base_url()));
     }
+    let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let way_back = {
-        let (config, stop) = (config.clone(), shutdown.clone());
-        tokio::task::spawn_blocking(move || print_way_back(config, stop))
+        let (config, stop, counted) = (config.clone(), shutdown.clone(), answered.clone());
+        tokio::task::spawn_blocking(move || print_way_back(config, stop, counted))
     };
+    let started = std::time::Instant::now();
+    let mut summarised = started;
 
     let generator = {
         let (bootstrap, shutdown) = (bootstrap.clone(), shutdown.clone());
@@ -265,6 +319,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 Ok(Err(e)) => return Err(e.context("traffic generator")),
                 Err(e) => anyhow::bail!("traffic generator panicked: {e}"),
             });
+        }
+        if summarised.elapsed() >= SUMMARY_EVERY {
+            summarised = std::time::Instant::now();
+            print_summary(started, sandbox, &answered);
         }
         polls += 1;
         if generated.is_some() && polls % 5 == 0 && worked_off(&config).await {
