@@ -451,19 +451,19 @@ async fn confluent_format_is_resolved_through_the_registry_including_an_evolved_
                 "14155550102".into(),
                 "invoice_status".into(),
                 "en_US".into(),
-                strings(&["INV-900003", "EUR 24,757.03", "PO-4500003", "DELIVERED"])
+                strings(&["INV-900003", "EUR 24,757.03", "PO-4500003", "delivered"])
             ),
             (
                 "14155550102".into(),
                 "invoice_status".into(),
                 "en_US".into(),
-                strings(&["INV-900030", "EUR 58,570.30", "PO-4500030", "DELIVERED"])
+                strings(&["INV-900030", "EUR 58,570.30", "PO-4500030", "delivered"])
             ),
             (
                 "14155550103".into(),
                 "shipment_update".into(),
                 "en_US".into(),
-                strings(&["SH-700008", "ODFL", "ASN_SENT", "2026-11-26"])
+                strings(&["SH-700008", "ODFL", "ASN sent", "2026-11-26"])
             ),
         ])
     );
@@ -551,7 +551,7 @@ async fn registry_schema_references_resolve_and_an_unknown_id_costs_one_lookup()
     pipeline.wait_for_messages(1, WAIT).await;
     assert_eq!(
         received(&pipeline)[0].3,
-        strings(&["INV-900003", "EUR 24,757.03", "PO-4500003", "DELIVERED"]),
+        strings(&["INV-900003", "EUR 24,757.03", "PO-4500003", "delivered"]),
         "the amount is read through the referenced Money schema"
     );
     let reasons: Vec<String> = pipeline
@@ -1545,11 +1545,11 @@ async fn messages_about_one_document_arrive_in_event_order() {
     assert_eq!(
         statuses,
         strings(&[
-            "ASN_SENT",
-            "IN_TRANSIT",
-            "DELAYED",
-            "IN_TRANSIT",
-            "DELIVERED"
+            "ASN sent",
+            "in transit",
+            "delayed",
+            "in transit",
+            "delivered"
         ])
     );
 }
