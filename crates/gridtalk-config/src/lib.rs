@@ -405,17 +405,28 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
+        match Self::load_file_report(file, env) {
+            (Some((config, _)), errors) if errors.is_empty() => Ok(config),
+            (_, errors) => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// [`Config::load_report`] of the file at `file`: a file that cannot be read is one more
+    /// problem, and the defaults and variables are still checked.
+    pub fn load_file_report(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Option<(Config, Sources)>, Vec<String>) {
         match file.map(|path| (path, std::fs::read_to_string(path))) {
-            None => Self::load_text(None, env),
+            None => Self::load_report(None, env),
             Some((path, Ok(text))) => {
-                Self::load_text(Some((&path.display().to_string(), &text)), env)
+                Self::load_report(Some((&path.display().to_string(), &text)), env)
             }
             Some((path, Err(e))) => {
+                let (_, more) = Self::load_report(None, env);
                 let mut errors = vec![format!("{}: {e}", path.display())];
-                if let Err(ConfigErrors(more)) = Self::load_text(None, env) {
-                    errors.extend(more);
-                }
-                Err(ConfigErrors(errors))
+                errors.extend(more);
+                (None, errors)
             }
         }
     }

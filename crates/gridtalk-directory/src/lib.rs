@@ -198,9 +198,7 @@ impl Directory {
                 problems.push(format!("contacts[{i}] ({}).phone {:?}: {e}", c.id, c.phone));
             }
             if let Some(partner) = &c.partner {
-                if !partners.contains(partner.as_str())
-                    && !file.partners.iter().any(|p| &p.id == partner)
-                {
+                if !partners.contains(partner.as_str()) {
                     problems.push(format!(
                         "contacts[{i}] ({}).partner: partner {partner:?} is not in the directory",
                         c.id

@@ -189,35 +189,17 @@ fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
 fn load_traced(
     config: Option<&PathBuf>,
 ) -> Result<(Config, gridtalk_config::Sources), gridtalk_config::ConfigErrors> {
-    match config {
-        None => Config::load_traced(None, std::env::vars()),
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => {
-                Config::load_traced(Some((&path.display().to_string(), &text)), std::env::vars())
-            }
-            Err(e) => {
-                let mut errors = vec![format!("{}: {e}", path.display())];
-                if let Err(more) = Config::load_traced(None, std::env::vars()) {
-                    errors.extend(more.0);
-                }
-                Err(gridtalk_config::ConfigErrors(errors))
-            }
-        },
+    match Config::load_file_report(config.map(|p| p.as_path()), std::env::vars()) {
+        (Some(loaded), errors) if errors.is_empty() => Ok(loaded),
+        (_, errors) => Err(gridtalk_config::ConfigErrors(errors)),
     }
 }
 
 /// Every problem `gridtalk check` finds: the configuration's own, what the stages need, the
 /// rules' pointers against the event contract, and the directory file.
 fn check_problems(config: Option<&PathBuf>, stages: &[Stage]) -> (Vec<String>, Option<Config>) {
-    let (loaded, mut problems) = match config {
-        None => Config::load_report(None, std::env::vars()),
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => {
-                Config::load_report(Some((&path.display().to_string(), &text)), std::env::vars())
-            }
-            Err(e) => return (vec![format!("{}: {e}", path.display())], None),
-        },
-    };
+    let (loaded, mut problems) =
+        Config::load_file_report(config.map(|p| p.as_path()), std::env::vars());
     // The further checks need a configuration that deserialized; one that does not validate
     // still gets them, so that one run reports everything.
     let Some((config, _)) = loaded else {
