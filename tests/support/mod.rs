@@ -249,6 +249,12 @@ pub struct Setup {
     pub registry_references: Vec<(u32, Json)>,
     /// Schemas registered under subjects, for references: (subject, version, schema JSON).
     pub registry_subjects: Vec<(String, u32, String)>,
+    /// Serve a schema registry even when [`Setup::registry`] is empty (gridtalk registers the
+    /// schemas it publishes there).
+    pub serve_registry: bool,
+    /// Subjects (any whose name contains one of these, as topic names are made per test) that
+    /// hold an earlier schema gridtalk's is incompatible with.
+    pub registry_incompatible: Vec<String>,
     /// Write the access token to a file the test can rewrite, instead of the configuration.
     pub token_file: bool,
     /// Also run the way back (ingest and converse), with the sandbox posting its webhooks to it.
@@ -284,6 +290,8 @@ impl Default for Setup {
             registry: Vec::new(),
             registry_references: Vec::new(),
             registry_subjects: Vec::new(),
+            serve_registry: false,
+            registry_incompatible: Vec::new(),
             token_file: false,
             ingest: false,
             in_process: true,
@@ -331,7 +339,7 @@ impl Pipeline {
             .await
             .expect("sandbox starts");
         let registry_requests = Arc::new(Mutex::new(0));
-        let registry_url = if setup.registry.is_empty() {
+        let registry_url = if setup.registry.is_empty() && !setup.serve_registry {
             None
         } else {
             Some(
@@ -344,6 +352,8 @@ impl Pipeline {
                             .into_iter()
                             .map(|(subject, version, schema)| ((subject, version), schema))
                             .collect(),
+                        registered: HashMap::new(),
+                        incompatible: setup.registry_incompatible,
                     },
                     registry_requests.clone(),
                     services.clone(),
@@ -647,10 +657,12 @@ max_body_bytes = 65536
 
     /// Every record on the response topic so far, decoded.
     pub fn responses(&self) -> Vec<gridtalk_contract::WorkflowResponse> {
+        let schema = &gridtalk_contract::ContractSchemas::get().workflow_response;
         read_topic(&self.config.topics.responses)
             .iter()
             .map(|m| {
-                gridtalk_contract::WorkflowResponse::from_avro(m.payload().unwrap_or_default())
+                let bytes = as_single_object(m.payload().unwrap_or_default(), schema);
+                gridtalk_contract::WorkflowResponse::from_avro(&bytes)
                     .expect("responses are WorkflowResponse records")
             })
             .collect()
@@ -675,7 +687,11 @@ max_body_bytes = 65536
         read_topic(&self.config.topics.audit)
             .iter()
             .map(|m| {
-                gridtalk_contract::AuditRecord::from_avro(m.payload().unwrap_or_default())
+                let bytes = as_single_object(
+                    m.payload().unwrap_or_default(),
+                    &gridtalk_contract::ContractSchemas::get().audit_record,
+                );
+                gridtalk_contract::AuditRecord::from_avro(&bytes)
                     .expect("audits are AuditRecord records")
             })
             .collect()
@@ -871,15 +887,49 @@ pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
     records
 }
 
+/// A record gridtalk published, as single-object bytes: a Confluent-framed record (written with
+/// the schema gridtalk registered, which is `schema` in this build) gets the single-object header
+/// in place of its schema id. The third-party test reads the Confluent framing as it is.
+fn as_single_object(bytes: &[u8], schema: &apache_avro::Schema) -> Vec<u8> {
+    match bytes {
+        [0, _, _, _, _, body @ ..] => {
+            let mut framed = vec![0xC3, 0x01];
+            framed.extend_from_slice(
+                &gridtalk_contract::single_object_fingerprint(schema).to_le_bytes(),
+            );
+            framed.extend_from_slice(body);
+            framed
+        }
+        _ => bytes.to_vec(),
+    }
+}
+
 /// Serves `schemas` as a Confluent schema registry (`GET /schemas/ids/{id}`) and returns its URL.
 /// Registered in [`Setup::registry`] in place of a schema, the id is answered with 503.
 pub const UNAVAILABLE_SCHEMA: &str = "!unavailable";
+
+/// The schema an incompatible subject ([`Setup::registry_incompatible`]) already holds.
+const EARLIER_SCHEMA: &str =
+    r#"{"type":"record","name":"Earlier","fields":[{"name":"id","type":"long"}]}"#;
 
 /// What the test registry serves.
 struct Registered {
     by_id: HashMap<u32, String>,
     references: HashMap<u32, Json>,
     subjects: HashMap<(String, u32), String>,
+    /// What was registered (POST), by subject: (id, schema) per version.
+    registered: HashMap<String, Vec<(u32, String)>>,
+    /// Subjects holding [`EARLIER_SCHEMA`], which nothing is compatible with: any whose name
+    /// contains one of these.
+    incompatible: Vec<String>,
+}
+
+impl Registered {
+    fn is_incompatible(&self, subject: &str) -> bool {
+        self.incompatible
+            .iter()
+            .any(|part| subject.contains(part.as_str()))
+    }
 }
 
 async fn serve_registry(
@@ -889,30 +939,49 @@ async fn serve_registry(
 ) -> String {
     use axum::extract::{Path, State};
     use axum::http::StatusCode;
-    use axum::routing::get;
+    use axum::routing::{get, post};
     use axum::Json as AxumJson;
 
-    type Shared = (Arc<Registered>, Arc<Mutex<u64>>);
+    /// The registry's state and the count of schema reads (GETs; registration is not counted).
+    type Shared = (Arc<Mutex<Registered>>, Arc<Mutex<u64>>);
     type Answer = Result<AxumJson<Json>, (StatusCode, AxumJson<Json>)>;
-    fn not_found(code: u32, message: String) -> (StatusCode, AxumJson<Json>) {
+    fn error(status: StatusCode, code: u32, message: String) -> (StatusCode, AxumJson<Json>) {
         (
-            StatusCode::NOT_FOUND,
+            status,
             AxumJson(serde_json::json!({"error_code": code, "message": message})),
         )
+    }
+    fn not_found(code: u32, message: String) -> (StatusCode, AxumJson<Json>) {
+        error(StatusCode::NOT_FOUND, code, message)
+    }
+    /// The schema of a POST body, compared as JSON (as the registry compares canonical forms).
+    fn posted_schema(body: &Json) -> Result<(String, Json), (StatusCode, AxumJson<Json>)> {
+        let text = body["schema"].as_str().unwrap_or_default().to_string();
+        let parsed = serde_json::from_str(&text).map_err(|e| {
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                42201,
+                format!("Invalid schema: {e}"),
+            )
+        })?;
+        Ok((text, parsed))
+    }
+    fn same_schema(a: &str, b: &Json) -> bool {
+        serde_json::from_str::<Json>(a).ok().as_ref() == Some(b)
     }
     async fn schema_by_id(
         State((registered, requests)): State<Shared>,
         Path(id): Path<u32>,
     ) -> Answer {
         *requests.lock().expect("counter") += 1;
+        let registered = registered.lock().expect("registry");
         match registered.by_id.get(&id) {
             // A registry that cannot serve this id: what a registry behind a failing backend
             // answers (Confluent's 50003 "error in the backend data store").
-            Some(schema) if schema == UNAVAILABLE_SCHEMA => Err((
+            Some(schema) if schema == UNAVAILABLE_SCHEMA => Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                AxumJson(
-                    serde_json::json!({"error_code": 50003, "message": "Error in the backend data store"}),
-                ),
+                50003,
+                "Error in the backend data store".into(),
             )),
             Some(schema) => {
                 let mut body = serde_json::json!({ "schema": schema });
@@ -929,6 +998,7 @@ async fn serve_registry(
         Path((subject, version)): Path<(String, u32)>,
     ) -> Answer {
         *requests.lock().expect("counter") += 1;
+        let registered = registered.lock().expect("registry");
         match registered.subjects.get(&(subject.clone(), version)) {
             Some(schema) => Ok(AxumJson(serde_json::json!({
                 "subject": subject, "version": version, "id": 1000 + version, "schema": schema
@@ -936,12 +1006,101 @@ async fn serve_registry(
             None => Err(not_found(40401, format!("Subject '{subject}' not found."))),
         }
     }
-    let state: Shared = (Arc::new(registered), requests);
+    async fn compatibility(
+        State((registered, _)): State<Shared>,
+        Path(subject): Path<String>,
+        AxumJson(body): AxumJson<Json>,
+    ) -> Answer {
+        posted_schema(&body)?;
+        let registered = registered.lock().expect("registry");
+        if registered.is_incompatible(&subject) {
+            return Ok(AxumJson(serde_json::json!({
+                "is_compatible": false,
+                "messages": ["{errorType:'NAME_MISMATCH', description:'The type (path '/') has a name mismatch between the new schema and the old one', additionalInfo:'expected: Earlier'}"]
+            })));
+        }
+        if !registered.registered.contains_key(&subject) {
+            return Err(not_found(40401, format!("Subject '{subject}' not found.")));
+        }
+        Ok(AxumJson(serde_json::json!({"is_compatible": true})))
+    }
+    async fn register(
+        State((registered, _)): State<Shared>,
+        Path(subject): Path<String>,
+        AxumJson(body): AxumJson<Json>,
+    ) -> Answer {
+        let (text, parsed) = posted_schema(&body)?;
+        let mut registered = registered.lock().expect("registry");
+        if let Some((id, _)) = registered
+            .registered
+            .get(&subject)
+            .and_then(|versions| versions.iter().find(|(_, s)| same_schema(s, &parsed)))
+        {
+            return Ok(AxumJson(serde_json::json!({ "id": id })));
+        }
+        if registered.is_incompatible(&subject) {
+            return Err(error(
+                StatusCode::CONFLICT,
+                409,
+                format!("Schema being registered is incompatible with an earlier schema for subject \"{subject}\""),
+            ));
+        }
+        // As Confluent: a schema already known under another subject keeps its id.
+        let id = registered
+            .by_id
+            .iter()
+            .find(|(_, s)| same_schema(s, &parsed))
+            .map(|(id, _)| *id)
+            .unwrap_or_else(|| {
+                registered
+                    .by_id
+                    .keys()
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+                    .max(10_000)
+                    + 1
+            });
+        registered.by_id.insert(id, text.clone());
+        registered
+            .registered
+            .entry(subject)
+            .or_default()
+            .push((id, text));
+        Ok(AxumJson(serde_json::json!({ "id": id })))
+    }
+    async fn lookup(
+        State((registered, _)): State<Shared>,
+        Path(subject): Path<String>,
+        AxumJson(body): AxumJson<Json>,
+    ) -> Answer {
+        let (text, parsed) = posted_schema(&body)?;
+        let registered = registered.lock().expect("registry");
+        let versions = registered
+            .registered
+            .get(&subject)
+            .ok_or_else(|| not_found(40401, format!("Subject '{subject}' not found.")))?;
+        let (version, (id, _)) = versions
+            .iter()
+            .enumerate()
+            .find(|(_, (_, s))| same_schema(s, &parsed))
+            .ok_or_else(|| not_found(40403, "Schema not found".into()))?;
+        Ok(AxumJson(serde_json::json!({
+            "subject": subject, "id": id, "version": version + 1, "schema": text
+        })))
+    }
+    let state: Shared = (Arc::new(Mutex::new(registered)), requests);
     let app = axum::Router::new()
         .route("/schemas/ids/{id}", get(schema_by_id))
         .route(
             "/subjects/{subject}/versions/{version}",
             get(subject_version),
+        )
+        .route("/subjects/{subject}/versions", post(register))
+        .route("/subjects/{subject}", post(lookup))
+        .route(
+            "/compatibility/subjects/{subject}/versions/latest",
+            post(compatibility),
         )
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -143,6 +143,37 @@ pub struct ContractConfig {
     pub extra_schema_dir: Option<PathBuf>,
     /// Records larger than this go to the dead-letter topic as `oversized`.
     pub max_event_bytes: usize,
+    /// How the records gridtalk publishes for others (responses, audit) are framed: `auto`
+    /// (the Confluent wire format when a registry is configured, else Avro single-object),
+    /// `confluent` or `single_object`.
+    pub publish_framing: String,
+    /// Register the published schemas under their subjects at start-up (topic-name strategy,
+    /// `<topic>-value`). Off where the registry is managed centrally: the schemas must then be
+    /// registered already, and gridtalk only looks their ids up.
+    pub schema_registry_auto_register: bool,
+}
+
+impl ContractConfig {
+    /// Whether responses and audit records are written in the Confluent wire format.
+    pub fn publishes_confluent(&self) -> bool {
+        match self.publish_framing.as_str() {
+            "confluent" => true,
+            "auto" => self.schema_registry_url.is_some(),
+            _ => false,
+        }
+    }
+
+    /// The registry's basic-auth credentials, when a username is set.
+    pub fn schema_registry_auth(&self) -> Option<(String, String)> {
+        self.schema_registry_username.clone().map(|user| {
+            let password = self
+                .schema_registry_password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default();
+            (user, password)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -575,6 +606,17 @@ impl Config {
         }
         if self.send.max_in_flight == 0 || self.send.max_queued == 0 {
             errors.push("send.max_in_flight and send.max_queued must be at least 1".into());
+        }
+        match self.contract.publish_framing.as_str() {
+            "auto" | "single_object" => {}
+            "confluent" if self.contract.schema_registry_url.is_none() => errors.push(
+                "contract.publish_framing = \"confluent\" needs contract.schema_registry_url"
+                    .into(),
+            ),
+            "confluent" => {}
+            other => errors.push(format!(
+                "contract.publish_framing must be auto, confluent or single_object, not {other:?}"
+            )),
         }
         if self.route.registry_wait_max_secs == 0 {
             errors.push("route.registry_wait_max_secs must be at least 1".into());

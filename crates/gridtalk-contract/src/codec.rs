@@ -92,7 +92,9 @@ impl From<RegistryError> for DecodeError {
         let kind = match e {
             RegistryError::NotFound { .. } => DecodeErrorKind::UnknownSchema,
             RegistryError::Invalid { .. } => DecodeErrorKind::UnknownSchema,
-            RegistryError::Unavailable(_) => DecodeErrorKind::RegistryUnavailable,
+            RegistryError::Unavailable(_) | RegistryError::Refused(_) => {
+                DecodeErrorKind::RegistryUnavailable
+            }
         };
         DecodeError::new(kind, e.to_string())
     }
@@ -198,7 +200,7 @@ impl EventDecoder {
         }
         let mut value = read_datum(&writer, body)?;
         widen_decimals(&mut value);
-        let value = resolve(value, &writer, &self.reader)?;
+        let value = resolve(value, &writer, &self.reader, "payload")?;
         Ok(Decoded { value, format })
     }
 }
@@ -291,17 +293,22 @@ fn record_field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
     }
 }
 
-/// Resolves a writer-shaped value to the reader schema. The top-level `payload` union is matched
-/// by record name.
-fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, DecodeError> {
+/// Resolves a writer-shaped value to the reader schema. The top-level union field `union_field`
+/// (the event's `payload`, the response's `body`) is matched by record name.
+fn resolve(
+    value: Value,
+    writer: &Schema,
+    reader: &Schema,
+    union_field: &str,
+) -> Result<Value, DecodeError> {
     let writer_branch = match (
-        top_level_union(writer, "payload"),
-        record_field(&value, "payload"),
+        top_level_union(writer, union_field),
+        record_field(&value, union_field),
     ) {
         (Some(union), Some(Value::Union(index, _))) => union_branch_name(union, *index as usize),
         _ => None,
     };
-    let reader_union = top_level_union(reader, "payload");
+    let reader_union = top_level_union(reader, union_field);
     let reader_branch = |name: &str| {
         reader_union.and_then(|u| {
             u.variants()
@@ -314,14 +321,14 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
         if reader_branch(name).is_none() {
             return Err(DecodeError::new(
                 DecodeErrorKind::Incompatible,
-                format!("payload type {name} is not part of this gridtalk's contract"),
+                format!("{union_field} type {name} is not part of this gridtalk's contract"),
             ));
         }
     }
     let payload_inner =
         writer_branch
             .as_ref()
-            .and_then(|_| match record_field(&value, "payload") {
+            .and_then(|_| match record_field(&value, union_field) {
                 Some(Value::Union(_, inner)) => Some((**inner).clone()),
                 _ => None,
             });
@@ -333,13 +340,13 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
             // picked another one.
             let (index, branch) = reader_branch(&name).expect("checked above");
             if let Value::Record(fields) = &mut resolved {
-                if let Some((_, slot)) = fields.iter_mut().find(|(n, _)| n == "payload") {
+                if let Some((_, slot)) = fields.iter_mut().find(|(n, _)| n == union_field) {
                     let already = matches!(slot, Value::Union(i, _) if *i as usize == index);
                     if !already {
                         let inner = inner.resolve_schemata(branch, vec![reader]).map_err(|e| {
                             DecodeError::new(
                                 DecodeErrorKind::Incompatible,
-                                format!("payload {name}: {e}"),
+                                format!("{union_field} {name}: {e}"),
                             )
                         })?;
                         *slot = Value::Union(index as u32, Box::new(inner));
@@ -354,7 +361,7 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
             match inner.resolve_schemata(branch, vec![reader]) {
                 Err(pe) => Err(DecodeError::new(
                     DecodeErrorKind::Incompatible,
-                    format!("payload {name}: {pe}"),
+                    format!("{union_field} {name}: {pe}"),
                 )),
                 Ok(_) => Err(DecodeError::new(
                     DecodeErrorKind::Incompatible,
@@ -368,7 +375,72 @@ fn resolve(value: Value, writer: &Schema, reader: &Schema) -> Result<Value, Deco
         )),
         (Ok(_), Some(name), None) => Err(DecodeError::new(
             DecodeErrorKind::Incompatible,
-            format!("payload {name} could not be read"),
+            format!("{union_field} {name} could not be read"),
+        )),
+    }
+}
+
+/// How gridtalk frames a record it publishes for other systems (responses, audit records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// Avro single-object encoding: self-describing by fingerprint, needs no registry.
+    #[default]
+    SingleObject,
+    /// The Confluent wire format with the id the registry gave the schema: what
+    /// `KafkaAvroDeserializer`, Kafka Connect and `confluent-kafka` read.
+    Confluent { schema_id: u32 },
+}
+
+impl Framing {
+    /// Encodes `value` (already shaped like `schema`) in this framing.
+    pub fn encode(self, schema: &Schema, value: Value) -> Result<Vec<u8>, apache_avro::Error> {
+        match self {
+            Framing::SingleObject => encode_single_object(schema, value),
+            Framing::Confluent { schema_id } => encode_confluent(schema, schema_id, value),
+        }
+    }
+}
+
+/// Reads a record gridtalk published, in either framing, resolved to `reader` (the top-level
+/// union `union_field`, if any, matched by record name). A single-object record must carry the
+/// reader's own fingerprint; a Confluent-framed one is read with the writer schema the registry
+/// holds under its id, so records an older or newer gridtalk wrote are resolved, not misread.
+pub async fn read_published(
+    bytes: &[u8],
+    reader: &Schema,
+    registry: Option<&RegistryClient>,
+    union_field: &str,
+) -> Result<Value, DecodeError> {
+    match bytes {
+        [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
+            let fingerprint = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+            if !crate::schemas::names_schema(fingerprint, reader) {
+                return Err(DecodeError::new(
+                    DecodeErrorKind::UnknownSchema,
+                    format!(
+                        "fingerprint {fingerprint:016x} is not the {} schema",
+                        schema_kind(reader)
+                    ),
+                ));
+            }
+            read_datum(reader, &rest[8..])
+        }
+        [CONFLUENT_MAGIC, a, b, c, d, body @ ..] => {
+            let schema_id = u32::from_be_bytes([*a, *b, *c, *d]);
+            let registry = registry.ok_or_else(|| {
+                DecodeError::new(
+                    DecodeErrorKind::UnknownSchema,
+                    format!("Confluent-framed record (schema id {schema_id}) but no schema registry is configured"),
+                )
+            })?;
+            let writer = registry.schema(schema_id).await?;
+            let mut value = read_datum(&writer, body)?;
+            widen_decimals(&mut value);
+            resolve(value, &writer, reader, union_field)
+        }
+        _ => Err(DecodeError::new(
+            DecodeErrorKind::Malformed,
+            "not a Confluent (0x00) or single-object (0xC3 0x01) Avro record",
         )),
     }
 }

@@ -32,19 +32,20 @@ mod webhook_item;
 pub use bounded::{check_datum, MAX_DEPTH};
 pub use canonical::{crc64_avro, legacy_fingerprint, parsing_canonical_form, standard_fingerprint};
 pub use codec::{
-    encode_confluent, encode_single_object, DecodeError, DecodeErrorKind, Decoded, EventDecoder,
-    WireFormat,
+    encode_confluent, encode_single_object, read_published, DecodeError, DecodeErrorKind, Decoded,
+    EventDecoder, Framing, WireFormat,
 };
 pub use dead_letter::DeadLetterReason;
 pub use event_types::{payload_type_of, EVENT_TYPES};
 pub use pointers::check_pointer;
 pub use records::{
-    AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage, WorkflowResponse,
+    decode_published, AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage,
+    WorkflowResponse,
 };
-pub use registry::{RegistryClient, RegistryError};
+pub use registry::{Compatibility, RegistryClient, RegistryError};
 pub use schemas::{
     names_schema, parse_schema, single_object_fingerprint, ContractSchemas, KnownSchema, SchemaSet,
-    TRADING_GRID_EVENT_AVSC,
+    AUDIT_RECORD_AVSC, TRADING_GRID_EVENT_AVSC, WORKFLOW_RESPONSE_AVSC,
 };
 pub use view::{avro_to_json, json_to_avro, EventView, MONEY_SCALE};
 pub use webhook_item::WebhookItem;

@@ -1,12 +1,16 @@
 //! Typed records of gridtalk's own topics (outbox, sent log, responses, audit). They are written in Avro
 //! single-object encoding with the contract's schemas, so any Avro tool can read them, and read
-//! back with resolution so a rolling upgrade between two gridtalk versions keeps working.
+//! back with resolution so a rolling upgrade between two gridtalk versions keeps working. The
+//! records gridtalk publishes for others (responses, audit) may instead be written in the
+//! Confluent wire format ([`Framing`]) and are read back from either ([`decode_published`],
+//! [`WorkflowResponse::decode`]).
 
 use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{encode_single_object, read_datum, DecodeError, DecodeErrorKind};
+use crate::codec::{read_datum, read_published, DecodeError, DecodeErrorKind, Framing};
+use crate::registry::RegistryClient;
 use crate::schemas::{names_schema, ContractSchemas};
 
 /// A serde record with a contract schema.
@@ -15,8 +19,15 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
 
     /// Single-object encoding of the record.
     fn to_avro(&self) -> Vec<u8> {
+        self.encode(Framing::SingleObject)
+    }
+
+    /// The record in `framing`.
+    fn encode(&self, framing: Framing) -> Vec<u8> {
         let value = apache_avro::to_value(self).expect("contract record serialises");
-        encode_single_object(Self::schema(), value).expect("contract record matches its schema")
+        framing
+            .encode(Self::schema(), value)
+            .expect("contract record matches its schema")
     }
 
     /// Reads a record written by [`AvroRecord::to_avro`].
@@ -45,6 +56,19 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         let value = read_datum(schema, body)?;
         apache_avro::from_value(&value).map_err(|e| malformed(e.to_string()))
     }
+}
+
+/// Reads a record of type `T` gridtalk published in either framing (Confluent-framed ones with the
+/// writer schema from `registry`), resolved to `T`'s schema.
+pub async fn decode_published<T: AvroRecord>(
+    bytes: &[u8],
+    registry: Option<&RegistryClient>,
+) -> Result<T, DecodeError> {
+    let value = read_published(bytes, T::schema(), registry, "").await?;
+    apache_avro::from_value(&value).map_err(|e| DecodeError {
+        kind: DecodeErrorKind::Malformed,
+        detail: e.to_string(),
+    })
 }
 
 /// A rendered WhatsApp message on the outbox topic (see `schemas/outbox_message.avsc`).
@@ -177,19 +201,31 @@ impl WorkflowResponse {
     /// Single-object encoding. The union branch is chosen by name, so two branches with similar
     /// fields can never be confused.
     pub fn to_avro(&self) -> Vec<u8> {
+        self.encode(Framing::SingleObject)
+    }
+
+    /// The response in `framing`, its union branch chosen by name.
+    pub fn encode(&self, framing: Framing) -> Vec<u8> {
         let schema = &ContractSchemas::get().workflow_response;
         let json = serde_json::to_value(self).expect("response serialises");
         let value = crate::view::json_to_avro(&json, schema).expect("response matches its schema");
-        encode_single_object(schema, value).expect("response encodes")
+        framing.encode(schema, value).expect("response encodes")
+    }
+
+    /// Reads a response in either framing (Confluent-framed ones with the writer schema from
+    /// `registry`), the body's branch resolved by name.
+    pub async fn decode(
+        bytes: &[u8],
+        registry: Option<&RegistryClient>,
+    ) -> Result<Self, DecodeError> {
+        let schema = &ContractSchemas::get().workflow_response;
+        let value = read_published(bytes, schema, registry, "body").await?;
+        Self::from_value(value)
     }
 
     /// Reads a record written by [`WorkflowResponse::to_avro`].
     pub fn from_avro(bytes: &[u8]) -> Result<Self, DecodeError> {
         let schema = &ContractSchemas::get().workflow_response;
-        let malformed = |detail: String| DecodeError {
-            kind: DecodeErrorKind::Malformed,
-            detail,
-        };
         let body = match bytes {
             [0xC3, 0x01, rest @ ..]
                 if rest.len() >= 8
@@ -207,7 +243,16 @@ impl WorkflowResponse {
                 })
             }
         };
-        let value = read_datum(schema, body)?;
+        Self::from_value(read_datum(schema, body)?)
+    }
+
+    /// The response held in `value`, shaped like the contract's response schema.
+    fn from_value(value: apache_avro::types::Value) -> Result<Self, DecodeError> {
+        let schema = &ContractSchemas::get().workflow_response;
+        let malformed = |detail: String| DecodeError {
+            kind: DecodeErrorKind::Malformed,
+            detail,
+        };
         let apache_avro::types::Value::Record(fields) = value else {
             return Err(malformed("not a record".into()));
         };

@@ -1,7 +1,10 @@
-//! Client for the Confluent Schema Registry REST API, only the calls decoding needs:
+//! Client for the Confluent Schema Registry REST API, only the calls gridtalk needs. Decoding:
 //! `GET /schemas/ids/{id}`, and `GET /subjects/{subject}/versions/{version}` for the schemas a
 //! schema *references* (Confluent's schema references: a named type defined under another
-//! subject).
+//! subject). Publishing: `POST /compatibility/subjects/{subject}/versions/latest` (is our schema
+//! compatible with what the subject holds), `POST /subjects/{subject}/versions` (register it, or
+//! learn its id if it already is) and `POST /subjects/{subject}` (look the id up without
+//! registering, for registries where applications may not register).
 //!
 //! Guarantees:
 //! - Schema ids are immutable in a registry, so a fetched schema is cached for the life of the
@@ -35,6 +38,21 @@ pub enum RegistryError {
     /// The registry could not be reached or failed; the same call may work later.
     #[error("schema registry unavailable: {0}")]
     Unavailable(String),
+    /// The registry refused a request about a subject (incompatible schema, not registered,
+    /// credentials refused): asking again will not change the answer.
+    #[error("schema registry refused: {0}")]
+    Refused(String),
+}
+
+/// The registry's verdict on a schema for a subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compatibility {
+    /// The subject holds no schema yet: anything may be registered.
+    NewSubject,
+    /// Compatible with the subject's latest version under the subject's compatibility level.
+    Compatible,
+    /// Not compatible; the registry's reasons, when it gave them.
+    Incompatible(Vec<String>),
 }
 
 impl RegistryError {
@@ -43,6 +61,20 @@ impl RegistryError {
         matches!(self, RegistryError::Unavailable(_))
     }
 }
+
+/// A Confluent error body: `{"error_code": 40401, "message": "Subject 'x' not found."}`.
+#[derive(serde::Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    error_code: i64,
+    #[serde(default)]
+    message: String,
+}
+
+/// Confluent's error codes for "subject not found" and "schema not found" (under a subject).
+const SUBJECT_NOT_FOUND: i64 = 40401;
+const VERSION_NOT_FOUND: i64 = 40402;
+const SCHEMA_NOT_FOUND: i64 = 40403;
 
 #[derive(serde::Deserialize)]
 struct SchemaResponse {
@@ -164,7 +196,7 @@ impl RegistryClient {
             self.collect_references(&body.references, 1, &mut visiting, &mut definitions)
                 .await
                 .map_err(|e| match e {
-                    RegistryError::Unavailable(_) => e,
+                    RegistryError::Unavailable(_) | RegistryError::Refused(_) => e,
                     RegistryError::NotFound { .. } | RegistryError::Invalid { .. } => {
                         invalid(e.to_string())
                     }
@@ -223,6 +255,113 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Whether `schema` (Avro JSON) is compatible with the latest version under `subject`.
+    pub async fn compatibility(
+        &self,
+        subject: &str,
+        schema: &str,
+    ) -> Result<Compatibility, RegistryError> {
+        let url = format!(
+            "{}/compatibility/subjects/{}/versions/latest?verbose=true",
+            self.base_url,
+            encode_path_segment(subject)
+        );
+        match self.post(&url, schema).await? {
+            Posted::Ok(body) => {
+                if body.get("is_compatible").and_then(Value::as_bool) == Some(true) {
+                    return Ok(Compatibility::Compatible);
+                }
+                let reasons = body
+                    .get("messages")
+                    .and_then(Value::as_array)
+                    .map(|m| {
+                        m.iter()
+                            .map(|r| r.as_str().map_or_else(|| r.to_string(), str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(Compatibility::Incompatible(reasons))
+            }
+            Posted::Error(status, e)
+                if status == reqwest::StatusCode::NOT_FOUND
+                    && matches!(e.error_code, SUBJECT_NOT_FOUND | VERSION_NOT_FOUND) =>
+            {
+                Ok(Compatibility::NewSubject)
+            }
+            Posted::Error(status, e) => Err(refused_or_unavailable(&url, status, e)),
+        }
+    }
+
+    /// Registers `schema` under `subject` (a no-op returning the existing id if it is already
+    /// there) and returns its id. The registry checks compatibility itself and answers 409 when
+    /// it is not.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
+        let url = format!(
+            "{}/subjects/{}/versions",
+            self.base_url,
+            encode_path_segment(subject)
+        );
+        match self.post(&url, schema).await? {
+            Posted::Ok(body) => schema_id_of(&url, &body),
+            Posted::Error(status, e) => Err(refused_or_unavailable(&url, status, e)),
+        }
+    }
+
+    /// The id of `schema` under `subject` if it is registered there, without registering it.
+    pub async fn lookup(&self, subject: &str, schema: &str) -> Result<Option<u32>, RegistryError> {
+        let url = format!(
+            "{}/subjects/{}",
+            self.base_url,
+            encode_path_segment(subject)
+        );
+        match self.post(&url, schema).await? {
+            Posted::Ok(body) => schema_id_of(&url, &body).map(Some),
+            Posted::Error(status, e)
+                if status == reqwest::StatusCode::NOT_FOUND
+                    && matches!(e.error_code, SUBJECT_NOT_FOUND | SCHEMA_NOT_FOUND) =>
+            {
+                Ok(None)
+            }
+            Posted::Error(status, e) => Err(refused_or_unavailable(&url, status, e)),
+        }
+    }
+
+    /// POSTs an Avro schema as Confluent's `{"schema": "…"}` body.
+    async fn post(&self, url: &str, schema: &str) -> Result<Posted, RegistryError> {
+        let mut request = self
+            .http
+            .post(url)
+            .header("Accept", "application/vnd.schemaregistry.v1+json")
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .body(serde_json::json!({ "schema": schema }).to_string());
+        if let Some((user, password)) = &self.basic_auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("POST {url}: {e}")))?;
+        if status.is_success() {
+            let body = serde_json::from_str(&text).map_err(|e| {
+                RegistryError::Unavailable(format!(
+                    "POST {url} answered {status} with no JSON: {e}"
+                ))
+            })?;
+            Ok(Posted::Ok(body))
+        } else {
+            let mut error: ErrorBody = serde_json::from_str(&text).unwrap_or_default();
+            if error.message.is_empty() {
+                error.message = text.chars().take(200).collect();
+            }
+            Ok(Posted::Error(status, error))
+        }
+    }
+
     /// GET a registry resource: `Ok(None)` when the registry answers 404.
     async fn get(&self, url: &str) -> Result<Option<SchemaResponse>, RegistryError> {
         let mut request = self
@@ -253,6 +392,32 @@ impl RegistryClient {
                 id: 0,
                 detail: format!("GET {url}: {e}"),
             })
+    }
+}
+
+/// What a POST answered: a JSON body, or an error status with Confluent's error body.
+enum Posted {
+    Ok(Value),
+    Error(reqwest::StatusCode, ErrorBody),
+}
+
+fn schema_id_of(url: &str, body: &Value) -> Result<u32, RegistryError> {
+    body.get("id")
+        .and_then(Value::as_u64)
+        .and_then(|id| u32::try_from(id).ok())
+        .ok_or_else(|| RegistryError::Unavailable(format!("POST {url} answered no schema id")))
+}
+
+/// A registry's error answer: server errors and throttling may pass, the rest is its verdict.
+fn refused_or_unavailable(url: &str, status: reqwest::StatusCode, e: ErrorBody) -> RegistryError {
+    let detail = format!(
+        "POST {url} answered {status} (error {}): {}",
+        e.error_code, e.message
+    );
+    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        RegistryError::Unavailable(detail)
+    } else {
+        RegistryError::Refused(detail)
     }
 }
 

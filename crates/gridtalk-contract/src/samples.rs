@@ -180,3 +180,164 @@ pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -
         "payload": {payload_type: payload}
     }))
 }
+
+/// One response of each kind the converse stage publishes, as it publishes them at `now_ms`:
+/// answers to the sample requests (taps and texts), and a delivery status.
+pub fn sample_responses(now_ms: i64) -> Vec<crate::WorkflowResponse> {
+    use crate::{ResponseBody, WorkflowResponse};
+    let response = |wamid: &str,
+                    response_type: &str,
+                    correlation_id: &str,
+                    request: Option<(&str, &str)>,
+                    contact: &str,
+                    body: ResponseBody| WorkflowResponse {
+        response_id: wamid.into(),
+        response_type: response_type.into(),
+        correlation_id: correlation_id.into(),
+        in_reply_to_event_id: request.map(|(event, _)| event.to_string()),
+        request_id: request.map(|(_, id)| id.to_string()),
+        contact_id: Some(contact.into()),
+        partner_id: Some("ACME".into()),
+        wa_message_id: wamid.into(),
+        wa_context_message_id: request.map(|_| format!("{wamid}-request")),
+        received_at: now_ms,
+        body,
+    };
+    vec![
+        response(
+            "wamid.HBgLMTU1NTAxMDAwMDEVAgASGBQzQUE1",
+            "wa.po.ack_decision",
+            "ACME|850|PO-4500001",
+            Some(("9e3779b1-0001-4001-8000-000000000001", "PO-4500001")),
+            "acme-order-desk",
+            ResponseBody::PoAckDecision {
+                po_number: "PO-4500001".into(),
+                decision: "ACCEPT".into(),
+                comment: None,
+            },
+        ),
+        response(
+            "wamid.HBgLMTU1NTAxMDAwMDIVAgASGBQzQUI2",
+            "wa.invoice.correction_ack",
+            "ACME|810|INV-900006",
+            Some(("b54cda26-0006-4006-8000-000000000006", "INV-900006")),
+            "acme-billing",
+            ResponseBody::CorrectionAnswer {
+                document_key: "INV-900006".into(),
+                answer: "WILL_RESEND".into(),
+                new_eta: None,
+                comment: None,
+            },
+        ),
+        response(
+            "wamid.HBgLMTU1NTAxMDAwMDMVAgASGBQzQUM3",
+            "wa.shipment.exception_response",
+            "ACME|856|SH-700010",
+            Some(("2e2ac0ea-000a-400a-8001-00000000000a", "SH-700010")),
+            "acme-dispatch",
+            ResponseBody::CorrectionAnswer {
+                document_key: "SH-700010".into(),
+                answer: "NEW_ETA".into(),
+                new_eta: Some(1_795_773_600_000),
+                comment: Some("New ETA 2026-11-26, the hub reopened".into()),
+            },
+        ),
+        response(
+            "wamid.HBgLMTU1NTAxMDAwMDQVAgASGBQzQUQ4",
+            "wa.onboarding.acknowledged",
+            "ACME|ONBOARDING|ONB-311",
+            Some(("cc623a9b-000b-400b-8001-00000000000b", "ONB-311")),
+            "acme-onboarding",
+            ResponseBody::OnboardingAcknowledgement {
+                onboarding_id: "ONB-311".into(),
+                action: "WILL_SUBMIT".into(),
+                item_code: None,
+                comment: None,
+            },
+        ),
+        response(
+            "wamid.HBgLMTQxNTU1NTAxMDEVAgASGBQzQUU5",
+            "wa.approval.decided",
+            "ACME|860|APR-8014",
+            Some(("a708a7ae-000e-400e-8002-00000000000e", "APR-8014")),
+            "buyer-maria",
+            ResponseBody::ApprovalDecision {
+                approval_id: "APR-8014".into(),
+                decision: "APPROVE".into(),
+                comment: None,
+            },
+        ),
+        response(
+            "wamid.HBgLMTU1NTAxMDAwMDUVAgASGBQzQUYx",
+            "wa.case.message_received",
+            "ACME|CASE|CASE-1215",
+            Some(("4540215f-000f-400f-8002-00000000000f", "CASE-1215")),
+            "acme-support",
+            ResponseBody::CaseMessage {
+                case_id: Some("CASE-1215".into()),
+                text: "24 cartons found at the cross-dock, shipping today".into(),
+            },
+        ),
+        response(
+            "wamid.HBgLMTU1NTAxMDAwMDEVAgASGBQzQUcy",
+            "wa.request.comment",
+            "ACME|850|PO-4500001",
+            Some(("9e3779b1-0001-4001-8000-000000000001", "PO-4500001")),
+            "acme-order-desk",
+            ResponseBody::CaseMessage {
+                case_id: Some("PO-4500001".into()),
+                text: "Line 3 ships a week later".into(),
+            },
+        ),
+        WorkflowResponse {
+            response_id: "wamid.HBgLMTU1NTAxMDAwMDEVAgARGBJBQUE1:read".into(),
+            response_type: "wa.message.status".into(),
+            correlation_id: "ACME|850|PO-4500001".into(),
+            in_reply_to_event_id: Some("9e3779b1-0001-4001-8000-000000000001".into()),
+            request_id: Some("PO-4500001".into()),
+            contact_id: Some("acme-order-desk".into()),
+            partner_id: Some("ACME".into()),
+            wa_message_id: "wamid.HBgLMTU1NTAxMDAwMDEVAgARGBJBQUE1".into(),
+            wa_context_message_id: None,
+            received_at: now_ms,
+            body: ResponseBody::DeliveryStatus {
+                status: "READ".into(),
+                error_code: None,
+                error_title: None,
+            },
+        },
+    ]
+}
+
+/// One audit record of each stage: a forged button refused by converse, a webhook with a bad
+/// signature refused by ingest.
+pub fn sample_audits(now_ms: i64) -> Vec<crate::AuditRecord> {
+    vec![
+        crate::AuditRecord {
+            audit_id: "wamid.HBgLMTQxNTU1NTAxMDEVAgASGBQzQUgz:token_forged".into(),
+            reason: "token_forged".into(),
+            stage: "converse".into(),
+            detail: "button \"Approve\": button token signature does not match".into(),
+            wa_id: Some("14155550101".into()),
+            contact_id: None,
+            request_id: Some("APR-8014".into()),
+            action: Some("REJECT".into()),
+            correlation_id: Some("ACME|860|APR-8014".into()),
+            wa_message_id: Some("wamid.HBgLMTQxNTU1NTAxMDEVAgASGBQzQUgz".into()),
+            at: now_ms,
+        },
+        crate::AuditRecord {
+            audit_id: format!("webhook:5d41402abc4b2a76b9719d91:{now_ms}"),
+            reason: "bad_signature".into(),
+            stage: "ingest".into(),
+            detail: "invalid X-Hub-Signature-256 on a 58-byte body (sha256 prefix 5d41402abc4b2a76b9719d91); refused with 401 unread".into(),
+            wa_id: None,
+            contact_id: None,
+            request_id: None,
+            action: None,
+            correlation_id: None,
+            wa_message_id: None,
+            at: now_ms,
+        },
+    ]
+}

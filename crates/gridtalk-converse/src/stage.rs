@@ -13,7 +13,7 @@ use gridtalk_telemetry::Readiness;
 use crate::conversation::{Conversations, Settings};
 use crate::settle::Settlements;
 use crate::settle_strategy::{SettleStrategy, STAGE as SETTLE_STAGE};
-use crate::strategy::{ConverseStrategy, Publishing, STAGE};
+use crate::strategy::{ConverseStrategy, Framings, Publishing, STAGE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConverseError {
@@ -102,6 +102,25 @@ pub async fn run(
             Some(checked) => checked?,
         }
     }
+    let framings = {
+        let mut settled = Vec::new();
+        for (topic, schema) in [
+            (
+                &config.topics.responses,
+                gridtalk_contract::WORKFLOW_RESPONSE_AVSC,
+            ),
+            (&config.topics.audit, gridtalk_contract::AUDIT_RECORD_AVSC),
+        ] {
+            match gridtalk_kafka::published::framing_for(&config, topic, schema, &shutdown).await {
+                None => return Ok(()),
+                Some(framing) => settled.push(framing.map_err(ConverseError::Config)?),
+            }
+        }
+        Framings {
+            responses: settled[0],
+            audit: settled[1],
+        }
+    };
     let directory = gridtalk_directory::open(&config, &shutdown)
         .await
         .map_err(ConverseError::Config)?;
@@ -128,8 +147,18 @@ pub async fn run(
         readiness.register(SETTLE_STAGE),
     )?;
     let producer = gridtalk_kafka::producer(&config.kafka)?;
-    let publishing = Arc::new(Publishing::new(config.clone(), producer.clone(), STAGE));
-    let settling = Arc::new(Publishing::new(config.clone(), producer, SETTLE_STAGE));
+    let publishing = Arc::new(Publishing::new(
+        config.clone(),
+        producer.clone(),
+        STAGE,
+        framings,
+    ));
+    let settling = Arc::new(Publishing::new(
+        config.clone(),
+        producer,
+        SETTLE_STAGE,
+        framings,
+    ));
     let settlements = Settlements::new(settings(&config)?);
     // Either failing stops both (the process restarts and replays).
     let stop = shutdown.child_token();

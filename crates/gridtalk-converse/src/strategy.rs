@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use gridtalk_config::Config;
 use gridtalk_contract::WebhookItem;
-use gridtalk_contract::{AvroRecord, SentMessage, WorkflowResponse};
+use gridtalk_contract::{AvroRecord, Framing, SentMessage, WorkflowResponse};
 use gridtalk_directory::SharedDirectory;
 use gridtalk_kafka::driver::{Record, StageFailure, Strategy, Submit, Ticket, TopicPartition};
 use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError};
@@ -52,10 +52,19 @@ struct Waiting {
     deadline: Instant,
 }
 
+/// How the response and audit records are framed (settled at start-up, see
+/// [`gridtalk_kafka::published`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Framings {
+    pub responses: Framing,
+    pub audit: Framing,
+}
+
 /// What the strategy and its publishing tasks share.
 pub(crate) struct Publishing {
     pub config: Arc<Config>,
     pub producer: FutureProducer,
+    pub framings: Framings,
     /// The stage its changelog entries belong to (`converse`, `decide`).
     pub stage: &'static str,
     /// When each state entry of each held webhook partition expires, for its tombstone.
@@ -66,10 +75,16 @@ pub(crate) struct Publishing {
 }
 
 impl Publishing {
-    pub(crate) fn new(config: Arc<Config>, producer: FutureProducer, stage: &'static str) -> Self {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        producer: FutureProducer,
+        stage: &'static str,
+        framings: Framings,
+    ) -> Self {
         Publishing {
             config,
             producer,
+            framings,
             stage,
             expiries: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -520,7 +535,7 @@ pub(crate) fn publish(
                 (
                     &topics.responses,
                     r.correlation_id.clone(),
-                    r.to_avro(),
+                    r.encode(publishing.framings.responses),
                     OwnedHeaders::new().insert(Header {
                         key: "gridtalk.response_type",
                         value: Some(r.response_type.as_bytes()),
@@ -544,7 +559,7 @@ pub(crate) fn publish(
                         .clone()
                         .or_else(|| a.wa_id.clone())
                         .unwrap_or_default(),
-                    a.to_avro(),
+                    a.encode(publishing.framings.audit),
                     OwnedHeaders::new().insert(Header {
                         key: "gridtalk.audit.reason",
                         value: Some(a.reason.as_bytes()),
@@ -645,25 +660,33 @@ pub(crate) fn publish(
     });
 }
 
-/// The ids of the responses published within `converse.replay_lookback_ms`.
+/// The ids of the responses published within `converse.replay_lookback_ms`, in either framing.
 async fn recently_published(config: &Arc<Config>) -> Result<Vec<String>, KafkaError> {
-    let config = config.clone();
-    tokio::task::spawn_blocking(move || {
-        let since = now_ms() - config.converse.replay_lookback_ms as i64;
-        let payloads = gridtalk_kafka::changelog::recent_payloads(
-            &config.kafka,
-            &config.topics.responses,
-            since,
-            gridtalk_kafka::ADMIN_TIMEOUT,
-        )?;
-        Ok(payloads
-            .iter()
-            .filter_map(|p| WorkflowResponse::from_avro(p).ok())
-            .map(|r| r.response_id)
-            .collect())
-    })
-    .await
-    .map_err(|e| KafkaError::Restore(format!("response topic read: {e}")))?
+    let payloads = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let since = now_ms() - config.converse.replay_lookback_ms as i64;
+            gridtalk_kafka::changelog::recent_payloads(
+                &config.kafka,
+                &config.topics.responses,
+                since,
+                gridtalk_kafka::ADMIN_TIMEOUT,
+            )
+        })
+        .await
+        .map_err(|e| KafkaError::Restore(format!("response topic read: {e}")))??
+    };
+    let registry = gridtalk_kafka::published::registry_client(&config.contract);
+    let mut ids = Vec::with_capacity(payloads.len());
+    for payload in &payloads {
+        match WorkflowResponse::decode(payload, registry.as_ref()).await {
+            Ok(response) => ids.push(response.response_id),
+            Err(e) => {
+                tracing::debug!(error = %e, "a record on the response topic is not a response gridtalk can read")
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Deletes expired state entries of the held partitions from the changelog (tombstones), so it

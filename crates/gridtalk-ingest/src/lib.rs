@@ -66,6 +66,8 @@ struct Shared {
     producer: FutureProducer,
     topic: String,
     audit_topic: String,
+    /// How audit records are framed (settled at start-up, see [`gridtalk_kafka::published`]).
+    audit_framing: gridtalk_contract::Framing,
     timeout: Duration,
     max_body_bytes: usize,
     body_read_timeout: Duration,
@@ -393,7 +395,7 @@ async fn audit_bad_signature(shared: &Shared, body: &[u8], had_signature: bool) 
         wa_message_id: None,
         at,
     };
-    let bytes = audit.to_avro();
+    let bytes = audit.encode(shared.audit_framing);
     let record = FutureRecord::to(&shared.audit_topic)
         .key("webhook")
         .payload(&bytes)
@@ -414,12 +416,24 @@ pub async fn run(
 ) -> Result<(), IngestError> {
     let ready = readiness.register("ingest");
     let (verify_token, app_secret) = config.ingest_secrets().map_err(IngestError::Config)?;
+    let audit_framing = match gridtalk_kafka::published::framing_for(
+        &config,
+        &config.topics.audit,
+        gridtalk_contract::AUDIT_RECORD_AVSC,
+        &shutdown,
+    )
+    .await
+    {
+        None => return Ok(()),
+        Some(framing) => framing.map_err(IngestError::Config)?,
+    };
     let shared = Arc::new(Shared {
         verify_token,
         app_secret,
         producer: gridtalk_kafka::producer(&config.kafka)?,
         topic: config.topics.webhook.clone(),
         audit_topic: config.topics.audit.clone(),
+        audit_framing,
         timeout: Duration::from_millis(config.kafka.request_timeout_ms),
         max_body_bytes: config.ingest.max_body_bytes,
         body_read_timeout: Duration::from_millis(config.ingest.body_read_timeout_ms),

@@ -18,6 +18,7 @@ mod dlq;
 pub mod driver;
 mod ends;
 mod offsets;
+pub mod published;
 mod topics;
 
 use std::time::Duration;

@@ -2,13 +2,12 @@
 //! strategy handed to the driver (see the crate docs for the guarantees).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use gridtalk_config::Config;
-use gridtalk_contract::{ContractSchemas, EventDecoder, RegistryClient, SchemaSet};
+use gridtalk_contract::{ContractSchemas, EventDecoder, SchemaSet};
 use gridtalk_kafka::driver::{Driver, DriverSettings, OffsetReset};
 use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::Readiness;
@@ -32,25 +31,7 @@ fn decoder(config: &Config) -> Result<EventDecoder, RouteError> {
             .load_dir(dir)
             .map_err(|e| RouteError::Config(e.join("; ")))?;
     }
-    let registry = config.contract.schema_registry_url.as_deref().map(|url| {
-        let auth = config.contract.schema_registry_username.clone().map(|u| {
-            (
-                u,
-                config
-                    .contract
-                    .schema_registry_password
-                    .as_ref()
-                    .map(|p| p.expose().to_string())
-                    .unwrap_or_default(),
-            )
-        });
-        RegistryClient::new(
-            url,
-            auth,
-            Duration::from_secs(10),
-            Duration::from_secs(config.contract.schema_registry_negative_cache_secs),
-        )
-    });
+    let registry = gridtalk_kafka::published::registry_client(&config.contract);
     Ok(EventDecoder::new(
         ContractSchemas::get().trading_grid_event.clone(),
         known,
