@@ -1,6 +1,7 @@
 # Production image: the gridtalk binary only (no embedded broker, no WhatsApp sandbox).
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config zlib1g-dev \
+        libzstd-dev libsasl2-dev libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -11,7 +12,9 @@ RUN cargo build --release --locked -p gridtalk \
     && cp target/release/gridtalk /usr/local/bin/gridtalk
 
 FROM debian:bookworm-slim
+# The libraries librdkafka links, and for Kerberos logins the Cyrus SASL GSSAPI plugin and kinit.
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
+        libzstd1 libsasl2-2 libsasl2-modules-gssapi-mit libcurl4 krb5-user \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home gridtalk
 COPY --from=build /usr/local/bin/gridtalk /usr/local/bin/gridtalk

@@ -563,3 +563,92 @@ body = [{ path = "/payload/po_number" }]
     assert_eq!(shown.templates, config.templates);
     assert_eq!(shown.send.pair_burst, 3);
 }
+
+/// The environment variables a documented example names in its comments (`GRIDTALK__…`).
+fn variables_named_in(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("GRIDTALK__") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_' || *c == '.')
+            .collect();
+        let name = name.trim_end_matches('.').to_string();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// Every `[kafka]` example of `docs/kafka-security.md` (Confluent Cloud with an API key and with
+/// OAuth/OIDC, MSK with SCRAM, Strimzi with mutual TLS and SCRAM, Kerberos) passes `gridtalk
+/// check`, with the secrets its comments name given in the environment and the certificate files
+/// it names made for the test: librdkafka accepted every setting. A value librdkafka refuses is
+/// reported under `kafka.client`.
+#[test]
+fn gridtalk_check_accepts_every_documented_secured_cluster_example() {
+    let dir = scratch("kafka-examples");
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let openssl = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=gridtalk", "-keyout"])
+        .arg(certs.join("user.key"))
+        .arg("-out")
+        .arg(certs.join("user.crt"))
+        .output()
+        .expect("openssl runs");
+    assert!(openssl.status.success(), "{openssl:?}");
+    std::fs::copy(certs.join("user.crt"), certs.join("ca.crt")).unwrap();
+
+    let doc = read("docs/kafka-security.md");
+    let examples: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|block| block.split_once("```").expect("a closed block").0)
+        .collect();
+    assert!(examples.len() >= 6, "{} examples", examples.len());
+    let stage_secrets = [
+        ("GRIDTALK__SEND__ACCESS_TOKEN", "EAAG-test-token"),
+        ("GRIDTALK__SEND__PHONE_NUMBER_ID", "106540352242922"),
+        ("GRIDTALK__INGEST__VERIFY_TOKEN", "verify"),
+        ("GRIDTALK__INGEST__APP_SECRET", "app-secret"),
+        (
+            "GRIDTALK__ROUTE__BUTTON_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        ),
+    ];
+    let check = |name: &str, text: &str| {
+        let text = text
+            .replace(
+                "/etc/kafka/cluster-ca/ca.crt",
+                certs.join("ca.crt").to_str().unwrap(),
+            )
+            .replace(
+                "/etc/kafka/user/user.crt",
+                certs.join("user.crt").to_str().unwrap(),
+            )
+            .replace(
+                "/etc/kafka/user/user.key",
+                certs.join("user.key").to_str().unwrap(),
+            );
+        std::fs::write(dir.join(name), &text).unwrap();
+        let named = variables_named_in(&text);
+        let mut env: Vec<(&str, &str)> = stage_secrets.to_vec();
+        env.extend(named.iter().map(|n| (n.as_str(), "a-documented-secret")));
+        gridtalk(&dir, &["check", "--config", name], &env)
+    };
+    for (i, example) in examples.iter().enumerate() {
+        let (code, _, stderr) = check(&format!("example-{i}.toml"), example);
+        assert_eq!(code, 0, "example {i} refused:\n{example}\n{stderr}");
+        assert!(!stderr.contains("a-documented-secret"), "{stderr}");
+    }
+    // The first example with its protocol misspelt: refused, under the key librdkafka names.
+    let broken = examples[0].replace("\"SASL_SSL\"", "\"SASL_SSSL\"");
+    let (code, _, stderr) = check("broken.toml", &broken);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("kafka.client"), "{stderr}");
+    assert!(stderr.contains("security.protocol"), "{stderr}");
+}

@@ -82,3 +82,55 @@ pub async fn why_unreachable(config: &KafkaConfig) -> Option<String> {
         .await
         .unwrap_or_else(|e| Some(format!("the probe failed: {e}")))
 }
+
+/// What librdkafka refuses in the client settings (`kafka.client.*`, `kafka.producer.*`): an
+/// unknown property, a value out of range, a SASL mechanism or OIDC token retrieval this build
+/// cannot do. Found by creating, and at once dropping, a producer and a consumer with the
+/// settings the stages use; nothing is sent.
+pub fn settings_problems(config: &KafkaConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = crate::producer(config) {
+        problems.push(format!(
+            "kafka.client / kafka.producer: librdkafka refuses the producer settings: {e}"
+        ));
+    }
+    if let Err(e) = crate::tail_consumer(config) {
+        let e = e.to_string();
+        if !problems.iter().any(|p| p.contains(&e)) {
+            problems.push(format!(
+                "kafka.client: librdkafka refuses the consumer settings: {e}"
+            ));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    /// The librdkafka this build links can do what secured clusters and their producers ask for.
+    #[test]
+    fn librdkafka_is_built_with_kerberos_oidc_scram_tls_and_every_codec() {
+        let native = rdkafka::ClientConfig::new()
+            .create_native_config()
+            .expect("a configuration");
+        let features = native.get("builtin.features").expect("builtin.features");
+        let features: Vec<&str> = features.split(',').collect();
+        for wanted in [
+            "ssl",
+            "sasl_plain",
+            "sasl_scram",
+            "sasl_gssapi",
+            "sasl_oauthbearer",
+            "oidc",
+            "gzip",
+            "snappy",
+            "lz4",
+            "zstd",
+        ] {
+            assert!(
+                features.contains(&wanted),
+                "{wanted} missing from {features:?}"
+            );
+        }
+    }
+}

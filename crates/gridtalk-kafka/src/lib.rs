@@ -27,7 +27,7 @@ use gridtalk_config::KafkaConfig;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
-pub use diagnose::{probe, why_unreachable};
+pub use diagnose::{probe, settings_problems, why_unreachable};
 pub use dlq::{
     dead_letter, list_dead_letters, replay_dead_letters, LetterGroup, ReplayFilter, ReplayLedger,
     ReplayReport, DLQ_HEADER_PREFIX,

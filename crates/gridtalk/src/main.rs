@@ -207,6 +207,7 @@ fn check_problems(config: Option<&PathBuf>, stages: &[Stage]) -> (Vec<String>, O
     };
     let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
     problems.extend(config.problems_for(&names));
+    problems.extend(gridtalk_kafka::settings_problems(&config.kafka));
     problems.extend(gridtalk_route::pointer_problems(&config));
     if let Some(path) = &config.directory.file {
         if let Ok(text) = std::fs::read_to_string(path) {
