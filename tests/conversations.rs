@@ -578,11 +578,24 @@ async fn a_person_taps_approve_on_the_sandbox_page_in_headless_chromium() {
         "Maria's phone with the approval request and its buttons",
         WAIT,
         &format!(
-            r#"(() => {{ const phone = {maria}; return !!phone && phone.innerText.includes("Approval needed: PO-4500044 change 1")
+            r#"(() => {{ const phone = {maria}; return !!phone && phone.innerText.includes("Approval APR-8044 needed: PO-4500044 change 1")
                 && !!phone.querySelector('button.reply[data-title="Approve"]'); }})()"#
         ),
     )
     .await;
+    // The phone is labelled with the directory's name for its holder and their company; the chat
+    // shows the business that writes to them.
+    let label = page
+        .evaluate(&format!(r#"(() => {maria}.innerText)()"#))
+        .await;
+    let label = label.as_str().expect("text");
+    for shown in [
+        "Maria Keller",
+        "+14155550101 · Northwind Retail",
+        "Northwind Retail",
+    ] {
+        assert!(label.contains(shown), "{shown:?} not on the phone: {label}");
+    }
     // The person taps Approve.
     let tapped = page
         .evaluate(&format!(

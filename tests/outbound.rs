@@ -246,6 +246,7 @@ fn every_flow() -> Vec<Flow> {
                 "approval_request",
                 "en_US",
                 strings(&[
+                    "APR-8015",
                     "PO-4500015 change 1",
                     "Quantity on line 2 raised from 40 to 55 cases",
                     "USD 412.50",
@@ -341,6 +342,35 @@ async fn every_outbound_flow_reaches_the_right_people_with_the_right_template() 
     );
     // Every request names our number, and action buttons carry the document they answer.
     let messages = pipeline.sandbox.messages();
+    // Each person reads the approved text of the language they were sent (the German contact
+    // German), with the buttons' titles in that language too.
+    for m in &messages {
+        let template = pipeline
+            .config
+            .templates
+            .iter()
+            .find(|t| Some(&t.name) == m.template.as_ref())
+            .expect("a configured template");
+        let language = m.language.as_deref().expect("a language");
+        let translation = template.translations.get(language);
+        let mut text = translation.map_or(&template.text, |t| &t.text).clone();
+        for (i, p) in m.parameters.iter().enumerate() {
+            text = text.replace(&format!("{{{{{}}}}}", i + 1), p);
+        }
+        assert_eq!(m.rendered, text, "{} in {language}", template.name);
+        if let Some(t) = translation.filter(|t| !t.buttons.is_empty()) {
+            assert_eq!(m.buttons, t.buttons, "{} in {language}", template.name);
+        }
+    }
+    let languages: std::collections::BTreeSet<&str> = messages
+        .iter()
+        .filter_map(|m| m.language.as_deref())
+        .collect();
+    assert!(languages.contains("de_DE"), "{languages:?}");
+    assert!(
+        messages.iter().any(|m| m.rendered.starts_with("Rechnung")),
+        "a German invoice message"
+    );
     assert!(messages
         .iter()
         .all(|m| m.phone_number_id == PHONE_NUMBER_ID));
@@ -1443,6 +1473,7 @@ fn expected_approval(seq: u64, approver: usize) -> (String, String, String, Vec<
         "approval_request".into(),
         "en_US".into(),
         vec![
+            format!("APR-{}", 8_000 + seq),
             format!("PO-{} change 1", 4_500_000 + seq),
             "Quantity on line 2 raised from 40 to 55 cases".into(),
             "USD 412.50".into(),

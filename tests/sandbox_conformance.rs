@@ -174,6 +174,59 @@ async fn upper_case_component_types_are_read_like_lower_case() {
     );
 }
 
+/// A template is shown in the language it was sent in, as WhatsApp shows the approved
+/// translation: the same request in en_US, de_DE and es_MX reads in English, German and Spanish,
+/// buttons included; a language the template is not approved in is Meta's 132001.
+#[tokio::test]
+async fn a_template_is_rendered_in_the_language_it_was_sent_in() {
+    let (sandbox, _stop) = sandbox(|_| {}).await;
+    let body: Vec<String> = ["PO-7", "Northwind Retail", "USD 9.00", "2026-12-04"]
+        .map(String::from)
+        .to_vec();
+    let tokens = ["a".to_string(), "b".into(), "c".into()];
+    for (to, language) in [
+        ("14155550111", "en_US"),
+        ("4915110000012", "de_DE"),
+        ("5215550000013", "es_MX"),
+    ] {
+        let request =
+            gridtalk_whatsapp::template_message(to, "po_ack_request", language, &body, &tokens);
+        let (status, answer) = post(&sandbox, "good", &request).await;
+        assert_eq!(status, 200, "{language}: {answer}");
+    }
+    let shown: Vec<(String, Vec<String>)> = sandbox
+        .messages()
+        .into_iter()
+        .map(|m| (m.rendered, m.buttons))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (
+                "New purchase order PO-7 from Northwind Retail for USD 9.00. Please acknowledge by 2026-12-04.".to_string(),
+                vec!["Accept".to_string(), "Accept with changes".into(), "Reject".into()]
+            ),
+            (
+                "Neue Bestellung PO-7 von Northwind Retail über USD 9.00. Bitte bestätigen Sie bis 2026-12-04.".into(),
+                vec!["Annehmen".into(), "Mit Änderungen".into(), "Ablehnen".into()]
+            ),
+            (
+                "Nueva orden de compra PO-7 de Northwind Retail por USD 9.00. Confirme antes del 2026-12-04.".into(),
+                vec!["Aceptar".into(), "Aceptar con cambios".into(), "Rechazar".into()]
+            ),
+        ]
+    );
+    let request = gridtalk_whatsapp::template_message(
+        "33600000014",
+        "po_ack_request",
+        "fr_FR",
+        &body,
+        &tokens,
+    );
+    let (status, answer) = post(&sandbox, "good", &request).await;
+    assert_eq!((status, code(&answer)), (404, 132001), "{answer}");
+}
+
 /// Token errors come in Meta's OAuth body: no `(#190)` prefix, no `error_data`, subcode 463 for a
 /// token that expired; a token Meta cannot parse has no subcode; no token at all is 104.
 #[tokio::test]

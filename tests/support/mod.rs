@@ -283,6 +283,9 @@ impl Default for Setup {
                 phone_number_ids: vec![PHONE_NUMBER_ID.into()],
                 valid_tokens: vec![TOKEN.into()],
                 templates: gridtalk_sandbox::templates_from_config(&config.templates),
+                business_name: "Northwind Retail".into(),
+                people: gridtalk_sandbox::people_from_directory(DIRECTORY, "Northwind Retail")
+                    .expect("the test directory"),
                 ..SandboxConfig::default()
             },
             overrides: Vec::new(),

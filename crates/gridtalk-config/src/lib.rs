@@ -381,6 +381,30 @@ pub struct TemplateConfig {
     /// Quick-reply buttons (at most 3 are used by gridtalk's flows).
     #[serde(default)]
     pub buttons: Vec<ButtonConfig>,
+    /// The approved text and button titles of the other languages, as the business account holds
+    /// them (`[templates.translations.de_DE]`): the same placeholders in the words of that
+    /// language. A language without one is shown with `text`. gridtalk sends only the language
+    /// code and the parameters; the sandbox renders the text of the language that was sent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub translations: BTreeMap<String, TranslationConfig>,
+}
+
+/// One language's approved wording of a template.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TranslationConfig {
+    /// The body text in this language, with the same `{{1}}`..`{{n}}` placeholders.
+    pub text: String,
+    /// The quick-reply titles in this language, in the order of `buttons`.
+    #[serde(default)]
+    pub buttons: Vec<String>,
+}
+
+/// How many of `{{1}}`, `{{2}}`, … `text` holds, counting from 1 without a gap.
+fn placeholder_count(text: &str, at_most: usize) -> usize {
+    (1..=at_most + 1)
+        .take_while(|i| text.contains(&format!("{{{{{i}}}}}")))
+        .count()
 }
 
 fn utility() -> String {
@@ -650,15 +674,36 @@ impl Config {
                     t.name
                 ));
             }
-            let placeholders = (1..=t.body.len() + 1)
-                .take_while(|i| t.text.contains(&format!("{{{{{i}}}}}")))
-                .count();
+            let placeholders = placeholder_count(&t.text, t.body.len());
             if placeholders != t.body.len() {
                 errors.push(format!(
                     "templates.{}: text has {placeholders} placeholders but {} body parameters",
                     t.name,
                     t.body.len()
                 ));
+            }
+            for (language, translation) in &t.translations {
+                let at = format!("templates.{}.translations.{language}", t.name);
+                if !t.languages.contains(language) {
+                    errors.push(format!(
+                        "{at}: {language} is not one of the template's languages {:?}",
+                        t.languages
+                    ));
+                }
+                let placeholders = placeholder_count(&translation.text, t.body.len());
+                if placeholders != t.body.len() {
+                    errors.push(format!(
+                        "{at}: text has {placeholders} placeholders but {} body parameters",
+                        t.body.len()
+                    ));
+                }
+                if !translation.buttons.is_empty() && translation.buttons.len() != t.buttons.len() {
+                    errors.push(format!(
+                        "{at}: {} button titles for {} buttons",
+                        translation.buttons.len(),
+                        t.buttons.len()
+                    ));
+                }
             }
             for p in &t.body {
                 if !PARAM_FORMATS.contains(&p.format.as_str()) {
@@ -942,6 +987,75 @@ mod tests {
         assert!(config.rules.len() >= 10);
         assert_eq!(config.send.access_token.as_ref().unwrap().expose(), "t0ken");
         assert!(!format!("{config:?}").contains("t0ken"));
+    }
+
+    /// A confirmation ("your answer … on PO-4500021 is recorded") cites the request's document
+    /// key: every built-in request (a template with buttons) shows that key among its
+    /// parameters, so the person recognises the id; every translation keeps the placeholders and
+    /// has a title per button.
+    #[test]
+    fn every_request_shows_the_id_its_confirmation_cites_in_every_language() {
+        let config = Config::load(None, with_token()).unwrap();
+        for t in config.templates.iter().filter(|t| !t.buttons.is_empty()) {
+            assert!(
+                t.body.iter().any(|p| p.path == t.document_key),
+                "{} does not show {}",
+                t.name,
+                t.document_key
+            );
+            for language in t.languages.iter().skip(1) {
+                let translation = t
+                    .translations
+                    .get(language)
+                    .unwrap_or_else(|| panic!("{} has no {language} text", t.name));
+                assert_eq!(
+                    translation.buttons.len(),
+                    t.buttons.len(),
+                    "{} {language}",
+                    t.name
+                );
+            }
+        }
+        for t in &config.templates {
+            for language in t.languages.iter().skip(1) {
+                assert!(
+                    t.translations.contains_key(language),
+                    "{} is approved in {language} but has no text in it",
+                    t.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_translation_outside_the_languages_or_with_other_placeholders_is_refused() {
+        let user = r#"
+[[templates]]
+name = "po_ack_request"
+languages = ["en_US", "de_DE"]
+text = "PO {{1}}"
+document_key = "/payload/po_number"
+body = [{ path = "/payload/po_number" }]
+buttons = [{ action = "ACCEPT", title = "Accept" }]
+
+[templates.translations.de_DE]
+text = "Bestellung"
+buttons = ["Annehmen", "Ablehnen"]
+
+[templates.translations.fr_FR]
+text = "Commande {{1}}"
+"#;
+        let errors = Config::load_text(Some(("user.toml", user)), with_token())
+            .unwrap_err()
+            .0
+            .join("\n");
+        for expected in [
+            "templates.po_ack_request.translations.de_DE: text has 0 placeholders but 1 body parameters",
+            "templates.po_ack_request.translations.de_DE: 2 button titles for 1 buttons",
+            "templates.po_ack_request.translations.fr_FR: fr_FR is not one of the template's languages",
+        ] {
+            assert!(errors.contains(expected), "{expected} missing from {errors}");
+        }
     }
 
     #[test]

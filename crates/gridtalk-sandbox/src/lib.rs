@@ -46,6 +46,18 @@ pub struct ApprovedTemplate {
     /// Titles of the quick-reply buttons, in order (shown on the phone, sent back on a tap).
     #[serde(default)]
     pub button_titles: Vec<String>,
+    /// The text and titles of other languages: a message is rendered in the language it was
+    /// sent in, as WhatsApp shows the approved translation.
+    #[serde(default)]
+    pub translations: std::collections::BTreeMap<String, Translation>,
+}
+
+/// One language's approved text and button titles.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Translation {
+    pub text: String,
+    #[serde(default)]
+    pub button_titles: Vec<String>,
 }
 
 /// What the person on a phone does in answer to a message they received.
@@ -105,6 +117,71 @@ pub struct SandboxConfig {
     /// Recipients (digits) whose messages are accepted but then fail delivery: their status
     /// webhook is `failed` with error 131026, as Meta reports an undeliverable message.
     pub undeliverable: Vec<String>,
+    /// The sending business's display name, shown at the top of every chat as WhatsApp shows it.
+    pub business_name: String,
+    /// Who holds each phone (digits): shown on the phones page, and their name is the WhatsApp
+    /// profile name webhooks carry (`contacts[].profile.name`), as Meta sends it.
+    pub people: std::collections::BTreeMap<String, Person>,
+}
+
+/// Who holds each phone (by its digits), read from a gridtalk directory file: the contact's name
+/// and their partner's, or `business` for the business's own people. Only the names and numbers
+/// are read; the rest of the file is gridtalk's business.
+pub fn people_from_directory(
+    directory_toml: &str,
+    business: &str,
+) -> Result<std::collections::BTreeMap<String, Person>, String> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        partners: Vec<Named>,
+        #[serde(default)]
+        contacts: Vec<Holder>,
+    }
+    #[derive(Deserialize)]
+    struct Named {
+        id: String,
+        name: String,
+    }
+    #[derive(Deserialize)]
+    struct Holder {
+        name: String,
+        phone: String,
+        partner: Option<String>,
+    }
+    let file: File = toml::from_str(directory_toml).map_err(|e| e.to_string())?;
+    let partner_name = |id: &str| {
+        file.partners
+            .iter()
+            .find(|p| p.id == id)
+            .map_or_else(|| id.to_string(), |p| p.name.clone())
+    };
+    Ok(file
+        .contacts
+        .iter()
+        .map(|c| {
+            let digits: String = c.phone.chars().filter(char::is_ascii_digit).collect();
+            let organisation = c
+                .partner
+                .as_deref()
+                .map_or_else(|| business.to_string(), partner_name);
+            (
+                digits,
+                Person {
+                    name: c.name.clone(),
+                    organisation: Some(organisation),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The person holding a phone of the sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Person {
+    pub name: String,
+    /// The company they work for (a trading partner's name, or the business's own).
+    pub organisation: Option<String>,
 }
 
 impl Default for SandboxConfig {
@@ -121,6 +198,8 @@ impl Default for SandboxConfig {
             pair_burst: 45,
             faults: Faults::default(),
             undeliverable: Vec::new(),
+            business_name: "Sandbox Business".into(),
+            people: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -385,7 +464,7 @@ impl Sandbox {
         shown: String,
     ) -> Result<String, String> {
         let now = chrono::Utc::now();
-        let (url, secret, id) = {
+        let (url, secret, id, profile_name) = {
             let mut inner = self.inner.lock().expect("sandbox");
             let url = inner
                 .config
@@ -397,7 +476,12 @@ impl Sandbox {
             inner
                 .last_inbound_ms
                 .insert(from.to_string(), now.timestamp_millis());
-            (url, inner.config.app_secret.clone(), id)
+            let profile_name = inner
+                .config
+                .people
+                .get(from)
+                .map_or_else(|| format!("Contact {from}"), |p| p.name.clone());
+            (url, inner.config.app_secret.clone(), id, profile_name)
         };
         message["from"] = json!(from);
         message["id"] = json!(id);
@@ -409,7 +493,7 @@ impl Sandbox {
         let value = json!({
             "messaging_product": "whatsapp",
             "metadata": {"display_phone_number": "15550783881", "phone_number_id": phone_number_id},
-            "contacts": [{"profile": {"name": format!("Contact {from}")}, "wa_id": from}],
+            "contacts": [{"profile": {"name": profile_name}, "wa_id": from}],
             "messages": [message],
         });
         let delivered = self.post_webhook(&url, &secret, value).await;
@@ -463,6 +547,17 @@ impl Sandbox {
 
     pub fn messages(&self) -> Vec<ReceivedMessage> {
         self.inner.lock().expect("sandbox").messages.clone()
+    }
+
+    /// Who holds the phone `digits`, if the sandbox was told.
+    pub fn person(&self, digits: &str) -> Option<Person> {
+        self.inner
+            .lock()
+            .expect("sandbox")
+            .config
+            .people
+            .get(digits)
+            .cloned()
     }
 
     /// The messages accepted after the first `skip` (for following along without copying all).
@@ -928,12 +1023,15 @@ fn validate_template(
             ),
         ));
     }
-    let mut rendered = approved.text.clone();
+    let translation = approved.translations.get(language);
+    let mut rendered = translation.map_or(&approved.text, |t| &t.text).clone();
     for (i, p) in body_params.iter().enumerate() {
         rendered = rendered.replace(&format!("{{{{{}}}}}", i + 1), p);
     }
-    let titles = approved
-        .button_titles
+    let titles = translation
+        .map(|t| &t.button_titles)
+        .filter(|titles| !titles.is_empty())
+        .unwrap_or(&approved.button_titles)
         .iter()
         .take(quick_replies)
         .cloned()
@@ -1008,7 +1106,12 @@ async fn page() -> axum::response::Html<&'static str> {
 /// What the phones page shows: messages received from gridtalk and what people sent back.
 async fn conversations(State(sandbox): State<Sandbox>) -> Json<Value> {
     let inner = sandbox.inner.lock().expect("sandbox");
-    Json(json!({"messages": inner.messages, "inbound": inner.inbound}))
+    Json(json!({
+        "messages": inner.messages,
+        "inbound": inner.inbound,
+        "business_name": inner.config.business_name,
+        "people": inner.config.people,
+    }))
 }
 
 async fn list_messages(State(sandbox): State<Sandbox>) -> Json<Vec<ReceivedMessage>> {
@@ -1052,6 +1155,19 @@ pub fn templates_from_config(
             quick_replies: t.buttons.len(),
             text: t.text.clone(),
             button_titles: t.buttons.iter().map(|b| b.title.clone()).collect(),
+            translations: t
+                .translations
+                .iter()
+                .map(|(language, translation)| {
+                    (
+                        language.clone(),
+                        Translation {
+                            text: translation.text.clone(),
+                            button_titles: translation.buttons.clone(),
+                        },
+                    )
+                })
+                .collect(),
         })
         .collect()
 }

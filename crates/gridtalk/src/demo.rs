@@ -146,9 +146,17 @@ fn print_summary(
 fn print_new_messages(sandbox: &Sandbox, shown: usize) -> usize {
     let new = sandbox.messages_since(shown);
     for m in &new {
+        // The directory's name for the recipient; the number stays masked, as in the logs.
+        let to = match sandbox.person(&m.to) {
+            Some(person) => format!(
+                "{} ({})",
+                person.name,
+                gridtalk_telemetry::mask_phone(&m.to)
+            ),
+            None => gridtalk_telemetry::mask_phone(&m.to),
+        };
         println!(
-            "📱 {} [{} {}] {}",
-            gridtalk_telemetry::mask_phone(&m.to),
+            "📱 {to} [{} {}] {}",
             m.template.as_deref().unwrap_or("text"),
             m.language.as_deref().unwrap_or("-"),
             m.rendered

@@ -18,6 +18,8 @@ const PARTITIONS: i32 = 3;
 
 /// Partners of the demo directory, for the traffic generator.
 pub const PARTNERS: [&str; 3] = ["ACME", "GLOBEX", "INITECH"];
+/// The business whose number sends (the buyer in the sample traffic).
+const BUSINESS_NAME: &str = "Northwind Retail";
 
 pub struct EmbeddedStack {
     pub bootstrap: String,
@@ -62,6 +64,9 @@ impl EmbeddedStack {
             phone_number_ids: vec![PHONE_NUMBER_ID.into()],
             valid_tokens: vec![TOKEN.into()],
             templates: gridtalk_sandbox::templates_from_config(&defaults.templates),
+            business_name: BUSINESS_NAME.into(),
+            people: gridtalk_sandbox::people_from_directory(DIRECTORY, BUSINESS_NAME)
+                .map_err(anyhow::Error::msg)?,
             ..SandboxConfig::default()
         };
         sandbox(&mut sandbox_config);
