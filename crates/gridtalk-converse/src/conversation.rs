@@ -21,6 +21,8 @@ use gridtalk_contract::{AuditRecord, OutboxMessage, ResponseBody, SentMessage, W
 use gridtalk_directory::{Contact, Directory};
 use gridtalk_whatsapp::buttons::{self, TokenError};
 
+use crate::wording::{words, Wording};
+
 /// What kind of request a sent message opened, from the event that caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RequestKind {
@@ -890,22 +892,14 @@ impl Conversations {
         }
         let body = body_for(request.kind, &request.id, Some(&token.action), None, false);
         let response = self.response(item, &request, &contact, context, body);
-        let (text, note) = match token.action.as_str() {
-            "NEW_ETA" => (
-                format!(
-                    "Thanks. Please reply to this message with the new ETA for {} as a date (YYYY-MM-DD).",
-                    request.id
-                ),
-                "please reply with the new ETA as a date (YYYY-MM-DD).".to_string(),
-            ),
-            _ => (
-                format!(
-                    "Thanks, we noted \"{title}\" on {}. Reply to this message with any details.",
-                    request.id
-                ),
-                format!("we noted {title:?}; reply with any details."),
-            ),
+        let wording = match token.action.as_str() {
+            "NEW_ETA" => Wording::AskForEta { id: &request.id },
+            _ => Wording::Noted {
+                title,
+                id: &request.id,
+            },
         };
+        let (text, note) = words(contact.language.as_deref(), wording);
         let reply = self.reply(item, &request, &contact, "recorded", text, note, now_ms);
         done(
             "answered",
@@ -1793,7 +1787,14 @@ opted_in = true
         let Some(Outcome::Reply(prompt)) = out.get(1) else {
             panic!("{out:?}")
         };
-        assert!(prompt.request_json.contains("YYYY-MM-DD"));
+        // In the contact's language (es_MX), citing the shipment.
+        assert!(
+            prompt
+                .request_json
+                .contains("nueva fecha estimada de llegada de SH-1 (AAAA-MM-DD)"),
+            "{}",
+            prompt.request_json
+        );
         // The prompt itself comes back through the sent log; quoting it continues the exception.
         let mut confirmation = sent(
             "w2",

@@ -37,6 +37,7 @@ mod settle;
 mod settle_strategy;
 mod stage;
 mod strategy;
+mod wording;
 
 pub use conversation::{
     Candidate, Conversations, Handled, Outcome, RequestKind, RequestRef, Settings,

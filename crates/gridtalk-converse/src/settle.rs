@@ -171,12 +171,12 @@ fn decided(settings: &Settings, c: &Candidate, now_ms: i64) -> Vec<Outcome> {
         &addressee(c),
         request,
         "recorded",
-        (
-            format!(
-                "Thank you, your answer \"{title}\" on {} is recorded.",
-                request.id
-            ),
-            format!("your answer {title:?} is recorded."),
+        crate::wording::words(
+            c.contact_language.as_deref(),
+            crate::wording::Wording::Recorded {
+                title,
+                id: &request.id,
+            },
         ),
         now_ms,
     );
@@ -208,12 +208,13 @@ fn refused(settings: &Settings, c: &Candidate, winner: &Settled, now_ms: i64) ->
         &addressee(c),
         request,
         "already_decided",
-        (
-            format!(
-                "{} was already answered ({standing}), so your answer \"{title}\" was not recorded. Thank you all the same.",
-                request.id
-            ),
-            format!("this was already answered ({standing}), so your answer {title:?} was not recorded."),
+        crate::wording::words(
+            c.contact_language.as_deref(),
+            crate::wording::Wording::AlreadyAnswered {
+                title,
+                id: &request.id,
+                standing: &standing,
+            },
         ),
         now_ms,
     );
