@@ -433,16 +433,12 @@ fn readmes_python_consumer_prints(
     }
 }
 
-/// A registry whose subject holds a schema gridtalk's is incompatible with stops the stage that
-/// publishes there at start-up, with the subject and the registry's reason, instead of writing
-/// records the subject's consumers cannot read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_incompatible_subject_stops_the_publishing_stage_with_the_registrys_reason() {
+/// Runs the converse stage as a process against `setup`'s registry until it exits; its log.
+async fn converse_until_it_exits(setup: Setup) -> (Pipeline, String) {
     let p = Pipeline::start(Setup {
         serve_registry: true,
-        registry_incompatible: vec!["audit".into()],
         in_process: false,
-        ..Setup::default()
+        ..setup
     })
     .await;
     let mut converse = p.spawn_gridtalk("converse", "converse");
@@ -460,9 +456,41 @@ async fn an_incompatible_subject_stops_the_publishing_stage_with_the_registrys_r
     };
     let log = p.process_log("converse");
     assert!(!status.success(), "{log}");
+    (p, log)
+}
+
+/// A registry whose subject holds a schema gridtalk's is incompatible with stops the stage that
+/// publishes there at start-up, with the subject and the registry's reason, instead of writing
+/// records the subject's consumers cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_subject_stops_the_publishing_stage_with_the_registrys_reason() {
+    let (p, log) = converse_until_it_exits(Setup {
+        registry_incompatible: vec!["audit".into()],
+        ..Setup::default()
+    })
+    .await;
     let subject = format!("{}-value", p.config.topics.audit);
     assert!(log.contains(&subject), "{log}");
     assert!(log.contains("not compatible"), "{log}");
     assert!(log.contains("NAME_MISMATCH"), "{log}");
     assert!(support::read_topic(&p.config.topics.audit).is_empty());
+}
+
+/// Where applications may not register schemas, gridtalk only looks its ids up: a subject that
+/// does not hold gridtalk's schema stops the stage with what to register where.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_registration_an_unregistered_schema_stops_the_stage_saying_what_to_register()
+{
+    let (p, log) = converse_until_it_exits(Setup {
+        overrides: vec![("CONTRACT__SCHEMA_REGISTRY_AUTO_REGISTER", "false".into())],
+        ..Setup::default()
+    })
+    .await;
+    let subject = format!("{}-value", p.config.topics.responses);
+    assert!(log.contains(&subject), "{log}");
+    assert!(log.contains("not registered"), "{log}");
+    assert!(
+        log.contains("schema_registry_auto_register is off"),
+        "{log}"
+    );
 }
