@@ -26,22 +26,6 @@ async fn way_back(setup: Setup) -> Pipeline {
     pipeline
 }
 
-/// The first message the sandbox received with `template` for recipient `to`, waiting for it.
-async fn message_to(p: &Pipeline, to: &str, template: &str) -> ReceivedMessage {
-    p.wait_until(&format!("{template} to {to}"), WAIT, |p| {
-        p.sandbox
-            .messages()
-            .iter()
-            .any(|m| m.to == to && m.template.as_deref() == Some(template))
-    })
-    .await;
-    p.sandbox
-        .messages()
-        .into_iter()
-        .find(|m| m.to == to && m.template.as_deref() == Some(template))
-        .expect("just seen")
-}
-
 /// Waits for the response record answering inbound message `wamid`.
 async fn response_to(p: &Pipeline, wamid: &str) -> WorkflowResponse {
     p.wait_until(&format!("the response to {wamid}"), WAIT, |p| {
@@ -106,7 +90,7 @@ async fn flow_a_the_partners_order_desk_accepts_a_purchase_order() {
     let p = way_back(Setup::default()).await;
     let po = event("tg.po.received", 21, "ACME");
     p.publish_event(&po).await;
-    let request = message_to(&p, "15550100001", "po_ack_request").await;
+    let request = message_to(&p, WAIT, "15550100001", "po_ack_request").await;
     assert_eq!(request.buttons, ["Accept", "Accept with changes", "Reject"]);
 
     let tap = p
@@ -172,7 +156,7 @@ async fn flow_d_the_partner_acknowledges_an_onboarding_reminder_and_reports_a_su
     let p = way_back(Setup::default()).await;
     let reminder = event("tg.onboarding.reminder", 4, "ACME");
     p.publish_event(&reminder).await;
-    let request = message_to(&p, "15550100004", "onboarding_reminder").await;
+    let request = message_to(&p, WAIT, "15550100004", "onboarding_reminder").await;
     assert_eq!(request.buttons, ["Will submit", "Need help"]);
 
     let tap = p
@@ -225,7 +209,7 @@ async fn flow_f_the_designated_approver_decides_once_and_a_second_tap_is_politel
     let p = way_back(Setup::default()).await;
     let approval = event("wf.approval.requested", 15, "ACME");
     p.publish_event(&approval).await;
-    let request = message_to(&p, "14155550101", "approval_request").await;
+    let request = message_to(&p, WAIT, "14155550101", "approval_request").await;
     assert_eq!(request.buttons, ["Approve", "Reject", "Need info"]);
 
     let approve = p
@@ -306,7 +290,7 @@ async fn flow_g_partner_messages_update_the_case_or_open_a_new_one() {
     let p = way_back(Setup::default()).await;
     let case = event("wf.case.opened", 7, "ACME");
     p.publish_event(&case).await;
-    let update = message_to(&p, "15550100005", "case_update").await;
+    let update = message_to(&p, WAIT, "15550100005", "case_update").await;
 
     // Quoting the case message.
     let quoted = p
@@ -408,7 +392,7 @@ async fn refused_inbounds_make_no_decision_and_each_leaves_an_audit_record_and_a
     let p = way_back(Setup::default()).await;
     p.publish_event(&event("wf.approval.requested", 31, "ACME"))
         .await;
-    let request = message_to(&p, "14155550101", "approval_request").await;
+    let request = message_to(&p, WAIT, "14155550101", "approval_request").await;
     let approve_token = request.request["template"]["components"][1]["parameters"][0]["payload"]
         .as_str()
         .expect("the Approve payload")
@@ -504,7 +488,7 @@ async fn a_webhook_delivered_three_times_yields_one_record_and_statuses_end_in_t
     let p = way_back(setup).await;
     let invoice = event("tg.invoice.delivered", 9, "ACME");
     p.publish_event(&invoice).await;
-    let notice = message_to(&p, "14155550102", "invoice_status").await;
+    let notice = message_to(&p, WAIT, "14155550102", "invoice_status").await;
 
     // The same text webhook, delivered three times (Meta retries until it gets a 200).
     let text = json!({
@@ -569,7 +553,7 @@ async fn a_person_taps_approve_on_the_sandbox_page_in_headless_chromium() {
     let p = way_back(Setup::default()).await;
     let approval = event("wf.approval.requested", 44, "ACME");
     p.publish_event(&approval).await;
-    message_to(&p, "14155550101", "approval_request").await;
+    message_to(&p, WAIT, "14155550101", "approval_request").await;
 
     let browser = browser::Browser::launch(&format!("{}/", p.sandbox.base_url()));
     let mut page = browser.page().await;

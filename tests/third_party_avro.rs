@@ -149,22 +149,6 @@ async fn events_encoded_by_fastavro_in_both_framings_route_like_our_own() {
     );
 }
 
-/// The first message the sandbox received with `template` for `to`, waiting for it.
-async fn message_to(p: &Pipeline, to: &str, template: &str) -> gridtalk_sandbox::ReceivedMessage {
-    p.wait_until(&format!("{template} to {to}"), WAIT, |p| {
-        p.sandbox
-            .messages()
-            .iter()
-            .any(|m| m.to == to && m.template.as_deref() == Some(template))
-    })
-    .await;
-    p.sandbox
-        .messages()
-        .into_iter()
-        .find(|m| m.to == to && m.template.as_deref() == Some(template))
-        .expect("just seen")
-}
-
 /// With a schema registry configured, the response and audit topics are what the Confluent
 /// ecosystem reads: confluent-kafka's `AvroDeserializer` (fastavro underneath), given nothing but
 /// the registry's URL, reads every record gridtalk published, of every response type and both
@@ -204,7 +188,7 @@ async fn confluent_kafkas_avro_deserializer_reads_every_response_type_and_audit_
         ),
     ] {
         p.publish_event(&event(event_type, n, "ACME")).await;
-        let request = message_to(&p, to, template).await;
+        let request = message_to(&p, WAIT, to, template).await;
         p.sandbox
             .reply(&request.wamid, Reply::Button { index: 0 })
             .await
@@ -221,7 +205,7 @@ async fn confluent_kafkas_avro_deserializer_reads_every_response_type_and_audit_
         .await
         .expect("text delivered");
     // A forged tap (converse's audit) and a webhook with a bad signature (ingest's audit).
-    let approval = message_to(&p, "14155550101", "approval_request").await;
+    let approval = message_to(&p, WAIT, "14155550101", "approval_request").await;
     let token = approval.request["template"]["components"][1]["parameters"][0]["payload"]
         .as_str()
         .expect("the Approve payload")

@@ -1253,3 +1253,25 @@ pub fn assert_no_number_or_wamid_logged(log: &str, numbers: &std::collections::B
         }
     }
 }
+
+/// The first message the sandbox received with `template` for recipient `to`, waiting up to
+/// `deadline` for it.
+pub async fn message_to(
+    p: &Pipeline,
+    deadline: Duration,
+    to: &str,
+    template: &str,
+) -> gridtalk_sandbox::ReceivedMessage {
+    p.wait_until(&format!("{template} to {to}"), deadline, |p| {
+        p.sandbox
+            .messages()
+            .iter()
+            .any(|m| m.to == to && m.template.as_deref() == Some(template))
+    })
+    .await;
+    p.sandbox
+        .messages()
+        .into_iter()
+        .find(|m| m.to == to && m.template.as_deref() == Some(template))
+        .expect("just seen")
+}

@@ -328,19 +328,12 @@ impl RegistryClient {
 
     /// POSTs an Avro schema as Confluent's `{"schema": "…"}` body.
     async fn post(&self, url: &str, schema: &str) -> Result<Posted, RegistryError> {
-        let mut request = self
+        let request = self
             .http
             .post(url)
-            .header("Accept", "application/vnd.schemaregistry.v1+json")
             .header("Content-Type", "application/vnd.schemaregistry.v1+json")
             .body(serde_json::json!({ "schema": schema }).to_string());
-        if let Some((user, password)) = &self.basic_auth {
-            request = request.basic_auth(user, Some(password));
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let response = self.send(request).await?;
         let status = response.status();
         let text = response
             .text()
@@ -362,19 +355,25 @@ impl RegistryClient {
         }
     }
 
-    /// GET a registry resource: `Ok(None)` when the registry answers 404.
-    async fn get(&self, url: &str) -> Result<Option<SchemaResponse>, RegistryError> {
-        let mut request = self
-            .http
-            .get(url)
-            .header("Accept", "application/vnd.schemaregistry.v1+json");
+    /// Sends `request` with the registry's media type and credentials; a failure to get any
+    /// answer is unavailability.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let mut request = request.header("Accept", "application/vnd.schemaregistry.v1+json");
         if let Some((user, password)) = &self.basic_auth {
             request = request.basic_auth(user, Some(password));
         }
-        let response = request
+        request
             .send()
             .await
-            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+            .map_err(|e| RegistryError::Unavailable(e.to_string()))
+    }
+
+    /// GET a registry resource: `Ok(None)` when the registry answers 404.
+    async fn get(&self, url: &str) -> Result<Option<SchemaResponse>, RegistryError> {
+        let response = self.send(self.http.get(url)).await?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
