@@ -401,16 +401,7 @@ async fn refused_inbounds_make_no_decision_and_each_leaves_an_audit_record_and_a
 
     // 1. A webhook with a bad signature: 401, nothing published, an audit record.
     let before = refusals("ingest", "bad_signature");
-    let status = reqwest::Client::new()
-        .post(&p.webhook_url)
-        .header("X-Hub-Signature-256", "sha256=00ff")
-        .body(json!({"object": "whatsapp_business_account", "entry": []}).to_string())
-        .send()
-        .await
-        .expect("answers")
-        .status()
-        .as_u16();
-    assert_eq!(status, 401);
+    assert_eq!(p.post_badly_signed_webhook().await, 401);
     p.wait_until("the bad-signature audit record", WAIT, |p| {
         p.audits()
             .iter()

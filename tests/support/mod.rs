@@ -700,6 +700,22 @@ max_body_bytes = 65536
             .collect()
     }
 
+    /// Posts a webhook whose `X-Hub-Signature-256` does not verify (as anyone but Meta would);
+    /// returns the HTTP status.
+    pub async fn post_badly_signed_webhook(&self) -> u16 {
+        reqwest::Client::new()
+            .post(&self.webhook_url)
+            .header("X-Hub-Signature-256", "sha256=00ff")
+            .body(
+                serde_json::json!({"object": "whatsapp_business_account", "entry": []}).to_string(),
+            )
+            .send()
+            .await
+            .expect("answers")
+            .status()
+            .as_u16()
+    }
+
     /// Posts a WhatsApp webhook carrying `value` (one `messages` change) to the ingest stage,
     /// signed with the app secret as Meta signs; returns the HTTP status.
     pub async fn post_webhook(&self, value: &Json) -> u16 {

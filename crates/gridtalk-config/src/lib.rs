@@ -400,11 +400,15 @@ pub struct TranslationConfig {
     pub buttons: Vec<String>,
 }
 
-/// How many of `{{1}}`, `{{2}}`, … `text` holds, counting from 1 without a gap.
-fn placeholder_count(text: &str, at_most: usize) -> usize {
-    (1..=at_most + 1)
+/// The problem with a template text (at key path `at`) whose `{{1}}`, `{{2}}`, … placeholders,
+/// counted from 1 without a gap, are not exactly its `parameters` body parameters.
+fn placeholder_problem(at: &str, text: &str, parameters: usize) -> Option<String> {
+    let placeholders = (1..=parameters + 1)
         .take_while(|i| text.contains(&format!("{{{{{i}}}}}")))
-        .count()
+        .count();
+    (placeholders != parameters).then(|| {
+        format!("{at}: text has {placeholders} placeholders but {parameters} body parameters")
+    })
 }
 
 fn utility() -> String {
@@ -674,14 +678,11 @@ impl Config {
                     t.name
                 ));
             }
-            let placeholders = placeholder_count(&t.text, t.body.len());
-            if placeholders != t.body.len() {
-                errors.push(format!(
-                    "templates.{}: text has {placeholders} placeholders but {} body parameters",
-                    t.name,
-                    t.body.len()
-                ));
-            }
+            errors.extend(placeholder_problem(
+                &format!("templates.{}", t.name),
+                &t.text,
+                t.body.len(),
+            ));
             for (language, translation) in &t.translations {
                 let at = format!("templates.{}.translations.{language}", t.name);
                 if !t.languages.contains(language) {
@@ -690,13 +691,7 @@ impl Config {
                         t.languages
                     ));
                 }
-                let placeholders = placeholder_count(&translation.text, t.body.len());
-                if placeholders != t.body.len() {
-                    errors.push(format!(
-                        "{at}: text has {placeholders} placeholders but {} body parameters",
-                        t.body.len()
-                    ));
-                }
+                errors.extend(placeholder_problem(&at, &translation.text, t.body.len()));
                 if !translation.buttons.is_empty() && translation.buttons.len() != t.buttons.len() {
                     errors.push(format!(
                         "{at}: {} button titles for {} buttons",
