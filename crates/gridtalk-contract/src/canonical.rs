@@ -308,18 +308,42 @@ mod tests {
                 .collect::<String>()
         };
         for (schema, standard, legacy) in [
-            (&schemas.trading_grid_event, "26aa5edfb287b4ed", LEGACY[0]),
+            (&schemas.trading_grid_event, "10aa3c2baf21acb5", LEGACY[0]),
             (&schemas.outbox_message, "95901ce14d234e32", LEGACY[1]),
             (&schemas.sent_message, "edbab0269544d9ca", LEGACY[2]),
-            (&schemas.workflow_response, "699663c7ed89f3d3", LEGACY[3]),
+            (&schemas.workflow_response, "0e99df054ce85de7", LEGACY[3]),
             (&schemas.audit_record, "48559394e5ff4a6b", LEGACY[4]),
         ] {
             assert_eq!(hex(standard_fingerprint(schema)), standard);
             assert_eq!(hex(crate::single_object_fingerprint(schema)), standard);
-            assert_eq!(hex(legacy_fingerprint(schema)), legacy);
             assert!(crate::names_schema(standard_fingerprint(schema), schema));
             assert!(crate::names_schema(legacy_fingerprint(schema), schema));
+            // What gridtalk wrote before: the legacy fingerprint of the schema as it was then.
+            assert!(crate::names_schema(from_hex(legacy), schema), "{legacy}");
         }
+        // The previous versions (`schemas/previous/`), fastavro's fingerprints of those files:
+        // records of producers still on them are read.
+        let previous = &schemas.previous_trading_grid_event[0];
+        assert_eq!(hex(standard_fingerprint(previous)), "26aa5edfb287b4ed");
+        assert_eq!(hex(legacy_fingerprint(previous)), LEGACY[0]);
+        assert!(crate::names_schema(
+            from_hex("26aa5edfb287b4ed"),
+            &schemas.trading_grid_event
+        ));
+        assert!(crate::names_schema(
+            from_hex("699663c7ed89f3d3"),
+            &schemas.workflow_response
+        ));
+        assert!(crate::SchemaSet::contract()
+            .get(from_hex("26aa5edfb287b4ed"))
+            .is_some());
+    }
+
+    fn from_hex(text: &str) -> u64 {
+        let bytes: Vec<u8> = (0..8)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect();
+        u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
     }
 
     /// What gridtalk wrote before, per schema in the order above (apache-avro 0.21).

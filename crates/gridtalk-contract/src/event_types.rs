@@ -5,6 +5,7 @@
 pub const EVENT_TYPES: &[(&str, &str, char)] = &[
     ("tg.po.received", "PurchaseOrderReceived", 'a'),
     ("tg.po.ack_overdue", "PurchaseOrderAckOverdue", 'a'),
+    ("tg.po.acknowledged", "PurchaseOrderAcknowledged", 'a'),
     ("tg.invoice.delivered", "InvoiceStatusChanged", 'b'),
     ("tg.invoice.acknowledged", "InvoiceStatusChanged", 'b'),
     ("tg.invoice.rejected", "InvoiceStatusChanged", 'b'),
@@ -32,4 +33,18 @@ pub fn payload_type_of(event_type: &str) -> Option<&'static str> {
         .iter()
         .find(|(t, _, _)| *t == event_type)
         .map(|(_, p, _)| *p)
+}
+
+/// The kind of request an event asks people to answer, as the decisions topic, the settlement and
+/// the request clocks name it (`po`, `approval`, …); `notice` when it asks nothing.
+pub fn request_kind_of(event_type: &str) -> &'static str {
+    match event_type {
+        "tg.po.received" | "tg.po.ack_overdue" | "tg.po.acknowledged" => "po",
+        "wf.approval.requested" => "approval",
+        "tg.onboarding.reminder" => "onboarding",
+        "tg.invoice.correction_required" => "invoice",
+        "tg.shipment.exception" => "shipment",
+        "wf.case.opened" | "wf.case.updated" => "case",
+        _ => "notice",
+    }
 }

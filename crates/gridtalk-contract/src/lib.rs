@@ -36,7 +36,7 @@ pub use codec::{
     EventDecoder, Framing, WireFormat,
 };
 pub use dead_letter::DeadLetterReason;
-pub use event_types::{payload_type_of, EVENT_TYPES};
+pub use event_types::{payload_type_of, request_kind_of, EVENT_TYPES};
 pub use pointers::check_pointer;
 pub use records::{
     decode_published, AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage,

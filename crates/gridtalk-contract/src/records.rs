@@ -195,6 +195,18 @@ pub enum ResponseBody {
         error_code: Option<i32>,
         error_title: Option<String>,
     },
+    /// `wa.request.overdue`: a reminder policy's step fired (see `schemas/workflow_response.avsc`).
+    RequestOverdue {
+        request_kind: String,
+        policy: String,
+        step: i32,
+        steps: i32,
+        escalation: bool,
+        due_at: i64,
+        hours_overdue: i32,
+        notified_contact_ids: Vec<String>,
+        trigger: String,
+    },
 }
 
 impl WorkflowResponse {

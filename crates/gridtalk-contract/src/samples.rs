@@ -30,6 +30,12 @@ pub fn sample_event(event_type: &str, seq: u64, partner_id: &str, now_ms: i64) -
             "850",
             po,
         ),
+        "tg.po.acknowledged" => (
+            "PurchaseOrderAcknowledged",
+            json!({"po_number": po, "ack_type": "ACCEPTED", "raw_ack_code": "AC", "acknowledged_at": now_ms}),
+            "855",
+            po,
+        ),
         "tg.invoice.delivered"
         | "tg.invoice.acknowledged"
         | "tg.invoice.rejected"
@@ -289,6 +295,29 @@ pub fn sample_responses(now_ms: i64) -> Vec<crate::WorkflowResponse> {
                 text: "Line 3 ships a week later".into(),
             },
         ),
+        WorkflowResponse {
+            response_id: "overdue:po:PO-4500002:2".into(),
+            response_type: "wa.request.overdue".into(),
+            correlation_id: "ACME|850|PO-4500002".into(),
+            in_reply_to_event_id: Some("9e3779b1-0002-4002-8000-000000000002".into()),
+            request_id: Some("PO-4500002".into()),
+            contact_id: None,
+            partner_id: Some("ACME".into()),
+            wa_message_id: String::new(),
+            wa_context_message_id: None,
+            received_at: now_ms,
+            body: ResponseBody::RequestOverdue {
+                request_kind: "po".into(),
+                policy: "a-po-acknowledgement".into(),
+                step: 2,
+                steps: 3,
+                escalation: false,
+                due_at: now_ms - 4 * 3_600_000,
+                hours_overdue: 4,
+                notified_contact_ids: vec!["acme-order-desk".into()],
+                trigger: "CLOCK".into(),
+            },
+        },
         WorkflowResponse {
             response_id: "wamid.HBgLMTU1NTAxMDAwMDEVAgARGBJBQUE1:read".into(),
             response_type: "wa.message.status".into(),

@@ -16,6 +16,16 @@ pub const SENT_MESSAGE_AVSC: &str = include_str!("../../../schemas/sent_message.
 pub const WORKFLOW_RESPONSE_AVSC: &str = include_str!("../../../schemas/workflow_response.avsc");
 pub const AUDIT_RECORD_AVSC: &str = include_str!("../../../schemas/audit_record.avsc");
 
+/// Earlier versions of the contract's schemas (`schemas/previous/`). Each differs from the
+/// current one only by what the evolution rules allow (new event types, union branches appended at
+/// the end, optional fields with defaults), so a record written with it is still read: as its own
+/// writer schema where records are resolved, and under the current schema where the bytes are
+/// the same (appending a union branch changes no existing branch's index).
+pub const PREVIOUS_TRADING_GRID_EVENT_AVSC: &[&str] =
+    &[include_str!("../../../schemas/previous/trading_grid_event.v1.avsc")];
+pub const PREVIOUS_WORKFLOW_RESPONSE_AVSC: &[&str] =
+    &[include_str!("../../../schemas/previous/workflow_response.v1.avsc")];
+
 /// The parsed reader schemas of the contract. Parsed once per process.
 #[derive(Debug)]
 pub struct ContractSchemas {
@@ -26,6 +36,10 @@ pub struct ContractSchemas {
     pub audit_record: Schema,
     /// (standard, legacy) fingerprints of the five schemas above, in that order.
     fingerprints: [(u64, u64); 5],
+    /// Earlier versions of the event and response schemas (see [`PREVIOUS_TRADING_GRID_EVENT_AVSC`]).
+    pub previous_trading_grid_event: Vec<Schema>,
+    /// Fingerprints (standard and legacy) of earlier versions, per schema in the order above.
+    previous_fingerprints: [Vec<u64>; 5],
 }
 
 impl ContractSchemas {
@@ -42,11 +56,25 @@ impl ContractSchemas {
                 workflow_response: parse(WORKFLOW_RESPONSE_AVSC),
                 audit_record: parse(AUDIT_RECORD_AVSC),
                 fingerprints: [(0, 0); 5],
+                previous_trading_grid_event: PREVIOUS_TRADING_GRID_EVENT_AVSC
+                    .iter()
+                    .map(|t| parse(t))
+                    .collect(),
+                previous_fingerprints: Default::default(),
             };
             let fingerprints = schemas
                 .all()
                 .map(|s| (standard_fingerprint(s), legacy_fingerprint(s)));
             schemas.fingerprints = fingerprints;
+            let both = |texts: &[&str]| -> Vec<u64> {
+                texts
+                    .iter()
+                    .map(|t| parse(t))
+                    .flat_map(|s| [standard_fingerprint(&s), legacy_fingerprint(&s)])
+                    .collect()
+            };
+            schemas.previous_fingerprints[0] = both(PREVIOUS_TRADING_GRID_EVENT_AVSC);
+            schemas.previous_fingerprints[3] = both(PREVIOUS_WORKFLOW_RESPONSE_AVSC);
             schemas
         })
     }
@@ -158,7 +186,13 @@ pub fn names_schema(fingerprint: u64, schema: &Schema) -> bool {
     let (standard, legacy) = ContractSchemas::get()
         .fingerprints_of(schema)
         .unwrap_or_else(|| (standard_fingerprint(schema), legacy_fingerprint(schema)));
-    fingerprint == standard || fingerprint == legacy
+    fingerprint == standard
+        || fingerprint == legacy
+        || ContractSchemas::get()
+            .all()
+            .iter()
+            .position(|s| std::ptr::eq(*s, schema))
+            .is_some_and(|i| ContractSchemas::get().previous_fingerprints[i].contains(&fingerprint))
 }
 
 /// A writer schema known locally, addressable by its CRC-64-AVRO fingerprint.
@@ -189,6 +223,9 @@ impl SchemaSet {
             ("workflow_response", &schemas.workflow_response),
         ] {
             set.insert(name, schema.clone());
+        }
+        for schema in &schemas.previous_trading_grid_event {
+            set.insert("trading_grid_event (previous)", schema.clone());
         }
         set
     }

@@ -109,6 +109,7 @@ fn the_readme_shows_one_valid_example_per_response_type_and_audit_record() {
         "CaseMessage",
         "CorrectionAnswer",
         "DeliveryStatus",
+        "RequestOverdue",
     ] {
         assert!(
             wanted.contains(&format!("({branch})")),
@@ -124,6 +125,7 @@ fn the_readme_shows_one_valid_example_per_response_type_and_audit_record() {
         "wa.case.message_received",
         "wa.request.comment",
         "wa.message.status",
+        "wa.request.overdue",
     ] {
         assert!(
             responses.iter().any(|r| r.response_type == response_type),
