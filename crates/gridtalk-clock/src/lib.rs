@@ -142,7 +142,10 @@ impl OpenClock {
 pub enum ClockCommand {
     Open(OpenClock),
     /// The request was answered, or an upstream event closed the document.
-    Close { key: String, reason: String },
+    Close {
+        key: String,
+        reason: String,
+    },
     /// An upstream overdue event (e.g. `tg.po.ack_overdue`) for the request: it fires the step it
     /// names unless that step fired already. With no clock for the key, the event is routed by the
     /// rules as before (`view` is the upstream event's view).
@@ -165,6 +168,15 @@ impl ClockCommand {
         match self {
             ClockCommand::Open(open) => &open.key,
             ClockCommand::Close { key, .. } | ClockCommand::Upstream { key, .. } => key,
+        }
+    }
+
+    /// `open`, `close` or `upstream` (a metric label, a header).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClockCommand::Open(_) => "open",
+            ClockCommand::Close { .. } => "close",
+            ClockCommand::Upstream { .. } => "upstream",
         }
     }
 
@@ -203,6 +215,8 @@ impl Trigger {
 /// A step to carry out: render its messages, publish its `wa.request.overdue` record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fire {
+    /// The partition whose state the clock belongs to.
+    pub partition: i32,
     pub clock: OpenClock,
     /// 1-based.
     pub step: u32,
@@ -350,13 +364,21 @@ impl Clocks {
     }
 
     fn enqueue(&mut self, key: &str) {
-        if let Some(at) = self.clocks.get(key).and_then(|h| Self::next_step_at(&h.state)) {
+        if let Some(at) = self
+            .clocks
+            .get(key)
+            .and_then(|h| Self::next_step_at(&h.state))
+        {
             self.queue.insert((at, key.to_string()));
         }
     }
 
     fn dequeue(&mut self, key: &str) {
-        if let Some(at) = self.clocks.get(key).and_then(|h| Self::next_step_at(&h.state)) {
+        if let Some(at) = self
+            .clocks
+            .get(key)
+            .and_then(|h| Self::next_step_at(&h.state))
+        {
             self.queue.remove(&(at, key.to_string()));
         }
     }
@@ -419,6 +441,7 @@ impl Clocks {
         let held = self.clocks.get_mut(key)?;
         held.state.fired = to_fired;
         let fire = Fire {
+            partition: held.partition,
             clock: held.state.clock.clone(),
             step: to_fired,
             trigger,
@@ -435,25 +458,27 @@ impl Clocks {
         Some(fire)
     }
 
-    /// The steps due at `now_ms`, in time order, each marked fired (see [`Clocks::take_changes`]
-    /// for the state to write once the fires are durable). Steps fire one by one, in order: after
-    /// an outage that spanned several steps of a clock, each still fires (each is a record the
-    /// workflows count on), one after the other.
-    pub fn take_due(&mut self, now_ms: i64) -> Vec<Fire> {
-        let mut fires = Vec::new();
+    /// The next step due at `now_ms`, marked fired ([`Clocks::take_changes`] then holds the state
+    /// to write once the fire is durable). Steps fire one by one, in time order: after an outage
+    /// that spanned several steps of a clock, each still fires (each is a record the workflows
+    /// count on), one after the other.
+    pub fn take_next_due(&mut self, now_ms: i64) -> Option<Fire> {
         while let Some((at, key)) = self.queue.first().cloned() {
             if at > now_ms {
-                break;
+                return None;
             }
             let Some(fired) = self.clocks.get(&key).map(|h| h.state.fired) else {
                 self.queue.remove(&(at, key));
                 continue;
             };
-            if let Some(fire) = self.advance(&key, fired + 1, Trigger::Clock, now_ms) {
-                fires.push(fire);
-            }
+            return self.advance(&key, fired + 1, Trigger::Clock, now_ms);
         }
-        fires
+        None
+    }
+
+    /// Every step due at `now_ms` (see [`Clocks::take_next_due`]).
+    pub fn take_due(&mut self, now_ms: i64) -> Vec<Fire> {
+        std::iter::from_fn(|| self.take_next_due(now_ms)).collect()
     }
 
     /// An upstream overdue event for `key`: `escalation` for an escalation level above zero,
@@ -507,7 +532,8 @@ impl Clocks {
                     continue;
                 }
                 self.dequeue(open);
-                self.clocks.insert(open.to_string(), Held { state, partition });
+                self.clocks
+                    .insert(open.to_string(), Held { state, partition });
                 self.enqueue(open);
             }
         }

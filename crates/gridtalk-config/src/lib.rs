@@ -39,6 +39,13 @@ pub struct Config {
     /// Approved WhatsApp templates and how to fill them from an event.
     #[serde(default)]
     pub templates: Vec<TemplateConfig>,
+    /// Reminder policies: which requests get a clock, when their reminders go out and to whom
+    /// they escalate. Merged with the built-in ones by name.
+    #[serde(default)]
+    pub reminders: Vec<ReminderPolicyConfig>,
+    /// The time the request clocks run on (tests and the demo run it faster).
+    #[serde(default)]
+    pub clock: ClockConfig,
     /// A layer's `rules` replace the built-in ones instead of merging with them by name.
     #[serde(default)]
     pub replace_builtin_rules: bool,
@@ -313,6 +320,85 @@ pub struct ConverseConfig {
     /// published again when their items are replayed. Covers the gap between a response being
     /// acknowledged and the state entry that records it; longer than any restart delay.
     pub replay_lookback_ms: u64,
+}
+
+/// A reminder policy: the clock gridtalk keeps on a request that asks for an answer.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReminderPolicyConfig {
+    pub name: String,
+    /// The events whose messages ask for the answer (they open the clock).
+    pub event_types: Vec<String>,
+    /// JSON pointer of the request's id in those events and in the closing ones: the same value
+    /// the request template's `document_key` reads (the answer's buttons name it).
+    pub request_path: String,
+    /// JSON pointer of the due time (timestamp-millis) in the opening event; absent or null:
+    /// `default_due_hours` after the event occurred.
+    #[serde(default)]
+    pub due_path: Option<String>,
+    #[serde(default = "default_due_hours")]
+    pub default_due_hours: f64,
+    /// Reminders to the request's recipients, in hours after the due time (0: at the due time).
+    pub reminder_hours: Vec<f64>,
+    /// The template of the reminders (it may read `/reminder/…`: step, steps, hours_overdue,
+    /// due_at, what, request_id).
+    pub reminder_template: String,
+    /// The escalation, in hours after the due time (after the last reminder), to
+    /// `escalation_audience` with `escalation_template`.
+    #[serde(default)]
+    pub escalate_after_hours: Option<f64>,
+    #[serde(default)]
+    pub escalation_audience: Option<AudienceConfig>,
+    #[serde(default)]
+    pub escalation_template: Option<String>,
+    /// Upstream events that close the request (its document was answered outside WhatsApp).
+    #[serde(default)]
+    pub closed_by: Vec<String>,
+    /// Upstream overdue events (e.g. `tg.po.ack_overdue`): each fires the step it names, once,
+    /// instead of being routed by the rules while a clock knows the request.
+    #[serde(default)]
+    pub upstream_overdue: Vec<String>,
+}
+
+fn default_due_hours() -> f64 {
+    24.0
+}
+
+/// The time source of the request clocks. `speed` 1 is the wall clock; anything else is for
+/// tests and the demo only, and the production binary refuses it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockConfig {
+    /// How many times faster than the wall clock.
+    pub speed: f64,
+    /// The real instant (unix ms) at which the clock reads `start_ms`; 0: when the process starts.
+    /// Processes given the same values agree on the time.
+    pub anchor_ms: i64,
+    /// What the clock reads at `anchor_ms`; 0: the anchor itself.
+    pub start_ms: i64,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig {
+            speed: 1.0,
+            anchor_ms: 0,
+            start_ms: 0,
+        }
+    }
+}
+
+impl ReminderPolicyConfig {
+    /// The offsets of the policy's steps after the due time, in ms: the reminders, then the
+    /// escalation if it has one.
+    pub fn step_offsets_ms(&self) -> Vec<i64> {
+        let ms = |hours: f64| (hours * 3_600_000.0).round() as i64;
+        let mut steps: Vec<i64> = self.reminder_hours.iter().map(|h| ms(*h)).collect();
+        if let Some(h) = self.escalate_after_hours {
+            steps.push(ms(h));
+        }
+        steps
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -784,6 +870,79 @@ impl Config {
                 && a.contacts_from.is_none()
             {
                 errors.push(format!("rules.{}: the audience names nobody", r.name));
+            }
+        }
+        errors.extend(self.reminder_problems(&template_names));
+        if !(self.clock.speed.is_finite() && self.clock.speed > 0.0) {
+            errors.push(format!(
+                "clock.speed must be a positive number, not {}",
+                self.clock.speed
+            ));
+        }
+        errors
+    }
+
+    fn reminder_problems(&self, templates: &std::collections::HashSet<&str>) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        let mut opened_by: std::collections::HashMap<&str, &str> = Default::default();
+        for p in &self.reminders {
+            let at = format!("reminders.{}", p.name);
+            if !names.insert(p.name.as_str()) {
+                errors.push(format!("reminders: {} is defined twice", p.name));
+            }
+            if p.event_types.is_empty() {
+                errors.push(format!("{at}: event_types is empty"));
+            }
+            for t in &p.event_types {
+                if let Some(other) = opened_by.insert(t, &p.name) {
+                    errors.push(format!(
+                        "{at}: {t} already opens the clocks of reminders.{other}; one policy per event type"
+                    ));
+                }
+            }
+            for (what, template) in [
+                ("reminder_template", Some(&p.reminder_template)),
+                ("escalation_template", p.escalation_template.as_ref()),
+            ] {
+                if let Some(template) = template {
+                    if !templates.contains(template.as_str()) {
+                        errors.push(format!("{at}.{what}: template {template} is not defined"));
+                    }
+                }
+            }
+            let offsets = p.step_offsets_ms();
+            if offsets.is_empty() {
+                errors.push(format!(
+                    "{at}: no reminder_hours and no escalate_after_hours: the clock would do nothing"
+                ));
+            }
+            if offsets.iter().any(|o| *o < 0) || offsets.windows(2).any(|w| w[0] >= w[1]) {
+                errors.push(format!(
+                    "{at}: reminder_hours and then escalate_after_hours must be zero or more and increasing, got {:?} then {:?}",
+                    p.reminder_hours, p.escalate_after_hours
+                ));
+            }
+            if !(p.default_due_hours.is_finite() && p.default_due_hours >= 0.0) {
+                errors.push(format!("{at}.default_due_hours must be zero or more"));
+            }
+            let escalation = [
+                p.escalate_after_hours.is_some(),
+                p.escalation_audience.is_some(),
+                p.escalation_template.is_some(),
+            ];
+            if escalation.iter().any(|x| *x) && !escalation.iter().all(|x| *x) {
+                errors.push(format!(
+                    "{at}: escalate_after_hours, escalation_audience and escalation_template go together"
+                ));
+            }
+            if let Some(a) = &p.escalation_audience {
+                if a.partner_roles.is_empty()
+                    && a.internal_roles.is_empty()
+                    && a.contacts_from.is_none()
+                {
+                    errors.push(format!("{at}.escalation_audience names nobody"));
+                }
             }
         }
         errors

@@ -21,10 +21,12 @@ pub const AUDIT_RECORD_AVSC: &str = include_str!("../../../schemas/audit_record.
 /// the end, optional fields with defaults), so a record written with it is still read: as its own
 /// writer schema where records are resolved, and under the current schema where the bytes are
 /// the same (appending a union branch changes no existing branch's index).
-pub const PREVIOUS_TRADING_GRID_EVENT_AVSC: &[&str] =
-    &[include_str!("../../../schemas/previous/trading_grid_event.v1.avsc")];
-pub const PREVIOUS_WORKFLOW_RESPONSE_AVSC: &[&str] =
-    &[include_str!("../../../schemas/previous/workflow_response.v1.avsc")];
+pub const PREVIOUS_TRADING_GRID_EVENT_AVSC: &[&str] = &[include_str!(
+    "../../../schemas/previous/trading_grid_event.v1.avsc"
+)];
+pub const PREVIOUS_WORKFLOW_RESPONSE_AVSC: &[&str] = &[include_str!(
+    "../../../schemas/previous/workflow_response.v1.avsc"
+)];
 
 /// The parsed reader schemas of the contract. Parsed once per process.
 #[derive(Debug)]

@@ -227,6 +227,10 @@ pub enum Outcome {
     /// A deciding tap, for the decisions topic: the one owner of its request settles it (see
     /// [`crate::settle`]), so "first decision wins" holds across processes.
     Candidate(Box<Candidate>),
+    /// A message for the outbox that is not a reply to an answer (a reminder, an escalation).
+    Outbox(Box<OutboxMessage>),
+    /// A command for a request's clock, for the decisions topic (see [`crate::overdue`]).
+    Clock(Box<gridtalk_clock::ClockCommand>),
 }
 
 /// What a response or a reply needs to know about the request it answers.

@@ -33,6 +33,7 @@
 //! the longer of the button lifetime and the sent-index retention.
 
 mod conversation;
+mod overdue;
 mod settle;
 mod settle_strategy;
 mod stage;

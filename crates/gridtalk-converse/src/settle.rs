@@ -102,6 +102,11 @@ impl Settlements {
         self.settled.len()
     }
 
+    /// Whether the request `key` (`<kind>:<request id>`) is settled.
+    pub fn is_settled(&self, key: &str) -> bool {
+        self.settled.contains_key(key)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.settled.is_empty()
     }

@@ -1,11 +1,19 @@
-//! The settlement's strategy for the driver: candidates from the decisions topic settled in
-//! partition order, and what they produce published.
+//! The decide stage's strategy for the driver: decision candidates settled and requests' clocks
+//! kept, both in the partition order of the decisions topic (keyed by request, so one owner
+//! holds a request's settlement and its clock).
 //!
 //! A candidate's outcomes (the decision or the refusal, the reply) are enqueued in order and, in a
-//! task, acknowledged; then the settlement goes to the converse-state changelog (key
-//! `settled:<request>`, on the decisions partition's number) and is acknowledged; then the
+//! task, acknowledged; then the settlement (`settled:<request>`) and the closed clock go to the
+//! converse-state changelog (on the decisions partition's number) and are acknowledged; then the
 //! candidate is committed. A crash in between replays the candidate, which the restored (or not
 //! yet written) settlement answers the same way, with the same ids.
+//!
+//! Clock commands (see [`gridtalk_clock`]) change the clocks the same way: the change is durable
+//! before the command is committed. A step that comes due is fired by `poll` as an effect of its
+//! partition (a revoke waits for it): its messages and `wa.request.overdue` record are
+//! acknowledged, then the clock's new state is written. A crash in between fires the step again on
+//! the next owner, with the same ids: the send stage's index sends its messages once, and the
+//! response topic read back at the takeover keeps its record from being published twice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,25 +22,57 @@ use std::time::Duration;
 use rdkafka::message::Message;
 use tokio::task::JoinSet;
 
-use gridtalk_kafka::driver::{Record, StageFailure, Strategy, Submit, TopicPartition};
+use gridtalk_clock::{ClockCommand, Clocks, Fire, Opened, TimeSource, UpstreamOutcome};
+use gridtalk_config::Secret;
+use gridtalk_directory::SharedDirectory;
+use gridtalk_kafka::driver::{Record, StageFailure, Strategy, Submit, Supervisor, TopicPartition};
 use gridtalk_kafka::DeadLetterReason;
 use gridtalk_telemetry::Metrics;
 
-use crate::conversation::Candidate;
+use crate::conversation::{Candidate, Outcome};
 use crate::settle::{Settlements, KEY_PREFIX};
-use crate::strategy::{publish, read_or_dead_letter, restore_state, sweep_state, Publishing};
+use crate::strategy::{
+    publish, publish_for, read_or_dead_letter, restore_state, sweep_state, Completion, Publishing,
+    StateChange,
+};
 
 pub(crate) const STAGE: &str = "decide";
 /// How often expired settlements are forgotten and tombstoned.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest a fire waits in one sleep: a clock changed by a record wakes it anyway, and a
+/// time source can be faster than the wall clock.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A record of the decisions topic.
+enum DecisionsRecord {
+    Candidate(Box<Candidate>),
+    Clock(Box<ClockCommand>),
+}
+
+fn read_decisions_record(bytes: &[u8]) -> Result<DecisionsRecord, String> {
+    match ClockCommand::from_json(bytes) {
+        Some(command) => command.map(|c| DecisionsRecord::Clock(Box::new(c))),
+        None => Candidate::from_json(bytes).map(|c| DecisionsRecord::Candidate(Box::new(c))),
+    }
+}
+
+/// What firing a step needs besides the publishing.
+pub(crate) struct Timekeeping {
+    pub time: TimeSource,
+    pub directory: SharedDirectory,
+    pub button_secret: Option<Secret>,
+    pub supervisor: Supervisor,
+}
+
 pub(crate) struct SettleStrategy {
     publishing: Arc<Publishing>,
     settlements: Settlements,
+    clocks: Clocks,
+    timekeeping: Timekeeping,
     /// Response ids found on the response topic at the last takeovers (see the converse
     /// strategy): a replayed candidate's decision is not published twice.
     published: Arc<Mutex<HashMap<String, i64>>>,
@@ -41,12 +81,18 @@ pub(crate) struct SettleStrategy {
 }
 
 impl SettleStrategy {
-    pub(crate) fn new(publishing: Arc<Publishing>, settlements: Settlements) -> Self {
+    pub(crate) fn new(
+        publishing: Arc<Publishing>,
+        settlements: Settlements,
+        timekeeping: Timekeeping,
+    ) -> Self {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         SettleStrategy {
             publishing,
             settlements,
+            clocks: Clocks::new(),
+            timekeeping,
             published: Arc::new(Mutex::new(HashMap::new())),
             tasks: JoinSet::new(),
             sweep,
@@ -54,10 +100,163 @@ impl SettleStrategy {
     }
 
     fn count_memory(&self) {
-        Metrics::global()
-            .state_entries
+        let state = &Metrics::global().state_entries;
+        state
             .with_label_values(&["settlements"])
             .set(self.settlements.len() as i64);
+        state
+            .with_label_values(&["clocks"])
+            .set(self.clocks.len() as i64);
+        state
+            .with_label_values(&["clocks_closed"])
+            .set(self.clocks.closed_len() as i64);
+    }
+
+    fn clock_changes(&mut self) -> Vec<StateChange> {
+        self.clocks
+            .take_changes()
+            .into_iter()
+            .map(StateChange::from)
+            .collect()
+    }
+
+    fn fire_outcomes(&self, fire: &Fire) -> Vec<Outcome> {
+        Metrics::global()
+            .clock_fires
+            .with_label_values(&[
+                fire.clock.policy.as_str(),
+                if fire.is_escalation() {
+                    "escalation"
+                } else {
+                    "reminder"
+                },
+                fire.trigger.as_str(),
+            ])
+            .inc();
+        tracing::info!(
+            request = %fire.clock.key,
+            policy = %fire.clock.policy,
+            step = fire.step,
+            steps = fire.clock.steps(),
+            escalation = fire.is_escalation(),
+            trigger = fire.trigger.as_str(),
+            "request overdue: step fired"
+        );
+        let directory = self.timekeeping.directory.read().expect("directory lock");
+        crate::overdue::fire_outcomes(
+            fire,
+            &self.publishing.config,
+            &directory,
+            self.timekeeping
+                .button_secret
+                .as_ref()
+                .map(|s| s.expose().as_bytes()),
+            now_ms(),
+        )
+    }
+
+    /// Fires every step due now, each as an effect of its partition.
+    fn fire_due(&mut self) {
+        let now = self.timekeeping.time.now_ms();
+        while let Some(fire) = self.clocks.take_next_due(now) {
+            let changes = self.clock_changes();
+            let tp = (
+                self.publishing.config.topics.decisions.clone(),
+                fire.partition,
+            );
+            let Some(effect) = self.timekeeping.supervisor.begin_effect(&tp) else {
+                // Draining: its next owner restores the clock and fires the step.
+                continue;
+            };
+            let outcomes = self.fire_outcomes(&fire);
+            publish_for(
+                &self.publishing,
+                &self.published,
+                (
+                    fire.partition,
+                    Completion::Timer(self.timekeeping.supervisor.clone()),
+                ),
+                &fire.fire_id(),
+                outcomes,
+                changes,
+                (effect, None),
+            );
+        }
+        self.count_memory();
+    }
+
+    /// What a clock command does; the changes it made follow in [`Self::clock_changes`].
+    fn command(&mut self, partition: i32, command: ClockCommand) -> Vec<Outcome> {
+        let now = self.timekeeping.time.now_ms();
+        match command {
+            ClockCommand::Open(open) => {
+                // A request settled before its clock arrived stays answered.
+                if self.settlements.is_settled(&open.key) {
+                    self.clocks.close(partition, &open.key, now);
+                    return Vec::new();
+                }
+                let key = open.key.clone();
+                let opened = self.clocks.open(partition, open, now);
+                tracing::debug!(request = %key, ?opened, "clock opened");
+                if opened == Opened::Expired {
+                    tracing::info!(request = %key, "every step of the request's clock is long past; no reminders");
+                }
+                Vec::new()
+            }
+            ClockCommand::Close { key, reason } => {
+                if self.clocks.close(partition, &key, now) {
+                    tracing::debug!(request = %key, reason, "clock closed");
+                }
+                Vec::new()
+            }
+            ClockCommand::Upstream {
+                key,
+                policy,
+                escalation,
+                hours_overdue,
+                view,
+            } => match self.clocks.upstream(&key, escalation, hours_overdue, now) {
+                UpstreamOutcome::Fire(fire) => self.fire_outcomes(&fire),
+                UpstreamOutcome::AlreadyFired | UpstreamOutcome::Closed => {
+                    tracing::debug!(request = %key, policy, "upstream overdue event for a step already fired or a closed request; nothing sent");
+                    Vec::new()
+                }
+                UpstreamOutcome::NoClock => self.route_upstream(&key, &view),
+            },
+        }
+    }
+
+    /// An upstream overdue event no clock knows: routed by the rules, as without clocks.
+    fn route_upstream(&self, key: &str, view: &str) -> Vec<Outcome> {
+        let Ok(json) = serde_json::from_str(view) else {
+            tracing::warn!(
+                request = key,
+                "an upstream overdue event's view is unreadable; nothing sent"
+            );
+            return Vec::new();
+        };
+        let view = gridtalk_contract::EventView { json };
+        let directory = self.timekeeping.directory.read().expect("directory lock");
+        match gridtalk_route::plan(
+            &view,
+            &self.publishing.config,
+            &directory,
+            self.timekeeping
+                .button_secret
+                .as_ref()
+                .map(|s| s.expose().as_bytes()),
+            now_ms(),
+        ) {
+            Ok(plan) => plan
+                .messages
+                .into_iter()
+                .map(|m| Outcome::Outbox(Box::new(m)))
+                .collect(),
+            Err(failure) => {
+                tracing::warn!(request = key, reason = failure.reason.as_str(), detail = %gridtalk_telemetry::redact(&failure.detail), "an upstream overdue event could not be routed");
+                Vec::new()
+            }
+        }
     }
 }
 
@@ -69,11 +268,17 @@ impl Strategy for SettleStrategy {
         }
         let entries = restore_state(&self.publishing, &self.published, numbers, |key| {
             key.starts_with(KEY_PREFIX)
+                || key.starts_with(gridtalk_clock::CLOCK_PREFIX)
+                || key.starts_with(gridtalk_clock::CLOSED_PREFIX)
         })
         .await?;
         let now = now_ms();
         for (partition, restored) in entries {
-            self.settlements.restore(partition, restored, now);
+            let (settled, clocks): (Vec<_>, Vec<_>) = restored
+                .into_iter()
+                .partition(|(key, _)| key.starts_with(KEY_PREFIX));
+            self.settlements.restore(partition, settled, now);
+            self.clocks.restore(partition, clocks);
         }
         self.count_memory();
         Ok(())
@@ -82,6 +287,7 @@ impl Strategy for SettleStrategy {
     fn revoked(&mut self, partitions: &[TopicPartition]) {
         for (_, partition) in partitions {
             self.settlements.drop_partition(*partition);
+            self.clocks.drop_partition(*partition);
             self.publishing
                 .expiries
                 .lock()
@@ -95,29 +301,48 @@ impl Strategy for SettleStrategy {
         let Ok(permit) = self.publishing.in_flight.clone().try_acquire_owned() else {
             return Submit::PushBack(record);
         };
-        let Some((candidate, record, permit)) = read_or_dead_letter(
+        let Some((read, record, permit)) = read_or_dead_letter(
             &self.publishing,
             &mut self.tasks,
             (record, permit),
             DeadLetterReason::MalformedDecision,
-            Candidate::from_json,
+            read_decisions_record,
         ) else {
             return Submit::Accepted;
         };
-        let outcomes = self
-            .settlements
-            .settle(record.message.partition(), &candidate, now_ms());
-        let changes = self.settlements.take_changes();
+        let partition = record.message.partition();
+        let (item_id, outcomes, mut changes) = match read {
+            DecisionsRecord::Candidate(candidate) => {
+                let outcomes = self.settlements.settle(partition, &candidate, now_ms());
+                let changes: Vec<StateChange> = self
+                    .settlements
+                    .take_changes()
+                    .into_iter()
+                    .map(StateChange::from)
+                    .collect();
+                // The request is answered: its clock stops.
+                let key = candidate.request_key();
+                self.clocks
+                    .close(partition, &key, self.timekeeping.time.now_ms());
+                (candidate.item_id.clone(), outcomes, changes)
+            }
+            DecisionsRecord::Clock(command) => {
+                let id = format!("{}:{}", command.name(), command.key());
+                let outcomes = self.command(partition, *command);
+                (id, outcomes, Vec::new())
+            }
+        };
+        changes.extend(self.clock_changes());
         self.count_memory();
         let Some(effect) = record.ticket.begin_effect() else {
-            // Revoked meanwhile: the new owner settles it again.
+            // Revoked meanwhile: the new owner handles it again.
             return Submit::Accepted;
         };
         publish(
             &self.publishing,
             &self.published,
             record,
-            &candidate.item_id,
+            &item_id,
             outcomes,
             changes,
             (effect, permit),
@@ -126,7 +351,20 @@ impl Strategy for SettleStrategy {
     }
 
     async fn poll(&mut self) -> Result<(), StageFailure> {
+        let next_fire = self
+            .clocks
+            .next_due_ms()
+            .map(|at| self.timekeeping.time.wait_until(at).min(MAX_SLEEP));
         tokio::select! {
+            _ = async {
+                match next_fire {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                self.fire_due();
+                Ok(())
+            }
             Some(ended) = self.tasks.join_next() => match ended {
                 Err(e) if e.is_panic() => Err(StageFailure(format!("a settlement task panicked: {e}"))),
                 _ => Ok(()),
@@ -135,6 +373,7 @@ impl Strategy for SettleStrategy {
             _ = self.sweep.tick() => {
                 sweep_state(&self.publishing);
                 self.settlements.evict(now_ms());
+                self.clocks.evict(self.timekeeping.time.now_ms());
                 self.count_memory();
                 Ok(())
             }

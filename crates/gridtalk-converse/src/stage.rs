@@ -12,7 +12,7 @@ use gridtalk_telemetry::Readiness;
 
 use crate::conversation::{Conversations, Settings};
 use crate::settle::Settlements;
-use crate::settle_strategy::{SettleStrategy, STAGE as SETTLE_STAGE};
+use crate::settle_strategy::{SettleStrategy, Timekeeping, STAGE as SETTLE_STAGE};
 use crate::strategy::{ConverseStrategy, Framings, Publishing, STAGE};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,15 @@ fn check_co_partitioned(config: &Config) -> Result<(), ConverseError> {
         )));
     }
     Ok(())
+}
+
+/// The time the request clocks run on.
+pub fn time_source(clock: &gridtalk_config::ClockConfig) -> gridtalk_clock::TimeSource {
+    if clock.speed == 1.0 && clock.start_ms == 0 {
+        gridtalk_clock::TimeSource::wall()
+    } else {
+        gridtalk_clock::TimeSource::scaled(clock.speed, clock.anchor_ms, clock.start_ms)
+    }
 }
 
 /// Runs the converse stage until `shutdown` is cancelled or the stage fails.
@@ -146,6 +155,13 @@ pub async fn run(
         DriverSettings::for_stage(&config, SETTLE_STAGE, vec![config.topics.decisions.clone()]),
         readiness.register(SETTLE_STAGE),
     )?;
+    // The clocks of requests live with their settlements: the same key, the same owner.
+    let timekeeping = Timekeeping {
+        time: time_source(&config.clock),
+        directory: directory.clone(),
+        button_secret: config.button_secret().map_err(ConverseError::Config)?,
+        supervisor: settle_driver.supervisor(),
+    };
     let producer = gridtalk_kafka::producer(&config.kafka)?;
     let publishing = Arc::new(Publishing::new(
         config.clone(),
@@ -174,7 +190,10 @@ pub async fn run(
     };
     let settle = async {
         let ended = settle_driver
-            .run(SettleStrategy::new(settling, settlements), stop.clone())
+            .run(
+                SettleStrategy::new(settling, settlements, timekeeping),
+                stop.clone(),
+            )
             .await;
         stop.cancel();
         ended

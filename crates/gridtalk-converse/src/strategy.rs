@@ -29,6 +29,7 @@ use gridtalk_kafka::{dead_letter, DeadLetterReason, KafkaError};
 use gridtalk_telemetry::Metrics;
 
 use crate::conversation::{Conversations, Handled, Outcome};
+use crate::overdue::with_clock_closes;
 
 pub(crate) const STAGE: &str = "converse";
 /// Items whose publications await acknowledgement at once; beyond it the driver is pushed back.
@@ -218,7 +219,13 @@ impl ConverseStrategy {
             }
             Handled::Done { outcome, outcomes } => {
                 metrics.converse_items.with_label_values(&[outcome]).inc();
-                let changes = self.conversations.take_changes();
+                let changes = self
+                    .conversations
+                    .take_changes()
+                    .into_iter()
+                    .map(StateChange::from)
+                    .collect();
+                let outcomes = with_clock_closes(outcomes);
                 let Some(effect) = w.record.ticket.begin_effect() else {
                     // Revoked meanwhile: the new owner handles the item again.
                     return;
@@ -488,16 +495,97 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Enqueues every outcome now (keeping order), then, in a task, finishes the item once all are
-/// acknowledged and its state changes are durable.
+/// One change of a converse-state changelog entry: a value kept for the state's usual retention
+/// (or until `expires_at_ms`), or a tombstone.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StateChange {
+    pub key: String,
+    pub value: Option<String>,
+    pub expires_at_ms: Option<i64>,
+}
+
+impl From<(String, String)> for StateChange {
+    fn from((key, value): (String, String)) -> Self {
+        StateChange {
+            key,
+            value: Some(value),
+            expires_at_ms: None,
+        }
+    }
+}
+
+impl From<gridtalk_clock::Change> for StateChange {
+    fn from(change: gridtalk_clock::Change) -> Self {
+        StateChange {
+            key: change.key,
+            value: change.value,
+            expires_at_ms: Some(change.expires_at_ms),
+        }
+    }
+}
+
+/// Who learns that a publication is durable: the record it was made for (its ticket), or, for
+/// what a partition's own timers made, the stage (which fails if the publication does).
+pub(crate) enum Completion {
+    Record(Ticket),
+    Timer(gridtalk_kafka::driver::Supervisor),
+}
+
+impl Completion {
+    fn finish(self) {
+        if let Completion::Record(ticket) = self {
+            ticket.finish();
+        }
+    }
+
+    fn fail(self, detail: String) {
+        match self {
+            Completion::Record(ticket) => ticket.fail(detail),
+            Completion::Timer(supervisor) => supervisor.fail(detail),
+        }
+    }
+}
+
+/// What a publication holds until it is durable: the partition's effect, and a place among the
+/// publications in flight (timers take none).
+pub(crate) type Held = (
+    gridtalk_kafka::driver::EffectGuard,
+    Option<OwnedSemaphorePermit>,
+);
+
+/// Enqueues every outcome of a record now (keeping order), then, in a task, finishes it once all
+/// are acknowledged and its state changes are durable.
 pub(crate) fn publish(
     publishing: &Arc<Publishing>,
     published: &Mutex<HashMap<String, i64>>,
     record: Record,
     item_id: &str,
     outcomes: Vec<Outcome>,
-    changes: Vec<(String, String)>,
-    held: (gridtalk_kafka::driver::EffectGuard, OwnedSemaphorePermit),
+    changes: Vec<StateChange>,
+    (effect, permit): (gridtalk_kafka::driver::EffectGuard, OwnedSemaphorePermit),
+) {
+    let partition = record.message.partition();
+    publish_for(
+        publishing,
+        published,
+        (partition, Completion::Record(record.ticket)),
+        item_id,
+        outcomes,
+        changes,
+        (effect, Some(permit)),
+    );
+}
+
+/// [`publish`] for a partition: outcomes enqueued in order, then (in a task) acknowledged, then
+/// the state changes written to the partition's changelog and acknowledged, then `completion`.
+pub(crate) fn publish_for(
+    publishing: &Arc<Publishing>,
+    published: &Mutex<HashMap<String, i64>>,
+    (partition, completion): (i32, Completion),
+    item_id: &str,
+    outcomes: Vec<Outcome>,
+    changes: Vec<StateChange>,
+    held: Held,
 ) {
     let metrics = Metrics::global();
     let topics = &publishing.config.topics;
@@ -581,6 +669,35 @@ pub(crate) fn publish(
                     }),
                 )
             }
+            Outcome::Outbox(o) => (
+                &topics.outbox,
+                o.phone_number_id.clone(),
+                o.to_avro(),
+                OwnedHeaders::new()
+                    .insert(Header {
+                        key: "gridtalk.event_id",
+                        value: Some(o.event_id.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "gridtalk.message_id",
+                        value: Some(o.message_id.as_bytes()),
+                    }),
+            ),
+            Outcome::Clock(command) => {
+                metrics
+                    .clock_commands
+                    .with_label_values(&[command.name()])
+                    .inc();
+                (
+                    &topics.decisions,
+                    command.key().to_string(),
+                    command.to_json(),
+                    OwnedHeaders::new().insert(Header {
+                        key: "gridtalk.clock",
+                        value: Some(command.name().as_bytes()),
+                    }),
+                )
+            }
             Outcome::Reply(o) => {
                 let form = if o.template_name.is_some() {
                     "template"
@@ -613,11 +730,7 @@ pub(crate) fn publish(
             .headers(headers);
         match publishing.producer.send_result(produced) {
             Ok(delivery) => deliveries.push(delivery),
-            Err((e, _)) => {
-                return record
-                    .ticket
-                    .fail(format!("publish for item {item_id}: {e}"))
-            }
+            Err((e, _)) => return completion.fail(format!("publish for item {item_id}: {e}")),
         }
     }
     let publishing = publishing.clone();
@@ -626,35 +739,44 @@ pub(crate) fn publish(
     // rather than remembered as answered and lost.
     tokio::spawn(async move {
         let _held = held;
-        let Record { message, ticket } = record;
         if let Err(e) = gridtalk_kafka::acknowledged(deliveries).await {
-            return ticket.fail(format!("response publish: {e}"));
+            return completion.fail(format!("response publish: {e}"));
         }
-        let expires = now_ms() + STATE_RETENTION_MS;
+        let retained = now_ms() + STATE_RETENTION_MS;
         let mut written = Vec::with_capacity(changes.len());
-        for (key, value) in &changes {
+        for change in &changes {
+            let expires = change.expires_at_ms.unwrap_or(retained);
             match gridtalk_kafka::changelog::write(
                 &publishing.producer,
                 &publishing.config.topics.converse_state,
-                message.partition(),
-                key,
-                Some((value.as_bytes(), expires)),
+                partition,
+                &change.key,
+                change.value.as_ref().map(|v| (v.as_bytes(), expires)),
             ) {
                 Ok(delivery) => written.push(delivery),
-                Err(e) => return ticket.fail(format!("converse state: {e}")),
+                Err(e) => return completion.fail(format!("converse state: {e}")),
             }
         }
         if let Some(held) = publishing
             .expiries
             .lock()
             .expect("expiries")
-            .get_mut(&message.partition())
+            .get_mut(&partition)
         {
-            held.extend(changes.iter().map(|(key, _)| (key.clone(), expires)));
+            for change in &changes {
+                match change.value {
+                    Some(_) => {
+                        held.insert(change.key.clone(), change.expires_at_ms.unwrap_or(retained));
+                    }
+                    None => {
+                        held.remove(&change.key);
+                    }
+                }
+            }
         }
         match gridtalk_kafka::acknowledged(written).await {
-            Ok(()) => ticket.finish(),
-            Err(e) => ticket.fail(format!("converse state: {e}")),
+            Ok(()) => completion.finish(),
+            Err(e) => completion.fail(format!("converse state: {e}")),
         }
         publishing.room.notify_one();
     });

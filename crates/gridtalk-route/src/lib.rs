@@ -17,12 +17,14 @@
 //! with backoff while the driver pauses that partition (every other partition and topic keeps
 //! routing) and is dead-lettered as `registry_unavailable` after `route.registry_wait_max_secs`.
 
+mod clocks;
 mod dedupe;
 mod lint;
 mod render;
 mod stage;
 mod strategy;
 
+pub use clocks::{clock_commands, policy_kind, render_fire};
 pub use dedupe::DedupeWindow;
 pub use gridtalk_directory::{Contact, Directory, DirectoryFile, Partner, SharedDirectory};
 pub use lint::pointer_problems;

@@ -48,14 +48,118 @@ pub fn pointer_problems(config: &Config) -> Vec<String> {
             }
         }
     }
+    problems.extend(reminder_problems(config));
     problems.sort();
     problems.dedup();
+    problems
+}
+
+/// The reminder policies' pointers against the events they read: the request id in the opening,
+/// closing and upstream events, the due time in the opening ones, and the pointers of the
+/// reminder and escalation templates (those into `/reminder`, which gridtalk adds, excepted).
+fn reminder_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for policy in &config.reminders {
+        let at = format!("reminders.{}", policy.name);
+        let mut template_pointers: Vec<(String, &str)> = Vec::new();
+        for name in std::iter::once(&policy.reminder_template).chain(&policy.escalation_template) {
+            if let Some(t) = config.templates.iter().find(|t| &t.name == name) {
+                template_pointers.push((
+                    format!("templates.{}.document_key", t.name),
+                    &t.document_key,
+                ));
+                for (i, p) in t.body.iter().enumerate() {
+                    if p.default.is_none() {
+                        template_pointers
+                            .push((format!("templates.{}.body[{i}].path", t.name), &p.path));
+                    }
+                }
+            }
+        }
+        template_pointers.retain(|(_, p)| !p.starts_with("/reminder/"));
+        let groups: [(&str, &Vec<String>); 3] = [
+            ("event_types", &policy.event_types),
+            ("closed_by", &policy.closed_by),
+            ("upstream_overdue", &policy.upstream_overdue),
+        ];
+        for (list, event_types) in groups {
+            for event_type in event_types {
+                if gridtalk_contract::payload_type_of(event_type).is_none() {
+                    problems.push(format!(
+                        "{at}.{list}: {event_type} is not an event type of the contract"
+                    ));
+                    continue;
+                }
+                let mut pointers =
+                    vec![(format!("{at}.request_path"), policy.request_path.as_str())];
+                if list == "event_types" {
+                    if let Some(due) = &policy.due_path {
+                        pointers.push((format!("{at}.due_path"), due));
+                    }
+                    pointers.extend(template_pointers.iter().map(|(p, v)| (p.clone(), *v)));
+                }
+                for (path, pointer) in pointers {
+                    if let Err(e) = gridtalk_contract::check_pointer(event_type, pointer) {
+                        problems.push(format!(
+                            "{path}: {e} (used by reminder policy {})",
+                            policy.name
+                        ));
+                    }
+                }
+            }
+        }
+        // The answer's buttons name the request by the request template's document key: the clock
+        // must be keyed by the same value, or no answer would ever stop it.
+        for rule in config
+            .rules
+            .iter()
+            .filter(|r| r.event_types.iter().any(|t| policy.event_types.contains(t)))
+        {
+            if let Some(t) = config
+                .templates
+                .iter()
+                .find(|t| t.name == rule.template && !t.buttons.is_empty())
+            {
+                if t.document_key != policy.request_path {
+                    problems.push(format!(
+                        "{at}.request_path: {} differs from template {}'s document_key {} (rule {}): answers would not stop the clock",
+                        policy.request_path, t.name, t.document_key, rule.name
+                    ));
+                }
+            }
+        }
+    }
     problems
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reminder_policy_keyed_unlike_its_request_is_reported() {
+        let mut config = Config::load(None, Vec::new()).expect("defaults load");
+        let policy = config
+            .reminders
+            .iter_mut()
+            .find(|p| p.name == "a-po-acknowledgement")
+            .expect("the PO policy");
+        policy.request_path = "/payload/buyer_name".into();
+        policy.due_path = Some("/payload/ack_due".into());
+        let problems = pointer_problems(&config);
+        assert!(
+            problems.iter().any(|p| p.starts_with(
+                "reminders.a-po-acknowledgement.request_path: /payload/buyer_name differs"
+            )),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("reminders.a-po-acknowledgement.due_path")),
+            "{problems:?}"
+        );
+    }
 
     #[test]
     fn the_built_in_rules_read_only_fields_their_events_have() {

@@ -22,7 +22,7 @@ pub struct RouteFailure {
     pub detail: String,
 }
 
-fn fail(reason: DeadLetterReason, detail: impl Into<String>) -> RouteFailure {
+pub(crate) fn fail(reason: DeadLetterReason, detail: impl Into<String>) -> RouteFailure {
     RouteFailure {
         reason,
         detail: detail.into(),
@@ -44,7 +44,7 @@ fn severity_rank(s: &str) -> u8 {
     }
 }
 
-fn scalar_text(v: &Value) -> Option<String> {
+pub(crate) fn scalar_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -197,9 +197,14 @@ fn message_id(event_id: &str, contact_id: &str, template: &str) -> String {
     hex::encode(&digest[..16])
 }
 
-/// The recipients of `rule` for the event, before opt-in filtering.
-fn audience<'d>(rule: &RuleConfig, view: &EventView, directory: &'d Directory) -> Vec<&'d Contact> {
-    let a = &rule.audience;
+/// The recipients an audience names for the event (`what` names it in logs), before opt-in
+/// filtering.
+pub(crate) fn audience<'d>(
+    a: &gridtalk_config::AudienceConfig,
+    what: &str,
+    view: &EventView,
+    directory: &'d Directory,
+) -> Vec<&'d Contact> {
     let mut found = Vec::new();
     if !a.partner_roles.is_empty() {
         found.extend(directory.with_roles(Some(view.partner_id()), &a.partner_roles));
@@ -213,7 +218,11 @@ fn audience<'d>(rule: &RuleConfig, view: &EventView, directory: &'d Directory) -
                 match directory.contact(id) {
                     Some(c) => found.push(c),
                     None => {
-                        tracing::warn!(contact = id, rule = %rule.name, "event names a contact the directory does not know")
+                        tracing::warn!(
+                            contact = id,
+                            rule = what,
+                            "event names a contact the directory does not know"
+                        )
                     }
                 }
             }
@@ -286,7 +295,7 @@ pub fn plan(
                     format!("rule {} names template {}", rule.name, rule.template),
                 )
             })?;
-        let recipients: Vec<&Contact> = audience(rule, view, directory)
+        let recipients: Vec<&Contact> = audience(&rule.audience, &rule.name, view, directory)
             .into_iter()
             .filter(|c| c.opted_in)
             .collect();
@@ -303,7 +312,7 @@ pub fn plan(
             plan.messages.push(render(
                 view,
                 config,
-                rule,
+                &rule.name,
                 template,
                 contact,
                 button_secret,
@@ -314,10 +323,12 @@ pub fn plan(
     Ok(plan)
 }
 
-fn render(
+/// Renders `template` for one contact: the exact Cloud API request, its signed buttons and a
+/// message id derived from the event id, the contact and the template.
+pub(crate) fn render(
     view: &EventView,
     config: &Config,
-    rule: &RuleConfig,
+    rule: &str,
     template: &TemplateConfig,
     contact: &Contact,
     button_secret: Option<&[u8]>,
@@ -388,7 +399,7 @@ fn render(
         template_name: Some(template.name.clone()),
         language,
         request_json: body.to_string(),
-        rule: rule.name.clone(),
+        rule: rule.to_string(),
         created_at: now_ms,
     })
 }

@@ -22,8 +22,9 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use gridtalk_clock::ClockCommand;
 use gridtalk_config::{Config, Secret};
-use gridtalk_contract::{AvroRecord, DecodeErrorKind, EventDecoder, EventView};
+use gridtalk_contract::{AvroRecord, DecodeErrorKind, EventDecoder, EventView, OutboxMessage};
 use gridtalk_directory::SharedDirectory;
 use gridtalk_kafka::driver::{
     EffectGuard, Record, StageFailure, Strategy, Submit, Ticket, TopicPartition,
@@ -362,7 +363,17 @@ async fn route_one(
             .await
         }
     };
-    if plan.messages.is_empty() {
+    let commands = crate::clocks::clock_commands(&view, &routing.config, &plan.messages);
+    // An upstream overdue event is the clock owner's to send (once per step), not ours.
+    let messages: &[OutboxMessage] = if commands
+        .iter()
+        .any(|c| matches!(c, ClockCommand::Upstream { .. }))
+    {
+        &[]
+    } else {
+        &plan.messages
+    };
+    if messages.is_empty() && commands.is_empty() {
         Metrics::global()
             .events_unrouted
             .with_label_values(&[view.event_type()])
@@ -378,8 +389,8 @@ async fn route_one(
         return;
     };
     let expires = window.remember(view.event_id(), now);
-    let mut deliveries = Vec::with_capacity(plan.messages.len());
-    for outbox in &plan.messages {
+    let mut deliveries = Vec::with_capacity(messages.len() + commands.len());
+    for outbox in messages {
         let bytes = outbox.to_avro();
         let headers = OwnedHeaders::new()
             .insert(Header {
@@ -404,6 +415,26 @@ async fn route_one(
             .with_label_values(&[outbox.template_name.as_deref().unwrap_or("none")])
             .inc();
     }
+    // The clock commands follow the messages: an `Open` is only ever acknowledged once the
+    // request it times is in the outbox (a crash in between replays both).
+    for command in &commands {
+        let bytes = command.to_json();
+        let record = FutureRecord::to(&routing.config.topics.decisions)
+            .key(command.key().as_bytes())
+            .payload(&bytes)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "gridtalk.clock",
+                value: Some(command.name().as_bytes()),
+            }));
+        match routing.producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((e, _)) => return ticket.fail(format!("clock command enqueue: {e}")),
+        }
+        Metrics::global()
+            .clock_commands
+            .with_label_values(&[command.name()])
+            .inc();
+    }
     Metrics::global()
         .events_routed
         .with_label_values(&[view.event_type()])
@@ -411,7 +442,8 @@ async fn route_one(
     tracing::debug!(
         event_id = view.event_id(),
         event_type = view.event_type(),
-        messages = plan.messages.len(),
+        messages = messages.len(),
+        clock_commands = commands.len(),
         "event routed"
     );
     // The dedupe entry is written only once the outbox holds the messages: a crash in between

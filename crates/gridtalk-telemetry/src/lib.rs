@@ -77,6 +77,11 @@ pub struct Metrics {
     /// Replies to people queued on the outbox by the converse stage, by kind (recorded,
     /// already_decided) and form (text, template).
     pub confirmations: IntCounterVec,
+    /// Request clock commands sent to the clocks' owners, by command (open, close, upstream).
+    pub clock_commands: IntCounterVec,
+    /// Steps of request clocks fired, by policy, step (reminder, escalation) and trigger (clock:
+    /// gridtalk's own clock, upstream: an upstream overdue event).
+    pub clock_fires: IntCounterVec,
     /// Always 1, labelled with the running build's version and commit.
     pub build_info: IntGaugeVec,
     process: process::ProcessMetrics,
@@ -217,6 +222,16 @@ impl Metrics {
                 "gridtalk_ingest_items_total",
                 "Webhook items (messages, statuses) published to the webhook topic.",
                 &["kind"],
+            ),
+            clock_commands: counter(
+                "gridtalk_clock_commands_total",
+                "Request clock commands sent to the clocks' owners, by command.",
+                &["command"],
+            ),
+            clock_fires: counter(
+                "gridtalk_clock_fires_total",
+                "Steps of request clocks fired (reminders, escalations), by policy, step and trigger.",
+                &["policy", "step", "trigger"],
             ),
             state_entries: gauge_vec(
                 "gridtalk_state_entries",

@@ -101,6 +101,27 @@ fn print_way_back(
         };
         let what = match &r.body {
             ResponseBody::DeliveryStatus { .. } => continue,
+            ResponseBody::RequestOverdue {
+                step,
+                steps,
+                escalation,
+                hours_overdue,
+                notified_contact_ids,
+                ..
+            } => {
+                println!(
+                    "⏰ {} {} overdue by {hours_overdue} h: {} {step} of {steps} to {}",
+                    r.response_type,
+                    r.request_id.as_deref().unwrap_or("-"),
+                    if *escalation {
+                        "escalation"
+                    } else {
+                        "reminder"
+                    },
+                    notified_contact_ids.join(", ")
+                );
+                continue;
+            }
             ResponseBody::PoAckDecision { decision, .. }
             | ResponseBody::ApprovalDecision { decision, .. } => decision.clone(),
             ResponseBody::OnboardingAcknowledgement { action, .. } => action.clone(),

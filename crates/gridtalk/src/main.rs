@@ -207,6 +207,7 @@ fn check_problems(config: Option<&PathBuf>, stages: &[Stage]) -> (Vec<String>, O
     };
     let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
     problems.extend(config.problems_for(&names));
+    problems.extend(build_problems(&config));
     problems.extend(gridtalk_kafka::settings_problems(&config.kafka));
     problems.extend(gridtalk_route::pointer_problems(&config));
     if let Some(path) = &config.directory.file {
@@ -219,6 +220,17 @@ fn check_problems(config: Option<&PathBuf>, stages: &[Stage]) -> (Vec<String>, O
         }
     }
     (problems, Some(config))
+}
+
+/// What this build cannot run: a faster clock exists for tests and the demo only, so a production
+/// build never sends reminders early because of a stray setting.
+fn build_problems(config: &Config) -> Vec<String> {
+    let fast = config.clock != gridtalk_config::ClockConfig::default();
+    if fast && !cfg!(feature = "demo") {
+        vec!["clock: speed, anchor_ms and start_ms are for tests and the demo; this build runs on the wall clock (remove the [clock] settings)".into()]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Cancels `token` on the first SIGINT/SIGTERM; a second signal exits at once.
@@ -276,7 +288,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, stages } => {
             let config = load(config.as_ref())?;
             let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
-            let problems = config.problems_for(&names);
+            let mut problems = config.problems_for(&names);
+            problems.extend(build_problems(&config));
             if !problems.is_empty() {
                 anyhow::bail!(gridtalk_config::ConfigErrors(problems));
             }

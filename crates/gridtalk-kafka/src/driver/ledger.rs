@@ -289,6 +289,23 @@ impl Supervisor {
     pub fn has_failed(&self) -> bool {
         self.ledger.failure().is_some()
     }
+
+    /// Asks to act on the world on behalf of partition `tp` itself rather than of one of its
+    /// records (a timer of the partition's state fired). `None` unless `tp` is assigned and not
+    /// draining; while the guard lives, a revoke of `tp` waits for it as for a record's effect.
+    pub fn begin_effect(&self, tp: &TopicPartition) -> Option<EffectGuard> {
+        let mut state = self.ledger.lock();
+        let held = state.partitions.get_mut(tp)?;
+        if held.phase != Phase::Assigned {
+            return None;
+        }
+        held.effects += 1;
+        Some(EffectGuard {
+            ledger: self.ledger.clone(),
+            partition: tp.clone(),
+            generation: held.generation,
+        })
+    }
 }
 
 /// One record's claim on its partition's progress. See the module docs.
@@ -479,5 +496,21 @@ mod tests {
         assert!(new.owned());
         new.finish();
         assert_eq!(ledger.take_positions(), vec![(tp(0), 2)]);
+    }
+
+    #[test]
+    fn a_partitions_own_effect_is_waited_for_like_a_records() {
+        let ledger = Ledger::new([]);
+        let supervisor = Supervisor {
+            ledger: ledger.clone(),
+        };
+        assert!(supervisor.begin_effect(&tp(0)).is_none(), "not assigned");
+        ledger.assigned(&[tp(0)]);
+        let effect = supervisor.begin_effect(&tp(0)).expect("assigned");
+        ledger.begin_drain(&[tp(0)]);
+        assert!(supervisor.begin_effect(&tp(0)).is_none(), "draining");
+        assert!(!ledger.wait_effects(&[tp(0)], Instant::now() + Duration::from_millis(50)));
+        drop(effect);
+        assert!(ledger.wait_effects(&[tp(0)], Instant::now() + Duration::from_millis(50)));
     }
 }
