@@ -1,0 +1,324 @@
+//! Time in the stream, end to end on the real broker with a fast test clock: a purchase order
+//! nobody acknowledges is reminded at its due time and four hours later, then escalated to
+//! procurement a day after it was due; an answer stops the rest; a kill -9 between the steps
+//! changes nothing anyone sees. Asserted at the sandbox (what people received) and on the
+//! response topic (the `wa.request.overdue` records workflows read).
+
+mod support;
+
+use std::time::Duration;
+
+use gridtalk_contract::{ResponseBody, WorkflowResponse};
+use gridtalk_sandbox::Reply;
+use rdkafka::Message;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(180);
+const HOUR: i64 = 3_600_000;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The pipeline's clock runs `speed` times faster than the wall clock from now on; every
+/// process given these settings agrees on the time.
+fn fast_clock(setup: &mut Setup, speed: u32) -> gridtalk_clock::TimeSource {
+    let anchor = now_ms();
+    setup.overrides.push(("CLOCK__SPEED", speed.to_string()));
+    setup
+        .overrides
+        .push(("CLOCK__ANCHOR_MS", anchor.to_string()));
+    gridtalk_clock::TimeSource::scaled(f64::from(speed), anchor, 0)
+}
+
+/// A purchase order for ACME's order desk whose acknowledgement is due `due_in` from now.
+fn purchase_order(seq: u64, due_in: i64) -> serde_json::Value {
+    let mut po = event("tg.po.received", seq, "ACME");
+    po["payload"]["PurchaseOrderReceived"]["ack_due_at"] = serde_json::json!(now_ms() + due_in);
+    po
+}
+
+/// The `wa.request.overdue` records of request `po`, by step.
+fn overdue(p: &Pipeline, po: &str) -> Vec<(i32, WorkflowResponse)> {
+    let mut records: Vec<(i32, WorkflowResponse)> = p
+        .responses()
+        .into_iter()
+        .filter(|r| r.response_type == "wa.request.overdue" && r.request_id.as_deref() == Some(po))
+        .map(|r| match &r.body {
+            ResponseBody::RequestOverdue { step, .. } => (*step, r.clone()),
+            other => panic!("wa.request.overdue with body {other:?}"),
+        })
+        .collect();
+    records.sort_by_key(|(step, _)| *step);
+    records
+}
+
+/// (template, recipient) of every message the sandbox received about `po`, in order.
+fn messages_about(p: &Pipeline, po: &str) -> Vec<(String, String)> {
+    p.sandbox
+        .messages()
+        .into_iter()
+        .filter(|m| m.parameters.iter().any(|x| x == po))
+        .map(|m| (m.template.unwrap_or_default(), m.to))
+        .collect()
+}
+
+/// The last value of changelog key `key` on the converse state topic (`None`: a tombstone or
+/// nothing).
+fn state_entry(p: &Pipeline, key: &str) -> Option<Option<Vec<u8>>> {
+    read_topic(&p.config.topics.converse_state)
+        .into_iter()
+        .filter(|m| m.key() == Some(key.as_bytes()))
+        .last()
+        .map(|m| m.payload().map(<[u8]>::to_vec))
+}
+
+fn assert_step(record: &WorkflowResponse, step: i32, escalation: bool, notified: &[&str]) {
+    let ResponseBody::RequestOverdue {
+        request_kind,
+        policy,
+        step: s,
+        steps,
+        escalation: e,
+        notified_contact_ids,
+        trigger,
+        ..
+    } = &record.body
+    else {
+        panic!("not an overdue record: {record:?}");
+    };
+    assert_eq!(
+        (request_kind.as_str(), policy.as_str(), *s, *steps, *e),
+        ("po", "a-po-acknowledgement", step, 3, escalation)
+    );
+    assert_eq!(notified_contact_ids, notified);
+    assert_eq!(trigger, "CLOCK");
+    assert_eq!(record.partner_id.as_deref(), Some("ACME"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_a_an_unanswered_order_is_reminded_twice_then_escalated_to_procurement() {
+    let mut setup = Setup {
+        ingest: true,
+        ..Setup::default()
+    };
+    let time = fast_clock(&mut setup, 3_600);
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let po = purchase_order(61, 2 * HOUR);
+    let due = po["payload"]["PurchaseOrderReceived"]["ack_due_at"]
+        .as_i64()
+        .unwrap();
+    p.publish_event(&po).await;
+    let number = "PO-4500061";
+
+    p.wait_until("the escalation", WAIT, |p| overdue(p, number).len() == 3)
+        .await;
+    let records = overdue(&p, number);
+    assert_step(&records[0].1, 1, false, &["acme-order-desk"]);
+    assert_step(&records[1].1, 2, false, &["acme-order-desk"]);
+    assert_step(&records[2].1, 3, true, &["buyer-maria"]);
+    // Each at its time on the clock: the due time, +4 h, +24 h.
+    for ((_, record), at) in records.iter().zip([due, due + 4 * HOUR, due + 24 * HOUR]) {
+        assert!(
+            record.received_at >= at && record.received_at < at + 2 * HOUR,
+            "step fired at {} for {at}",
+            record.received_at
+        );
+        assert_eq!(
+            record.correlation_id,
+            po["correlation_id"].as_str().unwrap()
+        );
+        assert_eq!(
+            record.in_reply_to_event_id.as_deref(),
+            po["event_id"].as_str()
+        );
+    }
+    p.wait_until("the escalation at the sandbox", WAIT, |p| {
+        messages_about(p, number).len() == 4
+    })
+    .await;
+    assert_eq!(
+        messages_about(&p, number),
+        [
+            ("po_ack_request", "15550100001"),
+            ("po_ack_reminder", "15550100001"),
+            ("po_ack_reminder", "15550100001"),
+            ("request_escalation", "14155550101"),
+        ]
+        .map(|(t, to)| (t.to_string(), to.to_string()))
+    );
+    let reminders: Vec<_> = p
+        .sandbox
+        .messages()
+        .into_iter()
+        .filter(|m| m.template.as_deref() == Some("po_ack_reminder"))
+        .collect();
+    assert_eq!(reminders[0].parameters[0], "1");
+    assert_eq!(reminders[1].parameters[0], "2");
+    assert_eq!(reminders[1].parameters[3], "4", "four hours overdue");
+    assert_eq!(
+        reminders[0].buttons,
+        ["Accept", "Accept with changes", "Reject"]
+    );
+    let escalation = message_to(&p, WAIT, "14155550101", "request_escalation").await;
+    assert!(
+        escalation
+            .rendered
+            .contains("Purchase order PO-4500061 for ACME")
+            && escalation.rendered.contains("24 hours")
+            && escalation.rendered.contains("(2 reminders sent)"),
+        "{}",
+        escalation.rendered
+    );
+    // The clock is gone (tombstoned), and a day later still nothing more was sent.
+    assert_eq!(state_entry(&p, "clock:po:PO-4500061"), Some(None));
+    p.wait_until("two days past the due time", WAIT, |_| {
+        time.now_ms() > due + 48 * HOUR
+    })
+    .await;
+    p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+        .await;
+    assert_eq!(messages_about(&p, number).len(), 4);
+    assert_eq!(overdue(&p, number).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_a_an_accept_tapped_on_the_first_reminder_stops_the_rest() {
+    let mut setup = Setup {
+        ingest: true,
+        ..Setup::default()
+    };
+    // One hour in 2 s: the second reminder is 8 s after the first, time to tap and settle.
+    let time = fast_clock(&mut setup, 1_800);
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let po = purchase_order(62, 4 * HOUR);
+    let due = po["payload"]["PurchaseOrderReceived"]["ack_due_at"]
+        .as_i64()
+        .unwrap();
+    p.publish_event(&po).await;
+    let number = "PO-4500062";
+    let reminder = message_to(&p, WAIT, "15550100001", "po_ack_reminder").await;
+    let hours = |at: i64| (at - due) as f64 / HOUR as f64;
+    println!("first reminder at due {:+.1} h", hours(time.now_ms()));
+    assert!(reminder.parameters.iter().any(|x| x == number));
+    // The reminder's own buttons answer the order.
+    let tap = p
+        .sandbox
+        .reply(&reminder.wamid, Reply::Button { index: 0 })
+        .await
+        .expect("tap delivered");
+    p.wait_until("the decision", WAIT, |p| {
+        p.responses().iter().any(|r| r.wa_message_id == tap)
+    })
+    .await;
+    let decision = p
+        .responses()
+        .into_iter()
+        .find(|r| r.wa_message_id == tap)
+        .unwrap();
+    println!("decision at due {:+.1} h", hours(time.now_ms()));
+    assert_eq!(decision.response_type, "wa.po.ack_decision");
+    assert_eq!(decision.request_id.as_deref(), Some(number));
+    // Closed for good: the clock tombstoned, the request remembered as closed.
+    p.wait_until("the clock closed", WAIT, |p| {
+        state_entry(p, "clock-closed:po:PO-4500062").is_some_and(|v| v.is_some())
+    })
+    .await;
+    println!("closed at due {:+.1} h", hours(time.now_ms()));
+    assert_eq!(state_entry(&p, "clock:po:PO-4500062"), Some(None));
+    p.wait_until("past the escalation time", WAIT, |_| {
+        time.now_ms() > due + 26 * HOUR
+    })
+    .await;
+    p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+        .await;
+    let records = overdue(&p, number);
+    assert_eq!(records.len(), 1, "only the first reminder: {records:?}");
+    assert_step(&records[0].1, 1, false, &["acme-order-desk"]);
+    let sent: Vec<String> = messages_about(&p, number)
+        .into_iter()
+        .map(|(t, _)| t)
+        .filter(|t| t != "answer_status")
+        .collect();
+    assert_eq!(sent, ["po_ack_request", "po_ack_reminder"]);
+    assert!(!p
+        .sandbox
+        .messages()
+        .iter()
+        .any(|m| m.template.as_deref() == Some("request_escalation")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_fires_exactly_once_across_kill_9_between_the_steps() {
+    // Ingest runs here (the webhook receiver, up throughout); everything else in a process that
+    // is killed with SIGKILL after each of the first two steps and started again.
+    let mut setup = Setup {
+        ingest: true,
+        in_process: true,
+        only_stages: Some(vec![gridtalk::Stage::Ingest]),
+        ..Setup::default()
+    };
+    fast_clock(&mut setup, 3_600);
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let stages = "route,send,converse";
+    let mut gridtalk = p.spawn_gridtalk("first", stages);
+    let numbers: Vec<String> = (71..74).map(|seq| format!("PO-45000{seq}")).collect();
+    for seq in 71..74 {
+        p.publish_event(&purchase_order(seq, 2 * HOUR)).await;
+    }
+    for (round, after_step) in [(1, 1usize), (2, 2)] {
+        p.wait_until(&format!("step {after_step} of every order"), WAIT, |p| {
+            numbers.iter().all(|n| overdue(p, n).len() >= after_step)
+        })
+        .await;
+        // Killed between the steps: after the fired step's messages reached the sandbox (so no
+        // send is on the wire), not necessarily after its state was written.
+        p.wait_until("the step's reminders at the sandbox", WAIT, |p| {
+            numbers
+                .iter()
+                .all(|n| messages_about(p, n).len() > after_step)
+        })
+        .await;
+        gridtalk.kill().expect("SIGKILL");
+        gridtalk.wait().expect("reaped");
+        gridtalk = p.spawn_gridtalk(&format!("restart-{round}"), stages);
+    }
+    p.wait_until("every escalation", WAIT, |p| {
+        numbers.iter().all(|n| overdue(p, n).len() >= 3)
+            && p.sandbox
+                .messages()
+                .iter()
+                .filter(|m| m.template.as_deref() == Some("request_escalation"))
+                .count()
+                >= 3
+    })
+    .await;
+    p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+        .await;
+    for number in &numbers {
+        let records = overdue(&p, number);
+        let steps: Vec<i32> = records.iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [1, 2, 3], "{number}: each step's record once");
+        // Sorted: a step fired on catch-up after a restart may reach procurement before the
+        // order desk's reminder, which waits for the pair limit.
+        let mut templates: Vec<String> = messages_about(&p, number)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        templates.sort();
+        assert_eq!(
+            templates,
+            [
+                "po_ack_reminder",
+                "po_ack_reminder",
+                "po_ack_request",
+                "request_escalation"
+            ],
+            "{number}: each message once"
+        );
+    }
+    assert_eq!(terminate(&mut gridtalk).code(), Some(0));
+}
