@@ -68,8 +68,7 @@ fn messages_about(p: &Pipeline, po: &str) -> Vec<(String, String)> {
 fn state_entry(p: &Pipeline, key: &str) -> Option<Option<Vec<u8>>> {
     read_topic(&p.config.topics.converse_state)
         .into_iter()
-        .filter(|m| m.key() == Some(key.as_bytes()))
-        .last()
+        .rfind(|m| m.key() == Some(key.as_bytes()))
         .map(|m| m.payload().map(<[u8]>::to_vec))
 }
 
