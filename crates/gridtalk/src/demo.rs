@@ -31,6 +31,11 @@ pub struct DemoArgs {
     /// would, so the way back runs without anyone at the browser.
     #[arg(long)]
     auto_answer: bool,
+    /// How much faster than the wall clock the request clocks run: at the default an hour passes
+    /// every second, so the first reminders and escalations show within the first minute
+    /// (orders are due a day after they arrive). 1 runs them on the wall clock.
+    #[arg(long, default_value_t = 3600.0)]
+    clock_speed: f64,
     /// Do not try to open the phones page in a browser.
     #[arg(long)]
     no_browser: bool,
@@ -229,7 +234,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "demo",
         args.sandbox_port,
         |_| {},
-        vec![("ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))],
+        vec![
+            ("ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
+            ("CLOCK__SPEED", format!("{:?}", args.clock_speed)),
+        ],
         shutdown.clone(),
     )
     .await?;
@@ -269,6 +277,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!(
             "  log                     {}  (--verbose shows it here)",
             log_path.display()
+        );
+    }
+    if args.clock_speed != 1.0 {
+        println!(
+            "  request clocks          {}x the wall clock (reminders, escalations; --clock-speed)",
+            args.clock_speed
         );
     }
     println!("  Ctrl-C stops (in-flight sends drain first)");
