@@ -321,3 +321,104 @@ async fn every_step_fires_exactly_once_across_kill_9_between_the_steps() {
     }
     assert_eq!(terminate(&mut gridtalk).code(), Some(0));
 }
+
+/// A partner in Tokyo with business hours 09:00–18:00 (Monday to Friday) and its billing contact.
+const TOKYO: &str = r#"
+[[partners]]
+id = "NIPPON"
+name = "Nippon Parts KK"
+time_zone = "Asia/Tokyo"
+business_hours = "09:00-18:00"
+
+[[contacts]]
+id = "nippon-billing"
+name = "Billing Nippon"
+phone = "+81 90 1234 5678"
+language = "en_US"
+opted_in = true
+partner = "NIPPON"
+roles = ["billing"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_in_tokyo_gets_an_informational_alert_at_nine_and_a_critical_one_at_once() {
+    let directory = format!("{DIRECTORY}\n{TOKYO}");
+    let mut setup = Setup {
+        ingest: true,
+        directory: directory.clone(),
+        ..Setup::default()
+    };
+    setup.sandbox.people =
+        gridtalk_sandbox::people_from_directory(&directory, "Northwind Retail").unwrap();
+    // Thursday 2026-12-03, 02:00 in Tokyo, an hour passing every second.
+    let two_am = chrono::DateTime::parse_from_rfc3339("2026-12-03T02:00:00+09:00")
+        .unwrap()
+        .timestamp_millis();
+    let nine_am = two_am + 7 * HOUR;
+    let anchor = now_ms();
+    setup.overrides.push(("CLOCK__SPEED", "3600".into()));
+    setup
+        .overrides
+        .push(("CLOCK__ANCHOR_MS", anchor.to_string()));
+    setup
+        .overrides
+        .push(("CLOCK__START_MS", two_am.to_string()));
+    let time = gridtalk_clock::TimeSource::scaled(3_600.0, anchor, two_am);
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+
+    let mut info = event("tg.invoice.rejected", 81, "NIPPON");
+    info["severity"] = serde_json::json!("INFO");
+    let mut critical = event("tg.invoice.rejected", 82, "NIPPON");
+    critical["severity"] = serde_json::json!("CRITICAL");
+    p.publish_event(&info).await;
+    p.publish_event(&critical).await;
+    let about = |p: &Pipeline, invoice: &str, to: &str| {
+        p.sandbox
+            .messages()
+            .iter()
+            .any(|m| m.to == to && m.parameters.iter().any(|x| x == invoice))
+    };
+    let tokyo = "819012345678";
+    p.wait_until("the critical alert in Tokyo", WAIT, |p| {
+        about(p, "INV-900082", tokyo)
+    })
+    .await;
+    let critical_at = time.now_ms();
+    // The company's own accounts payable (no business hours set) got both at once.
+    p.wait_until("both alerts at accounts payable", WAIT, |p| {
+        about(p, "INV-900081", "14155550102") && about(p, "INV-900082", "14155550102")
+    })
+    .await;
+    assert!(
+        !about(&p, "INV-900081", tokyo),
+        "the informational alert waits"
+    );
+    p.wait_until("the informational alert in Tokyo", WAIT, |p| {
+        about(p, "INV-900081", tokyo)
+    })
+    .await;
+    let info_at = time.now_ms();
+    println!(
+        "critical at {:.1} h Tokyo time, informational at {:.1} h",
+        2.0 + (critical_at - two_am) as f64 / HOUR as f64,
+        2.0 + (info_at - two_am) as f64 / HOUR as f64
+    );
+    assert!(critical_at < nine_am, "the critical alert did not wait");
+    assert!(
+        info_at >= nine_am,
+        "the informational alert came before 09:00"
+    );
+    // The wait is measured, on the clocks' time: from when route held it (before the critical
+    // one arrived) until 09:00.
+    let waited = gridtalk_telemetry::Metrics::global()
+        .quiet_hours_wait_seconds
+        .with_label_values(&["decide"]);
+    assert!(waited.get_sample_count() >= 1);
+    assert!(
+        waited.get_sample_sum() >= (nine_am - critical_at) as f64 / 1000.0,
+        "{}",
+        waited.get_sample_sum()
+    );
+    assert!(p.dead_letters().is_empty());
+}

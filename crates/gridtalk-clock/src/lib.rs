@@ -156,6 +156,9 @@ pub enum ClockCommand {
         hours_overdue: i64,
         view: String,
     },
+    /// A message that waits for its recipient's business hours (quiet hours), keyed
+    /// `defer:<contact id>` so one contact's waiting messages stay in order.
+    Defer(DeferredMessage),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -168,6 +171,7 @@ impl ClockCommand {
         match self {
             ClockCommand::Open(open) => &open.key,
             ClockCommand::Close { key, .. } | ClockCommand::Upstream { key, .. } => key,
+            ClockCommand::Defer(deferred) => &deferred.key,
         }
     }
 
@@ -177,6 +181,7 @@ impl ClockCommand {
             ClockCommand::Open(_) => "open",
             ClockCommand::Close { .. } => "close",
             ClockCommand::Upstream { .. } => "upstream",
+            ClockCommand::Defer(_) => "defer",
         }
     }
 
@@ -569,6 +574,132 @@ impl Clocks {
     pub fn evict(&mut self, now_ms: i64) {
         self.closed
             .retain(|_, (_, at)| *at + CLOSED_RETENTION_MS >= now_ms);
+    }
+}
+
+/// Changelog keys of messages waiting for their recipient's business hours.
+pub const DEFERRED_PREFIX: &str = "deferred:";
+/// How long a waiting message's entry is kept past its release, should its tombstone be lost.
+pub const DEFERRED_GRACE_MS: i64 = 24 * 3_600_000;
+
+/// A message waiting for its recipient's business hours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeferredMessage {
+    /// `defer:<contact id>` (the decisions topic's key).
+    pub key: String,
+    pub message_id: String,
+    pub contact_id: String,
+    pub deferred_at_ms: i64,
+    pub release_at_ms: i64,
+    /// Order among messages released at the same time (their order of arrival).
+    #[serde(default)]
+    pub sequence: u64,
+    /// The outbox message, as JSON.
+    pub message: String,
+}
+
+/// The messages waiting for business hours on the partitions this process owns, in release
+/// order. Like [`Clocks`]: each held message is a changelog entry (`deferred:<message id>`),
+/// restored with its partition, tombstoned once released; a message held twice (a replayed
+/// command) is held once.
+#[derive(Debug, Default)]
+pub struct Deferred {
+    held: HashMap<String, (DeferredMessage, i32)>,
+    queue: BTreeSet<(i64, u64, String)>,
+    changes: Vec<Change>,
+}
+
+impl Deferred {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    pub fn next_due_ms(&self) -> Option<i64> {
+        self.queue.first().map(|(at, _, _)| *at)
+    }
+
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    fn insert(&mut self, partition: i32, message: DeferredMessage) {
+        self.queue.insert((
+            message.release_at_ms,
+            message.sequence,
+            message.message_id.clone(),
+        ));
+        self.held
+            .insert(message.message_id.clone(), (message, partition));
+    }
+
+    /// Holds `message` (read from `partition`) until its release. False when already held.
+    pub fn hold(&mut self, partition: i32, message: DeferredMessage) -> bool {
+        if self.held.contains_key(&message.message_id) {
+            return false;
+        }
+        self.changes.push(Change {
+            partition,
+            key: format!("{DEFERRED_PREFIX}{}", message.message_id),
+            value: Some(serde_json::to_string(&message).expect("a deferred message serialises")),
+            expires_at_ms: message.release_at_ms + DEFERRED_GRACE_MS,
+        });
+        self.insert(partition, message);
+        true
+    }
+
+    /// The next message whose release time has come, with its partition; its tombstone follows
+    /// in [`Deferred::take_changes`].
+    pub fn take_next_due(&mut self, now_ms: i64) -> Option<(i32, DeferredMessage)> {
+        let (at, _, id) = self.queue.first().cloned()?;
+        if at > now_ms {
+            return None;
+        }
+        self.queue.pop_first();
+        let (message, partition) = self.held.remove(&id)?;
+        self.changes.push(Change {
+            partition,
+            key: format!("{DEFERRED_PREFIX}{id}"),
+            value: None,
+            expires_at_ms: 0,
+        });
+        Some((partition, message))
+    }
+
+    /// Applies the changelog entries of `partition`; unreadable ones are skipped.
+    pub fn restore(&mut self, partition: i32, entries: impl IntoIterator<Item = (String, String)>) {
+        for (key, value) in entries {
+            let Some(id) = key.strip_prefix(DEFERRED_PREFIX) else {
+                continue;
+            };
+            match serde_json::from_str::<DeferredMessage>(&value) {
+                Ok(message) if message.message_id == id && !self.held.contains_key(id) => {
+                    self.insert(partition, message)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Forgets the messages of `partition` (revoked: its new owner restores them).
+    pub fn drop_partition(&mut self, partition: i32) {
+        let gone: Vec<(i64, u64, String)> = self
+            .held
+            .values()
+            .filter(|(_, p)| *p == partition)
+            .map(|(m, _)| (m.release_at_ms, m.sequence, m.message_id.clone()))
+            .collect();
+        for entry in gone {
+            self.queue.remove(&entry);
+            self.held.remove(&entry.2);
+        }
     }
 }
 

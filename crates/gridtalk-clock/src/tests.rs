@@ -221,3 +221,51 @@ fn a_scaled_time_source_runs_fast_from_its_anchor() {
     assert!(wait <= Duration::from_millis(1_001) && wait >= Duration::from_millis(900));
     assert_eq!(fast.wait_until(now - H), Duration::ZERO);
 }
+
+fn waiting(id: &str, release: i64, sequence: u64) -> DeferredMessage {
+    DeferredMessage {
+        key: "defer:nippon-billing".into(),
+        message_id: id.into(),
+        contact_id: "nippon-billing".into(),
+        deferred_at_ms: T0,
+        release_at_ms: release,
+        sequence,
+        message: "{}".into(),
+    }
+}
+
+#[test]
+fn waiting_messages_are_released_in_order_once_and_survive_a_restore() {
+    let mut deferred = Deferred::new();
+    assert!(deferred.hold(2, waiting("b", T0 + 7 * H, 2)));
+    assert!(deferred.hold(2, waiting("a", T0 + 7 * H, 1)));
+    assert!(deferred.hold(2, waiting("c", T0 + 8 * H, 3)));
+    assert!(!deferred.hold(2, waiting("a", T0 + 7 * H, 1)), "held once");
+    assert_eq!(deferred.next_due_ms(), Some(T0 + 7 * H));
+    assert!(deferred.take_next_due(T0 + 7 * H - 1).is_none());
+    let written: Vec<(String, String)> = deferred
+        .take_changes()
+        .into_iter()
+        .map(|c| (c.key, c.value.unwrap()))
+        .collect();
+    assert_eq!(written.len(), 3);
+    let mut restored = Deferred::new();
+    restored.restore(2, written);
+    for clocks in [&mut deferred, &mut restored] {
+        let released: Vec<String> = std::iter::from_fn(|| clocks.take_next_due(T0 + 7 * H))
+            .map(|(p, m)| {
+                assert_eq!(p, 2);
+                m.message_id
+            })
+            .collect();
+        assert_eq!(released, ["a", "b"]);
+        assert_eq!(clocks.len(), 1);
+    }
+    assert!(deferred
+        .take_changes()
+        .iter()
+        .all(|c| c.value.is_none() && c.key.starts_with(DEFERRED_PREFIX)));
+    restored.drop_partition(2);
+    assert!(restored.is_empty());
+    assert_eq!(restored.next_due_ms(), None);
+}

@@ -212,6 +212,13 @@ pub struct RouteConfig {
     pub button_secret_file: Option<PathBuf>,
     /// How long a button stays valid after the message is rendered.
     pub button_ttl_hours: u64,
+    /// Quiet hours: a message for a contact outside its business hours (see the directory) waits
+    /// for the window to open, unless its event's severity or type is urgent.
+    pub quiet_hours: bool,
+    /// Severities whose messages go at once, whatever the hour.
+    pub urgent_severities: Vec<String>,
+    /// Event types whose messages go at once, whatever the hour.
+    pub urgent_event_types: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -873,6 +880,13 @@ impl Config {
             }
         }
         errors.extend(self.reminder_problems(&template_names));
+        for s in &self.route.urgent_severities {
+            if !SEVERITIES.contains(&s.as_str()) {
+                errors.push(format!(
+                    "route.urgent_severities: {s} is not one of {SEVERITIES:?}"
+                ));
+            }
+        }
         if !(self.clock.speed.is_finite() && self.clock.speed > 0.0) {
             errors.push(format!(
                 "clock.speed must be a positive number, not {}",

@@ -22,7 +22,9 @@ use std::time::Duration;
 use rdkafka::message::Message;
 use tokio::task::JoinSet;
 
-use gridtalk_clock::{ClockCommand, Clocks, Fire, Opened, TimeSource, UpstreamOutcome};
+use gridtalk_clock::{
+    ClockCommand, Clocks, Deferred, DeferredMessage, Fire, Opened, TimeSource, UpstreamOutcome,
+};
 use gridtalk_config::Secret;
 use gridtalk_directory::SharedDirectory;
 use gridtalk_kafka::driver::{Record, StageFailure, Strategy, Submit, Supervisor, TopicPartition};
@@ -72,6 +74,8 @@ pub(crate) struct SettleStrategy {
     publishing: Arc<Publishing>,
     settlements: Settlements,
     clocks: Clocks,
+    /// Messages waiting for their recipients' business hours.
+    deferred: Deferred,
     timekeeping: Timekeeping,
     /// Response ids found on the response topic at the last takeovers (see the converse
     /// strategy): a replayed candidate's decision is not published twice.
@@ -92,6 +96,7 @@ impl SettleStrategy {
             publishing,
             settlements,
             clocks: Clocks::new(),
+            deferred: Deferred::new(),
             timekeeping,
             published: Arc::new(Mutex::new(HashMap::new())),
             tasks: JoinSet::new(),
@@ -110,14 +115,75 @@ impl SettleStrategy {
         state
             .with_label_values(&["clocks_closed"])
             .set(self.clocks.closed_len() as i64);
+        state
+            .with_label_values(&["deferred"])
+            .set(self.deferred.len() as i64);
     }
 
     fn clock_changes(&mut self) -> Vec<StateChange> {
-        self.clocks
-            .take_changes()
-            .into_iter()
-            .map(StateChange::from)
-            .collect()
+        let mut changes = self.clocks.take_changes();
+        changes.extend(self.deferred.take_changes());
+        changes.into_iter().map(StateChange::from).collect()
+    }
+
+    /// `outcomes` without the messages whose recipients are outside their business hours: those
+    /// are held on `partition` until the window opens (their entries follow in the changes).
+    fn hold_quiet(&mut self, partition: i32, view: &str, outcomes: Vec<Outcome>) -> Vec<Outcome> {
+        let config = self.publishing.config.clone();
+        if !config.route.quiet_hours {
+            return outcomes;
+        }
+        let view: serde_json::Value = serde_json::from_str(view).unwrap_or_default();
+        let urgent = gridtalk_route::is_urgent(
+            &config,
+            view["severity"].as_str().unwrap_or("INFO"),
+            view["event_type"].as_str().unwrap_or_default(),
+        );
+        let now = self.timekeeping.time.now_ms();
+        let directory = self.timekeeping.directory.clone();
+        let directory = directory.read().expect("directory lock");
+        let mut kept = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            if let Outcome::Outbox(message) = &outcome {
+                if let Some(release) =
+                    gridtalk_route::release_at(&config, &directory, message, urgent, now)
+                {
+                    if let ClockCommand::Defer(deferred) =
+                        gridtalk_route::defer(message, release, now)
+                    {
+                        self.deferred.hold(partition, deferred);
+                        continue;
+                    }
+                }
+            }
+            kept.push(outcome);
+        }
+        kept
+    }
+
+    /// Releases every waiting message whose window opened, each as an effect of its partition.
+    fn release_due(&mut self) {
+        let now = self.timekeeping.time.now_ms();
+        while let Some((partition, deferred)) = self.deferred.take_next_due(now) {
+            let changes = self.clock_changes();
+            let tp = (self.publishing.config.topics.decisions.clone(), partition);
+            let Some(effect) = self.timekeeping.supervisor.begin_effect(&tp) else {
+                continue;
+            };
+            let outcomes = release(&deferred, now);
+            publish_for(
+                &self.publishing,
+                &self.published,
+                (
+                    partition,
+                    Completion::Timer(self.timekeeping.supervisor.clone()),
+                ),
+                &deferred.message_id,
+                outcomes,
+                changes,
+                (effect, None),
+            );
+        }
     }
 
     fn fire_outcomes(&self, fire: &Fire) -> Vec<Outcome> {
@@ -155,8 +221,10 @@ impl SettleStrategy {
         )
     }
 
-    /// Fires every step due now, each as an effect of its partition.
+    /// Fires every step due now and releases the waiting messages whose window opened, each as
+    /// an effect of its partition.
     fn fire_due(&mut self) {
+        self.release_due();
         let now = self.timekeeping.time.now_ms();
         while let Some(fire) = self.clocks.take_next_due(now) {
             let changes = self.clock_changes();
@@ -169,6 +237,9 @@ impl SettleStrategy {
                 continue;
             };
             let outcomes = self.fire_outcomes(&fire);
+            let outcomes = self.hold_quiet(fire.partition, &fire.clock.view, outcomes);
+            let mut changes = changes;
+            changes.extend(self.clock_changes());
             publish_for(
                 &self.publishing,
                 &self.published,
@@ -216,13 +287,25 @@ impl SettleStrategy {
                 hours_overdue,
                 view,
             } => match self.clocks.upstream(&key, escalation, hours_overdue, now) {
-                UpstreamOutcome::Fire(fire) => self.fire_outcomes(&fire),
+                UpstreamOutcome::Fire(fire) => {
+                    let outcomes = self.fire_outcomes(&fire);
+                    self.hold_quiet(partition, &fire.clock.view, outcomes)
+                }
                 UpstreamOutcome::AlreadyFired | UpstreamOutcome::Closed => {
                     tracing::debug!(request = %key, policy, "upstream overdue event for a step already fired or a closed request; nothing sent");
                     Vec::new()
                 }
-                UpstreamOutcome::NoClock => self.route_upstream(&key, &view),
+                UpstreamOutcome::NoClock => {
+                    let outcomes = self.route_upstream(&key, &view);
+                    self.hold_quiet(partition, &view, outcomes)
+                }
             },
+            ClockCommand::Defer(deferred) => {
+                if !self.deferred.hold(partition, deferred) {
+                    tracing::debug!("a waiting message held twice (a replay); held once");
+                }
+                Vec::new()
+            }
         }
     }
 
@@ -260,6 +343,22 @@ impl SettleStrategy {
     }
 }
 
+/// What releasing a waiting message publishes: the message, for the outbox (its id unchanged, so
+/// a release repeated after a crash is sent once).
+fn release(deferred: &DeferredMessage, now_ms: i64) -> Vec<Outcome> {
+    let Ok(message) = serde_json::from_str::<gridtalk_contract::OutboxMessage>(&deferred.message)
+    else {
+        tracing::warn!(message_id = %deferred.message_id, "a waiting message is unreadable; dropped from the wait");
+        return Vec::new();
+    };
+    Metrics::global()
+        .quiet_hours_wait_seconds
+        .with_label_values(&[STAGE])
+        .observe((now_ms - deferred.deferred_at_ms).max(0) as f64 / 1000.0);
+    tracing::info!(message_id = %deferred.message_id, contact = %deferred.contact_id, waited_minutes = (now_ms - deferred.deferred_at_ms) / 60_000, "business hours opened: waiting message released");
+    vec![Outcome::Outbox(Box::new(message))]
+}
+
 impl Strategy for SettleStrategy {
     async fn assigned(&mut self, partitions: &[TopicPartition]) -> Result<(), StageFailure> {
         let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
@@ -270,15 +369,20 @@ impl Strategy for SettleStrategy {
             key.starts_with(KEY_PREFIX)
                 || key.starts_with(gridtalk_clock::CLOCK_PREFIX)
                 || key.starts_with(gridtalk_clock::CLOSED_PREFIX)
+                || key.starts_with(gridtalk_clock::DEFERRED_PREFIX)
         })
         .await?;
         let now = now_ms();
         for (partition, restored) in entries {
-            let (settled, clocks): (Vec<_>, Vec<_>) = restored
+            let (settled, timed): (Vec<_>, Vec<_>) = restored
                 .into_iter()
                 .partition(|(key, _)| key.starts_with(KEY_PREFIX));
+            let (waiting, clocks): (Vec<_>, Vec<_>) = timed
+                .into_iter()
+                .partition(|(key, _)| key.starts_with(gridtalk_clock::DEFERRED_PREFIX));
             self.settlements.restore(partition, settled, now);
             self.clocks.restore(partition, clocks);
+            self.deferred.restore(partition, waiting);
         }
         self.count_memory();
         Ok(())
@@ -288,6 +392,7 @@ impl Strategy for SettleStrategy {
         for (_, partition) in partitions {
             self.settlements.drop_partition(*partition);
             self.clocks.drop_partition(*partition);
+            self.deferred.drop_partition(*partition);
             self.publishing
                 .expiries
                 .lock()
@@ -326,8 +431,12 @@ impl Strategy for SettleStrategy {
                     .close(partition, &key, self.timekeeping.time.now_ms());
                 (candidate.item_id.clone(), outcomes, changes)
             }
-            DecisionsRecord::Clock(command) => {
+            DecisionsRecord::Clock(mut command) => {
                 let id = format!("{}:{}", command.name(), command.key());
+                if let ClockCommand::Defer(deferred) = command.as_mut() {
+                    // Released in the order the contact's messages arrived.
+                    deferred.sequence = record.message.offset().max(0) as u64;
+                }
                 let outcomes = self.command(partition, *command);
                 (id, outcomes, Vec::new())
             }
@@ -351,9 +460,10 @@ impl Strategy for SettleStrategy {
     }
 
     async fn poll(&mut self) -> Result<(), StageFailure> {
-        let next_fire = self
-            .clocks
-            .next_due_ms()
+        let next_fire = [self.clocks.next_due_ms(), self.deferred.next_due_ms()]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|at| self.timekeeping.time.wait_until(at).min(MAX_SLEEP));
         tokio::select! {
             _ = async {

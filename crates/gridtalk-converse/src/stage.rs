@@ -80,15 +80,6 @@ fn check_co_partitioned(config: &Config) -> Result<(), ConverseError> {
     Ok(())
 }
 
-/// The time the request clocks run on.
-pub fn time_source(clock: &gridtalk_config::ClockConfig) -> gridtalk_clock::TimeSource {
-    if clock.speed == 1.0 && clock.start_ms == 0 {
-        gridtalk_clock::TimeSource::wall()
-    } else {
-        gridtalk_clock::TimeSource::scaled(clock.speed, clock.anchor_ms, clock.start_ms)
-    }
-}
-
 /// Runs the converse stage until `shutdown` is cancelled or the stage fails.
 pub async fn run(
     config: Arc<Config>,
@@ -157,7 +148,7 @@ pub async fn run(
     )?;
     // The clocks of requests live with their settlements: the same key, the same owner.
     let timekeeping = Timekeeping {
-        time: time_source(&config.clock),
+        time: gridtalk_route::time_source(&config.clock),
         directory: directory.clone(),
         button_secret: config.button_secret().map_err(ConverseError::Config)?,
         supervisor: settle_driver.supervisor(),

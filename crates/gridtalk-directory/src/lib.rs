@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use gridtalk_contract::DeadLetterReason;
 
+mod hours;
 #[cfg(feature = "kafka")]
 mod tail;
+pub use hours::BusinessHours;
 #[cfg(feature = "kafka")]
 pub use tail::{open, tail_directory};
 
@@ -29,6 +31,14 @@ pub struct Partner {
     pub name: String,
     #[serde(default)]
     pub trading_addresses: Vec<String>,
+    /// The partner's business hours, for its contacts that set none of their own (see
+    /// [`Contact::time_zone`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub business_hours: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub business_days: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -49,6 +59,34 @@ pub struct Contact {
     pub partner: Option<String>,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// IANA time zone (`Asia/Tokyo`); with `business_hours` (`09:00-18:00`, local) and
+    /// `business_days` (`Mon`…`Sun`, default Monday to Friday), messages that are not urgent wait
+    /// for the window. Unset: the partner's; neither: no quiet hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub business_hours: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub business_days: Vec<String>,
+}
+
+/// The business hours a zone, a window and days describe, if both a zone and a window are set.
+fn hours_of(
+    zone: Option<&String>,
+    window: Option<&String>,
+    days: &[String],
+) -> Option<Result<BusinessHours, String>> {
+    Some(BusinessHours::parse(zone?, window?, days))
+}
+
+impl Partner {
+    fn hours(&self) -> Option<Result<BusinessHours, String>> {
+        hours_of(
+            self.time_zone.as_ref(),
+            self.business_hours.as_ref(),
+            &self.business_days,
+        )
+    }
 }
 
 /// The file format.
@@ -114,6 +152,9 @@ impl Directory {
             ("partner", Some(v)) => {
                 let p: Partner =
                     serde_json::from_slice(v).map_err(|e| malformed(format!("{key}: {e}")))?;
+                if let Some(Err(e)) = p.hours() {
+                    return Err(malformed(format!("{key}: {e}")));
+                }
                 self.partners.insert(id.to_string(), p);
             }
             ("contact", Some(v)) => {
@@ -124,6 +165,9 @@ impl Directory {
                         DeadLetterReason::InvalidPhone,
                         format!("{key}: phone {:?}: {e}", c.phone),
                     ));
+                }
+                if let Some(Err(e)) = own_hours(&c) {
+                    return Err(malformed(format!("{key}: {e}")));
                 }
                 self.contacts.insert(id.to_string(), c);
             }
@@ -142,6 +186,30 @@ impl Directory {
 
     pub fn contact(&self, id: &str) -> Option<&Contact> {
         self.contacts.get(id)
+    }
+
+    /// The business hours a contact's messages wait for: its own zone, window and days where it
+    /// sets them, else its partner's; none when no zone or no window results (or a setting
+    /// that does not parse, which the directory refuses when it is loaded).
+    pub fn business_hours(&self, contact: &Contact) -> Option<BusinessHours> {
+        let partner = contact
+            .partner
+            .as_deref()
+            .and_then(|p| self.partners.get(p));
+        let zone = contact
+            .time_zone
+            .as_ref()
+            .or(partner.and_then(|p| p.time_zone.as_ref()));
+        let window = contact
+            .business_hours
+            .as_ref()
+            .or(partner.and_then(|p| p.business_hours.as_ref()));
+        let days = if contact.business_days.is_empty() {
+            partner.map_or(&[][..], |p| &p.business_days[..])
+        } else {
+            &contact.business_days[..]
+        };
+        hours_of(zone, window, days)?.ok()
     }
 
     /// Contacts of `partner` (or internal ones when `None`) having any of `roles`, sorted by id.
@@ -186,6 +254,9 @@ impl Directory {
             } else if !partners.insert(p.id.as_str()) {
                 problems.push(format!("partners[{i}]: id {:?} is defined twice", p.id));
             }
+            if let Some(Err(e)) = p.hours() {
+                problems.push(format!("partners[{i}] ({}): {e}", p.id));
+            }
         }
         let mut contacts = std::collections::HashSet::new();
         for (i, c) in file.contacts.iter().enumerate() {
@@ -196,6 +267,9 @@ impl Directory {
             }
             if let Err(e) = gridtalk_whatsapp::normalize_phone(&c.phone) {
                 problems.push(format!("contacts[{i}] ({}).phone {:?}: {e}", c.id, c.phone));
+            }
+            if let Some(Err(e)) = own_hours(c) {
+                problems.push(format!("contacts[{i}] ({}): {e}", c.id));
             }
             if let Some(partner) = &c.partner {
                 if !partners.contains(partner.as_str()) {
@@ -212,6 +286,22 @@ impl Directory {
     pub fn counts(&self) -> (usize, usize) {
         (self.partners.len(), self.contacts.len())
     }
+}
+
+/// A contact's own settings, checked alone: a zone without a window (or the reverse) is
+/// completed by the partner's, so only what is set is checked.
+fn own_hours(c: &Contact) -> Option<Result<BusinessHours, String>> {
+    if let Some(zone) = &c.time_zone {
+        if let Err(e) = BusinessHours::parse(zone, "00:00-23:59", &c.business_days) {
+            return Some(Err(e));
+        }
+    }
+    if let Some(window) = &c.business_hours {
+        if let Err(e) = BusinessHours::parse("UTC", window, &c.business_days) {
+            return Some(Err(e));
+        }
+    }
+    None
 }
 
 /// The directory shared between the tailing task and the route stage.

@@ -20,6 +20,7 @@
 mod clocks;
 mod dedupe;
 mod lint;
+mod quiet;
 mod render;
 mod stage;
 mod strategy;
@@ -28,5 +29,6 @@ pub use clocks::{clock_commands, policy_kind, render_fire};
 pub use dedupe::DedupeWindow;
 pub use gridtalk_directory::{Contact, Directory, DirectoryFile, Partner, SharedDirectory};
 pub use lint::pointer_problems;
+pub use quiet::{defer, is_urgent, release_at, time_source};
 pub use render::{plan, RouteFailure, RoutePlan};
 pub use stage::{run, RouteError};

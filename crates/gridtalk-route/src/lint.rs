@@ -49,6 +49,13 @@ pub fn pointer_problems(config: &Config) -> Vec<String> {
         }
     }
     problems.extend(reminder_problems(config));
+    for event_type in &config.route.urgent_event_types {
+        if gridtalk_contract::payload_type_of(event_type).is_none() {
+            problems.push(format!(
+                "route.urgent_event_types: {event_type} is not an event type of the contract"
+            ));
+        }
+    }
     problems.sort();
     problems.dedup();
     problems

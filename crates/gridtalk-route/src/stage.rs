@@ -94,6 +94,7 @@ pub async fn run(
     )?;
     let routing = Arc::new(Routing {
         producer: gridtalk_kafka::producer(&config.kafka)?,
+        time: crate::quiet::time_source(&config.clock),
         in_flight: Arc::new(Semaphore::new(config.route.max_in_flight.max(1))),
         config,
         decoder,

@@ -59,6 +59,8 @@ pub(crate) struct Routing {
     pub decoder: EventDecoder,
     pub directory: SharedDirectory,
     pub button_secret: Option<Secret>,
+    /// The time quiet hours are judged on (the request clocks' time).
+    pub time: gridtalk_clock::TimeSource,
     /// Records whose produces await acknowledgement (`route.max_in_flight`).
     pub in_flight: Arc<Semaphore>,
 }
@@ -363,16 +365,28 @@ async fn route_one(
             .await
         }
     };
-    let commands = crate::clocks::clock_commands(&view, &routing.config, &plan.messages);
+    let mut commands = crate::clocks::clock_commands(&view, &routing.config, &plan.messages);
     // An upstream overdue event is the clock owner's to send (once per step), not ours.
-    let messages: &[OutboxMessage] = if commands
+    let upstream = commands
         .iter()
-        .any(|c| matches!(c, ClockCommand::Upstream { .. }))
-    {
-        &[]
-    } else {
-        &plan.messages
-    };
+        .any(|c| matches!(c, ClockCommand::Upstream { .. }));
+    let mut messages: Vec<&OutboxMessage> = Vec::new();
+    if !upstream {
+        // Quiet hours: what may not go now waits with the decide stage for the window.
+        let urgent = crate::quiet::is_urgent(&routing.config, view.severity(), view.event_type());
+        let clock_now = routing.time.now_ms();
+        let directory = routing.directory.read().expect("directory lock");
+        for message in &plan.messages {
+            match crate::quiet::release_at(&routing.config, &directory, message, urgent, clock_now)
+            {
+                Some(release) => {
+                    tracing::debug!(event_id = view.event_id(), contact = %message.contact_id, release_at = release, "outside the contact's business hours; the message waits");
+                    commands.push(crate::quiet::defer(message, release, clock_now));
+                }
+                None => messages.push(message),
+            }
+        }
+    }
     if messages.is_empty() && commands.is_empty() {
         Metrics::global()
             .events_unrouted
@@ -390,7 +404,7 @@ async fn route_one(
     };
     let expires = window.remember(view.event_id(), now);
     let mut deliveries = Vec::with_capacity(messages.len() + commands.len());
-    for outbox in messages {
+    for outbox in &messages {
         let bytes = outbox.to_avro();
         let headers = OwnedHeaders::new()
             .insert(Header {

@@ -82,6 +82,9 @@ pub struct Metrics {
     /// Steps of request clocks fired, by policy, step (reminder, escalation) and trigger (clock:
     /// gridtalk's own clock, upstream: an upstream overdue event).
     pub clock_fires: IntCounterVec,
+    /// How long messages waited for their recipient's business hours (quiet hours), by stage
+    /// that held them (route: the request itself, decide: a reminder), on the clocks' time.
+    pub quiet_hours_wait_seconds: HistogramVec,
     /// Always 1, labelled with the running build's version and commit.
     pub build_info: IntGaugeVec,
     process: process::ProcessMetrics,
@@ -237,6 +240,12 @@ impl Metrics {
                 "gridtalk_state_entries",
                 "Live entries of partition-local state stores, by store.",
                 &["store"],
+            ),
+            quiet_hours_wait_seconds: histogram(
+                "gridtalk_quiet_hours_wait_seconds",
+                "How long messages waited for their recipient's business hours.",
+                &["stage"],
+                vec![60.0, 600.0, 3_600.0, 14_400.0, 28_800.0, 57_600.0, 86_400.0, 259_200.0],
             ),
             state_restore_seconds: histogram(
                 "gridtalk_state_restore_seconds",
