@@ -111,6 +111,19 @@ async fn flow_a_an_unanswered_order_is_reminded_twice_then_escalated_to_procurem
     p.publish_event(&po).await;
     let number = "PO-4500061";
 
+    // An upstream system's own reminder for the step the clock sends first: one reminder only.
+    p.wait_until("the first reminder", WAIT, |p| {
+        overdue(p, number).len() >= 1
+    })
+    .await;
+    let mut upstream = event("tg.po.ack_overdue", 61, "ACME");
+    upstream["payload"]["PurchaseOrderAckOverdue"]["hours_overdue"] = serde_json::json!(0);
+    upstream["payload"]["PurchaseOrderAckOverdue"]["escalation_level"] = serde_json::json!(0);
+    p.publish_event(&upstream).await;
+    // One for an order gridtalk keeps no clock for: routed by the rules, as before.
+    let unknown = event("tg.po.ack_overdue", 69, "ACME");
+    p.publish_event(&unknown).await;
+    message_to(&p, WAIT, "15550100001", "po_ack_overdue").await;
     p.wait_until("the escalation", WAIT, |p| overdue(p, number).len() == 3)
         .await;
     let records = overdue(&p, number);
@@ -180,6 +193,18 @@ async fn flow_a_an_unanswered_order_is_reminded_twice_then_escalated_to_procurem
         .await;
     assert_eq!(messages_about(&p, number).len(), 4);
     assert_eq!(overdue(&p, number).len(), 3);
+    let upstream_copies: Vec<_> = p
+        .sandbox
+        .messages()
+        .into_iter()
+        .filter(|m| m.template.as_deref() == Some("po_ack_overdue"))
+        .map(|m| m.parameters[0].clone())
+        .collect();
+    assert_eq!(
+        upstream_copies,
+        ["PO-4500069"],
+        "the upstream reminder of step 1 was not sent again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,14 +298,17 @@ async fn every_step_fires_exactly_once_across_kill_9_between_the_steps() {
             numbers.iter().all(|n| overdue(p, n).len() >= after_step)
         })
         .await;
-        // Killed between the steps: after the fired step's messages reached the sandbox (so no
-        // send is on the wire), not necessarily after its state was written.
+        // Killed between the steps: once the fired step's messages are sent and the send stage
+        // has committed them (a send on the wire at the instant of a crash is the send stage's
+        // known duplicate, not the clock's), not necessarily after the step's state was written.
         p.wait_until("the step's reminders at the sandbox", WAIT, |p| {
             numbers
                 .iter()
                 .all(|n| messages_about(p, n).len() > after_step)
         })
         .await;
+        p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+            .await;
         gridtalk.kill().expect("SIGKILL");
         gridtalk.wait().expect("reaped");
         gridtalk = p.spawn_gridtalk(&format!("restart-{round}"), stages);

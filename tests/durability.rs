@@ -481,7 +481,7 @@ async fn three_replicas_sharing_one_number_stay_within_its_limits() {
     setup.sandbox.pair_interval_ms = 200;
     setup.sandbox.pair_burst = 5;
     let p = Pipeline::start(setup).await;
-    let events = events_of_every_type(850);
+    let events = events_of_every_type(900);
     for e in &events {
         p.publish_event(e).await;
     }

@@ -146,15 +146,15 @@ pub enum ClockCommand {
         key: String,
         reason: String,
     },
-    /// An upstream overdue event (e.g. `tg.po.ack_overdue`) for the request: it fires the step it
-    /// names unless that step fired already. With no clock for the key, the event is routed by the
-    /// rules as before (`view` is the upstream event's view).
+    /// An upstream overdue event (e.g. `tg.po.ack_overdue`) for the request, routed by route to
+    /// `notified` with the message ids of `step` (see [`upstream_step`]): the step counts as
+    /// fired, so the clock does not send it again (and if the clock fired it first, the send
+    /// stage's index drops route's copies, which carry the same ids).
     Upstream {
         key: String,
         policy: String,
-        escalation: bool,
-        hours_overdue: i64,
-        view: String,
+        step: u32,
+        notified: Vec<String>,
     },
     /// A message that waits for its recipient's business hours (quiet hours), keyed
     /// `defer:<contact id>` so one contact's waiting messages stay in order.
@@ -199,6 +199,29 @@ impl ClockCommand {
         let clock = value.as_object()?.get("clock")?.clone();
         Some(serde_json::from_value(clock).map_err(|e| format!("not a clock command: {e}")))
     }
+}
+
+/// The step an upstream overdue event names, given a policy's step offsets after the due time
+/// (the escalation last when `escalation_last`): an escalation level above zero names the
+/// escalation; otherwise the last reminder whose offset is at most `hours_overdue` (at least the
+/// first). 1-based.
+pub fn upstream_step(
+    offsets_ms: &[i64],
+    escalation_last: bool,
+    escalation: bool,
+    hours_overdue: i64,
+) -> u32 {
+    let steps = offsets_ms.len() as u32;
+    if escalation && escalation_last {
+        return steps.max(1);
+    }
+    let reminders = steps - u32::from(escalation_last && steps > 0);
+    let late_ms = hours_overdue.saturating_mul(3_600_000);
+    let named = offsets_ms[..reminders as usize]
+        .iter()
+        .filter(|o| **o <= late_ms)
+        .count() as u32;
+    named.max(1).min(reminders.max(1))
 }
 
 /// Why a step fired.
@@ -486,33 +509,16 @@ impl Clocks {
         std::iter::from_fn(|| self.take_next_due(now_ms)).collect()
     }
 
-    /// An upstream overdue event for `key`: `escalation` for an escalation level above zero,
-    /// otherwise the reminder for `hours_overdue` hours past the due time.
-    pub fn upstream(
-        &mut self,
-        key: &str,
-        escalation: bool,
-        hours_overdue: i64,
-        now_ms: i64,
-    ) -> UpstreamOutcome {
+    /// Step `step` of `key` was sent by route for an upstream overdue event: it counts as fired
+    /// (with the steps before it), unless it fired already.
+    pub fn upstream(&mut self, key: &str, step: u32, now_ms: i64) -> UpstreamOutcome {
         if self.closed.contains_key(key) {
             return UpstreamOutcome::Closed;
         }
         let Some(held) = self.clocks.get(key) else {
             return UpstreamOutcome::NoClock;
         };
-        let clock = &held.state.clock;
-        let reminders = clock.steps() - u32::from(clock.escalation_last);
-        let step = if escalation && clock.escalation_last {
-            clock.steps()
-        } else {
-            let late_ms = hours_overdue.saturating_mul(3_600_000);
-            let named = clock.steps_at_ms[..reminders as usize]
-                .iter()
-                .filter(|t| **t - clock.due_at_ms <= late_ms)
-                .count() as u32;
-            named.max(1).min(reminders.max(1))
-        };
+        let step = step.clamp(1, held.state.clock.steps().max(1));
         if step <= held.state.fired {
             return UpstreamOutcome::AlreadyFired;
         }

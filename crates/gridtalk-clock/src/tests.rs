@@ -87,7 +87,7 @@ fn an_answer_closes_the_clock_for_good() {
     // The Open replayed (a route restart) does not start it again.
     assert_eq!(clocks.open(0, po("po:PO-1"), T0), Opened::AlreadyClosed);
     assert_eq!(
-        clocks.upstream("po:PO-1", false, 6, T0 + 8 * H),
+        clocks.upstream("po:PO-1", 2, T0 + 8 * H),
         UpstreamOutcome::Closed
     );
     // An answer before any clock (or a second answer) still leaves the key closed once.
@@ -110,7 +110,17 @@ fn an_upstream_overdue_event_fires_its_step_once_whoever_comes_first() {
     let mut clocks = Clocks::new();
     clocks.open(0, po("po:PO-1"), T0);
     // Upstream says 0 hours overdue, before gridtalk's clock fired: the first reminder, now.
-    let UpstreamOutcome::Fire(fire) = clocks.upstream("po:PO-1", false, 0, T0 + 2 * H) else {
+    let offsets = [0, 4 * H, 24 * H];
+    assert_eq!(upstream_step(&offsets, true, false, 0), 1);
+    assert_eq!(upstream_step(&offsets, true, false, 5), 2);
+    assert_eq!(
+        upstream_step(&offsets, true, false, 30),
+        2,
+        "reminders only"
+    );
+    assert_eq!(upstream_step(&offsets, true, true, 30), 3);
+    assert_eq!(upstream_step(&offsets[..2], false, true, 30), 2);
+    let UpstreamOutcome::Fire(fire) = clocks.upstream("po:PO-1", 1, T0 + 2 * H) else {
         panic!("fires");
     };
     assert_eq!((fire.step, fire.trigger), (1, Trigger::Upstream));
@@ -119,21 +129,18 @@ fn an_upstream_overdue_event_fires_its_step_once_whoever_comes_first() {
     // The clock fires the second reminder; upstream then names it: nothing more.
     assert_eq!(clocks.take_due(T0 + 6 * H).len(), 1);
     assert_eq!(
-        clocks.upstream("po:PO-1", false, 4, T0 + 6 * H),
+        clocks.upstream("po:PO-1", 2, T0 + 6 * H),
         UpstreamOutcome::AlreadyFired
     );
     // An upstream escalation fires the escalation, ending the clock.
-    let UpstreamOutcome::Fire(fire) = clocks.upstream("po:PO-1", true, 20, T0 + 22 * H) else {
+    let UpstreamOutcome::Fire(fire) = clocks.upstream("po:PO-1", 3, T0 + 22 * H) else {
         panic!("fires");
     };
     assert!(fire.is_escalation());
     assert_eq!(fire.hours_overdue(), 20);
     assert!(clocks.is_empty());
     // Without a clock the event is routed as before.
-    assert_eq!(
-        clocks.upstream("po:PO-9", false, 1, T0),
-        UpstreamOutcome::NoClock
-    );
+    assert_eq!(clocks.upstream("po:PO-9", 1, T0), UpstreamOutcome::NoClock);
 }
 
 #[test]

@@ -76,8 +76,19 @@ pub(crate) fn fire_outcomes(
             Vec::new()
         }
     };
+    let notified = messages.iter().map(|m| m.contact_id.clone()).collect();
+    let mut outcomes: Vec<Outcome> = messages
+        .into_iter()
+        .map(|m| Outcome::Outbox(Box::new(m)))
+        .collect();
+    outcomes.push(overdue_record(fire, notified));
+    outcomes
+}
+
+/// A fired step's `wa.request.overdue` record, naming who was notified.
+pub(crate) fn overdue_record(fire: &Fire, notified: Vec<String>) -> Outcome {
     let clock = &fire.clock;
-    let response = WorkflowResponse {
+    Outcome::Response(WorkflowResponse {
         response_id: format!("overdue:{}", fire.fire_id()),
         response_type: "wa.request.overdue".into(),
         correlation_id: clock.correlation_id.clone(),
@@ -96,16 +107,10 @@ pub(crate) fn fire_outcomes(
             escalation: fire.is_escalation(),
             due_at: clock.due_at_ms,
             hours_overdue: fire.hours_overdue().min(i32::MAX as i64) as i32,
-            notified_contact_ids: messages.iter().map(|m| m.contact_id.clone()).collect(),
+            notified_contact_ids: notified,
             trigger: fire.trigger.as_str().into(),
         },
-    };
-    let mut outcomes: Vec<Outcome> = messages
-        .into_iter()
-        .map(|m| Outcome::Outbox(Box::new(m)))
-        .collect();
-    outcomes.push(Outcome::Response(response));
-    outcomes
+    })
 }
 
 #[cfg(test)]

@@ -187,6 +187,21 @@ impl SettleStrategy {
     }
 
     fn fire_outcomes(&self, fire: &Fire) -> Vec<Outcome> {
+        self.count_fire(fire);
+        let directory = self.timekeeping.directory.read().expect("directory lock");
+        crate::overdue::fire_outcomes(
+            fire,
+            &self.publishing.config,
+            &directory,
+            self.timekeeping
+                .button_secret
+                .as_ref()
+                .map(|s| s.expose().as_bytes()),
+            now_ms(),
+        )
+    }
+
+    fn count_fire(&self, fire: &Fire) {
         Metrics::global()
             .clock_fires
             .with_label_values(&[
@@ -208,17 +223,6 @@ impl SettleStrategy {
             trigger = fire.trigger.as_str(),
             "request overdue: step fired"
         );
-        let directory = self.timekeeping.directory.read().expect("directory lock");
-        crate::overdue::fire_outcomes(
-            fire,
-            &self.publishing.config,
-            &directory,
-            self.timekeeping
-                .button_secret
-                .as_ref()
-                .map(|s| s.expose().as_bytes()),
-            now_ms(),
-        )
     }
 
     /// Fires every step due now and releases the waiting messages whose window opened, each as
@@ -283,60 +287,25 @@ impl SettleStrategy {
             ClockCommand::Upstream {
                 key,
                 policy,
-                escalation,
-                hours_overdue,
-                view,
-            } => match self.clocks.upstream(&key, escalation, hours_overdue, now) {
+                step,
+                notified,
+            } => match self.clocks.upstream(&key, step, now) {
+                // Route sent the step's messages; the clock counts it as fired and says so.
                 UpstreamOutcome::Fire(fire) => {
-                    let outcomes = self.fire_outcomes(&fire);
-                    self.hold_quiet(partition, &fire.clock.view, outcomes)
+                    self.count_fire(&fire);
+                    vec![crate::overdue::overdue_record(&fire, notified)]
                 }
-                UpstreamOutcome::AlreadyFired | UpstreamOutcome::Closed => {
-                    tracing::debug!(request = %key, policy, "upstream overdue event for a step already fired or a closed request; nothing sent");
+                UpstreamOutcome::AlreadyFired
+                | UpstreamOutcome::Closed
+                | UpstreamOutcome::NoClock => {
+                    tracing::debug!(request = %key, policy, step, "upstream overdue event for a step already fired, a closed request or none with a clock");
                     Vec::new()
-                }
-                UpstreamOutcome::NoClock => {
-                    let outcomes = self.route_upstream(&key, &view);
-                    self.hold_quiet(partition, &view, outcomes)
                 }
             },
             ClockCommand::Defer(deferred) => {
                 if !self.deferred.hold(partition, deferred) {
                     tracing::debug!("a waiting message held twice (a replay); held once");
                 }
-                Vec::new()
-            }
-        }
-    }
-
-    /// An upstream overdue event no clock knows: routed by the rules, as without clocks.
-    fn route_upstream(&self, key: &str, view: &str) -> Vec<Outcome> {
-        let Ok(json) = serde_json::from_str(view) else {
-            tracing::warn!(
-                request = key,
-                "an upstream overdue event's view is unreadable; nothing sent"
-            );
-            return Vec::new();
-        };
-        let view = gridtalk_contract::EventView { json };
-        let directory = self.timekeeping.directory.read().expect("directory lock");
-        match gridtalk_route::plan(
-            &view,
-            &self.publishing.config,
-            &directory,
-            self.timekeeping
-                .button_secret
-                .as_ref()
-                .map(|s| s.expose().as_bytes()),
-            now_ms(),
-        ) {
-            Ok(plan) => plan
-                .messages
-                .into_iter()
-                .map(|m| Outcome::Outbox(Box::new(m)))
-                .collect(),
-            Err(failure) => {
-                tracing::warn!(request = key, reason = failure.reason.as_str(), detail = %gridtalk_telemetry::redact(&failure.detail), "an upstream overdue event could not be routed");
                 Vec::new()
             }
         }

@@ -6,16 +6,20 @@
 //!   `default_due_hours` after the event occurred), the times of its steps, the contacts it asked,
 //!   and the event's view for rendering the steps.
 //! - An event a policy is `closed_by` (e.g. `tg.po.acknowledged`) becomes a [`ClockCommand::Close`].
-//! - An upstream overdue event (e.g. `tg.po.ack_overdue`) becomes a [`ClockCommand::Upstream`]
-//!   and is not routed here: the clock's owner fires the step it names once, or routes it by the
-//!   rules when no clock knows the request.
+//! - An upstream overdue event (e.g. `tg.po.ack_overdue`) is routed by the rules as before, but
+//!   its messages carry the ids of the step it names ([`step_message_id`], the ids the clock's
+//!   own fire of that step has), and it becomes a [`ClockCommand::Upstream`] so the clock counts
+//!   the step as fired. Whichever comes first, the step reaches each person once: the send
+//!   stage's index drops the second copy. Without the decide stage (an outbound-only
+//!   deployment) the upstream event works exactly as before.
 //!
 //! A fired step ([`render_fire`]) is rendered from the stored view with a `/reminder` object
-//! added (step, steps, hours_overdue, due_at, what, request_id, reminders_sent) and an event id of
-//! its own (`<event id>:reminder:<step>`), so its message ids are the same however often the
-//! step is fired: the send stage's index sends it once.
+//! added (step, steps, hours_overdue, due_at, what, request_id, reminders_sent) and message ids
+//! derived from the request, the step and the contact, the same however often the step is fired:
+//! the send stage's index sends it once.
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use gridtalk_clock::{ClockCommand, Fire, OpenClock};
 use gridtalk_config::{Config, ReminderPolicyConfig};
@@ -50,18 +54,62 @@ pub fn clock_commands(
                 key,
                 reason: event_type.to_string(),
             });
-        } else if policy.upstream_overdue.iter().any(|t| t == event_type) {
-            let number = |pointer: &str| view.json.pointer(pointer).and_then(Value::as_i64);
+        } else if let Some(step) = upstream_step_of(view, policy) {
             commands.push(ClockCommand::Upstream {
                 key,
                 policy: policy.name.clone(),
-                escalation: number("/payload/escalation_level").unwrap_or(0) > 0,
-                hours_overdue: number("/payload/hours_overdue").unwrap_or(0),
-                view: view.json.to_string(),
+                step,
+                notified: planned.iter().map(|m| m.contact_id.clone()).collect(),
             });
         }
     }
     commands
+}
+
+/// The step of `policy` an upstream overdue event names, if it is one of the policy's.
+fn upstream_step_of(view: &EventView, policy: &ReminderPolicyConfig) -> Option<u32> {
+    if !policy
+        .upstream_overdue
+        .iter()
+        .any(|t| t == view.event_type())
+    {
+        return None;
+    }
+    let number = |pointer: &str| view.json.pointer(pointer).and_then(Value::as_i64);
+    Some(gridtalk_clock::upstream_step(
+        &policy.step_offsets_ms(),
+        policy.escalate_after_hours.is_some(),
+        number("/payload/escalation_level").unwrap_or(0) > 0,
+        number("/payload/hours_overdue").unwrap_or(0),
+    ))
+}
+
+/// The id of a step's message to one contact, whichever path sends it (the clock's fire or an
+/// upstream overdue event routed by the rules): the send stage's index sends it once.
+pub fn step_message_id(key: &str, step: u32, contact_id: &str) -> String {
+    let digest = Sha256::digest(format!("reminder\u{1f}{key}\u{1f}{step}\u{1f}{contact_id}"));
+    hex::encode(&digest[..16])
+}
+
+/// Gives the messages of an upstream overdue event the ids of the step it names (see
+/// [`step_message_id`]), so that a step the clock already sent is not sent again.
+pub fn key_upstream_messages(view: &EventView, config: &Config, messages: &mut [OutboxMessage]) {
+    for policy in &config.reminders {
+        let Some(step) = upstream_step_of(view, policy) else {
+            continue;
+        };
+        let Some(request_id) = view
+            .json
+            .pointer(&policy.request_path)
+            .and_then(scalar_text)
+        else {
+            continue;
+        };
+        let key = format!("{}:{request_id}", policy_kind(policy));
+        for message in messages.iter_mut() {
+            message.message_id = step_message_id(&key, step, &message.contact_id);
+        }
+    }
 }
 
 /// The request kind of a policy's requests (that of the events that open its clocks).
@@ -202,7 +250,7 @@ pub fn render_fire(
     let mut seen = std::collections::HashSet::new();
     for contact in contacts.into_iter().filter(|c| c.opted_in) {
         if seen.insert(contact.id.clone()) {
-            messages.push(render(
+            let mut message = render(
                 &view,
                 config,
                 &format!("reminder:{}", policy.name),
@@ -210,7 +258,9 @@ pub fn render_fire(
                 contact,
                 button_secret,
                 now_ms,
-            )?);
+            )?;
+            message.message_id = step_message_id(&clock.key, fire.step, &contact.id);
+            messages.push(message);
         }
     }
     Ok(messages)
@@ -294,8 +344,14 @@ mod tests {
         let commands = clock_commands(&view, &config, &[]);
         assert!(matches!(
             commands.as_slice(),
-            [ClockCommand::Upstream { key, escalation: true, hours_overdue: 30, .. }] if key == "po:PO-1"
+            [ClockCommand::Upstream { key, step: 3, .. }] if key == "po:PO-1"
         ));
+        let mut messages = vec![message("buyer-maria", "po_ack_overdue")];
+        key_upstream_messages(&view, &config, &mut messages);
+        assert_eq!(
+            messages[0].message_id,
+            step_message_id("po:PO-1", 3, "buyer-maria")
+        );
         // Events no policy names make no command.
         view.json["event_type"] = json!("tg.asn.sent");
         assert!(clock_commands(&view, &config, &[]).is_empty());

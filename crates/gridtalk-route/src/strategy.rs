@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use gridtalk_clock::ClockCommand;
 use gridtalk_config::{Config, Secret};
 use gridtalk_contract::{AvroRecord, DecodeErrorKind, EventDecoder, EventView, OutboxMessage};
 use gridtalk_directory::SharedDirectory;
@@ -365,13 +364,13 @@ async fn route_one(
             .await
         }
     };
+    let mut plan = plan;
+    // An upstream overdue event's messages carry the ids of the step it names: a step the clock
+    // already sent is not sent again.
+    crate::clocks::key_upstream_messages(&view, &routing.config, &mut plan.messages);
     let mut commands = crate::clocks::clock_commands(&view, &routing.config, &plan.messages);
-    // An upstream overdue event is the clock owner's to send (once per step), not ours.
-    let upstream = commands
-        .iter()
-        .any(|c| matches!(c, ClockCommand::Upstream { .. }));
     let mut messages: Vec<&OutboxMessage> = Vec::new();
-    if !upstream {
+    {
         // Quiet hours: what may not go now waits with the decide stage for the window.
         let urgent = crate::quiet::is_urgent(&routing.config, view.severity(), view.event_type());
         let clock_now = routing.time.now_ms();

@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// `send.max_in_flight` for the pipeline part.
     #[arg(long, default_value_t = 64)]
     send_in_flight: usize,
+    /// Open request clocks for the clock part (written to one changelog partition as the decide
+    /// stage writes them, then restored); 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    clocks: u64,
     /// Sent messages for the converse-state part, each followed by a status webhook item.
     #[arg(long, default_value_t = 1_000_000)]
     converse_items: u64,
@@ -190,6 +194,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // Part 3 first (the broker is idle): restoring state from a changelog.
     state_restore(&config, args.state_keys).await?;
+    if args.clocks > 0 {
+        clock_restore(&config, args.clocks).await?;
+    }
 
     // Part 4: sizing send.max_in_flight against the API's latency (the sandbox's latency is put
     // back afterwards for the pipeline part).
@@ -698,6 +705,130 @@ async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::R
             "  memory          {:>10.0} bytes per key in a dedupe window ({} keys, {:.0} MiB)",
             after.saturating_sub(before) as f64 / keys.max(1) as f64,
             window.len(),
+            after.saturating_sub(before) as f64 / 1_048_576.0
+        );
+    }
+    Ok(())
+}
+
+/// An open clock as the route stage opens it for sample purchase order `i`: three steps, one
+/// recipient, the event's view (the bulk of its size).
+fn sample_clock(i: u64, now: i64) -> gridtalk_clock::OpenClock {
+    const HOUR: i64 = 3_600_000;
+    let view = gridtalk_contract::samples::sample_event("tg.po.received", i, "ACME", now)
+        .expect("a sample event")
+        .to_string();
+    let due = now + 24 * HOUR + (i as i64 % 86_400) * 1_000;
+    let po = format!("PO-{}", 4_500_000 + i);
+    gridtalk_clock::OpenClock {
+        key: format!("po:{po}"),
+        kind: "po".into(),
+        request_id: po.clone(),
+        policy: "a-po-acknowledgement".into(),
+        correlation_id: format!("ACME|850|{po}"),
+        event_id: format!("{:08x}-0000-4000-8000-{:012x}", i >> 16, i),
+        partner_id: "ACME".into(),
+        due_at_ms: due,
+        steps_at_ms: vec![due, due + 4 * HOUR, due + 24 * HOUR],
+        escalation_last: true,
+        recipients: vec!["acme-order-desk".into()],
+        view,
+    }
+}
+
+/// Writes `count` open clocks to one partition of a compacted changelog exactly as the decide
+/// stage writes them, restores the partition as the decide stage does on assignment (the read,
+/// then the clocks rebuilt with their time-ordered queue), and measures the memory the open
+/// clocks take (resident-set growth while they are held).
+async fn clock_restore(config: &gridtalk_config::Config, count: u64) -> anyhow::Result<()> {
+    use rdkafka::producer::FutureProducer;
+    let topic = "gridtalk.bench.clock-changelog";
+    gridtalk_kafka::ensure_topics(
+        &config.kafka,
+        &[gridtalk_kafka::TopicSpec {
+            name: topic.into(),
+            partitions: 1,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        }],
+    )
+    .await?;
+    let producer: FutureProducer = gridtalk_kafka::client_config(&config.kafka)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "2000000")
+        .create()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let started = Instant::now();
+    let mut bytes_written = 0usize;
+    let chunk = 20_000u64;
+    for first in (0..count).step_by(chunk as usize) {
+        let mut clocks = gridtalk_clock::Clocks::new();
+        for i in first..(first + chunk).min(count) {
+            clocks.open(0, sample_clock(i, now), now);
+        }
+        let mut pending = Vec::with_capacity(chunk as usize);
+        for change in clocks.take_changes() {
+            let value = change.value.expect("an open clock");
+            bytes_written += value.len();
+            pending.push(gridtalk_kafka::changelog::write(
+                &producer,
+                topic,
+                0,
+                &change.key,
+                Some((value.as_bytes(), change.expires_at_ms)),
+            )?);
+        }
+        for delivery in pending {
+            let _ = delivery.await;
+        }
+    }
+    let written = started.elapsed();
+    let kafka = config.kafka.clone();
+    let before = resident_bytes();
+    let started = Instant::now();
+    let restored = tokio::task::spawn_blocking(move || {
+        gridtalk_kafka::changelog::restore_partitions(
+            &kafka,
+            topic,
+            &[0],
+            now,
+            Duration::from_secs(1_200),
+        )
+    })
+    .await??;
+    let read = started.elapsed();
+    let records = restored.read;
+    let mut entries = restored.entries;
+    let partition = entries.remove(&0).unwrap_or_default();
+    let applied_at = Instant::now();
+    let mut clocks = gridtalk_clock::Clocks::new();
+    clocks.restore(
+        0,
+        partition
+            .into_iter()
+            .map(|(k, e)| (k, String::from_utf8_lossy(&e.value).into_owned())),
+    );
+    let applied = applied_at.elapsed();
+    let after = resident_bytes();
+    println!();
+    println!(
+        "clocks: {count} open request clocks ({:.0} bytes of state each) written to one changelog partition in {:.1} s",
+        bytes_written as f64 / count.max(1) as f64,
+        written.as_secs_f64()
+    );
+    println!(
+        "  restore         {:>10.2} s  ({:.0} records/s): read {:.2} s, clocks rebuilt {:.2} s; {} open, next due {:?}",
+        (read + applied).as_secs_f64(),
+        rate(records as usize, read + applied),
+        read.as_secs_f64(),
+        applied.as_secs_f64(),
+        clocks.len(),
+        clocks.next_due_ms().map(|t| t - now)
+    );
+    if let (Some(before), Some(after)) = (before, after) {
+        println!(
+            "  memory          {:>10.0} bytes per open clock ({:.0} MiB for {count})",
+            after.saturating_sub(before) as f64 / count.max(1) as f64,
             after.saturating_sub(before) as f64 / 1_048_576.0
         );
     }
