@@ -113,7 +113,7 @@ async fn flow_a_an_unanswered_order_is_reminded_twice_then_escalated_to_procurem
 
     // An upstream system's own reminder for the step the clock sends first: one reminder only.
     p.wait_until("the first reminder", WAIT, |p| {
-        overdue(p, number).len() >= 1
+        !overdue(p, number).is_empty()
     })
     .await;
     let mut upstream = event("tg.po.ack_overdue", 61, "ACME");
