@@ -274,7 +274,7 @@ impl SettleStrategy {
                 let opened = self.clocks.open(partition, open, now);
                 tracing::debug!(request = %key, ?opened, "clock opened");
                 if opened == Opened::Expired {
-                    tracing::info!(request = %key, "every step of the request's clock is long past; no reminders");
+                    tracing::debug!(request = %key, "every step of the request's clock is long past; no reminders");
                 }
                 Vec::new()
             }
