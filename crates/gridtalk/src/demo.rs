@@ -82,6 +82,13 @@ fn print_way_back(
     use gridtalk_contract::{AuditRecord, AvroRecord, ResponseBody, WorkflowResponse};
     use rdkafka::consumer::Consumer;
     use rdkafka::message::Message;
+    // The stages create the topics; subscribing before they exist makes librdkafka log an error.
+    let topics = [config.topics.responses.clone(), config.topics.audit.clone()];
+    while !shutdown.is_cancelled()
+        && !gridtalk_kafka::missing_topics(&config.kafka, &topics).is_ok_and(|m| m.is_empty())
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let consumer = gridtalk_kafka::tail_consumer(&config.kafka)?;
     consumer.subscribe(&[&config.topics.responses, &config.topics.audit])?;
     let mut answers = 0;
