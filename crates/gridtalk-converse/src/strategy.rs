@@ -669,20 +669,7 @@ pub(crate) fn publish_for(
                     }),
                 )
             }
-            Outcome::Outbox(o) => (
-                &topics.outbox,
-                o.phone_number_id.clone(),
-                o.to_avro(),
-                OwnedHeaders::new()
-                    .insert(Header {
-                        key: "gridtalk.event_id",
-                        value: Some(o.event_id.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "gridtalk.message_id",
-                        value: Some(o.message_id.as_bytes()),
-                    }),
-            ),
+            Outcome::Outbox(o) => outbox_record(&topics.outbox, o),
             Outcome::Clock(command) => {
                 metrics
                     .clock_commands
@@ -708,20 +695,7 @@ pub(crate) fn publish_for(
                     .confirmations
                     .with_label_values(&[o.event_type.trim_start_matches("gridtalk.answer."), form])
                     .inc();
-                (
-                    &topics.outbox,
-                    o.phone_number_id.clone(),
-                    o.to_avro(),
-                    OwnedHeaders::new()
-                        .insert(Header {
-                            key: "gridtalk.event_id",
-                            value: Some(o.event_id.as_bytes()),
-                        })
-                        .insert(Header {
-                            key: "gridtalk.message_id",
-                            value: Some(o.message_id.as_bytes()),
-                        }),
-                )
+                outbox_record(&topics.outbox, o)
             }
         };
         let produced = FutureRecord::to(topic)
@@ -780,6 +754,28 @@ pub(crate) fn publish_for(
         }
         publishing.room.notify_one();
     });
+}
+
+/// An outbox message as its record: keyed by the sending number, with its event and message ids
+/// in the headers.
+fn outbox_record<'t>(
+    topic: &'t String,
+    o: &gridtalk_contract::OutboxMessage,
+) -> (&'t String, String, Vec<u8>, OwnedHeaders) {
+    (
+        topic,
+        o.phone_number_id.clone(),
+        o.to_avro(),
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "gridtalk.event_id",
+                value: Some(o.event_id.as_bytes()),
+            })
+            .insert(Header {
+                key: "gridtalk.message_id",
+                value: Some(o.message_id.as_bytes()),
+            }),
+    )
 }
 
 /// The ids of the responses published within `converse.replay_lookback_ms`, in either framing.

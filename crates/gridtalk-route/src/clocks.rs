@@ -37,14 +37,9 @@ pub fn clock_commands(
     let event_type = view.event_type();
     let mut commands = Vec::new();
     for policy in &config.reminders {
-        let Some(request_id) = view
-            .json
-            .pointer(&policy.request_path)
-            .and_then(scalar_text)
-        else {
+        let Some((key, request_id)) = request_key(view, policy) else {
             continue;
         };
-        let key = format!("{}:{request_id}", policy_kind(policy));
         if policy.event_types.iter().any(|t| t == event_type) {
             if let Some(open) = open_clock(view, config, policy, key, request_id, planned) {
                 commands.push(ClockCommand::Open(open));
@@ -98,18 +93,22 @@ pub fn key_upstream_messages(view: &EventView, config: &Config, messages: &mut [
         let Some(step) = upstream_step_of(view, policy) else {
             continue;
         };
-        let Some(request_id) = view
-            .json
-            .pointer(&policy.request_path)
-            .and_then(scalar_text)
-        else {
+        let Some((key, _)) = request_key(view, policy) else {
             continue;
         };
-        let key = format!("{}:{request_id}", policy_kind(policy));
         for message in messages.iter_mut() {
             message.message_id = step_message_id(&key, step, &message.contact_id);
         }
     }
+}
+
+/// The clock key (`<kind>:<request id>`) and the request id `policy` reads in the event.
+fn request_key(view: &EventView, policy: &ReminderPolicyConfig) -> Option<(String, String)> {
+    let request_id = view
+        .json
+        .pointer(&policy.request_path)
+        .and_then(scalar_text)?;
+    Some((format!("{}:{request_id}", policy_kind(policy)), request_id))
 }
 
 /// The request kind of a policy's requests (that of the events that open its clocks).

@@ -621,12 +621,12 @@ fn converse_state_over_time(
     );
 }
 
-/// Writes `keys` dedupe entries (event-id-sized keys) to one partition of a compacted changelog,
-/// restores the partition as the route stage does on assignment, and measures the memory a
-/// dedupe window needs per key (resident-set growth while it holds them).
-async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::Result<()> {
-    use rdkafka::producer::FutureProducer;
-    let topic = "gridtalk.bench.dedupe-changelog";
+/// A one-partition compacted changelog `topic` for a state benchmark, and a producer that
+/// batches its writes (the benchmark measures the restore, not the writes).
+async fn bench_changelog(
+    config: &gridtalk_config::Config,
+    topic: &str,
+) -> anyhow::Result<rdkafka::producer::FutureProducer> {
     gridtalk_kafka::ensure_topics(
         &config.kafka,
         &[gridtalk_kafka::TopicSpec {
@@ -636,11 +636,19 @@ async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::R
         }],
     )
     .await?;
-    let producer: FutureProducer = gridtalk_kafka::client_config(&config.kafka)
+    Ok(gridtalk_kafka::client_config(&config.kafka)
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "2000000")
-        .create()?;
+        .create()?)
+}
+
+/// Writes `keys` dedupe entries (event-id-sized keys) to one partition of a compacted changelog,
+/// restores the partition as the route stage does on assignment, and measures the memory a
+/// dedupe window needs per key (resident-set growth while it holds them).
+async fn state_restore(config: &gridtalk_config::Config, keys: u64) -> anyhow::Result<()> {
+    let topic = "gridtalk.bench.dedupe-changelog";
+    let producer = bench_changelog(config, topic).await?;
     let now = chrono::Utc::now().timestamp_millis();
     let expires = now + 86_400_000;
     let id = |i: u64| format!("{:08x}-0000-4000-8000-{:012x}", i >> 16, i);
@@ -741,22 +749,8 @@ fn sample_clock(i: u64, now: i64) -> gridtalk_clock::OpenClock {
 /// then the clocks rebuilt with their time-ordered queue), and measures the memory the open
 /// clocks take (resident-set growth while they are held).
 async fn clock_restore(config: &gridtalk_config::Config, count: u64) -> anyhow::Result<()> {
-    use rdkafka::producer::FutureProducer;
     let topic = "gridtalk.bench.clock-changelog";
-    gridtalk_kafka::ensure_topics(
-        &config.kafka,
-        &[gridtalk_kafka::TopicSpec {
-            name: topic.into(),
-            partitions: 1,
-            configs: vec![("cleanup.policy".into(), "compact".into())],
-        }],
-    )
-    .await?;
-    let producer: FutureProducer = gridtalk_kafka::client_config(&config.kafka)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "2000000")
-        .create()?;
+    let producer = bench_changelog(config, topic).await?;
     let now = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
     let mut bytes_written = 0usize;
