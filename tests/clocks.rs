@@ -1,8 +1,10 @@
 //! Time in the stream, end to end on the real broker with a fast test clock: a purchase order
 //! nobody acknowledges is reminded at its due time and four hours later, then escalated to
 //! procurement a day after it was due; an answer stops the rest; a kill -9 between the steps
-//! changes nothing anyone sees. Asserted at the sandbox (what people received) and on the
-//! response topic (the `wa.request.overdue` records workflows read).
+//! changes nothing anyone sees; a Tokyo contact's informational alert waits for 09:00 there; ten
+//! alerts in ten seconds reach a person as a few messages, each request still answerable.
+//! Asserted at the sandbox (what people received) and on the response topic (the
+//! `wa.request.overdue` records workflows read).
 
 mod support;
 
@@ -448,5 +450,118 @@ async fn a_contact_in_tokyo_gets_an_informational_alert_at_nine_and_a_critical_o
         "{}",
         waited.get_sample_sum()
     );
+    assert!(p.dead_letters().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_alerts_in_ten_seconds_become_a_few_messages_and_every_request_stays_answerable() {
+    // Meta's pair limit as configured by default (one per 6 s, bursts of 3) and a 10 s window.
+    let mut setup = Setup {
+        ingest: true,
+        ..Setup::default()
+    };
+    setup
+        .overrides
+        .push(("SEND__COALESCE__WINDOW_MS", "10000".into()));
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    let li = "14155550103";
+    // Ten alerts for logistics over nine seconds: seven shipment updates (information) and three
+    // shipment exceptions (they ask for an answer: a new ETA or a comment).
+    let kinds = [
+        "tg.asn.sent",
+        "tg.shipment.status_updated",
+        "tg.shipment.exception",
+        "tg.delivery.confirmed",
+        "tg.asn.sent",
+        "tg.shipment.exception",
+        "tg.shipment.status_updated",
+        "tg.delivery.confirmed",
+        "tg.shipment.exception",
+        "tg.asn.sent",
+    ];
+    for (i, kind) in kinds.iter().enumerate() {
+        p.publish_event(&event(kind, 81 + i as u64, "ACME")).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let shipment = |i: usize| format!("SH-{}", 700_081 + i);
+    let to_li = |p: &Pipeline| -> Vec<gridtalk_sandbox::ReceivedMessage> {
+        p.sandbox
+            .messages()
+            .into_iter()
+            .filter(|m| m.to == li)
+            .collect()
+    };
+    p.wait_until("every alert at logistics", WAIT, |p| {
+        let received = to_li(p);
+        (0..kinds.len()).all(|i| received.iter().any(|m| m.rendered.contains(&shipment(i))))
+    })
+    .await;
+    p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+        .await;
+    let received = to_li(&p);
+    for m in &received {
+        println!(
+            "{:>6} ms {:<20} {}",
+            m.received_at_ms - received[0].received_at_ms,
+            m.template.as_deref().unwrap_or("-"),
+            m.rendered
+        );
+    }
+    let (requests, informational): (Vec<_>, Vec<_>) =
+        received.iter().partition(|m| !m.buttons.is_empty());
+    // Information: the first at once, then one digest when the window ends: at most one
+    // informational message per window over the ten seconds of alerts.
+    assert!(
+        informational.len() <= 2,
+        "{} informational messages",
+        informational.len()
+    );
+    assert!(informational
+        .iter()
+        .any(|m| m.template.as_deref() == Some("alert_digest")));
+    // Every update is in exactly one message.
+    for (i, kind) in kinds.iter().enumerate() {
+        if *kind != "tg.shipment.exception" {
+            let carrying = informational
+                .iter()
+                .filter(|m| m.rendered.contains(&shipment(i)))
+                .count();
+            assert_eq!(carrying, 1, "{} in {carrying} messages", shipment(i));
+        }
+    }
+    // Requests are never merged: each exception is its own message with its buttons.
+    assert_eq!(requests.len(), 3);
+    assert!(requests
+        .iter()
+        .all(|m| m.template.as_deref() == Some("shipment_exception")));
+    assert!(received.len() <= 5, "{} messages", received.len());
+    let stats = p.sandbox.stats();
+    assert!(!stats.errors.contains_key("131056"), "{stats:?}");
+    // And each request can still be answered.
+    let mut taps = Vec::new();
+    for request in &requests {
+        taps.push(
+            p.sandbox
+                .reply(&request.wamid, Reply::Button { index: 0 })
+                .await
+                .expect("tap delivered"),
+        );
+    }
+    p.wait_until("an answer to every exception", WAIT, |p| {
+        let responses = p.responses();
+        taps.iter().all(|tap| {
+            responses.iter().any(|r| {
+                &r.wa_message_id == tap
+                    && matches!(&r.body, ResponseBody::CorrectionAnswer { answer, .. } if answer == "NEW_ETA")
+            })
+        })
+    })
+    .await;
+    let merged = gridtalk_telemetry::Metrics::global()
+        .coalesced
+        .with_label_values(&["merged"])
+        .get();
+    assert!(merged >= 2, "{merged}");
     assert!(p.dead_letters().is_empty());
 }

@@ -429,6 +429,10 @@ retry_initial_backoff_ms = 50
 retry_max_backoff_ms = 500
 halt_probe_interval_ms = 300
 
+[send.coalesce]
+# The tests count every message at the sandbox; the coalescing tests turn it on.
+window_ms = 0
+
 [directory]
 file = {directory:?}
 

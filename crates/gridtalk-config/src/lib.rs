@@ -261,6 +261,36 @@ pub struct SendConfig {
     /// How long the sent index remembers an accepted message, so that a replayed outbox record is
     /// not sent again. Must exceed the longest time an outbox record can wait uncommitted.
     pub index_retention_hours: u64,
+    /// Bursts of informational messages to one person merged into digests.
+    #[serde(default)]
+    pub coalesce: CoalesceConfig,
+}
+
+/// Coalescing (`[send.coalesce]`): a recipient gets at most one informational message (one
+/// without buttons) per window. The first of a burst goes at once; those that come up within the
+/// window after it wait for the window's end and go together as one digest (the `template`, an
+/// approved template with two body parameters: how many updates, and their texts). A message
+/// that asks for an answer (it has buttons) is never merged: it goes on its own, in order.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalesceConfig {
+    /// The window; 0 turns coalescing off.
+    pub window_ms: u64,
+    /// Messages in one digest at most; more make another digest.
+    pub max_items: usize,
+    /// The approved digest template (a configured `[[templates]]` entry with two body
+    /// parameters). If WhatsApp refuses it for good, the messages go one by one.
+    pub template: String,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        CoalesceConfig {
+            window_ms: 10_000,
+            max_items: 10,
+            template: "alert_digest".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -689,6 +719,23 @@ impl Config {
         }
         if self.send.pair_burst == 0 {
             errors.push("send.pair_burst must be at least 1".into());
+        }
+        let coalesce = &self.send.coalesce;
+        if coalesce.window_ms > 0 {
+            if coalesce.max_items < 2 {
+                errors.push("send.coalesce.max_items must be at least 2".into());
+            }
+            match self.templates.iter().find(|t| t.name == coalesce.template) {
+                None => errors.push(format!(
+                    "send.coalesce.template {:?} is not a configured template",
+                    coalesce.template
+                )),
+                Some(t) if t.body.len() != 2 || !t.buttons.is_empty() => errors.push(format!(
+                    "send.coalesce.template {:?} must have two body parameters (the count and the texts) and no buttons",
+                    coalesce.template
+                )),
+                Some(_) => {}
+            }
         }
         let kafka = &self.kafka;
         if kafka.session_timeout_ms == 0 {

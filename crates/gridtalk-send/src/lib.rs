@@ -14,8 +14,17 @@
 //!   messages wait in memory; beyond that, and while the number is halted, the stage pushes back
 //!   and the driver pauses the outbox partitions (the consumer keeps polling and stays in its
 //!   group).
+//! - **Bursts coalesced, requests never.** With `send.coalesce.window_ms` set, a recipient gets
+//!   at most one informational message (one without buttons) per window: the first of a burst
+//!   goes at once, the informational messages that come up within the window after it go as one
+//!   digest (an approved template) when it ends, in outbox order. A message with buttons asks for
+//!   an answer and always goes on its own; no message is moved ahead of an earlier one about the
+//!   same document (a digest takes nothing past a request about its document). Each
+//!   merged message gets its own sent-log record and sent-index entry (with the digest's wamid),
+//!   so a replay of any of them is not sent again. A digest WhatsApp refuses for good is sent as
+//!   its messages one by one.
 //! - **Nothing sent twice by a rebalance.** A request already on the wire when its partition is
-//!   revoked is waited for (up to `kafka.revoke_drain_ms`) and recorded in the sent index before
+//!   revoked is waited for (up to `kafka.delivery_timeout_ms`) and recorded in the sent index before
 //!   the partition moves; nothing of a revoked partition is sent after the revoke began.
 //! - **Nothing lost.** An outbox offset is stored only after the message was accepted by WhatsApp
 //!   and its sent-log record acknowledged, or after it was dead-lettered. Offsets move only up to
@@ -32,6 +41,7 @@
 //! The one possible duplicate is a send in flight when the process dies: WhatsApp accepted it but
 //! the sent index never heard (WhatsApp has no idempotency key). At most `send.max_in_flight`.
 
+mod coalesce;
 mod index;
 mod limits;
 mod stage;

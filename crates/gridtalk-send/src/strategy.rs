@@ -14,7 +14,7 @@
 //! sent index before the partition moves. After a revoke, no message of the partition is sent
 //! from here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use gridtalk_kafka::{dead_letter, DeadLetterReason};
 use gridtalk_telemetry::{mask_phone, Metrics};
 use gridtalk_whatsapp::{CloudApiClient, ErrorClass, RetryScope};
 
+use crate::coalesce::Coalescing;
 use crate::index::{IndexedSend, SentIndex};
 use crate::limits::SendLimits;
 
@@ -68,6 +69,11 @@ pub(crate) struct Sending {
     index: Mutex<SentIndex>,
     /// Signalled whenever a message is done (room for more) or the number recovers.
     room: Notify,
+    /// Bursts merged into digests (`None` when `send.coalesce.window_ms` is 0).
+    coalescing: Option<Coalescing>,
+    /// When each recipient last got an informational message: coalescing's window. In memory
+    /// only: after a restart a burst may get one message more.
+    last_informational: Mutex<HashMap<String, Instant>>,
 }
 
 impl Sending {
@@ -89,6 +95,8 @@ impl Sending {
             prober: tokio::sync::Mutex::new(()),
             index: Mutex::new(SentIndex::default()),
             room: Notify::new(),
+            coalescing: Coalescing::new(&config.send.coalesce, &config.templates),
+            last_informational: Mutex::new(HashMap::new()),
             config,
         }
     }
@@ -304,6 +312,14 @@ impl Strategy for SendStrategy {
             _ = self.maintenance.tick() => {
                 sweep_index(&self.sending);
                 self.sending.limits.shrink();
+                if let Some(c) = &self.sending.coalescing {
+                    let window = c.window;
+                    self.sending
+                        .last_informational
+                        .lock()
+                        .expect("windows")
+                        .retain(|_, at| at.elapsed() < window);
+                }
                 Ok(())
             }
         }
@@ -334,24 +350,421 @@ fn sweep_index(sending: &Sending) {
     }
 }
 
-/// Sends a recipient's queued messages one at a time, in order, until the queue is empty.
+/// Sends a recipient's queued messages one at a time, in order, until the queue is empty. With
+/// coalescing, an informational message at the head of the queue takes the informational
+/// messages queued behind it into one digest, and one that comes up within the window after the
+/// recipient's previous informational message first waits for the window's end (gathering what
+/// arrives meanwhile).
 async fn recipient_worker(sending: Arc<Sending>, recipient: String) {
+    while let Some(job) = next_job(&sending, &recipient) {
+        let members = match &sending.coalescing {
+            Some(c) if c.is_informational(&job.outbox) => {
+                let previous = sending
+                    .last_informational
+                    .lock()
+                    .expect("windows")
+                    .get(&recipient)
+                    .copied();
+                if let Some(previous) = previous {
+                    let window_ends = previous + c.window;
+                    if window_ends > Instant::now() {
+                        let waited = Instant::now();
+                        wait_while_owned(&job.ticket, window_ends).await;
+                        Metrics::global()
+                            .rate_limit_wait_seconds
+                            .with_label_values(&["coalesce"])
+                            .observe(waited.elapsed().as_secs_f64());
+                    }
+                }
+                gather(&sending, &recipient, c, job)
+            }
+            _ => vec![job],
+        };
+        let count = members.len();
+        send_members(&sending, members).await;
+        for _ in 0..count {
+            sending.done();
+        }
+    }
+}
+
+/// The recipient's next queued message; `None` (and the worker's entry removed) when none is left.
+fn next_job(sending: &Sending, recipient: &str) -> Option<Job> {
+    let mut queues = sending.queues.lock().expect("queues");
+    let queue = queues.get_mut(recipient)?;
+    let job = queue.pop_front();
+    if job.is_none() {
+        queues.remove(recipient);
+    }
+    job
+}
+
+/// `first` and the informational messages queued behind it from the same number, up to
+/// `max_items`, in outbox order. A message that stays in line (it asks for an answer, or comes
+/// from another number) is passed over, but nothing about its document is taken past it: no
+/// message is moved ahead of an earlier one about the same document.
+fn gather(sending: &Sending, recipient: &str, c: &Coalescing, first: Job) -> Vec<Job> {
+    let mut members = vec![first];
+    let mut queues = sending.queues.lock().expect("queues");
+    let Some(queue) = queues.get_mut(recipient) else {
+        return members;
+    };
+    let mut passed: HashSet<String> = HashSet::new();
+    let mut i = 0;
+    while i < queue.len() && members.len() < c.max_items {
+        let next = &queue[i].outbox;
+        if next.phone_number_id == members[0].outbox.phone_number_id
+            && c.is_informational(next)
+            && !passed.contains(&next.document_key)
+        {
+            members.push(queue.remove(i).expect("in range"));
+        } else {
+            passed.insert(next.document_key.clone());
+            i += 1;
+        }
+    }
+    members
+}
+
+/// Sleeps until `until`, or until the ticket's partition moves (then the message is left to its
+/// new owner by the next ownership check).
+async fn wait_while_owned(ticket: &Ticket, until: Instant) {
+    while Instant::now() < until && ticket.owned() {
+        tokio::time::sleep(HALT_OWNERSHIP_CHECK.min(until - Instant::now())).await;
+    }
+}
+
+/// Sends `members` (one message, or several as one digest). A digest WhatsApp refuses for good
+/// (the digest template missing, paused or rejected) is not dead-lettered: its messages go one
+/// by one, as they would without coalescing.
+async fn send_members(sending: &Sending, members: Vec<Job>) {
+    if let Some(refused) = send_once(sending, members).await {
+        Metrics::global()
+            .coalesced
+            .with_label_values(&["refused"])
+            .inc();
+        tracing::warn!(
+            messages = refused.len(),
+            template = sending.config.send.coalesce.template,
+            "WhatsApp refused the digest; its messages go one by one"
+        );
+        for job in refused {
+            send_once(sending, vec![job]).await;
+        }
+    }
+}
+
+/// The Cloud API request for `members`: the message itself, or the digest of several.
+fn request_for(sending: &Sending, members: &[Job]) -> String {
+    match (&sending.coalescing, members) {
+        (_, [only]) => only.outbox.request_json.clone(),
+        (Some(c), _) => {
+            let outboxes: Vec<&OutboxMessage> = members.iter().map(|m| &m.outbox).collect();
+            c.digest_request(&outboxes).to_string()
+        }
+        (None, _) => unreachable!("several members only with coalescing"),
+    }
+}
+
+/// Sends `members` as one request until it is accepted, dead-lettered, or their partition moves.
+/// Returns the members of a digest WhatsApp refused for good.
+async fn send_once(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
+    let metrics = Metrics::global();
+    // Checked again now, not only when the record arrived: a partition revoked and assigned
+    // back re-delivers records whose first copy may be queued ahead of this one and sent since.
+    let mut members: Vec<Job> = members
+        .into_iter()
+        .filter_map(|job| sending.still_to_send(job))
+        .collect();
+    if members.is_empty() {
+        return None;
+    }
+    let recipient = members[0].outbox.recipient.clone();
+    let mut request = request_for(sending, &members);
+    let mut attempt: u32 = 0;
+    let mut recipient_attempt: u32 = 0;
     loop {
-        let job = {
-            let mut queues = sending.queues.lock().expect("queues");
-            let Some(queue) = queues.get_mut(&recipient) else {
-                return;
-            };
-            match queue.pop_front() {
-                Some(job) => job,
+        if !wait_out_halt(sending, &members[0].ticket).await {
+            return None;
+        }
+        sending.limits.until_ready(&recipient).await;
+        // Only now a place on the wire: the waits above held none.
+        let Ok(wire) = sending.on_the_wire.acquire().await else {
+            return None;
+        };
+        // The waits may have outlasted the assignment: once the partition moved, its new owner
+        // sends these messages (and counts the recipient's pair limit).
+        let mut effects = Vec::with_capacity(members.len());
+        for job in &members {
+            match job.ticket.begin_effect() {
+                Some(effect) => effects.push(effect),
                 None => {
-                    queues.remove(&recipient);
-                    return;
+                    tracing::debug!(
+                        "partition revoked while waiting; message left to its new owner"
+                    );
+                    return None;
                 }
             }
+        }
+        // Sent by an earlier copy of a record meanwhile.
+        let before = members.len();
+        let (sent, unsent): (Vec<Job>, Vec<Job>) = {
+            let index = sending.index.lock().expect("index");
+            members.into_iter().partition(|job| {
+                index
+                    .accepted(job.message.partition(), &job.outbox.message_id)
+                    .is_some()
+            })
         };
-        send_job(&sending, job).await;
-        sending.done();
+        for job in sent {
+            job.ticket.finish();
+        }
+        members = unsent;
+        if members.is_empty() {
+            return None;
+        }
+        if members.len() != before {
+            request = request_for(sending, &members);
+        }
+        sending.report_on_the_wire();
+        let token = sending.token.read().expect("token").clone();
+        let started = Instant::now();
+        let sent_at_ms = chrono::Utc::now().timestamp_millis();
+        let result = sending.client.send(&token, &request).await;
+        attempt += 1;
+        match result {
+            Ok(accepted) => {
+                metrics
+                    .send_request_seconds
+                    .with_label_values(&["accepted"])
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.sends.with_label_values(&["accepted", "none"]).inc();
+                // Only a real change wakes the driver (a resume lets held records in again).
+                if sending
+                    .halted
+                    .send_if_modified(|halted| std::mem::replace(halted, false))
+                {
+                    metrics.sender_halted.set(0);
+                    sending.room.notify_one();
+                    tracing::warn!(phone_number_id = %members[0].outbox.phone_number_id, "sending resumed");
+                }
+                record_accepted(sending, members, &accepted, (attempt, sent_at_ms)).await;
+                drop(effects);
+                return None;
+            }
+            Err(error) => {
+                let class = error.class();
+                let code = error
+                    .code()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "transport".into());
+                metrics
+                    .send_request_seconds
+                    .with_label_values(&["error"])
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.send_errors.with_label_values(&[&code]).inc();
+                let wait = match class {
+                    ErrorClass::Retry(RetryScope::Number) => sending.backoff(attempt - 1),
+                    ErrorClass::Retry(RetryScope::Recipient) => {
+                        // Meta's advice for the pair limit: 4^x seconds, only for this recipient.
+                        recipient_attempt += 1;
+                        Duration::from_secs(4u64.pow(recipient_attempt.min(4) - 1)).min(
+                            Duration::from_millis(sending.config.send.retry_max_backoff_ms),
+                        )
+                    }
+                    ErrorClass::Retry(RetryScope::Limited)
+                        if attempt < sending.config.send.max_unknown_error_attempts =>
+                    {
+                        sending.backoff(attempt - 1)
+                    }
+                    ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent
+                        if members.len() > 1 =>
+                    {
+                        tracing::debug!(code = %code, error = %error, "digest refused");
+                        return Some(members);
+                    }
+                    ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent => {
+                        metrics
+                            .sends
+                            .with_label_values(&["dead_letter", class.label()])
+                            .inc();
+                        let reason = if class == ErrorClass::Permanent {
+                            DeadLetterReason::WhatsappPermanent
+                        } else {
+                            DeadLetterReason::WhatsappRetriesExhausted
+                        };
+                        let job = members.pop().expect("one member");
+                        dead_letter_job(
+                            sending,
+                            &job.message,
+                            job.ticket,
+                            reason,
+                            &error.to_string(),
+                            &[("whatsapp_code", &code)],
+                        )
+                        .await;
+                        drop(effects);
+                        return None;
+                    }
+                    ErrorClass::HaltSender => {
+                        metrics
+                            .sends
+                            .with_label_values(&["halt", class.label()])
+                            .inc();
+                        if sending
+                            .halted
+                            .send_if_modified(|halted| !std::mem::replace(halted, true))
+                        {
+                            metrics.sender_halted.set(1);
+                            tracing::error!(code = %code, error = %error, phone_number_id = %members[0].outbox.phone_number_id, "sending halted for the number: operator action needed (token, account or policy); messages are kept");
+                        }
+                        Duration::ZERO
+                    }
+                };
+                // The wait holds neither a place on the wire nor the partition's drain.
+                drop(effects);
+                drop(wire);
+                sending.report_on_the_wire();
+                if class != ErrorClass::HaltSender {
+                    metrics
+                        .sends
+                        .with_label_values(&["retry", class.label()])
+                        .inc();
+                    tracing::debug!(code = %code, attempt, wait_ms = wait.as_millis() as u64, to = %mask_phone(&recipient), "send will be retried");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+/// WhatsApp accepted the request for `members`: each gets its sent-log record (the same wamid
+/// for every message of a digest) and then its sent-index entry, both acknowledged before its
+/// outbox offset may move.
+async fn record_accepted(
+    sending: &Sending,
+    members: Vec<Job>,
+    accepted: &gridtalk_whatsapp::Accepted,
+    (attempt, sent_at_ms): (u32, i64),
+) {
+    let metrics = Metrics::global();
+    let digest = members.len() > 1;
+    let accepted_at = chrono::Utc::now().timestamp_millis();
+    let records: Vec<Vec<u8>> = members
+        .iter()
+        .map(|job| {
+            let outbox = &job.outbox;
+            SentMessage {
+                wamid: accepted.wamid.clone(),
+                message_id: outbox.message_id.clone(),
+                event_id: outbox.event_id.clone(),
+                event_type: outbox.event_type.clone(),
+                correlation_id: outbox.correlation_id.clone(),
+                document_key: outbox.document_key.clone(),
+                partner_id: outbox.partner_id.clone(),
+                phone_number_id: outbox.phone_number_id.clone(),
+                contact_id: outbox.contact_id.clone(),
+                recipient: outbox.recipient.clone(),
+                wa_id: accepted.wa_id.clone(),
+                template_name: if digest {
+                    Some(sending.config.send.coalesce.template.clone())
+                } else {
+                    outbox.template_name.clone()
+                },
+                message_status: accepted.message_status.clone(),
+                attempts: attempt as i32,
+                accepted_at,
+            }
+            .to_avro()
+        })
+        .collect();
+    let logged = futures::future::join_all(records.iter().map(|bytes| {
+        sending.producer.send(
+            FutureRecord::to(&sending.config.topics.sent)
+                // Keyed by the WhatsApp id Meta resolved the recipient to: webhooks name the
+                // contact by that id, so replies and statuses land on the same partition number.
+                .key(accepted.wa_id.as_bytes())
+                .payload(bytes),
+            sending.timeout(),
+        )
+    }))
+    .await;
+    if let Some(Err((e, _))) = logged.into_iter().find(Result::is_err) {
+        for job in members {
+            job.ticket.fail(format!("sent log: {e}"));
+        }
+        return;
+    }
+    // Then the sent index, before the outbox offset may move: a replay of these records finds
+    // them and is not sent again.
+    let expires =
+        accepted_at + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
+    let indexed_send = IndexedSend {
+        wamid: accepted.wamid.clone(),
+        recipient: members[0].outbox.recipient.clone(),
+        sent_at_ms,
+    };
+    let encoded = indexed_send.encode();
+    let mut deliveries = Vec::with_capacity(members.len());
+    for job in &members {
+        match gridtalk_kafka::changelog::write(
+            &sending.producer,
+            &sending.config.topics.send_index,
+            job.message.partition(),
+            &job.outbox.message_id,
+            Some((&encoded, expires)),
+        ) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(e) => {
+                for job in members {
+                    job.ticket.fail(format!("sent index: {e}"));
+                }
+                return;
+            }
+        }
+    }
+    if let Err(e) = gridtalk_kafka::acknowledged(deliveries).await {
+        for job in members {
+            job.ticket.fail(format!("sent index: {e}"));
+        }
+        return;
+    }
+    {
+        let mut index = sending.index.lock().expect("index");
+        for job in &members {
+            index.record(
+                job.message.partition(),
+                &job.outbox.message_id,
+                &indexed_send,
+                expires,
+            );
+        }
+    }
+    if let Some(c) = &sending.coalescing {
+        if c.is_informational(&members[0].outbox) {
+            sending
+                .last_informational
+                .lock()
+                .expect("windows")
+                .insert(members[0].outbox.recipient.clone(), Instant::now());
+        }
+    }
+    if digest {
+        metrics
+            .coalesced
+            .with_label_values(&["merged"])
+            .inc_by(members.len() as u64);
+        metrics.coalesced.with_label_values(&["digest"]).inc();
+    }
+    for job in members {
+        let outbox = &job.outbox;
+        let age = (accepted_at - outbox.created_at).max(0) as f64 / 1000.0;
+        metrics
+            .end_to_end_seconds
+            .with_label_values(&[&outbox.event_type])
+            .observe(age);
+        tracing::debug!(wamid = %gridtalk_telemetry::mask_wamid(&accepted.wamid), to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, digest, "message accepted by WhatsApp");
+        job.ticket.finish();
     }
 }
 
@@ -411,211 +824,4 @@ async fn wait_out_halt(sending: &Sending, ticket: &Ticket) -> bool {
         }
     }
     true
-}
-
-/// Sends one message until it is accepted, dead-lettered, or its partition moves.
-async fn send_job(sending: &Sending, job: Job) {
-    let metrics = Metrics::global();
-    // Checked again now, not only when the record arrived: a partition revoked and assigned
-    // back re-delivers records whose first copy may be queued ahead of this one and sent since.
-    let Some(job) = sending.still_to_send(job) else {
-        return;
-    };
-    let Job {
-        message,
-        outbox,
-        ticket,
-    } = job;
-    let mut attempt: u32 = 0;
-    let mut recipient_attempt: u32 = 0;
-    loop {
-        if !wait_out_halt(sending, &ticket).await {
-            return;
-        }
-        sending.limits.until_ready(&outbox.recipient).await;
-        // Only now a place on the wire: the waits above held none.
-        let Ok(wire) = sending.on_the_wire.acquire().await else {
-            return;
-        };
-        // The waits may have outlasted the assignment: once the partition moved, its new owner
-        // sends this message (and counts the recipient's pair limit).
-        let Some(effect) = ticket.begin_effect() else {
-            tracing::debug!("partition revoked while waiting; message left to its new owner");
-            return;
-        };
-        if sending
-            .index
-            .lock()
-            .expect("index")
-            .accepted(message.partition(), &outbox.message_id)
-            .is_some()
-        {
-            // Sent by an earlier copy of this record meanwhile.
-            return ticket.finish();
-        }
-        sending.report_on_the_wire();
-        let token = sending.token.read().expect("token").clone();
-        let started = Instant::now();
-        let sent_at_ms = chrono::Utc::now().timestamp_millis();
-        let result = sending.client.send(&token, &outbox.request_json).await;
-        attempt += 1;
-        match result {
-            Ok(accepted) => {
-                metrics
-                    .send_request_seconds
-                    .with_label_values(&["accepted"])
-                    .observe(started.elapsed().as_secs_f64());
-                metrics.sends.with_label_values(&["accepted", "none"]).inc();
-                // Only a real change wakes the driver (a resume lets held records in again).
-                if sending
-                    .halted
-                    .send_if_modified(|halted| std::mem::replace(halted, false))
-                {
-                    metrics.sender_halted.set(0);
-                    sending.room.notify_one();
-                    tracing::warn!(phone_number_id = %outbox.phone_number_id, "sending resumed");
-                }
-                let sent = SentMessage {
-                    wamid: accepted.wamid.clone(),
-                    message_id: outbox.message_id.clone(),
-                    event_id: outbox.event_id.clone(),
-                    event_type: outbox.event_type.clone(),
-                    correlation_id: outbox.correlation_id.clone(),
-                    document_key: outbox.document_key.clone(),
-                    partner_id: outbox.partner_id.clone(),
-                    phone_number_id: outbox.phone_number_id.clone(),
-                    contact_id: outbox.contact_id.clone(),
-                    recipient: outbox.recipient.clone(),
-                    wa_id: accepted.wa_id.clone(),
-                    template_name: outbox.template_name.clone(),
-                    message_status: accepted.message_status.clone(),
-                    attempts: attempt as i32,
-                    accepted_at: chrono::Utc::now().timestamp_millis(),
-                };
-                let bytes = sent.to_avro();
-                let record = FutureRecord::to(&sending.config.topics.sent)
-                    // Keyed by the WhatsApp id Meta resolved the recipient to: webhooks name the
-                    // contact by that id, so replies and statuses land on the same partition number.
-                    .key(accepted.wa_id.as_bytes())
-                    .payload(&bytes);
-                if let Err((e, _)) = sending.producer.send(record, sending.timeout()).await {
-                    return ticket.fail(format!("sent log: {e}"));
-                }
-                // Then the sent index, before the outbox offset may move: a replay of this record
-                // finds it and is not sent again.
-                let partition = message.partition();
-                let expires = sent.accepted_at
-                    + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
-                let indexed_send = IndexedSend {
-                    wamid: accepted.wamid.clone(),
-                    recipient: outbox.recipient.clone(),
-                    sent_at_ms,
-                };
-                let indexed = gridtalk_kafka::changelog::write(
-                    &sending.producer,
-                    &sending.config.topics.send_index,
-                    partition,
-                    &outbox.message_id,
-                    Some((&indexed_send.encode(), expires)),
-                );
-                let durable = match indexed {
-                    Ok(delivery) => gridtalk_kafka::acknowledged(vec![delivery]).await,
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = durable {
-                    return ticket.fail(format!("sent index: {e}"));
-                }
-                sending.index.lock().expect("index").record(
-                    partition,
-                    &outbox.message_id,
-                    &indexed_send,
-                    expires,
-                );
-                let age = (sent.accepted_at - outbox.created_at).max(0) as f64 / 1000.0;
-                metrics
-                    .end_to_end_seconds
-                    .with_label_values(&[&outbox.event_type])
-                    .observe(age);
-                tracing::debug!(wamid = %gridtalk_telemetry::mask_wamid(&accepted.wamid), to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, "message accepted by WhatsApp");
-                ticket.finish();
-                drop(effect);
-                return;
-            }
-            Err(error) => {
-                let class = error.class();
-                let code = error
-                    .code()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "transport".into());
-                metrics
-                    .send_request_seconds
-                    .with_label_values(&["error"])
-                    .observe(started.elapsed().as_secs_f64());
-                metrics.send_errors.with_label_values(&[&code]).inc();
-                let wait = match class {
-                    ErrorClass::Retry(RetryScope::Number) => sending.backoff(attempt - 1),
-                    ErrorClass::Retry(RetryScope::Recipient) => {
-                        // Meta's advice for the pair limit: 4^x seconds, only for this recipient.
-                        recipient_attempt += 1;
-                        Duration::from_secs(4u64.pow(recipient_attempt.min(4) - 1)).min(
-                            Duration::from_millis(sending.config.send.retry_max_backoff_ms),
-                        )
-                    }
-                    ErrorClass::Retry(RetryScope::Limited)
-                        if attempt < sending.config.send.max_unknown_error_attempts =>
-                    {
-                        sending.backoff(attempt - 1)
-                    }
-                    ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent => {
-                        metrics
-                            .sends
-                            .with_label_values(&["dead_letter", class.label()])
-                            .inc();
-                        let reason = if class == ErrorClass::Permanent {
-                            DeadLetterReason::WhatsappPermanent
-                        } else {
-                            DeadLetterReason::WhatsappRetriesExhausted
-                        };
-                        dead_letter_job(
-                            sending,
-                            &message,
-                            ticket,
-                            reason,
-                            &error.to_string(),
-                            &[("whatsapp_code", &code)],
-                        )
-                        .await;
-                        drop(effect);
-                        return;
-                    }
-                    ErrorClass::HaltSender => {
-                        metrics
-                            .sends
-                            .with_label_values(&["halt", class.label()])
-                            .inc();
-                        if sending
-                            .halted
-                            .send_if_modified(|halted| !std::mem::replace(halted, true))
-                        {
-                            metrics.sender_halted.set(1);
-                            tracing::error!(code = %code, error = %error, phone_number_id = %outbox.phone_number_id, "sending halted for the number: operator action needed (token, account or policy); messages are kept");
-                        }
-                        Duration::ZERO
-                    }
-                };
-                // The wait holds neither a place on the wire nor the partition's drain.
-                drop(effect);
-                drop(wire);
-                sending.report_on_the_wire();
-                if class != ErrorClass::HaltSender {
-                    metrics
-                        .sends
-                        .with_label_values(&["retry", class.label()])
-                        .inc();
-                    tracing::debug!(code = %code, attempt, wait_ms = wait.as_millis() as u64, to = %mask_phone(&outbox.recipient), "send will be retried");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-    }
 }

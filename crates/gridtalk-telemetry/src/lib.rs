@@ -48,6 +48,10 @@ pub struct Metrics {
     pub sender_halted: IntGauge,
     /// Sends in flight.
     pub sends_in_flight: IntGauge,
+    /// Coalescing, by outcome: `merged` (messages that went in a digest), `digest` (digests
+    /// WhatsApp accepted), `refused` (digests WhatsApp refused for good; their messages went one
+    /// by one).
+    pub coalesced: IntCounterVec,
     /// Consumer lag per stage and partition (high watermark minus position).
     pub consumer_lag: IntGaugeVec,
     /// Directory entries loaded, by kind (partner, contact).
@@ -197,6 +201,11 @@ impl Metrics {
                 "1 while the sending number is halted and alerting.",
             ),
             sends_in_flight: gauge("gridtalk_send_in_flight", "Sends in flight."),
+            coalesced: counter(
+                "gridtalk_send_coalesced_total",
+                "Informational messages merged into digests, digests sent and digests refused.",
+                &["outcome"],
+            ),
             consumer_lag: gauge_vec(
                 "gridtalk_consumer_lag",
                 "Consumer lag per stage and partition.",

@@ -107,6 +107,7 @@ pub(crate) struct DriverContext {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) events: UnboundedSender<Event>,
     pub(crate) drain_deadline: Duration,
+    pub(crate) drain_limit: Duration,
     pub(crate) health: Arc<Health>,
 }
 
@@ -167,13 +168,28 @@ impl ConsumerContext for DriverContext {
                 self.ledger.begin_drain(&revoked);
                 let _ = self.events.send(Event::Revoked(revoked.clone()));
                 let started = Instant::now();
-                let drained = self
+                let mut drained = self
                     .ledger
                     .wait_effects(&revoked, started + self.drain_deadline);
                 if !drained {
+                    // A begun effect cannot be recalled: a produce already handed to the client
+                    // lands whenever the broker takes it. Leaving it would let the next owner do
+                    // the same work again before it lands (a second response, a second message),
+                    // so the revoke keeps waiting until every begun effect has ended, which its
+                    // own timeouts bound.
                     tracing::warn!(
                         stage = self.stage,
-                        "drain deadline passed on revoke; unfinished records are left to the next owner"
+                        drain_ms = started.elapsed().as_millis() as u64,
+                        "drain deadline passed on revoke; waiting for the effects already begun"
+                    );
+                    drained = self
+                        .ledger
+                        .wait_effects(&revoked, started + self.drain_limit);
+                }
+                if !drained {
+                    tracing::warn!(
+                        stage = self.stage,
+                        "drain limit passed on revoke; unfinished records are left to the next owner"
                     );
                 }
                 let positions = self.ledger.release(&revoked);

@@ -119,8 +119,11 @@ pub struct DriverSettings {
     /// Topics whose offsets are never committed: read from their start on every assignment.
     pub untracked_topics: Vec<String>,
     pub assignment: Assignment,
-    /// How long a revoke waits for the revoked partitions' effects.
+    /// How long a revoke waits for the revoked partitions' effects before it warns.
     pub drain_deadline: Duration,
+    /// How long a revoke waits in all for effects already begun (they cannot be recalled, so
+    /// leaving one lets the next owner repeat it); beyond it they are left to the next owner.
+    pub drain_limit: Duration,
     /// How long shutdown waits for every effect.
     pub shutdown_deadline: Duration,
     /// Where a partition with no committed offset starts: `earliest` (every record the topic
@@ -150,10 +153,25 @@ impl DriverSettings {
             untracked_topics: Vec::new(),
             assignment: Assignment::CooperativeSticky,
             drain_deadline: Duration::from_millis(config.kafka.revoke_drain_ms),
+            drain_limit: drain_limit(&config.kafka),
             shutdown_deadline: Duration::from_millis(config.admin.shutdown_deadline_ms),
             offset_reset: OffsetReset::Earliest,
         }
     }
+}
+
+/// How long a revoke waits in all for begun effects. Every begun effect ends within the delivery
+/// timeout (a produce is acknowledged or failed by then, and a send's HTTP request times out well
+/// before it), but the member must not block its rebalance callback past
+/// `max.poll.interval.ms`, or the group expels it: a tenth of that is kept in hand.
+fn drain_limit(kafka: &KafkaConfig) -> Duration {
+    let poll_bound = u64::from(kafka.max_poll_interval_ms) / 10 * 9;
+    Duration::from_millis(
+        kafka
+            .delivery_timeout_ms
+            .min(poll_bound)
+            .max(kafka.revoke_drain_ms),
+    )
 }
 
 /// The records a partition holds back while the stage pushes back, and its pause state.
@@ -203,6 +221,7 @@ impl Driver {
             ledger: ledger.clone(),
             events: tx,
             drain_deadline: settings.drain_deadline,
+            drain_limit: settings.drain_limit.max(settings.drain_deadline),
             health: health.clone(),
         };
         let assignor = match settings.assignment {

@@ -211,7 +211,23 @@ impl Cluster {
     }
 
     fn driver(&self, group: &str, topic: &str, drain: Duration) -> Driver {
-        self.driver_with_readiness(group, topic, drain, Arc::new(AtomicBool::new(false)))
+        self.driver_with_limit(group, topic, drain, drain)
+    }
+
+    /// A driver whose revoke warns after `drain` and waits for begun effects up to `limit`.
+    fn driver_with_limit(
+        &self,
+        group: &str,
+        topic: &str,
+        drain: Duration,
+        limit: Duration,
+    ) -> Driver {
+        self.driver_with_settings(
+            group,
+            topic,
+            (drain, limit),
+            Arc::new(AtomicBool::new(false)),
+        )
     }
 
     fn driver_with_readiness(
@@ -219,6 +235,16 @@ impl Cluster {
         group: &str,
         topic: &str,
         drain: Duration,
+        ready: Arc<AtomicBool>,
+    ) -> Driver {
+        self.driver_with_settings(group, topic, (drain, drain), ready)
+    }
+
+    fn driver_with_settings(
+        &self,
+        group: &str,
+        topic: &str,
+        (drain, limit): (Duration, Duration),
         ready: Arc<AtomicBool>,
     ) -> Driver {
         Driver::new(
@@ -230,6 +256,7 @@ impl Cluster {
                 untracked_topics: vec![],
                 assignment: Assignment::CooperativeSticky,
                 drain_deadline: drain,
+                drain_limit: limit,
                 shutdown_deadline: Duration::from_secs(5),
                 offset_reset: OffsetReset::Earliest,
             },
@@ -460,7 +487,7 @@ async fn a_revoke_waits_for_begun_effects_and_commits_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_effect_past_the_drain_deadline_is_left_to_the_new_owner() {
+async fn an_effect_past_the_drain_limit_is_left_to_the_new_owner() {
     let cluster = cluster("in", 2);
     cluster.produce("in", 0, 1);
     cluster.produce("in", 1, 1);
@@ -515,6 +542,62 @@ async fn an_effect_past_the_drain_deadline_is_left_to_the_new_owner() {
     shutdown.cancel();
     other_run.await.unwrap().expect("clean stop");
     run.await.unwrap().expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begun_effect_past_the_drain_deadline_is_still_waited_for_and_not_repeated() {
+    // The effect outlasts the deadline (it cannot be recalled once begun) but not the limit:
+    // the revoke waits for it and commits it, so the new owner does not do it again.
+    let cluster = cluster("in", 2);
+    cluster.produce("in", 0, 1);
+    cluster.produce("in", 1, 1);
+    let probe = Arc::new(Probe::default());
+    let strategy = TestStrategy::new(
+        probe.clone(),
+        100,
+        Arc::new(|_, _| Action::EffectThenFinish(Duration::from_secs(3))),
+    );
+    let driver = cluster.driver_with_limit(
+        "g-limit",
+        "in",
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    );
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(driver.run(strategy, shutdown.clone()));
+    wait_for("both records on the wire", Duration::from_secs(30), || {
+        probe.submitted.lock().unwrap().len() == 2
+    })
+    .await;
+    let (other, other_stop, other_run) = second_member(&cluster, "g-limit");
+    wait_for(
+        "the moved partition at the new owner",
+        Duration::from_secs(30),
+        || !other.assigned.lock().unwrap().is_empty(),
+    )
+    .await;
+    assert!(
+        !probe.revoked.lock().unwrap().is_empty(),
+        "a partition moved"
+    );
+    assert_eq!(
+        probe.finished.lock().unwrap().len(),
+        2,
+        "the revoked partition's effect ended before it was handed over"
+    );
+    // The new owner starts after the committed record: nothing is delivered to it again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        other.submitted.lock().unwrap().is_empty(),
+        "the new owner repeated a record whose effect had begun: {:?}",
+        other.submitted.lock().unwrap()
+    );
+    other_stop.cancel();
+    shutdown.cancel();
+    other_run.await.unwrap().expect("clean stop");
+    run.await.unwrap().expect("clean stop");
+    let committed = cluster.committed("g-limit", "in");
+    assert_eq!((committed.get(&0), committed.get(&1)), (Some(&1), Some(&1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
