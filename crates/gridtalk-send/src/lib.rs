@@ -7,7 +7,8 @@
 //!   both a configured margin below Meta's limits. A message that must wait, waits; nothing is
 //!   dropped for being early.
 //! - **Order per recipient, and no recipient blocks another.** Messages to one recipient are sent
-//!   one at a time in outbox order (so messages about one document reach a person in event order);
+//!   one at a time in outbox order (so messages about one document reach a person in event order;
+//!   coalescing, below, may reorder messages about different documents);
 //!   different recipients are worked concurrently. A message waiting for its recipient's pair
 //!   limit, a retry backoff or a halted number holds none of the `send.max_in_flight` places on
 //!   the wire, so one busy person never slows the number's others. At most `send.max_queued`
@@ -18,8 +19,9 @@
 //!   at most one informational message (one without buttons) per window: the first of a burst
 //!   goes at once, the informational messages that come up within the window after it go as one
 //!   digest (an approved template) when it ends, in outbox order. A message with buttons asks for
-//!   an answer and always goes on its own; no message is moved ahead of an earlier one about the
-//!   same document (a digest takes nothing past a request about its document). Each
+//!   an answer and always goes on its own, ahead of a held digest unless that holds an earlier
+//!   message about its document: no message is moved ahead of an earlier one about the same
+//!   document (messages about different documents may change order). Each
 //!   merged message gets its own sent-log record and sent-index entry (with the digest's wamid),
 //!   so a replay of any of them is not sent again. A digest WhatsApp refuses for good is sent as
 //!   its messages one by one.

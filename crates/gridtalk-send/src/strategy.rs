@@ -69,6 +69,9 @@ pub(crate) struct Sending {
     index: Mutex<SentIndex>,
     /// Signalled whenever a message is done (room for more) or the number recovers.
     room: Notify,
+    /// Signalled whenever a message joins a recipient's queue (a worker holding a digest looks
+    /// for a request that may go first).
+    arrivals: Notify,
     /// Bursts merged into digests (`None` when `send.coalesce.window_ms` is 0).
     coalescing: Option<Coalescing>,
     /// When each recipient last got an informational message: coalescing's window. In memory
@@ -95,6 +98,7 @@ impl Sending {
             prober: tokio::sync::Mutex::new(()),
             index: Mutex::new(SentIndex::default()),
             room: Notify::new(),
+            arrivals: Notify::new(),
             coalescing: Coalescing::new(&config.send.coalesce, &config.templates),
             last_informational: Mutex::new(HashMap::new()),
             config,
@@ -199,6 +203,8 @@ impl SendStrategy {
         if spawn_worker {
             self.workers
                 .spawn(recipient_worker(self.sending.clone(), recipient));
+        } else {
+            self.sending.arrivals.notify_waiters();
         }
     }
 }
@@ -369,7 +375,7 @@ async fn recipient_worker(sending: Arc<Sending>, recipient: String) {
                     let window_ends = previous + c.window;
                     if window_ends > Instant::now() {
                         let waited = Instant::now();
-                        wait_while_owned(&job.ticket, window_ends).await;
+                        hold_for_window(&sending, &recipient, c, &job, window_ends).await;
                         Metrics::global()
                             .rate_limit_wait_seconds
                             .with_label_values(&["coalesce"])
@@ -426,12 +432,53 @@ fn gather(sending: &Sending, recipient: &str, c: &Coalescing, first: Job) -> Vec
     members
 }
 
-/// Sleeps until `until`, or until the ticket's partition moves (then the message is left to its
-/// new owner by the next ownership check).
-async fn wait_while_owned(ticket: &Ticket, until: Instant) {
-    while Instant::now() < until && ticket.owned() {
-        tokio::time::sleep(HALT_OWNERSHIP_CHECK.min(until - Instant::now())).await;
+/// Holds `head` (an informational message) until the window ends or its partition moves. A
+/// request queued meanwhile does not wait for the digest: the first message in line that asks
+/// for an answer goes at once, unless an informational message ahead of it is about the same
+/// document (then it keeps its place behind the digest).
+async fn hold_for_window(
+    sending: &Sending,
+    recipient: &str,
+    c: &Coalescing,
+    head: &Job,
+    window_ends: Instant,
+) {
+    loop {
+        let arrived = sending.arrivals.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if let Some(request) = request_ahead(sending, recipient, c, head) {
+            send_members(sending, vec![request]).await;
+            sending.done();
+            continue;
+        }
+        let now = Instant::now();
+        if now >= window_ends || !head.ticket.owned() {
+            return;
+        }
+        // Woken by a new message, or at least every second to see whether the partition moved.
+        let _ = tokio::time::timeout((window_ends - now).min(HALT_OWNERSHIP_CHECK), arrived).await;
     }
+}
+
+/// The first queued message of `recipient` that asks for an answer, taken out of the queue, if
+/// no informational message ahead of it (the held `head` included) is about its document.
+fn request_ahead(sending: &Sending, recipient: &str, c: &Coalescing, head: &Job) -> Option<Job> {
+    let mut queues = sending.queues.lock().expect("queues");
+    let queue = queues.get_mut(recipient)?;
+    let mut held_documents: HashSet<&str> = HashSet::from([head.outbox.document_key.as_str()]);
+    let mut position = None;
+    for (i, job) in queue.iter().enumerate() {
+        if c.is_informational(&job.outbox) {
+            held_documents.insert(&job.outbox.document_key);
+        } else {
+            if !held_documents.contains(job.outbox.document_key.as_str()) {
+                position = Some(i);
+            }
+            break;
+        }
+    }
+    queue.remove(position?)
 }
 
 /// Sends `members` (one message, or several as one digest). A digest WhatsApp refuses for good

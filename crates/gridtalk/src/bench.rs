@@ -114,6 +114,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             ("SEND__MAX_MESSAGES_PER_SECOND", args.send_rate.to_string()),
             ("SEND__MAX_IN_FLIGHT", args.send_in_flight.to_string()),
             ("SEND__PAIR_BURST", "1000000".into()),
+            // The send figures count messages one for one with the outbox.
+            ("SEND__COALESCE__WINDOW_MS", "0".into()),
         ],
         shutdown.clone(),
     )
