@@ -1677,3 +1677,106 @@ async fn events_compressed_with_every_codec_route() {
         .await;
     assert!(pipeline.dead_letters().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_h_a_summary_reaches_a_whatsapp_group_and_requests_stay_one_to_one() {
+    // The operator creates the group with the CLI, its members join by the invite link, and the
+    // group goes into the directory with the roles it serves; then the stages start.
+    let mut pipeline = Pipeline::start(Setup {
+        ingest: true,
+        in_process: false,
+        ..Setup::default()
+    })
+    .await;
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
+            .arg("groups")
+            .args(args)
+            .arg("--config")
+            .arg(pipeline.config_file())
+            .output()
+            .expect("gridtalk groups runs");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let created = cli(&["create", "--subject", "Operations room"]);
+    assert!(created.contains("request id"), "{created}");
+    let group = pipeline.sandbox.groups()[0].id.clone();
+    let link = cli(&["invite-link", &group]);
+    assert!(
+        link.trim().starts_with("https://chat.whatsapp.com/"),
+        "{link}"
+    );
+    for member in ["14155550106", "14155550101"] {
+        pipeline
+            .sandbox
+            .join_group(&group, member)
+            .await
+            .expect("joins");
+    }
+    let directory = pipeline.dir.join("directory.toml");
+    let mut text = std::fs::read_to_string(&directory).expect("directory");
+    text.push_str(&format!(
+        "[[contacts]]\nid = \"ops-room\"\nname = \"Operations room\"\nwhatsapp_group_id = \"{group}\"\nopted_in = true\nroles = [\"operations\", \"procurement\"]\n"
+    ));
+    std::fs::write(&directory, text).expect("directory");
+    pipeline.start_stages();
+    pipeline.wait_for_way_back(WAIT).await;
+
+    // A summary (no buttons) for operations: Tom and the group. An overdue order's escalation
+    // asks procurement to answer (buttons): Maria only, never the group.
+    pipeline
+        .publish_event(&event("ops.summary.published", 91, "ACME"))
+        .await;
+    let mut overdue = event("tg.po.ack_overdue", 92, "ACME");
+    overdue["payload"]["PurchaseOrderAckOverdue"]["escalation_level"] = json!(1);
+    pipeline.publish_event(&overdue).await;
+    pipeline
+        .wait_until(
+            "the summary in the group and the escalation to Maria",
+            WAIT,
+            |p| {
+                let messages = p.sandbox.messages();
+                messages
+                    .iter()
+                    .any(|m| m.to == group && m.template.as_deref() == Some("daily_summary"))
+                    && messages.iter().any(|m| {
+                        m.to == "14155550101" && m.template.as_deref() == Some("po_ack_overdue")
+                    })
+            },
+        )
+        .await;
+    pipeline
+        .wait_for_commits(&pipeline.send_group(), &pipeline.config.topics.outbox, WAIT)
+        .await;
+    let to_group: Vec<_> = pipeline
+        .sandbox
+        .messages()
+        .into_iter()
+        .filter(|m| m.to == group)
+        .collect();
+    assert_eq!(to_group.len(), 1, "{to_group:?}");
+    let summary = &to_group[0];
+    assert_eq!(summary.request["recipient_type"], "group");
+    assert!(summary.buttons.is_empty());
+    assert!(pipeline
+        .sandbox
+        .messages()
+        .iter()
+        .any(|m| m.to == "14155550106" && m.template.as_deref() == Some("daily_summary")));
+    // The group message's statuses come back joined to it, as any message's do.
+    let wamid = summary.wamid.clone();
+    pipeline
+        .wait_until("the group message read", WAIT, |p| {
+            p.responses().iter().any(|r| {
+                r.wa_message_id == wamid
+                    && matches!(&r.body, gridtalk_contract::ResponseBody::DeliveryStatus { status, .. } if status == "READ")
+            })
+        })
+        .await;
+    assert!(
+        pipeline.dead_letters().is_empty(),
+        "{:?}",
+        pipeline.dead_letters()
+    );
+}

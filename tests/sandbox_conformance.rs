@@ -428,3 +428,137 @@ async fn a_third_party_sdk_parses_every_answer_as_it_would_from_meta() {
         results["outside_window"]
     );
 }
+
+/// The next webhook change of `field`, skipping others.
+async fn change_of(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    field: &str,
+) -> Value {
+    loop {
+        let (_, body) = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("webhook within 10 s")
+            .expect("receiver open");
+        let payload: Value = serde_json::from_str(&body).expect("JSON webhook");
+        let change = &payload["entry"][0]["changes"][0];
+        if change["field"] == field {
+            return change["value"].clone();
+        }
+    }
+}
+
+#[tokio::test]
+async fn groups_are_created_joined_by_link_and_sent_to_without_buttons() {
+    let (url, mut rx) = webhook_receiver().await;
+    let (sandbox, _stop) = sandbox(|c| c.webhook_url = Some(url)).await;
+    let client = gridtalk_whatsapp::GroupsClient::new(
+        &sandbox.base_url(),
+        "v25.0",
+        std::time::Duration::from_secs(5),
+    );
+    let token = gridtalk_config::Secret::new("good");
+    // Created asynchronously: a request id now, the group id and link in the lifecycle webhook.
+    let request_id = client
+        .create(&token, NUMBER, "Operations room", "Daily summaries", false)
+        .await
+        .expect("created");
+    let lifecycle = change_of(&mut rx, "group_lifecycle_update").await;
+    let created = &lifecycle["groups"][0];
+    assert_eq!(created["type"], "group_create");
+    assert_eq!(created["request_id"], request_id.as_str());
+    assert_eq!(created["subject"], "Operations room");
+    let group = created["group_id"].as_str().expect("group id").to_string();
+    let link = client.invite_link(&token, &group).await.expect("link");
+    assert_eq!(created["invite_link"], link.as_str());
+    assert!(link.starts_with("https://chat.whatsapp.com/"));
+
+    // Meta's validation of a create request.
+    let too_long = client
+        .create(&token, NUMBER, &"x".repeat(129), "", false)
+        .await
+        .expect_err("a subject over 128 characters");
+    assert!(
+        matches!(&too_long, gridtalk_whatsapp::SendError::Graph { error, .. } if error.code == 131009),
+        "{too_long}"
+    );
+    let bad_token = client
+        .create(&gridtalk_config::Secret::new("bad"), NUMBER, "x", "", false)
+        .await
+        .expect_err("a bad token");
+    assert!(
+        matches!(&bad_token, gridtalk_whatsapp::SendError::Graph { error, .. } if error.code == 190),
+        "{bad_token}"
+    );
+
+    // People join by the link (at most 8); each join is a participants webhook.
+    for phone in ["14155550106", "14155550101"] {
+        sandbox.join_group(&group, phone).await.expect("joins");
+        let joined = change_of(&mut rx, "group_participants_update").await;
+        assert_eq!(joined["groups"][0]["added_participants"][0]["wa_id"], phone);
+    }
+    for i in 0..6 {
+        sandbox
+            .join_group(&group, &format!("1415555020{i}"))
+            .await
+            .expect("up to eight join");
+    }
+    assert!(
+        sandbox.join_group(&group, "14155550299").await.is_err(),
+        "a ninth"
+    );
+
+    // A template without buttons goes to the group; no contacts entry in the answer.
+    let mut to_group = summary(&group);
+    to_group["recipient_type"] = json!("group");
+    let (status, body) = post(&sandbox, "good", &to_group).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("contacts").is_none(), "{body}");
+    let wamid = body["messages"][0]["id"]
+        .as_str()
+        .expect("wamid")
+        .to_string();
+    // One group-level sent, then delivered and read per participant.
+    let mut seen = Vec::new();
+    while seen.len() < 1 + 2 * 8 {
+        let value = change_of(&mut rx, "messages").await;
+        let s = value["statuses"][0].clone();
+        assert_eq!(s["id"], wamid.as_str());
+        assert_eq!(s["recipient_id"], group.as_str());
+        assert_eq!(s["recipient_type"], "group");
+        seen.push((
+            s["status"].as_str().unwrap().to_string(),
+            s["recipient_participant_id"].as_str().map(String::from),
+        ));
+    }
+    assert_eq!(seen[0], ("sent".to_string(), None));
+    for state in ["delivered", "read"] {
+        let participants: Vec<&str> = seen
+            .iter()
+            .filter(|(s, _)| s == state)
+            .filter_map(|(_, p)| p.as_deref())
+            .collect();
+        assert_eq!(participants.len(), 8, "{state}: {participants:?}");
+    }
+
+    // Nothing to tap in a group, and only the number's own groups.
+    let mut with_buttons = json!({
+        "messaging_product": "whatsapp", "recipient_type": "group", "to": group, "type": "template",
+        "template": {"name": "po_ack_overdue", "language": {"code": "en_US"}, "components": [
+            {"type": "body", "parameters": [{"type": "text", "text": "PO-1"}, {"type": "text", "text": "2026-12-01"}, {"type": "text", "text": "4"}]},
+            {"type": "button", "sub_type": "quick_reply", "index": "0", "parameters": [{"type": "payload", "payload": "gt1.x"}]}
+        ]}
+    });
+    let (status, body) = post(&sandbox, "good", &with_buttons).await;
+    assert_eq!((status, code(&body)), (400, 131009), "{body}");
+    with_buttons = json!({
+        "messaging_product": "whatsapp", "recipient_type": "group", "to": group, "type": "interactive",
+        "interactive": {"type": "button", "body": {"text": "Approve?"}, "action": {"buttons": [
+            {"type": "reply", "reply": {"id": "a", "title": "Approve"}}]}}
+    });
+    let (status, body) = post(&sandbox, "good", &with_buttons).await;
+    assert_eq!((status, code(&body)), (400, 131009), "{body}");
+    let mut unknown = summary("Y2FwaV9ncm91cDpub3RoaW5n");
+    unknown["recipient_type"] = json!("group");
+    let (status, body) = post(&sandbox, "good", &unknown).await;
+    assert_eq!((status, code(&body)), (400, 131009), "{body}");
+}

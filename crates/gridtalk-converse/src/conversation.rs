@@ -322,6 +322,40 @@ fn short_hash(parts: &[&str]) -> String {
     hex::encode(&Sha256::digest(parts.join("\u{1f}"))[..16])
 }
 
+/// WhatsApp's group webhooks: a created group's id and invite link (what the operator puts in
+/// the directory), and who joined or left. Logged; nothing is published.
+fn log_group_updates(item: &WebhookItem) {
+    let field = item.item.get("field").and_then(Value::as_str).unwrap_or("");
+    if !field.starts_with("group_") {
+        return;
+    }
+    let groups = item
+        .item
+        .pointer("/value/groups")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for group in &groups {
+        let at = |key: &str| group.get(key).and_then(Value::as_str).unwrap_or("-");
+        match field {
+            "group_lifecycle_update" => tracing::info!(
+                kind = at("type"),
+                group_id = at("group_id"),
+                subject = at("subject"),
+                invite_link = at("invite_link"),
+                request_id = at("request_id"),
+                "WhatsApp group created or changed: add it to the directory as a contact with this whatsapp_group_id"
+            ),
+            _ => tracing::info!(
+                field,
+                kind = at("type"),
+                group_id = at("group_id"),
+                "WhatsApp group update"
+            ),
+        }
+    }
+}
+
 fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
     value.pointer(pointer).and_then(Value::as_str)
 }
@@ -587,6 +621,10 @@ impl Conversations {
         let handled = match item.kind.as_str() {
             "status" => self.status(item, give_up),
             "message" => self.message(partition, item, directory, now_ms, give_up),
+            "other" => {
+                log_group_updates(item);
+                done("ignored", Vec::new())
+            }
             _ => done("ignored", Vec::new()),
         };
         if matches!(handled, Handled::Done { .. }) {

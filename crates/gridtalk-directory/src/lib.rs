@@ -46,8 +46,15 @@ pub struct Partner {
 pub struct Contact {
     pub id: String,
     pub name: String,
-    /// E.164, with or without `+`.
+    /// E.164, with or without `+`. Empty for a group.
+    #[serde(default)]
     pub phone: String,
+    /// A WhatsApp group (the Cloud API's Groups endpoints) instead of a person: messages go to
+    /// the group (`recipient_type: group`). Its members joined by invite; it receives only
+    /// messages that ask for no answer (groups cannot show buttons), so requests stay one to one.
+    /// Its roles make it part of role audiences like a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whatsapp_group_id: Option<String>,
     /// Preferred template language, e.g. `de_DE`.
     #[serde(default)]
     pub language: Option<String>,
@@ -68,6 +75,57 @@ pub struct Contact {
     pub business_hours: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub business_days: Vec<String>,
+}
+
+/// Where WhatsApp delivers a contact's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A person: the digits of their E.164 number (WhatsApp's `to`).
+    Phone(String),
+    /// A WhatsApp group, by its group id.
+    Group(String),
+}
+
+impl Address {
+    /// What the Cloud API's `to` and the webhooks' `recipient_id` carry.
+    pub fn id(&self) -> &str {
+        match self {
+            Address::Phone(digits) => digits,
+            Address::Group(id) => id,
+        }
+    }
+}
+
+impl Contact {
+    /// Where WhatsApp delivers this contact's messages; an error names what is wrong (a phone
+    /// WhatsApp cannot reach, a group id that is not one, or both set).
+    pub fn address(&self) -> Result<Address, String> {
+        match &self.whatsapp_group_id {
+            Some(_) if !self.phone.trim().is_empty() => {
+                Err("a contact is a phone or a group, not both".into())
+            }
+            Some(id) => {
+                let plausible = !id.is_empty()
+                    && id.len() <= 256
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '=' | '.'));
+                if plausible {
+                    Ok(Address::Group(id.clone()))
+                } else {
+                    Err(format!(
+                        "whatsapp_group_id {id:?} is not a WhatsApp group id"
+                    ))
+                }
+            }
+            None => gridtalk_whatsapp::normalize_phone(&self.phone).map(Address::Phone),
+        }
+    }
+
+    /// Whether this contact is a WhatsApp group.
+    pub fn is_group(&self) -> bool {
+        self.whatsapp_group_id.is_some()
+    }
 }
 
 /// The business hours a zone, a window and days describe, if both a zone and a window are set.
@@ -160,7 +218,7 @@ impl Directory {
             ("contact", Some(v)) => {
                 let c: Contact =
                     serde_json::from_slice(v).map_err(|e| malformed(format!("{key}: {e}")))?;
-                if let Err(e) = gridtalk_whatsapp::normalize_phone(&c.phone) {
+                if let Err(e) = c.address() {
                     return Err((
                         DeadLetterReason::InvalidPhone,
                         format!("{key}: phone {:?}: {e}", c.phone),
@@ -231,7 +289,7 @@ impl Directory {
         let mut found: Vec<&Contact> = self
             .contacts
             .values()
-            .filter(|c| gridtalk_whatsapp::normalize_phone(&c.phone).is_ok_and(|p| p == wa_id))
+            .filter(|c| c.address().is_ok_and(|a| a.id() == wa_id))
             .collect();
         // One number shared by two directory entries is ambiguous: the lowest id decides, stably.
         found.sort_by(|a, b| a.id.cmp(&b.id));
@@ -265,7 +323,7 @@ impl Directory {
             } else if !contacts.insert(c.id.as_str()) {
                 problems.push(format!("contacts[{i}]: id {:?} is defined twice", c.id));
             }
-            if let Err(e) = gridtalk_whatsapp::normalize_phone(&c.phone) {
+            if let Err(e) = c.address() {
                 problems.push(format!("contacts[{i}] ({}).phone {:?}: {e}", c.id, c.phone));
             }
             if let Some(Err(e)) = own_hours(c) {
@@ -310,6 +368,34 @@ pub type SharedDirectory = Arc<RwLock<Directory>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_is_a_contact_addressed_by_its_group_id_and_never_also_a_phone() {
+        let mut d = Directory::default();
+        let group = br#"{"id": "ops-room", "name": "Operations room", "opted_in": true,
+                         "whatsapp_group_id": "Y2FwaV9ncm91cDoxMjM0", "roles": ["operations"]}"#;
+        d.apply("contact:ops-room", Some(group)).expect("applies");
+        let found = d
+            .contact_by_wa_id("Y2FwaV9ncm91cDoxMjM0")
+            .expect("by group id");
+        assert!(found.is_group());
+        assert_eq!(
+            found.address(),
+            Ok(Address::Group("Y2FwaV9ncm91cDoxMjM0".into()))
+        );
+        assert_eq!(d.with_roles(None, &["operations".to_string()]).len(), 1);
+        let both = br#"{"id": "x", "name": "X", "phone": "+14155550101", "opted_in": true,
+                        "whatsapp_group_id": "Y2FwaV9ncm91cDoxMjM0"}"#;
+        let (reason, _) = d.apply("contact:x", Some(both)).expect_err("both");
+        assert_eq!(reason, DeadLetterReason::InvalidPhone);
+        let bogus =
+            br#"{"id": "y", "name": "Y", "opted_in": true, "whatsapp_group_id": "not a group!"}"#;
+        assert!(d.apply("contact:y", Some(bogus)).is_err());
+        let problems = Directory::lint_toml(
+            "[[contacts]]\nid = \"g\"\nname = \"G\"\nwhatsapp_group_id = \"Y2Fw\"\nopted_in = true\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+    }
 
     #[test]
     fn records_it_cannot_apply_are_refused_with_their_reason_and_change_nothing() {

@@ -26,7 +26,7 @@ use gridtalk_config::{Config, ReminderPolicyConfig};
 use gridtalk_contract::{request_kind_of, EventView, OutboxMessage};
 use gridtalk_directory::Directory;
 
-use crate::render::{audience, render, scalar_text, RouteFailure};
+use crate::render::{audience, receives, render, scalar_text, RouteFailure};
 
 /// The clock commands an event makes; `planned` are the messages route planned for it.
 pub fn clock_commands(
@@ -247,7 +247,7 @@ pub fn render_fire(
     };
     let mut messages = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for contact in contacts.into_iter().filter(|c| c.opted_in) {
+    for contact in contacts.into_iter().filter(|c| receives(c, template)) {
         if seen.insert(contact.id.clone()) {
             let mut message = render(
                 &view,

@@ -231,6 +231,12 @@ pub(crate) fn audience<'d>(
     found
 }
 
+/// Whether `contact` of an audience gets `template`: only opted-in contacts, and a group only
+/// what asks for no answer (WhatsApp shows no buttons in groups; requests stay one to one).
+pub(crate) fn receives(contact: &Contact, template: &TemplateConfig) -> bool {
+    contact.opted_in && (!contact.is_group() || template.buttons.is_empty())
+}
+
 /// Plans the messages for one event. `button_secret` signs button tokens (templates with buttons
 /// need it); `now_ms` stamps `created_at` and starts the buttons' validity.
 pub fn plan(
@@ -297,7 +303,7 @@ pub fn plan(
             })?;
         let recipients: Vec<&Contact> = audience(&rule.audience, &rule.name, view, directory)
             .into_iter()
-            .filter(|c| c.opted_in)
+            .filter(|c| receives(c, template))
             .collect();
         if recipients.is_empty() {
             return Err(fail(
@@ -334,12 +340,13 @@ pub(crate) fn render(
     button_secret: Option<&[u8]>,
     now_ms: i64,
 ) -> Result<OutboxMessage, RouteFailure> {
-    let to = gridtalk_whatsapp::normalize_phone(&contact.phone).map_err(|e| {
+    let address = contact.address().map_err(|e| {
         fail(
             DeadLetterReason::InvalidPhone,
             format!("contact {}: {e}", contact.id),
         )
     })?;
+    let to = address.id().to_string();
     let language = contact
         .language
         .as_deref()
@@ -384,8 +391,11 @@ pub(crate) fn render(
             )
         })
         .collect::<Result<_, _>>()?;
-    let body =
+    let mut body =
         gridtalk_whatsapp::template_message(&to, &template.name, &language, &params, &payloads);
+    if let gridtalk_directory::Address::Group(_) = address {
+        body["recipient_type"] = serde_json::json!("group");
+    }
     Ok(OutboxMessage {
         message_id: message_id(view.event_id(), &contact.id, &template.name),
         event_id: view.event_id().to_string(),

@@ -11,9 +11,14 @@
 //! the person's side: [`Sandbox::reply`] (or `POST /_sandbox/messages/{wamid}/reply`) taps a
 //! quick-reply button or writes a text quoting a message, and posts the inbound-message webhook
 //! exactly as Meta would. `GET /_sandbox/messages` and `/_sandbox/stats` show what it received.
+//! The Groups endpoints (create, invite link, sending to a group, group statuses) are in
+//! [`groups`]; the phones page shows a group as one chat with its members.
 
 // A rejection is the HTTP answer itself (status, Graph error body), built once per refused request.
 #![allow(clippy::result_large_err)]
+
+mod groups;
+pub use groups::{Group, MAX_PARTICIPANTS};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -146,6 +151,8 @@ pub fn people_from_directory(
     #[derive(Deserialize)]
     struct Holder {
         name: String,
+        /// Empty for a group (which is nobody's phone).
+        #[serde(default)]
         phone: String,
         partner: Option<String>,
     }
@@ -159,6 +166,7 @@ pub fn people_from_directory(
     Ok(file
         .contacts
         .iter()
+        .filter(|c| !c.phone.trim().is_empty())
         .map(|c| {
             let digits: String = c.phone.chars().filter(char::is_ascii_digit).collect();
             let organisation = c
@@ -253,6 +261,8 @@ struct Inner {
     /// Tokens that were valid once and no longer are: Meta reports those as expired (subcode
     /// 463), any other token as one it cannot parse.
     expired_tokens: HashSet<String>,
+    /// Groups the business created (the Groups API).
+    groups: Vec<groups::Group>,
     next_id: u64,
 }
 
@@ -350,6 +360,7 @@ impl Sandbox {
                 window: HashMap::new(),
                 pair_tat: HashMap::new(),
                 expired_tokens: HashSet::new(),
+                groups: Vec::new(),
                 next_id: 1,
             })),
             http: reqwest::Client::builder()
@@ -359,7 +370,11 @@ impl Sandbox {
             addr,
         };
         let app = Router::new()
-            .route("/{version}/{phone_number_id}/messages", post(send_message))
+            .route("/{version}/{id}/messages", post(send_message))
+            .route("/{version}/{id}/groups", post(groups::create_group))
+            .route("/{version}/{id}/invite_link", post(groups::invite_link))
+            .route("/_sandbox/groups", get(groups::list))
+            .route("/_sandbox/groups/{group_id}/join", post(groups::join))
             .route(
                 "/_sandbox/messages",
                 get(list_messages).delete(clear_messages),
@@ -518,9 +533,21 @@ impl Sandbox {
 
     /// Posts one `messages` change to `url`, signed; records the outcome in the stats.
     async fn post_webhook(&self, url: &str, secret: &str, value: Value) -> bool {
+        self.post_webhook_field(url, secret, "messages", value)
+            .await
+    }
+
+    /// Posts one change of webhook field `field` to `url`, signed; records the outcome.
+    pub(crate) async fn post_webhook_field(
+        &self,
+        url: &str,
+        secret: &str,
+        field: &str,
+        value: Value,
+    ) -> bool {
         let payload = json!({
             "object": "whatsapp_business_account",
-            "entry": [{"id": "WABA-SANDBOX", "changes": [{"field": "messages", "value": value}]}]
+            "entry": [{"id": "WABA-SANDBOX", "changes": [{"field": field, "value": value}]}]
         });
         let body = payload.to_string();
         let result = self
@@ -639,6 +666,10 @@ impl Sandbox {
             )
         };
         let Some(url) = url else { return };
+        if let Some(participants) = self.participants_of(&message.to) {
+            self.schedule_group_statuses(message, participants, url, secret);
+            return;
+        }
         let sandbox = self.clone();
         let message = message.clone();
         tokio::spawn(async move {
@@ -671,6 +702,50 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// A group message's statuses as Meta reports them: one group-level `sent`, then `delivered`
+    /// and `read` for each participant (`recipient_participant_id`), each billed.
+    fn schedule_group_statuses(
+        &self,
+        message: &ReceivedMessage,
+        participants: Vec<String>,
+        url: String,
+        secret: String,
+    ) {
+        let sandbox = self.clone();
+        let message = message.clone();
+        tokio::spawn(async move {
+            let metadata = json!({"display_phone_number": "15550783881", "phone_number_id": message.phone_number_id});
+            let status = |status: &str, participant: Option<&str>| {
+                let mut entry = json!({"id": message.wamid, "status": status,
+                                       "timestamp": chrono::Utc::now().timestamp().to_string(),
+                                       "recipient_id": message.to, "recipient_type": "group"});
+                if let Some(p) = participant {
+                    entry["recipient_participant_id"] = json!(p);
+                    entry["pricing"] = json!({"billable": true, "pricing_model": "PMP", "category": "utility", "type": "regular"});
+                }
+                json!({"messaging_product": "whatsapp", "metadata": metadata, "statuses": [entry]})
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            sandbox.set_status(&message.wamid, "sent");
+            sandbox
+                .post_webhook(&url, &secret, status("sent", None))
+                .await;
+            for (kind, delay_ms) in [("delivered", 150), ("read", 400)] {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                if !participants.is_empty() {
+                    sandbox.set_status(&message.wamid, kind);
+                }
+                for p in &participants {
+                    sandbox
+                        .post_webhook(&url, &secret, status(kind, Some(p)))
+                        .await;
+                }
+            }
+        });
+    }
+}
+
 type Rejection = (i64, Response);
 
 fn reject(status: StatusCode, code: i64, title: &str, details: &str) -> Rejection {
@@ -681,13 +756,9 @@ fn invalid(details: &str) -> Rejection {
     reject(StatusCode::BAD_REQUEST, 100, "Invalid parameter", details)
 }
 
-fn validate_and_accept(
-    inner: &mut Inner,
-    _version: &str,
-    phone_number_id: &str,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<ReceivedMessage, Rejection> {
+/// The bearer token is one the sandbox accepts, and the phone-number id is one of its numbers;
+/// Meta's OAuth and object errors otherwise.
+fn authorize(inner: &Inner, phone_number_id: &str, headers: &HeaderMap) -> Result<(), Rejection> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -729,6 +800,17 @@ fn validate_and_accept(
             "Unsupported post request. Object with ID '{phone_number_id}' does not exist"
         )));
     }
+    Ok(())
+}
+
+fn validate_and_accept(
+    inner: &mut Inner,
+    _version: &str,
+    phone_number_id: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<ReceivedMessage, Rejection> {
+    authorize(inner, phone_number_id, headers)?;
     let request: Value = serde_json::from_slice(body)
         .map_err(|e| invalid(&format!("request body is not JSON: {e}")))?;
     if request.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
@@ -738,11 +820,15 @@ fn validate_and_accept(
         .get("to")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("The parameter to is required."))?;
-    let to = recipient_digits(input).ok_or_else(|| {
-        invalid(&format!(
-            "to: {input:?} is not a valid WhatsApp phone number"
-        ))
-    })?;
+    let to = if request.get("recipient_type").and_then(Value::as_str) == Some("group") {
+        groups::check_group_send(inner, phone_number_id, &request)?
+    } else {
+        recipient_digits(input).ok_or_else(|| {
+            invalid(&format!(
+                "to: {input:?} is not a valid WhatsApp phone number"
+            ))
+        })?
+    };
     let to = to.as_str();
     let kind = request
         .get("type")
@@ -1073,6 +1159,14 @@ async fn send_message(
     match sandbox.handle(&version, &phone_number_id, &headers, &body) {
         Ok(message) => {
             sandbox.schedule_statuses(&message);
+            if message.request["recipient_type"] == "group" {
+                // A group is nobody's WhatsApp id: no `contacts` entry.
+                return Json(json!({
+                    "messaging_product": "whatsapp",
+                    "messages": [{"id": message.wamid, "message_status": "accepted"}],
+                }))
+                .into_response();
+            }
             Json(json!({
                 "messaging_product": "whatsapp",
                 // `input` echoes `to` as written; `wa_id` is the digits.
@@ -1111,6 +1205,7 @@ async fn conversations(State(sandbox): State<Sandbox>) -> Json<Value> {
         "inbound": inner.inbound,
         "business_name": inner.config.business_name,
         "people": inner.config.people,
+        "groups": inner.groups,
     }))
 }
 

@@ -137,17 +137,23 @@ impl Coalescing {
                 .unwrap_or_else(|| "en_US".into())
         };
         let texts: Vec<String> = members.iter().map(|m| self.text_of(m)).collect();
-        let to = serde_json::from_str::<Value>(&first.request_json)
-            .ok()
-            .and_then(|r| r.get("to").and_then(Value::as_str).map(String::from))
-            .unwrap_or_else(|| first.recipient.clone());
-        gridtalk_whatsapp::template_message(
+        let original = serde_json::from_str::<Value>(&first.request_json).unwrap_or(Value::Null);
+        let to = original
+            .get("to")
+            .and_then(Value::as_str)
+            .map_or_else(|| first.recipient.clone(), String::from);
+        let mut digest = gridtalk_whatsapp::template_message(
             &to,
             &self.template.name,
             &language,
             &[members.len().to_string(), numbered(&texts)],
             &[],
-        )
+        );
+        // To the same kind of recipient (a person or a group).
+        if let Some(kind) = original.get("recipient_type") {
+            digest["recipient_type"] = kind.clone();
+        }
+        digest
     }
 }
 

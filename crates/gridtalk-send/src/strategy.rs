@@ -697,6 +697,13 @@ async fn record_accepted(
     let metrics = Metrics::global();
     let digest = members.len() > 1;
     let accepted_at = chrono::Utc::now().timestamp_millis();
+    // Meta names the person a message went to (`contacts[].wa_id`); a group send names nobody,
+    // and its statuses carry the group id the message was sent to.
+    let wa_id = if accepted.wa_id.is_empty() {
+        members[0].outbox.recipient.clone()
+    } else {
+        accepted.wa_id.clone()
+    };
     let records: Vec<Vec<u8>> = members
         .iter()
         .map(|job| {
@@ -712,7 +719,7 @@ async fn record_accepted(
                 phone_number_id: outbox.phone_number_id.clone(),
                 contact_id: outbox.contact_id.clone(),
                 recipient: outbox.recipient.clone(),
-                wa_id: accepted.wa_id.clone(),
+                wa_id: wa_id.clone(),
                 template_name: if digest {
                     Some(sending.config.send.coalesce.template.clone())
                 } else {
@@ -730,7 +737,7 @@ async fn record_accepted(
             FutureRecord::to(&sending.config.topics.sent)
                 // Keyed by the WhatsApp id Meta resolved the recipient to: webhooks name the
                 // contact by that id, so replies and statuses land on the same partition number.
-                .key(accepted.wa_id.as_bytes())
+                .key(wa_id.as_bytes())
                 .payload(bytes),
             sending.timeout(),
         )

@@ -236,6 +236,103 @@ impl CloudApiClient {
     }
 }
 
+/// The Groups endpoints (Meta's Groups API, for Official Business Accounts): create a group and
+/// fetch its invite link. A created group's id comes later, in the `group_lifecycle_update`
+/// webhook, which the converse stage logs.
+#[derive(Debug, Clone)]
+pub struct GroupsClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl GroupsClient {
+    pub fn new(base_url: &str, api_version: &str, timeout: Duration) -> Self {
+        GroupsClient {
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .expect("HTTP client with static settings"),
+            base: format!("{}/{}", base_url.trim_end_matches('/'), api_version),
+        }
+    }
+
+    /// `POST /{phone-number-id}/groups`; returns Meta's request id (the group id and invite link
+    /// follow in the `group_lifecycle_update` webhook that names it).
+    pub async fn create(
+        &self,
+        token: &Secret,
+        phone_number_id: &str,
+        subject: &str,
+        description: &str,
+        approval_required: bool,
+    ) -> Result<String, SendError> {
+        let body = json!({
+            "messaging_product": "whatsapp",
+            "subject": subject,
+            "description": description,
+            "join_approval_mode": if approval_required { "approval_required" } else { "auto_approve" },
+        });
+        let answer = self
+            .post(
+                token,
+                &format!("{}/{phone_number_id}/groups", self.base),
+                &body,
+            )
+            .await?;
+        answer
+            .get("request_id")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| SendError::Transport("answer without request_id".into()))
+    }
+
+    /// `POST /{group-id}/invite_link`: the link people join the group by.
+    pub async fn invite_link(&self, token: &Secret, group_id: &str) -> Result<String, SendError> {
+        let body = json!({"messaging_product": "whatsapp"});
+        let answer = self
+            .post(
+                token,
+                &format!("{}/{group_id}/invite_link", self.base),
+                &body,
+            )
+            .await?;
+        answer
+            .get("invite_link")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| SendError::Transport("answer without invite_link".into()))
+    }
+
+    async fn post(&self, token: &Secret, url: &str, body: &Value) -> Result<Value, SendError> {
+        let response = self
+            .http
+            .post(url)
+            .bearer_auth(token.expose())
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| SendError::Transport(e.to_string()))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| SendError::Transport(e.to_string()))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")));
+        }
+        match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
+            Ok(envelope) => Err(SendError::Graph {
+                status,
+                error: envelope.error,
+            }),
+            Err(_) => Err(SendError::Transport(format!(
+                "HTTP {status} without a Graph error body"
+            ))),
+        }
+    }
+}
+
 /// Normalises a phone number to WhatsApp's `to` form: E.164 digits without `+`. Spaces, dashes,
 /// dots and parentheses are dropped; anything else, or a length outside 8..=15 digits, is invalid.
 pub fn normalize_phone(input: &str) -> Result<String, String> {

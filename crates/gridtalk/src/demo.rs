@@ -180,13 +180,18 @@ fn print_new_messages(sandbox: &Sandbox, shown: usize) -> usize {
     let new = sandbox.messages_since(shown);
     for m in &new {
         // The directory's name for the recipient; the number stays masked, as in the logs.
-        let to = match sandbox.person(&m.to) {
-            Some(person) => format!(
+        let to = match (sandbox.person(&m.to), sandbox.group(&m.to)) {
+            (Some(person), _) => format!(
                 "{} ({})",
                 person.name,
                 gridtalk_telemetry::mask_phone(&m.to)
             ),
-            None => gridtalk_telemetry::mask_phone(&m.to),
+            (None, Some(group)) => format!(
+                "👥 {} ({} members)",
+                group.subject,
+                group.participants.len()
+            ),
+            (None, None) => gridtalk_telemetry::mask_phone(&m.to),
         };
         println!(
             "📱 {to} [{} {}] {}",

@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// WhatsApp groups (the Cloud API's Groups endpoints) for summaries and alerts.
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
+    },
     /// Everything in one process: embedded broker, all stages, WhatsApp sandbox, sample traffic.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
@@ -101,6 +106,32 @@ enum ConfigCommand {
     Show {
         #[arg(long, env = "GRIDTALK_CONFIG")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupsCommand {
+    /// Create a group on the sending number (`send.phone_number_id`). WhatsApp answers with a
+    /// request id; the group id and its invite link follow in a `group_lifecycle_update`
+    /// webhook, which the converse stage logs ("WhatsApp group created"). Then add the group to
+    /// the directory as a contact with `whatsapp_group_id` and the roles it serves.
+    Create {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
+        /// The group's name as members see it (at most 128 characters).
+        #[arg(long)]
+        subject: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Joining needs an approval instead of the link alone.
+        #[arg(long)]
+        approval_required: bool,
+    },
+    /// Print a group's invite link (people join by it; nobody can be added directly).
+    InviteLink {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
+        group_id: String,
     },
 }
 
@@ -352,6 +383,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (config, sources) = load_traced(config.as_ref())?;
             print!("{}", gridtalk_config::render(&config, &sources));
+            Ok(())
+        }
+        Command::Groups { command } => {
+            let (config, answer) = match &command {
+                GroupsCommand::Create { config, .. } | GroupsCommand::InviteLink { config, .. } => {
+                    let config = load(config.as_ref())?;
+                    let client = gridtalk_whatsapp::GroupsClient::new(
+                        &config.send.api_base_url,
+                        &config.send.api_version,
+                        std::time::Duration::from_millis(config.send.request_timeout_ms),
+                    );
+                    (config, client)
+                }
+            };
+            let token = config
+                .read_access_token()
+                .map_err(|e| anyhow::anyhow!("send.access_token / send.access_token_file: {e}"))?;
+            match command {
+                GroupsCommand::Create {
+                    subject,
+                    description,
+                    approval_required,
+                    ..
+                } => {
+                    let request_id = answer
+                        .create(
+                            &token,
+                            &config.send.phone_number_id,
+                            &subject,
+                            &description,
+                            approval_required,
+                        )
+                        .await?;
+                    println!(
+                        "group {subject:?} requested (request id {request_id}); its group id and invite link follow in a group_lifecycle_update webhook, which the converse stage logs"
+                    );
+                }
+                GroupsCommand::InviteLink { group_id, .. } => {
+                    println!("{}", answer.invite_link(&token, &group_id).await?);
+                }
+            }
             Ok(())
         }
         Command::Dlq {

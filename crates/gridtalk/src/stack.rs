@@ -76,6 +76,24 @@ impl EmbeddedStack {
             shutdown,
         )
         .await?;
+        // A WhatsApp group the operator created earlier (`gridtalk groups create`), which three
+        // people joined by its invite link: the daily summaries go there too.
+        let group = sandbox
+            .create_group(PHONE_NUMBER_ID, "Operations room")
+            .map_err(anyhow::Error::msg)?;
+        for member in ["14155550106", "14155550101", "14155550103"] {
+            sandbox
+                .join_group(&group.id, member)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+        std::fs::write(
+            &directory_file,
+            format!(
+                "{DIRECTORY}\n[[contacts]]\nid = \"ops-room\"\nname = \"Operations room\"\nwhatsapp_group_id = \"{}\"\nopted_in = true\nroles = [\"operations\"]\n",
+                group.id
+            ),
+        )?;
 
         // The ingest stage's endpoint; the sandbox posts its signed webhooks there when asked to.
         let ingest_port = gridtalk_embedded::free_port()?;
