@@ -565,3 +565,263 @@ async fn ten_alerts_in_ten_seconds_become_a_few_messages_and_every_request_stays
     assert!(merged >= 2, "{merged}");
     assert!(p.dead_letters().is_empty());
 }
+
+/// The figures a summary should carry, computed here from the published events (and the one
+/// accepted order) by the rules of `crates/gridtalk-summary`, independently of gridtalk.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Figures {
+    completed: std::collections::BTreeSet<String>,
+    failed: std::collections::BTreeSet<String>,
+    invoices: std::collections::BTreeSet<String>,
+    exceptions: std::collections::BTreeSet<String>,
+    approvals: std::collections::BTreeSet<String>,
+    overdue: std::collections::BTreeSet<String>,
+}
+
+impl Figures {
+    fn apply(&mut self, event: &serde_json::Value) {
+        let kind = event["event_type"].as_str().unwrap();
+        let payload = event["payload"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap();
+        let field = |name: &str| payload[name].as_str().unwrap_or_default().to_string();
+        match kind {
+            "tg.po.acknowledged" => {
+                self.completed.insert(field("po_number"));
+                self.overdue.remove(&field("po_number"));
+            }
+            "tg.po.ack_overdue" => {
+                self.overdue.insert(field("po_number"));
+                if payload["escalation_level"].as_i64().unwrap_or(0) >= 1 {
+                    self.failed.insert(field("po_number"));
+                }
+            }
+            "tg.invoice.delivered" => {
+                self.invoices.insert(field("invoice_number"));
+            }
+            "tg.invoice.acknowledged" | "tg.invoice.rejected" => {
+                self.invoices.remove(&field("invoice_number"));
+            }
+            "tg.shipment.exception" => {
+                self.exceptions.insert(field("shipment_id"));
+            }
+            "tg.delivery.confirmed" => {
+                self.exceptions.remove(&field("shipment_id"));
+            }
+            "wf.approval.requested" => {
+                self.approvals.insert(field("approval_id"));
+            }
+            _ => {}
+        }
+    }
+
+    /// The template's figures, in its parameter order.
+    fn parameters(&self) -> Vec<String> {
+        [
+            &self.completed,
+            &self.invoices,
+            &self.failed,
+            &self.exceptions,
+            &self.approvals,
+            &self.overdue,
+        ]
+        .iter()
+        .map(|set| set.len().to_string())
+        .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_of_traffic_is_summed_up_for_each_audience_at_its_local_hour_and_in_the_group() {
+    use chrono::TimeZone;
+    // The pipeline's clock runs 120 times faster from 08:40 in Tokyo; operations get the day's
+    // summary at 09:30 Tokyo (in their group too), ACME's order desk theirs at 01:35 Berlin
+    // (09:35 Tokyo), and an alert when two of ACME's shipments are in exception within an hour.
+    let tokyo = chrono_tz::Asia::Tokyo;
+    let berlin = chrono_tz::Europe::Berlin;
+    let today = chrono::Utc::now().with_timezone(&tokyo).date_naive();
+    let start = tokyo
+        .from_local_datetime(&today.and_hms_opt(8, 40, 0).unwrap())
+        .unwrap()
+        .timestamp_millis();
+    let anchor = now_ms();
+    let time = gridtalk_clock::TimeSource::scaled(120.0, anchor, start);
+    let mut setup = Setup {
+        ingest: true,
+        in_process: false,
+        ..Setup::default()
+    };
+    setup.overrides.push(("CLOCK__SPEED", "120".into()));
+    setup
+        .overrides
+        .push(("CLOCK__ANCHOR_MS", anchor.to_string()));
+    setup.overrides.push(("CLOCK__START_MS", start.to_string()));
+    setup.overrides.push((
+        "SUMMARIES",
+        // One line: an inline TOML table cannot span lines.
+        concat!(
+            r#"[{name = "ops", audience = {internal_roles = ["operations"]}, daily_at = "09:30", time_zone = "Asia/Tokyo", template = "computed_summary"}, "#,
+            r#"{name = "acme-desk", per_partner = true, audience = {partner_roles = ["order_desk"]}, daily_at = "01:35", time_zone = "Europe/Berlin", template = "computed_summary", "#,
+            r#"thresholds = [{measure = "open_exceptions", at_least = 2, within_minutes = 60}]}]"#
+        )
+        .into(),
+    ));
+    let mut p = Pipeline::start(setup).await;
+    // The operations group, made and joined earlier.
+    let group = p
+        .sandbox
+        .create_group(&p.config.send.phone_number_id, "Operations room")
+        .expect("group");
+    p.sandbox
+        .join_group(&group.id, "14155550106")
+        .await
+        .expect("joins");
+    let directory = p.dir.join("directory.toml");
+    let mut text = std::fs::read_to_string(&directory).expect("directory");
+    text.push_str(&format!(
+        "[[contacts]]\nid = \"ops-room\"\nname = \"Operations room\"\nwhatsapp_group_id = \"{}\"\nopted_in = true\nroles = [\"operations\"]\n",
+        group.id
+    ));
+    std::fs::write(&directory, text).expect("directory");
+    p.start_stages();
+    p.wait_for_way_back(WAIT).await;
+
+    let mut escalated = event("tg.po.ack_overdue", 6, "ACME");
+    escalated["payload"]["PurchaseOrderAckOverdue"]["escalation_level"] = serde_json::json!(1);
+    let day = vec![
+        event("tg.po.acknowledged", 1, "ACME"),
+        event("tg.po.acknowledged", 2, "ACME"),
+        event("tg.po.acknowledged", 3, "GLOBEX"),
+        event("tg.po.acknowledged", 1, "ACME"), // the same order again: counted once
+        event("tg.po.ack_overdue", 5, "ACME"),
+        escalated,
+        event("tg.invoice.delivered", 7, "ACME"),
+        event("tg.invoice.delivered", 8, "ACME"),
+        event("tg.invoice.acknowledged", 7, "ACME"),
+        event("tg.invoice.delivered", 9, "GLOBEX"),
+        event("tg.shipment.exception", 10, "ACME"),
+        event("tg.shipment.exception", 11, "ACME"),
+        event("tg.shipment.exception", 15, "ACME"),
+        event("tg.delivery.confirmed", 11, "ACME"),
+        event("tg.shipment.exception", 12, "GLOBEX"),
+        event("wf.approval.requested", 13, "ACME"),
+    ];
+    let (mut all, mut acme) = (Figures::default(), Figures::default());
+    for (i, e) in day.iter().enumerate() {
+        // A repeated event needs its own id to be routed (the dedupe drops the same id).
+        let mut e = e.clone();
+        e["event_id"] = serde_json::json!(format!("day-{i}-{}", e["event_id"].as_str().unwrap()));
+        p.publish_event(&e).await;
+        all.apply(&e);
+        if e["partner"]["partner_id"] == "ACME" {
+            acme.apply(&e);
+        }
+    }
+    // And one order accepted on WhatsApp.
+    p.publish_event(&event("tg.po.received", 4, "ACME")).await;
+    let request = message_to(&p, WAIT, "15550100001", "po_ack_request").await;
+    let tap = p
+        .sandbox
+        .reply(&request.wamid, Reply::Button { index: 0 })
+        .await
+        .expect("tap");
+    p.wait_until("the order accepted", WAIT, |p| {
+        p.responses().iter().any(|r| r.wa_message_id == tap)
+    })
+    .await;
+    for figures in [&mut all, &mut acme] {
+        figures.completed.insert("PO-4500004".into());
+    }
+    assert!(
+        time.now_ms() < start + 50 * 60_000,
+        "the traffic took past 09:30 Tokyo"
+    );
+
+    let summary_to = |p: &Pipeline, to: &str, kind: &str| {
+        p.sandbox.messages().into_iter().find(|m| {
+            m.to == to
+                && m.template.as_deref() == Some("computed_summary")
+                && m.parameters[0].starts_with(kind)
+        })
+    };
+    // The alert came once two of ACME's exceptions were open (the events of one day cross
+    // input partitions, so which two is the broker's choice).
+    p.wait_until("the exceptions alert", WAIT, |p| {
+        summary_to(p, "15550100001", "Alert").is_some()
+    })
+    .await;
+    let alert = summary_to(&p, "15550100001", "Alert").unwrap();
+    assert_eq!(alert.parameters[0], "Alert (open exceptions)");
+    assert_eq!(alert.parameters[1], "ACME Industrial Supply");
+    let open: u32 = alert.parameters[5].parse().unwrap();
+    assert!(open >= 2, "{:?}", alert.parameters);
+
+    // Operations: 09:30 Tokyo, to Tom and to the group, about everything.
+    p.wait_until("the operations summary", WAIT, |p| {
+        summary_to(p, "14155550106", "Daily").is_some()
+    })
+    .await;
+    let arrived = time.now_ms();
+    let local = chrono::Utc
+        .timestamp_millis_opt(arrived)
+        .unwrap()
+        .with_timezone(&tokyo);
+    println!("operations summary at {local}");
+    assert!(
+        arrived >= start + 50 * 60_000,
+        "before 09:30 Tokyo: {local}"
+    );
+    assert!(
+        arrived < start + 80 * 60_000,
+        "not in the 09:00 hour in Tokyo: {local}"
+    );
+    let tom = summary_to(&p, "14155550106", "Daily").unwrap();
+    assert_eq!(tom.parameters[1], "all partners");
+    assert_eq!(
+        tom.parameters[2..],
+        all.parameters()[..],
+        "{:?} vs {all:?}",
+        tom.parameters
+    );
+    p.wait_until("the summary in the group", WAIT, |p| {
+        summary_to(p, &group.id, "Daily").is_some()
+    })
+    .await;
+    assert_eq!(
+        summary_to(&p, &group.id, "Daily").unwrap().parameters,
+        tom.parameters
+    );
+
+    // ACME's order desk: 01:35 Berlin, about ACME only.
+    p.wait_until("ACME's summary", WAIT, |p| {
+        summary_to(p, "15550100001", "Daily").is_some()
+    })
+    .await;
+    let arrived = time.now_ms();
+    let local = chrono::Utc
+        .timestamp_millis_opt(arrived)
+        .unwrap()
+        .with_timezone(&berlin);
+    println!("ACME summary at {local} Berlin");
+    assert!(
+        arrived >= start + 55 * 60_000,
+        "before 01:35 Berlin: {local}"
+    );
+    let desk = summary_to(&p, "15550100001", "Daily").unwrap();
+    assert_eq!(desk.parameters[1], "ACME Industrial Supply");
+    assert_eq!(
+        desk.parameters[2..],
+        acme.parameters()[..],
+        "{:?} vs {acme:?}",
+        desk.parameters
+    );
+
+    // The upstream summary event still goes out as before.
+    p.publish_event(&event("ops.summary.published", 14, "ACME"))
+        .await;
+    message_to(&p, WAIT, "14155550106", "daily_summary").await;
+    assert!(p.dead_letters().is_empty(), "{:?}", p.dead_letters());
+}

@@ -3,7 +3,7 @@
 //!
 //! The first byte picks a mode. A record is `key` 0x00 `value` (no 0x00: a deletion). Applying it
 //! must answer, never panic; a refused record must leave the directory exactly as it was; an
-//! applied contact must have a phone WhatsApp can reach. Any text as the directory file must give
+//! applied contact must have a phone WhatsApp can reach (or be a group). Any text as the directory file must give
 //! a directory or an error.
 #![no_main]
 
@@ -46,8 +46,9 @@ fuzz_target!(|data: &[u8]| {
         Ok(()) => {
             if let Some(id) = key.strip_prefix("contact:") {
                 if let Some(contact) = directory.contact(id) {
-                    gridtalk_whatsapp::normalize_phone(&contact.phone)
-                        .expect("an applied contact has a reachable phone");
+                    contact
+                        .address()
+                        .expect("an applied contact has a phone WhatsApp can reach, or a group");
                 }
             }
         }

@@ -66,7 +66,7 @@ impl Sources {
 }
 
 /// Lists whose entries merge by their `name`.
-const NAMED_LISTS: &[&str] = &["rules", "templates", "reminders"];
+const NAMED_LISTS: &[&str] = &["rules", "templates", "reminders", "summaries"];
 
 fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {

@@ -43,6 +43,10 @@ pub struct Config {
     /// they escalate. Merged with the built-in ones by name.
     #[serde(default)]
     pub reminders: Vec<ReminderPolicyConfig>,
+    /// Summaries gridtalk computes from the stream (flow h), each to an audience, daily at a
+    /// local time and when a threshold is crossed. None by default.
+    #[serde(default)]
+    pub summaries: Vec<SummaryConfig>,
     /// The time the request clocks run on (tests and the demo run it faster).
     #[serde(default)]
     pub clock: ClockConfig,
@@ -399,6 +403,58 @@ pub struct ReminderPolicyConfig {
 
 fn default_due_hours() -> f64 {
     24.0
+}
+
+/// A summary gridtalk computes itself (`[[summaries]]`): what the stream says about an audience's
+/// documents (completed POs, pending invoices, failed acknowledgements, open exceptions, open
+/// approvals, overdue requests), sent daily at a local time and whenever a threshold is crossed.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryConfig {
+    pub name: String,
+    /// Who receives it. With `per_partner`, one summary per partner, about that partner's
+    /// documents, to the audience's contacts of that partner (and the internal roles); else one
+    /// about everything.
+    pub audience: AudienceConfig,
+    #[serde(default)]
+    pub per_partner: bool,
+    /// The local time of the daily summary (`HH:MM`), in `time_zone`; none: only thresholds.
+    #[serde(default)]
+    pub daily_at: Option<String>,
+    /// IANA time zone of `daily_at`.
+    #[serde(default = "utc_zone")]
+    pub time_zone: String,
+    /// Event-based summaries: sent when one is crossed, at most once per its window.
+    #[serde(default)]
+    pub thresholds: Vec<SummaryThresholdConfig>,
+    /// The template; it reads `/summary/…`: `kind` (daily or threshold), `scope`, and each
+    /// measure by name (`completed_pos`, …, `overdue_requests`).
+    pub template: String,
+}
+
+/// `at_least` of `measure` (e.g. `open_exceptions`) opened within `within_minutes`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryThresholdConfig {
+    pub measure: String,
+    pub at_least: u64,
+    pub within_minutes: u64,
+}
+
+fn utc_zone() -> String {
+    "UTC".into()
+}
+
+impl SummaryConfig {
+    /// The scope a record of `partner_id` counts in: the partner's own with `per_partner`, else
+    /// `all`.
+    pub fn scope<'a>(&self, partner_id: &'a str) -> &'a str {
+        if self.per_partner {
+            partner_id
+        } else {
+            "all"
+        }
+    }
 }
 
 /// The time source of the request clocks. `speed` 1 is the wall clock; anything else is for
@@ -927,6 +983,7 @@ impl Config {
             }
         }
         errors.extend(self.reminder_problems(&template_names));
+        errors.extend(self.summary_problems(&template_names));
         for s in &self.route.urgent_severities {
             if !SEVERITIES.contains(&s.as_str()) {
                 errors.push(format!(
@@ -939,6 +996,89 @@ impl Config {
                 "clock.speed must be a positive number, not {}",
                 self.clock.speed
             ));
+        }
+        errors
+    }
+
+    fn summary_problems(&self, templates: &std::collections::HashSet<&str>) -> Vec<String> {
+        const MEASURES: [&str; 6] = [
+            "completed_pos",
+            "pending_invoices",
+            "failed_acknowledgements",
+            "open_exceptions",
+            "open_approvals",
+            "overdue_requests",
+        ];
+        let mut errors = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for s in &self.summaries {
+            let at = format!("summaries.{}", s.name);
+            if !names.insert(s.name.as_str()) {
+                errors.push(format!("summaries: {} is defined twice", s.name));
+            }
+            if s.name.is_empty() || s.name.contains(':') {
+                errors.push(format!("{at}: the name must be non-empty and without ':'"));
+            }
+            if !templates.contains(s.template.as_str()) {
+                errors.push(format!(
+                    "{at}.template: template {} is not defined",
+                    s.template
+                ));
+            } else if let Some(t) = self.templates.iter().find(|t| t.name == s.template) {
+                if !t.buttons.is_empty() {
+                    errors.push(format!(
+                        "{at}.template: a summary asks for no answer; {} has buttons",
+                        s.template
+                    ));
+                }
+            }
+            if s.time_zone.parse::<chrono_tz::Tz>().is_err() {
+                errors.push(format!(
+                    "{at}.time_zone: {:?} is not an IANA time zone",
+                    s.time_zone
+                ));
+            }
+            if let Some(daily) = &s.daily_at {
+                if chrono::NaiveTime::parse_from_str(daily, "%H:%M").is_err() {
+                    errors.push(format!(
+                        "{at}.daily_at: {daily:?} is not a time of day like 08:00"
+                    ));
+                }
+            }
+            if s.daily_at.is_none() && s.thresholds.is_empty() {
+                errors.push(format!(
+                    "{at}: neither daily_at nor thresholds: it would never be sent"
+                ));
+            }
+            let a = &s.audience;
+            if a.partner_roles.is_empty() && a.internal_roles.is_empty() {
+                errors.push(format!(
+                    "{at}.audience: name partner_roles or internal_roles"
+                ));
+            }
+            if a.contacts_from.is_some() {
+                errors.push(format!(
+                    "{at}.audience.contacts_from: a summary has no event to read contacts from"
+                ));
+            }
+            if !a.partner_roles.is_empty() && !s.per_partner {
+                errors.push(format!(
+                    "{at}: partner_roles need per_partner = true (whose partner?)"
+                ));
+            }
+            for (i, t) in s.thresholds.iter().enumerate() {
+                if !MEASURES.contains(&t.measure.as_str()) {
+                    errors.push(format!(
+                        "{at}.thresholds[{i}].measure: {:?} is not one of {MEASURES:?}",
+                        t.measure
+                    ));
+                }
+                if t.at_least == 0 || t.within_minutes == 0 {
+                    errors.push(format!(
+                        "{at}.thresholds[{i}]: at_least and within_minutes must be at least 1"
+                    ));
+                }
+            }
         }
         errors
     }
@@ -1319,6 +1459,39 @@ text = "Commande {{1}}"
             Config::load(None, env).unwrap().kafka.max_poll_interval_ms,
             15000
         );
+    }
+
+    #[test]
+    fn summaries_are_checked_together() {
+        let mut env = with_token();
+        env.push((
+            "GRIDTALK__SUMMARIES".into(),
+            concat!(
+                r#"[{name = "a", audience = {partner_roles = ["order_desk"]}, daily_at = "8am", time_zone = "Mars/Olympus", template = "po_ack_request", "#,
+                r#"thresholds = [{measure = "happiness", at_least = 0, within_minutes = 60}]}, "#,
+                r#"{name = "b", audience = {internal_roles = ["operations"]}, template = "computed_summary"}]"#
+            )
+            .into(),
+        ));
+        let joined = Config::load(None, env).unwrap_err().0.join("\n");
+        for expected in [
+            "summaries.a.template: a summary asks for no answer",
+            "summaries.a.time_zone",
+            "summaries.a.daily_at",
+            "summaries.a: partner_roles need per_partner = true",
+            "summaries.a.thresholds[0].measure",
+            "summaries.a.thresholds[0]: at_least and within_minutes must be at least 1",
+            "summaries.b: neither daily_at nor thresholds",
+        ] {
+            assert!(joined.contains(expected), "{expected}: {joined}");
+        }
+        let mut env = with_token();
+        env.push((
+            "GRIDTALK__SUMMARIES".into(),
+            r#"[{name = "ops", audience = {internal_roles = ["operations"]}, daily_at = "08:00", time_zone = "Europe/Berlin", template = "computed_summary"}]"#.into(),
+        ));
+        let config = Config::load(None, env).expect("a valid summary");
+        assert_eq!(config.summaries[0].scope("ACME"), "all");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use gridtalk_config::Secret;
 use gridtalk_directory::SharedDirectory;
 use gridtalk_kafka::driver::{Record, StageFailure, Strategy, Submit, Supervisor, TopicPartition};
 use gridtalk_kafka::DeadLetterReason;
+use gridtalk_summary::{Daily, Measure, Observed, Schedule, Summaries, SummaryFire, Threshold};
 use gridtalk_telemetry::Metrics;
 
 use crate::conversation::{Candidate, Outcome};
@@ -53,13 +54,47 @@ fn now_ms() -> i64 {
 enum DecisionsRecord {
     Candidate(Box<Candidate>),
     Clock(Box<ClockCommand>),
+    Summary(Box<Observed>),
 }
 
 fn read_decisions_record(bytes: &[u8]) -> Result<DecisionsRecord, String> {
-    match ClockCommand::from_json(bytes) {
-        Some(command) => command.map(|c| DecisionsRecord::Clock(Box::new(c))),
-        None => Candidate::from_json(bytes).map(|c| DecisionsRecord::Candidate(Box::new(c))),
+    if let Some(command) = ClockCommand::from_json(bytes) {
+        return command.map(|c| DecisionsRecord::Clock(Box::new(c)));
     }
+    if let Some(observed) = Observed::from_json(bytes) {
+        return observed.map(|o| DecisionsRecord::Summary(Box::new(o)));
+    }
+    Candidate::from_json(bytes).map(|c| DecisionsRecord::Candidate(Box::new(c)))
+}
+
+/// The schedules of the configured summaries.
+pub(crate) fn summary_schedules(
+    config: &gridtalk_config::Config,
+) -> std::collections::BTreeMap<String, Schedule> {
+    config
+        .summaries
+        .iter()
+        .map(|s| {
+            let daily = s
+                .daily_at
+                .as_deref()
+                .and_then(|at| Daily::parse(at, &s.time_zone).ok());
+            let thresholds = s
+                .thresholds
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| {
+                    Some(Threshold {
+                        name: format!("{}:{i}", t.measure),
+                        measure: Measure::parse(&t.measure)?,
+                        at_least: t.at_least,
+                        within_ms: (t.within_minutes as i64).saturating_mul(60_000),
+                    })
+                })
+                .collect();
+            (s.name.clone(), Schedule { daily, thresholds })
+        })
+        .collect()
 }
 
 /// What firing a step needs besides the publishing.
@@ -76,6 +111,8 @@ pub(crate) struct SettleStrategy {
     clocks: Clocks,
     /// Messages waiting for their recipients' business hours.
     deferred: Deferred,
+    /// The computed summaries' tallies (flow h), with their daily times.
+    summaries: Summaries,
     timekeeping: Timekeeping,
     /// Response ids found on the response topic at the last takeovers (see the converse
     /// strategy): a replayed candidate's decision is not published twice.
@@ -93,6 +130,7 @@ impl SettleStrategy {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         SettleStrategy {
+            summaries: Summaries::new(summary_schedules(&publishing.config)),
             publishing,
             settlements,
             clocks: Clocks::new(),
@@ -118,12 +156,45 @@ impl SettleStrategy {
         state
             .with_label_values(&["deferred"])
             .set(self.deferred.len() as i64);
+        state
+            .with_label_values(&["summaries"])
+            .set(self.summaries.len() as i64);
     }
 
     fn clock_changes(&mut self) -> Vec<StateChange> {
         let mut changes = self.clocks.take_changes();
         changes.extend(self.deferred.take_changes());
-        changes.into_iter().map(StateChange::from).collect()
+        let mut changes: Vec<StateChange> = changes.into_iter().map(StateChange::from).collect();
+        changes.extend(
+            self.summaries
+                .take_changes()
+                .into_iter()
+                .map(StateChange::from),
+        );
+        changes
+    }
+
+    /// A due summary's messages for its audience.
+    fn summary_outcomes(&self, fire: &SummaryFire) -> Vec<Outcome> {
+        Metrics::global()
+            .summaries_sent
+            .with_label_values(&[
+                fire.summary.as_str(),
+                fire.kind.split(':').next().unwrap_or("daily"),
+            ])
+            .inc();
+        tracing::info!(summary = %fire.summary, scope = %fire.scope, kind = %fire.kind, counts = ?fire.counts, "summary due");
+        let directory = self.timekeeping.directory.read().expect("directory lock");
+        match gridtalk_route::render_summary(fire, &self.publishing.config, &directory, now_ms()) {
+            Ok(messages) => messages
+                .into_iter()
+                .map(|m| Outcome::Outbox(Box::new(m)))
+                .collect(),
+            Err(failure) => {
+                tracing::warn!(summary = %fire.summary, scope = %fire.scope, reason = failure.reason.as_str(), detail = %failure.detail, "a summary could not be rendered; nothing sent");
+                Vec::new()
+            }
+        }
     }
 
     /// `outcomes` without the messages whose recipients are outside their business hours: those
@@ -257,6 +328,30 @@ impl SettleStrategy {
                 (effect, None),
             );
         }
+        while let Some(fire) = self.summaries.take_next_due(now) {
+            let changes = self.clock_changes();
+            let tp = (
+                self.publishing.config.topics.decisions.clone(),
+                fire.partition,
+            );
+            let Some(effect) = self.timekeeping.supervisor.begin_effect(&tp) else {
+                // Draining: its next owner restores the tally and sends the summary.
+                continue;
+            };
+            let outcomes = self.summary_outcomes(&fire);
+            publish_for(
+                &self.publishing,
+                &self.published,
+                (
+                    fire.partition,
+                    Completion::Timer(self.timekeeping.supervisor.clone()),
+                ),
+                &fire.fire_id(),
+                outcomes,
+                changes,
+                (effect, None),
+            );
+        }
         self.count_memory();
     }
 
@@ -339,6 +434,7 @@ impl Strategy for SettleStrategy {
                 || key.starts_with(gridtalk_clock::CLOCK_PREFIX)
                 || key.starts_with(gridtalk_clock::CLOSED_PREFIX)
                 || key.starts_with(gridtalk_clock::DEFERRED_PREFIX)
+                || key.starts_with(gridtalk_summary::TALLY_PREFIX)
         })
         .await?;
         let now = now_ms();
@@ -346,12 +442,16 @@ impl Strategy for SettleStrategy {
             let (settled, timed): (Vec<_>, Vec<_>) = restored
                 .into_iter()
                 .partition(|(key, _)| key.starts_with(KEY_PREFIX));
+            let (tallies, timed): (Vec<_>, Vec<_>) = timed
+                .into_iter()
+                .partition(|(key, _)| key.starts_with(gridtalk_summary::TALLY_PREFIX));
             let (waiting, clocks): (Vec<_>, Vec<_>) = timed
                 .into_iter()
                 .partition(|(key, _)| key.starts_with(gridtalk_clock::DEFERRED_PREFIX));
             self.settlements.restore(partition, settled, now);
             self.clocks.restore(partition, clocks);
             self.deferred.restore(partition, waiting);
+            self.summaries.restore(partition, tallies);
         }
         self.count_memory();
         Ok(())
@@ -362,6 +462,7 @@ impl Strategy for SettleStrategy {
             self.settlements.drop_partition(*partition);
             self.clocks.drop_partition(*partition);
             self.deferred.drop_partition(*partition);
+            self.summaries.drop_partition(*partition);
             self.publishing
                 .expiries
                 .lock()
@@ -409,6 +510,17 @@ impl Strategy for SettleStrategy {
                 let outcomes = self.command(partition, *command);
                 (id, outcomes, Vec::new())
             }
+            DecisionsRecord::Summary(observed) => {
+                let id = format!("{}@{}", observed.key(), record.message.offset());
+                let fires =
+                    self.summaries
+                        .observe(partition, &observed, self.timekeeping.time.now_ms());
+                let outcomes = fires
+                    .iter()
+                    .flat_map(|fire| self.summary_outcomes(fire))
+                    .collect();
+                (id, outcomes, Vec::new())
+            }
         };
         changes.extend(self.clock_changes());
         self.count_memory();
@@ -429,11 +541,15 @@ impl Strategy for SettleStrategy {
     }
 
     async fn poll(&mut self) -> Result<(), StageFailure> {
-        let next_fire = [self.clocks.next_due_ms(), self.deferred.next_due_ms()]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|at| self.timekeeping.time.wait_until(at).min(MAX_SLEEP));
+        let next_fire = [
+            self.clocks.next_due_ms(),
+            self.deferred.next_due_ms(),
+            self.summaries.next_due_ms(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| self.timekeeping.time.wait_until(at).min(MAX_SLEEP));
         tokio::select! {
             _ = async {
                 match next_fire {

@@ -590,6 +590,7 @@ pub(crate) fn publish_for(
     let metrics = Metrics::global();
     let topics = &publishing.config.topics;
     let mut deliveries = Vec::with_capacity(outcomes.len());
+    let mut observed: Vec<gridtalk_summary::Observed> = Vec::new();
     for outcome in &outcomes {
         let (topic, key, bytes, headers) = match outcome {
             Outcome::Response(r)
@@ -610,6 +611,7 @@ pub(crate) fn publish_for(
                     .responses
                     .with_label_values(&[&r.response_type])
                     .inc();
+                observed.extend(summary_observations(&publishing.config, r));
                 if r.response_type == "wa.message.status" {
                     tracing::debug!(request = r.request_id.as_deref().unwrap_or("-"), correlation_id = %r.correlation_id, "delivery status published");
                 } else {
@@ -707,6 +709,24 @@ pub(crate) fn publish_for(
             Err((e, _)) => return completion.fail(format!("publish for item {item_id}: {e}")),
         }
     }
+    // What the responses tell the computed summaries, to the owner of each summary's scope.
+    for o in &observed {
+        let bytes = o.to_json();
+        let key = o.key();
+        let produced = FutureRecord::to(&topics.decisions)
+            .key(&key)
+            .payload(&bytes)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "gridtalk.summary",
+                value: Some(o.summary.as_bytes()),
+            }));
+        match publishing.producer.send_result(produced) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((e, _)) => {
+                return completion.fail(format!("summary observation for item {item_id}: {e}"))
+            }
+        }
+    }
     let publishing = publishing.clone();
     // The state changes go to the changelog only once the records they account for are durable:
     // a crash in between replays the item, which is then answered again (same response id)
@@ -754,6 +774,28 @@ pub(crate) fn publish_for(
         }
         publishing.room.notify_one();
     });
+}
+
+/// What a published response tells each configured summary, one record per summary scope.
+fn summary_observations(
+    config: &gridtalk_config::Config,
+    response: &gridtalk_contract::WorkflowResponse,
+) -> Vec<gridtalk_summary::Observed> {
+    let observations = gridtalk_summary::from_response(response);
+    if observations.is_empty() {
+        return Vec::new();
+    }
+    let partner = response.partner_id.as_deref().unwrap_or_default();
+    config
+        .summaries
+        .iter()
+        .map(|s| gridtalk_summary::Observed {
+            summary: s.name.clone(),
+            scope: s.scope(partner).to_string(),
+            at_ms: response.received_at,
+            observations: observations.clone(),
+        })
+        .collect()
 }
 
 /// An outbox message as its record: keyed by the sending number, with its event and message ids

@@ -24,6 +24,7 @@ mod quiet;
 mod render;
 mod stage;
 mod strategy;
+mod summaries;
 
 pub use clocks::{clock_commands, policy_kind, render_fire};
 pub use dedupe::DedupeWindow;
@@ -32,3 +33,4 @@ pub use lint::pointer_problems;
 pub use quiet::{defer, is_urgent, release_at, time_source};
 pub use render::{plan, RouteFailure, RoutePlan};
 pub use stage::{run, RouteError};
+pub use summaries::render_summary;

@@ -369,6 +369,7 @@ async fn route_one(
     // already sent is not sent again.
     crate::clocks::key_upstream_messages(&view, &routing.config, &mut plan.messages);
     let mut commands = crate::clocks::clock_commands(&view, &routing.config, &plan.messages);
+    let observed = crate::summaries::observations(&routing.config, &view, routing.time.now_ms());
     let mut messages: Vec<&OutboxMessage> = Vec::new();
     {
         // Quiet hours: what may not go now waits with the decide stage for the window.
@@ -386,7 +387,7 @@ async fn route_one(
             }
         }
     }
-    if messages.is_empty() && commands.is_empty() {
+    if messages.is_empty() && commands.is_empty() && observed.is_empty() {
         Metrics::global()
             .events_unrouted
             .with_label_values(&[view.event_type()])
@@ -448,6 +449,22 @@ async fn route_one(
             .with_label_values(&[command.name()])
             .inc();
     }
+    // What the event tells the computed summaries, to the owner of each summary's scope.
+    for o in &observed {
+        let bytes = o.to_json();
+        let key = o.key();
+        let record = FutureRecord::to(&routing.config.topics.decisions)
+            .key(key.as_bytes())
+            .payload(&bytes)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "gridtalk.summary",
+                value: Some(o.summary.as_bytes()),
+            }));
+        match routing.producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((e, _)) => return ticket.fail(format!("summary observation enqueue: {e}")),
+        }
+    }
     Metrics::global()
         .events_routed
         .with_label_values(&[view.event_type()])
@@ -457,6 +474,7 @@ async fn route_one(
         event_type = view.event_type(),
         messages = messages.len(),
         clock_commands = commands.len(),
+        summary_observations = observed.len(),
         "event routed"
     );
     // The dedupe entry is written only once the outbox holds the messages: a crash in between

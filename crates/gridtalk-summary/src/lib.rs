@@ -83,7 +83,8 @@ impl Measure {
 }
 
 /// What one record tells a scope's tally.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Observation {
     /// `id` happened (counted once in the period).
     Done(Measure, String),
@@ -391,6 +392,241 @@ impl Threshold {
         }
         tally.threshold_fired_ms.insert(self.name.clone(), now_ms);
         true
+    }
+}
+
+/// Changelog keys of tallies: `summary:<name>:<scope>`, the decisions topic's key too.
+pub const TALLY_PREFIX: &str = "summary:";
+
+/// The key of summary `name`'s tally for `scope` (a partner id, or `all`).
+pub fn tally_key(name: &str, scope: &str) -> String {
+    format!("{TALLY_PREFIX}{name}:{scope}")
+}
+
+/// Observations for one summary scope, as the route and decide stages send them on the
+/// decisions topic (`{"summary": …}`, keyed [`tally_key`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Observed {
+    pub summary: String,
+    pub scope: String,
+    /// When the sender saw it (for diagnostics; the owner counts it at its own time).
+    pub at_ms: i64,
+    pub observations: Vec<Observation>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    summary: Observed,
+}
+
+impl Observed {
+    pub fn key(&self) -> String {
+        tally_key(&self.summary, &self.scope)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&Envelope {
+            summary: self.clone(),
+        })
+        .expect("observations serialise")
+    }
+
+    /// Observations, `None` when the record is not one, or why it is broken.
+    pub fn from_json(bytes: &[u8]) -> Option<Result<Self, String>> {
+        let value: Value = serde_json::from_slice(bytes).ok()?;
+        let summary = value.as_object()?.get("summary")?.clone();
+        Some(serde_json::from_value(summary).map_err(|e| format!("not summary observations: {e}")))
+    }
+}
+
+/// When one summary is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    pub daily: Option<Daily>,
+    pub thresholds: Vec<Threshold>,
+}
+
+/// A summary to send now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryFire {
+    pub partition: i32,
+    pub summary: String,
+    pub scope: String,
+    /// `daily`, or `threshold:<measure>`.
+    pub kind: String,
+    pub counts: Counts,
+    /// The due time (daily) or the crossing (threshold): with the key, the fire's id.
+    pub at_ms: i64,
+}
+
+impl SummaryFire {
+    /// Stable across a repeat after a crash: the send stage's index drops the repeat.
+    pub fn fire_id(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            tally_key(&self.summary, &self.scope),
+            self.kind,
+            self.at_ms
+        )
+    }
+}
+
+/// The tallies of the partitions this process owns, with the daily summaries in due order.
+/// Like the request clocks: every change is a changelog entry ([`Summaries::take_changes`]),
+/// restored with its partition; a fire closes the period and is due again the next day.
+#[derive(Debug, Default)]
+pub struct Summaries {
+    schedules: BTreeMap<String, Schedule>,
+    tallies: BTreeMap<String, (i32, Tally)>,
+    due: std::collections::BTreeSet<(i64, String)>,
+    due_of: BTreeMap<String, i64>,
+    changes: Vec<(String, String)>,
+}
+
+/// `summary:<name>:<scope>` → (name, scope).
+fn split_key(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix(TALLY_PREFIX)?.split_once(':')
+}
+
+impl Summaries {
+    pub fn new(schedules: BTreeMap<String, Schedule>) -> Self {
+        Summaries {
+            schedules,
+            ..Summaries::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tallies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tallies.is_empty()
+    }
+
+    /// The changelog entries (`summary:<name>:<scope>` → the tally) since the last call.
+    pub fn take_changes(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.changes)
+    }
+
+    pub fn next_due_ms(&self) -> Option<i64> {
+        self.due.first().map(|(at, _)| *at)
+    }
+
+    fn schedule(&mut self, key: &str, after_ms: i64) {
+        if let Some(old) = self.due_of.remove(key) {
+            self.due.remove(&(old, key.to_string()));
+        }
+        let Some((name, _)) = split_key(key) else {
+            return;
+        };
+        if let Some(daily) = self.schedules.get(name).and_then(|s| s.daily.as_ref()) {
+            let at = daily.next_after(after_ms);
+            self.due.insert((at, key.to_string()));
+            self.due_of.insert(key.to_string(), at);
+        }
+    }
+
+    /// Applies observations on `partition` at `now_ms`; returns the thresholds they crossed.
+    /// An unknown summary (removed from the configuration) is ignored.
+    pub fn observe(
+        &mut self,
+        partition: i32,
+        observed: &Observed,
+        now_ms: i64,
+    ) -> Vec<SummaryFire> {
+        let Some(schedule) = self.schedules.get(&observed.summary).cloned() else {
+            return Vec::new();
+        };
+        let key = observed.key();
+        let new = !self.tallies.contains_key(&key);
+        let (_, tally) = self
+            .tallies
+            .entry(key.clone())
+            .or_insert_with(|| (partition, Tally::new(now_ms)));
+        let mut changed = false;
+        // The owner's time, not the sender's: one time base for every window of the scope
+        // (the senders' clocks, and Meta's timestamps, may disagree).
+        for o in &observed.observations {
+            changed |= tally.observe(o, now_ms);
+        }
+        let mut fires = Vec::new();
+        for threshold in &schedule.thresholds {
+            if threshold.fires(tally, now_ms) {
+                fires.push(SummaryFire {
+                    partition,
+                    summary: observed.summary.clone(),
+                    scope: observed.scope.clone(),
+                    kind: format!("threshold:{}", threshold.measure.name()),
+                    counts: tally.counts(),
+                    at_ms: now_ms,
+                });
+                changed = true;
+            }
+        }
+        if changed || new {
+            self.changes.push((key.clone(), tally.to_json()));
+        }
+        if new {
+            self.schedule(&key, now_ms);
+        }
+        fires
+    }
+
+    /// The next daily summary due at `now_ms`: its period closes, its next day is scheduled.
+    pub fn take_next_due(&mut self, now_ms: i64) -> Option<SummaryFire> {
+        let (at, key) = self.due.first().cloned()?;
+        if at > now_ms {
+            return None;
+        }
+        self.due.remove(&(at, key.clone()));
+        self.due_of.remove(&key);
+        let (name, scope) = split_key(&key).map(|(n, s)| (n.to_string(), s.to_string()))?;
+        let (partition, tally) = self.tallies.get_mut(&key)?;
+        let partition = *partition;
+        let counts = tally.close_period(at);
+        self.changes.push((key.clone(), tally.to_json()));
+        self.schedule(&key, at);
+        Some(SummaryFire {
+            partition,
+            summary: name,
+            scope,
+            kind: "daily".into(),
+            counts,
+            at_ms: at,
+        })
+    }
+
+    /// Applies the changelog entries of `partition`; unreadable ones are skipped. A daily
+    /// summary missed while nobody owned the partition is due at once (once).
+    pub fn restore(&mut self, partition: i32, entries: impl IntoIterator<Item = (String, String)>) {
+        for (key, value) in entries {
+            if split_key(&key).is_none() {
+                continue;
+            }
+            let Ok(tally) = Tally::from_json(&value) else {
+                continue;
+            };
+            let period_start = tally.period_start_ms;
+            self.tallies.insert(key.clone(), (partition, tally));
+            self.schedule(&key, period_start);
+        }
+    }
+
+    /// Forgets the tallies of a partition that moved.
+    pub fn drop_partition(&mut self, partition: i32) {
+        let gone: Vec<String> = self
+            .tallies
+            .iter()
+            .filter(|(_, (p, _))| *p == partition)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            self.tallies.remove(&key);
+            if let Some(at) = self.due_of.remove(&key) {
+                self.due.remove(&(at, key));
+            }
+        }
     }
 }
 

@@ -284,3 +284,107 @@ fn a_threshold_fires_once_per_window() {
     }
     assert!(rule.fires(&mut t, later));
 }
+
+fn schedules(daily: &str, zone: &str, thresholds: Vec<Threshold>) -> BTreeMap<String, Schedule> {
+    BTreeMap::from([(
+        "ops".to_string(),
+        Schedule {
+            daily: Some(Daily::parse(daily, zone).unwrap()),
+            thresholds,
+        },
+    )])
+}
+
+fn observed(scope: &str, at: i64, observations: Vec<Observation>) -> Observed {
+    Observed {
+        summary: "ops".into(),
+        scope: scope.into(),
+        at_ms: at,
+        observations,
+    }
+}
+
+#[test]
+fn a_daily_summary_fires_once_a_day_at_its_local_time_and_survives_a_restore() {
+    let start = chrono::Utc
+        .with_ymd_and_hms(2026, 12, 4, 0, 0, 0)
+        .unwrap()
+        .timestamp_millis();
+    let mut s = Summaries::new(schedules("09:00", "Asia/Tokyo", vec![]));
+    s.observe(
+        0,
+        &observed(
+            "all",
+            start,
+            vec![Observation::Done(Measure::CompletedPos, "PO-1".into())],
+        ),
+        start,
+    );
+    // 09:00 in Tokyo is 00:00 UTC: the next is 2026-12-05 00:00 UTC.
+    let due = start + 24 * HOUR;
+    assert_eq!(s.next_due_ms(), Some(due));
+    assert!(s.take_next_due(due - 1).is_none());
+    let fire = s.take_next_due(due).expect("due");
+    assert_eq!(
+        (fire.kind.as_str(), fire.counts[&Measure::CompletedPos]),
+        ("daily", 1)
+    );
+    assert!(s.take_next_due(due).is_none(), "once");
+    assert_eq!(s.next_due_ms(), Some(due + 24 * HOUR));
+    // The changelog restores it on another owner, due at the same time.
+    let changes = s.take_changes();
+    let mut other = Summaries::new(schedules("09:00", "Asia/Tokyo", vec![]));
+    other.restore(3, changes);
+    assert_eq!(other.next_due_ms(), Some(due + 24 * HOUR));
+    other.drop_partition(3);
+    assert!(other.is_empty() && other.next_due_ms().is_none());
+}
+
+#[test]
+fn observations_round_trip_on_the_decisions_topic() {
+    let o = observed(
+        "ACME",
+        5,
+        vec![
+            Observation::Opened(Measure::OpenExceptions, "SH-1".into()),
+            Observation::Closed(Measure::PendingInvoices, "INV-1".into()),
+        ],
+    );
+    assert_eq!(Observed::from_json(&o.to_json()).unwrap().unwrap(), o);
+    assert_eq!(o.key(), "summary:ops:ACME");
+    assert!(Observed::from_json(br#"{"clock": {}}"#).is_none());
+    assert!(Observed::from_json(br#"{"summary": 3}"#).unwrap().is_err());
+}
+
+#[test]
+fn a_threshold_crossed_by_observations_fires_with_the_counts() {
+    let rule = Threshold {
+        name: "exceptions".into(),
+        measure: Measure::OpenExceptions,
+        at_least: 3,
+        within_ms: HOUR,
+    };
+    let mut s = Summaries::new(schedules("08:00", "UTC", vec![rule]));
+    let mut fires = Vec::new();
+    for i in 0..4 {
+        fires.extend(s.observe(
+            1,
+            &observed(
+                "ACME",
+                i * 60_000,
+                vec![Observation::Opened(
+                    Measure::OpenExceptions,
+                    format!("SH-{i}"),
+                )],
+            ),
+            i * 60_000,
+        ));
+    }
+    assert_eq!(fires.len(), 1);
+    assert_eq!(fires[0].kind, "threshold:open_exceptions");
+    assert_eq!(fires[0].counts[&Measure::OpenExceptions], 3);
+    assert_eq!(
+        fires[0].fire_id(),
+        "summary:ops:ACME:threshold:open_exceptions:120000"
+    );
+}

@@ -52,6 +52,8 @@ pub struct Metrics {
     /// WhatsApp accepted), `refused` (digests WhatsApp refused for good; their messages went one
     /// by one).
     pub coalesced: IntCounterVec,
+    /// Computed summaries sent, by summary and kind (daily, threshold).
+    pub summaries_sent: IntCounterVec,
     /// Consumer lag per stage and partition (high watermark minus position).
     pub consumer_lag: IntGaugeVec,
     /// Directory entries loaded, by kind (partner, contact).
@@ -201,6 +203,11 @@ impl Metrics {
                 "1 while the sending number is halted and alerting.",
             ),
             sends_in_flight: gauge("gridtalk_send_in_flight", "Sends in flight."),
+            summaries_sent: counter(
+                "gridtalk_summaries_sent_total",
+                "Computed summaries sent, by summary and kind.",
+                &["summary", "kind"],
+            ),
             coalesced: counter(
                 "gridtalk_send_coalesced_total",
                 "Informational messages merged into digests, digests sent and digests refused.",

@@ -249,6 +249,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         vec![
             ("ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
             ("CLOCK__SPEED", format!("{:?}", args.clock_speed)),
+            // Summaries gridtalk computes: operations (and their group) every morning, each
+            // partner's order desk too, with an alert on a burst of shipment exceptions. On the
+            // demo's fast clock the first morning comes within the first minute.
+            (
+                "SUMMARIES",
+                concat!(
+                    r#"[{name = "operations", audience = {internal_roles = ["operations"]}, daily_at = "08:00", time_zone = "Europe/Berlin", template = "computed_summary"}, "#,
+                    r#"{name = "order-desks", per_partner = true, audience = {partner_roles = ["order_desk"]}, daily_at = "07:30", time_zone = "America/Chicago", template = "computed_summary", "#,
+                    r#"thresholds = [{measure = "open_exceptions", at_least = 3, within_minutes = 60}]}]"#
+                )
+                .into(),
+            ),
         ],
         shutdown.clone(),
     )
