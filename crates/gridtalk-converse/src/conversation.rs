@@ -736,6 +736,16 @@ impl Conversations {
         give_up: bool,
     ) -> Handled {
         let v = &item.item;
+        if let Some(group) = str_at(v, "/group_id") {
+            // A member writing in a WhatsApp group: groups receive only what asks no answer, so
+            // nothing said there answers a request, opens a case or is the member writing to the
+            // business one to one (nor does it open their own service window).
+            tracing::debug!(
+                group,
+                "a message in a WhatsApp group; not an answer, ignored"
+            );
+            return done("group_message", Vec::new());
+        }
         let from = item.contact.clone();
         let context = str_at(v, "/context/id").map(String::from);
         if let Some(quoted) = &context {
@@ -1448,6 +1458,35 @@ opted_in = true
             matches!(&out[..], [Outcome::Response(r)]
                 if r.body == ResponseBody::CaseMessage { case_id: None, text: "ok".into() }),
             "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_message_written_in_a_group_answers_nothing_and_opens_no_case() {
+        let mut c = conversations();
+        c.apply_sent(
+            0,
+            &sent("w0", "tg.po.received", "PO-0", "acme-orders", "15550100001"),
+        );
+        let mut chat = inbound(
+            "in-group",
+            "15550100001",
+            NOW,
+            json!({"type": "text", "text": {"body": "who has the ETA?"}}),
+        );
+        chat.item["group_id"] = json!("Y2FwaV9ncm91cDoxMjM0");
+        assert_eq!(
+            c.handle(0, &chat, &directory(), NOW, false),
+            Handled::Done {
+                outcome: "group_message",
+                outcomes: Vec::new()
+            }
+        );
+        assert!(
+            c.contacts
+                .get("15550100001")
+                .is_none_or(|s| s.last_inbound_ms < NOW),
+            "the member's own window did not open"
         );
     }
 
