@@ -237,24 +237,43 @@ impl SettleStrategy {
         let now = self.timekeeping.time.now_ms();
         while let Some((partition, deferred)) = self.deferred.take_next_due(now) {
             let changes = self.clock_changes();
-            let tp = (self.publishing.config.topics.decisions.clone(), partition);
-            let Some(effect) = self.timekeeping.supervisor.begin_effect(&tp) else {
+            let Some(effect) = self.timer_effect(partition) else {
                 continue;
             };
             let outcomes = release(&deferred, now);
-            publish_for(
-                &self.publishing,
-                &self.published,
-                (
-                    partition,
-                    Completion::Timer(self.timekeeping.supervisor.clone()),
-                ),
-                &deferred.message_id,
-                outcomes,
-                changes,
-                (effect, None),
-            );
+            self.publish_timer(partition, &deferred.message_id, outcomes, changes, effect);
         }
+    }
+
+    /// An effect of `partition` for what its own timers do; none while it is draining (its next
+    /// owner restores the state and does it).
+    fn timer_effect(&self, partition: i32) -> Option<gridtalk_kafka::driver::EffectGuard> {
+        let tp = (self.publishing.config.topics.decisions.clone(), partition);
+        self.timekeeping.supervisor.begin_effect(&tp)
+    }
+
+    /// Publishes what a timer of `partition` made: the outcomes, then the state changes; a
+    /// failure fails the stage.
+    fn publish_timer(
+        &self,
+        partition: i32,
+        id: &str,
+        outcomes: Vec<Outcome>,
+        changes: Vec<StateChange>,
+        effect: gridtalk_kafka::driver::EffectGuard,
+    ) {
+        publish_for(
+            &self.publishing,
+            &self.published,
+            (
+                partition,
+                Completion::Timer(self.timekeeping.supervisor.clone()),
+            ),
+            id,
+            outcomes,
+            changes,
+            (effect, None),
+        );
     }
 
     fn fire_outcomes(&self, fire: &Fire) -> Vec<Outcome> {
@@ -296,61 +315,28 @@ impl SettleStrategy {
         );
     }
 
-    /// Fires every step due now and releases the waiting messages whose window opened, each as
-    /// an effect of its partition.
+    /// Fires every step due now, releases the waiting messages whose window opened and sends
+    /// the daily summaries due, each as an effect of its partition.
     fn fire_due(&mut self) {
         self.release_due();
         let now = self.timekeeping.time.now_ms();
         while let Some(fire) = self.clocks.take_next_due(now) {
-            let changes = self.clock_changes();
-            let tp = (
-                self.publishing.config.topics.decisions.clone(),
-                fire.partition,
-            );
-            let Some(effect) = self.timekeeping.supervisor.begin_effect(&tp) else {
-                // Draining: its next owner restores the clock and fires the step.
+            let mut changes = self.clock_changes();
+            let Some(effect) = self.timer_effect(fire.partition) else {
                 continue;
             };
             let outcomes = self.fire_outcomes(&fire);
             let outcomes = self.hold_quiet(fire.partition, &fire.clock.view, outcomes);
-            let mut changes = changes;
             changes.extend(self.clock_changes());
-            publish_for(
-                &self.publishing,
-                &self.published,
-                (
-                    fire.partition,
-                    Completion::Timer(self.timekeeping.supervisor.clone()),
-                ),
-                &fire.fire_id(),
-                outcomes,
-                changes,
-                (effect, None),
-            );
+            self.publish_timer(fire.partition, &fire.fire_id(), outcomes, changes, effect);
         }
         while let Some(fire) = self.summaries.take_next_due(now) {
             let changes = self.clock_changes();
-            let tp = (
-                self.publishing.config.topics.decisions.clone(),
-                fire.partition,
-            );
-            let Some(effect) = self.timekeeping.supervisor.begin_effect(&tp) else {
-                // Draining: its next owner restores the tally and sends the summary.
+            let Some(effect) = self.timer_effect(fire.partition) else {
                 continue;
             };
             let outcomes = self.summary_outcomes(&fire);
-            publish_for(
-                &self.publishing,
-                &self.published,
-                (
-                    fire.partition,
-                    Completion::Timer(self.timekeeping.supervisor.clone()),
-                ),
-                &fire.fire_id(),
-                outcomes,
-                changes,
-                (effect, None),
-            );
+            self.publish_timer(fire.partition, &fire.fire_id(), outcomes, changes, effect);
         }
         self.count_memory();
     }

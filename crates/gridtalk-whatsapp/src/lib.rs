@@ -201,38 +201,46 @@ impl CloudApiClient {
             .send()
             .await
             .map_err(|e| SendError::Transport(e.to_string()))?;
-        let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| SendError::Transport(e.to_string()))?;
-        if (200..300).contains(&status) {
-            let parsed: SendResponse = serde_json::from_slice(&bytes)
-                .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))?;
-            let message =
-                parsed.messages.into_iter().next().ok_or_else(|| {
-                    SendError::Transport("success body without a message id".into())
-                })?;
-            return Ok(Accepted {
-                wamid: message.id,
-                wa_id: parsed
-                    .contacts
-                    .into_iter()
-                    .next()
-                    .map(|c| c.wa_id)
-                    .unwrap_or_default(),
-                message_status: message.message_status.unwrap_or_else(|| "accepted".into()),
-            });
-        }
-        match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
-            Ok(envelope) => Err(SendError::Graph {
-                status,
-                error: envelope.error,
-            }),
-            Err(_) => Err(SendError::Transport(format!(
-                "HTTP {status} without a Graph error body"
-            ))),
-        }
+        let bytes = success_body(response).await?;
+        let parsed: SendResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))?;
+        let message = parsed
+            .messages
+            .into_iter()
+            .next()
+            .ok_or_else(|| SendError::Transport("success body without a message id".into()))?;
+        Ok(Accepted {
+            wamid: message.id,
+            wa_id: parsed
+                .contacts
+                .into_iter()
+                .next()
+                .map(|c| c.wa_id)
+                .unwrap_or_default(),
+            message_status: message.message_status.unwrap_or_else(|| "accepted".into()),
+        })
+    }
+}
+
+/// The body of a 2xx answer; any other answer as Meta's error (its Graph error body) or, without
+/// one, a transport error.
+async fn success_body(response: reqwest::Response) -> Result<Vec<u8>, SendError> {
+    let status = response.status().as_u16();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| SendError::Transport(e.to_string()))?;
+    if (200..300).contains(&status) {
+        return Ok(bytes.to_vec());
+    }
+    match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
+        Ok(envelope) => Err(SendError::Graph {
+            status,
+            error: envelope.error,
+        }),
+        Err(_) => Err(SendError::Transport(format!(
+            "HTTP {status} without a Graph error body"
+        ))),
     }
 }
 
@@ -312,24 +320,9 @@ impl GroupsClient {
             .send()
             .await
             .map_err(|e| SendError::Transport(e.to_string()))?;
-        let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| SendError::Transport(e.to_string()))?;
-        if (200..300).contains(&status) {
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")));
-        }
-        match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
-            Ok(envelope) => Err(SendError::Graph {
-                status,
-                error: envelope.error,
-            }),
-            Err(_) => Err(SendError::Transport(format!(
-                "HTTP {status} without a Graph error body"
-            ))),
-        }
+        let bytes = success_body(response).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))
     }
 }
 
