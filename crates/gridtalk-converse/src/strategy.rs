@@ -781,21 +781,12 @@ fn summary_observations(
     config: &gridtalk_config::Config,
     response: &gridtalk_contract::WorkflowResponse,
 ) -> Vec<gridtalk_summary::Observed> {
-    let observations = gridtalk_summary::from_response(response);
-    if observations.is_empty() {
-        return Vec::new();
-    }
-    let partner = response.partner_id.as_deref().unwrap_or_default();
-    config
-        .summaries
-        .iter()
-        .map(|s| gridtalk_summary::Observed {
-            summary: s.name.clone(),
-            scope: s.scope(partner).to_string(),
-            at_ms: response.received_at,
-            observations: observations.clone(),
-        })
-        .collect()
+    gridtalk_route::per_summary(
+        config,
+        response.partner_id.as_deref().unwrap_or_default(),
+        response.received_at,
+        gridtalk_summary::from_response(response),
+    )
 }
 
 /// An outbox message as its record: keyed by the sending number, with its event and message ids

@@ -33,4 +33,4 @@ pub use lint::pointer_problems;
 pub use quiet::{defer, is_urgent, release_at, time_source};
 pub use render::{plan, RouteFailure, RoutePlan};
 pub use stage::{run, RouteError};
-pub use summaries::render_summary;
+pub use summaries::{per_summary, render_summary};

@@ -21,7 +21,22 @@ use crate::render::{receives, render, RouteFailure};
 
 /// What `view` tells each configured summary, one record per summary scope.
 pub fn observations(config: &Config, view: &EventView, now_ms: i64) -> Vec<Observed> {
-    let observations = gridtalk_summary::from_event(view.event_type(), &view.json);
+    per_summary(
+        config,
+        view.partner_id(),
+        now_ms,
+        gridtalk_summary::from_event(view.event_type(), &view.json),
+    )
+}
+
+/// `observations` of a record of `partner_id`, one record for each configured summary, keyed by
+/// the scope it counts in (the route stage's events and the converse stages' responses alike).
+pub fn per_summary(
+    config: &Config,
+    partner_id: &str,
+    at_ms: i64,
+    observations: Vec<gridtalk_summary::Observation>,
+) -> Vec<Observed> {
     if observations.is_empty() {
         return Vec::new();
     }
@@ -30,8 +45,8 @@ pub fn observations(config: &Config, view: &EventView, now_ms: i64) -> Vec<Obser
         .iter()
         .map(|s| Observed {
             summary: s.name.clone(),
-            scope: s.scope(view.partner_id()).to_string(),
-            at_ms: now_ms,
+            scope: s.scope(partner_id).to_string(),
+            at_ms,
             observations: observations.clone(),
         })
         .collect()

@@ -47,6 +47,9 @@ struct Job {
     message: OwnedMessage,
     outbox: OutboxMessage,
     ticket: Ticket,
+    /// Whether coalescing may merge it (decided once, when the record arrives: the queue scans
+    /// ask it again and again).
+    informational: bool,
 }
 
 /// What the strategy and every recipient worker share.
@@ -294,10 +297,15 @@ impl Strategy for SendStrategy {
                 return Submit::Accepted;
             }
         };
+        let informational = sending
+            .coalescing
+            .as_ref()
+            .is_some_and(|c| c.is_informational(&outbox));
         let job = Job {
             message,
             outbox,
             ticket,
+            informational,
         };
         if let Some(job) = sending.still_to_send(job) {
             sending.pending.fetch_add(1, Ordering::AcqRel);
@@ -364,7 +372,7 @@ fn sweep_index(sending: &Sending) {
 async fn recipient_worker(sending: Arc<Sending>, recipient: String) {
     while let Some(job) = next_job(&sending, &recipient) {
         let members = match &sending.coalescing {
-            Some(c) if c.is_informational(&job.outbox) => {
+            Some(c) if job.informational => {
                 let previous = sending
                     .last_informational
                     .lock()
@@ -375,7 +383,7 @@ async fn recipient_worker(sending: Arc<Sending>, recipient: String) {
                     let window_ends = previous + c.window;
                     if window_ends > Instant::now() {
                         let waited = Instant::now();
-                        hold_for_window(&sending, &recipient, c, &job, window_ends).await;
+                        hold_for_window(&sending, &recipient, &job, window_ends).await;
                         Metrics::global()
                             .rate_limit_wait_seconds
                             .with_label_values(&["coalesce"])
@@ -418,14 +426,14 @@ fn gather(sending: &Sending, recipient: &str, c: &Coalescing, first: Job) -> Vec
     let mut passed: HashSet<String> = HashSet::new();
     let mut i = 0;
     while i < queue.len() && members.len() < c.max_items {
-        let next = &queue[i].outbox;
-        if next.phone_number_id == members[0].outbox.phone_number_id
-            && c.is_informational(next)
-            && !passed.contains(&next.document_key)
+        let next = &queue[i];
+        if next.informational
+            && next.outbox.phone_number_id == members[0].outbox.phone_number_id
+            && !passed.contains(&next.outbox.document_key)
         {
             members.push(queue.remove(i).expect("in range"));
         } else {
-            passed.insert(next.document_key.clone());
+            passed.insert(next.outbox.document_key.clone());
             i += 1;
         }
     }
@@ -436,18 +444,12 @@ fn gather(sending: &Sending, recipient: &str, c: &Coalescing, first: Job) -> Vec
 /// request queued meanwhile does not wait for the digest: the first message in line that asks
 /// for an answer goes at once, unless an informational message ahead of it is about the same
 /// document (then it keeps its place behind the digest).
-async fn hold_for_window(
-    sending: &Sending,
-    recipient: &str,
-    c: &Coalescing,
-    head: &Job,
-    window_ends: Instant,
-) {
+async fn hold_for_window(sending: &Sending, recipient: &str, head: &Job, window_ends: Instant) {
     loop {
         let arrived = sending.arrivals.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
-        if let Some(request) = request_ahead(sending, recipient, c, head) {
+        if let Some(request) = request_ahead(sending, recipient, head) {
             send_members(sending, vec![request]).await;
             sending.done();
             continue;
@@ -463,13 +465,13 @@ async fn hold_for_window(
 
 /// The first queued message of `recipient` that asks for an answer, taken out of the queue, if
 /// no informational message ahead of it (the held `head` included) is about its document.
-fn request_ahead(sending: &Sending, recipient: &str, c: &Coalescing, head: &Job) -> Option<Job> {
+fn request_ahead(sending: &Sending, recipient: &str, head: &Job) -> Option<Job> {
     let mut queues = sending.queues.lock().expect("queues");
     let queue = queues.get_mut(recipient)?;
     let mut held_documents: HashSet<&str> = HashSet::from([head.outbox.document_key.as_str()]);
     let mut position = None;
     for (i, job) in queue.iter().enumerate() {
-        if c.is_informational(&job.outbox) {
+        if job.informational {
             held_documents.insert(&job.outbox.document_key);
         } else {
             if !held_documents.contains(job.outbox.document_key.as_str()) {
@@ -794,14 +796,12 @@ async fn record_accepted(
             );
         }
     }
-    if let Some(c) = &sending.coalescing {
-        if c.is_informational(&members[0].outbox) {
-            sending
-                .last_informational
-                .lock()
-                .expect("windows")
-                .insert(members[0].outbox.recipient.clone(), Instant::now());
-        }
+    if members[0].informational {
+        sending
+            .last_informational
+            .lock()
+            .expect("windows")
+            .insert(members[0].outbox.recipient.clone(), Instant::now());
     }
     if digest {
         metrics

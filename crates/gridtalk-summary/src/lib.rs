@@ -535,7 +535,7 @@ impl Summaries {
         observed: &Observed,
         now_ms: i64,
     ) -> Vec<SummaryFire> {
-        let Some(schedule) = self.schedules.get(&observed.summary).cloned() else {
+        let Some(schedule) = self.schedules.get(&observed.summary) else {
             return Vec::new();
         };
         let key = observed.key();
