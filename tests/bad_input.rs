@@ -83,6 +83,7 @@ fn outbox(edit: impl FnOnce(&mut OutboxMessage)) -> Vec<u8> {
         .to_string(),
         rule: "corpus".into(),
         created_at: chrono::Utc::now().timestamp_millis(),
+        fallback_request_json: None,
     };
     edit(&mut message);
     message.to_avro()

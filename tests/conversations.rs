@@ -126,6 +126,21 @@ async fn flow_a_the_partners_order_desk_accepts_a_purchase_order() {
     // Confirmed back on WhatsApp as free-form text: the tap opened the service window.
     let confirmation = text_to(&p, "15550100001", "is recorded").await;
     assert!(confirmation.rendered.contains("PO-4500021"));
+    // The tap was marked read, with the typing indicator, before the confirmation went.
+    let tapped = p
+        .sandbox
+        .inbound()
+        .into_iter()
+        .find(|m| m.wamid == tap)
+        .expect("the tap at the sandbox");
+    assert!(tapped.typing_shown, "{tapped:?}");
+    let read_at = tapped.read_at_ms.expect("marked read");
+    assert!(
+        read_at <= confirmation.received_at_ms,
+        "read at {read_at}, confirmed at {}",
+        confirmation.received_at_ms
+    );
+    assert_eq!(p.sandbox.stats().read_marks, 1);
 
     // The request's delivery statuses are on the response topic too, correlated.
     p.wait_until("the request's read status", WAIT, |p| {

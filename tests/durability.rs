@@ -194,9 +194,26 @@ async fn sigterm_during_a_burst_exits_cleanly_and_commits_exactly_what_was_hande
     assert_eq!((missing, duplicated), (0, 0));
 }
 
+/// How long a send in doubt waits for its status in the kill -9 test (`send.in_doubt_wait_ms`):
+/// `GRIDTALK_TEST_IN_DOUBT_WAIT_MS=0` turns the resolution off, and the test then fails with
+/// the sends in flight at each kill delivered twice.
+fn in_doubt_wait_ms() -> String {
+    std::env::var("GRIDTALK_TEST_IN_DOUBT_WAIT_MS").unwrap_or_else(|_| "10000".into())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_three_times_loses_nothing_and_duplicates_at_most_the_in_flight_bound() {
-    let p = fast_external_pipeline(150).await;
+async fn kill_9_three_times_loses_nothing_and_delivers_nothing_twice() {
+    // The killed processes route and send; the webhooks come in through an ingest stage that
+    // lives on (as the ingest deployment does while a send pod is killed), so the statuses of
+    // the requests in flight at each kill reach the webhook topic for the next process to find.
+    let mut setup = fast_external_setup(150);
+    setup.ingest = true;
+    setup.only_stages = Some(vec![gridtalk::Stage::Ingest]);
+    setup.in_process = true;
+    setup
+        .overrides
+        .push(("SEND__IN_DOUBT_WAIT_MS", in_doubt_wait_ms()));
+    let p = Pipeline::start(setup).await;
     let events = events_of_every_type(2_000);
     for e in &events {
         p.publish_event(e).await;
@@ -218,12 +235,12 @@ async fn kill_9_three_times_loses_nothing_and_duplicates_at_most_the_in_flight_b
     let (missing, duplicated) = compare(&p, &expected);
     gridtalk.kill().expect("stop");
     let _ = gridtalk.wait();
-    let bound = p.config.send.max_in_flight * 3;
     println!(
-        "kill -9 x3: {total} expected messages, {missing} missing, {duplicated} delivered twice (bound {bound}: in flight at each kill)"
+        "kill -9 x3: {total} expected messages, {missing} missing, {duplicated} delivered twice (in-doubt wait {} ms)",
+        in_doubt_wait_ms()
     );
     assert_eq!(missing, 0);
-    assert!(duplicated <= bound, "{duplicated} duplicates");
+    assert_eq!(duplicated, 0, "messages delivered twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +305,13 @@ async fn wait_for_every_status(p: &Pipeline, expected: &HashMap<Seen, usize>) {
 
 fn assert_every_status_once(p: &Pipeline, what: &str) {
     let published = statuses(p);
-    let logged = p.logged_wamids().len();
+    // A message the next process found in its statuses may be on the sent log twice (the first
+    // record written, the sent index not, when the process died): one message all the same.
+    let logged = p
+        .logged_wamids()
+        .into_iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let repeated: Vec<_> = published.iter().filter(|(_, n)| **n > 1).collect();
     println!(
         "{what}: {logged} logged messages, {} status records, {} repeated",

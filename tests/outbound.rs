@@ -1547,6 +1547,522 @@ async fn server_errors_and_an_expired_token_lose_nothing_and_duplicate_nothing()
     );
 }
 
+/// Meta's newer refusals (a restricted country, a BSUID recipient a message type refuses, the
+/// per-user marketing cap), answers that are not Meta's (a proxy's bodiless 500s) and what Meta
+/// charges, against one `gridtalk` process with the way back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_refusals_dead_letter_by_code_silence_halts_the_number_and_charges_are_counted_once()
+{
+    let mut setup = Setup {
+        ingest: true,
+        in_process: false,
+        overrides: vec![
+            ("SEND__MAX_UNANSWERED_ATTEMPTS", "3".into()),
+            // The probe after the halt comes late enough to count the tries before it.
+            ("SEND__HALT_PROBE_INTERVAL_MS", "4000".into()),
+        ],
+        ..Setup::default()
+    };
+    setup.sandbox.refusals = [
+        ("15550100001", 130497),
+        ("15550100002", 131062),
+        ("15550100004", 131049),
+    ]
+    .into_iter()
+    .map(|(to, code)| (to.to_string(), code))
+    .collect();
+    let p = Pipeline::start(setup).await;
+    let admin = gridtalk_embedded::free_port().expect("port");
+    let mut gridtalk = p.spawn_gridtalk_with(
+        "run",
+        "route,send,ingest,converse",
+        &[("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))],
+    );
+    // To the order desk, billing, onboarding (each refused) and support (delivered).
+    for (event_type, seq) in [
+        ("tg.po.received", 1),
+        ("tg.invoice.correction_required", 6),
+        ("tg.onboarding.reminder", 12),
+        ("wf.case.opened", 16),
+    ] {
+        p.publish_event(&event(event_type, seq, "ACME")).await;
+    }
+    let from_send = |p: &Pipeline| -> Vec<DeadLetter> {
+        p.dead_letters()
+            .into_iter()
+            .filter(|d| d.headers["gridtalk.dlq.stage"] == "send")
+            .collect()
+    };
+    p.wait_until("three refusals dead-lettered, the case sent", WAIT, |p| {
+        from_send(p).len() == 3 && p.sandbox.messages().iter().any(|m| m.to == "15550100005")
+    })
+    .await;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut letters: Vec<(String, String, Option<i64>)> = from_send(&p)
+        .iter()
+        .map(|d| {
+            (
+                d.headers["gridtalk.dlq.whatsapp_code"].clone(),
+                d.reason.clone(),
+                d.headers
+                    .get("gridtalk.dlq.retry_not_before")
+                    .map(|t| t.parse::<i64>().expect("a time")),
+            )
+        })
+        .collect();
+    letters.sort();
+    let day_ms = 24 * 3_600_000;
+    assert_eq!(letters[0].0, "130497");
+    assert_eq!(letters[0].1, "whatsapp_permanent");
+    assert_eq!(letters[0].2, None);
+    assert_eq!(letters[1].0, "131049");
+    assert_eq!(letters[1].1, "whatsapp_retry_later");
+    let not_before = letters[1].2.expect("the marketing cap says when");
+    assert!(
+        (now_ms + day_ms - 120_000..=now_ms + day_ms).contains(&not_before),
+        "{not_before} is not a day after {now_ms}"
+    );
+    assert_eq!(
+        (letters[2].0.as_str(), letters[2].1.as_str(), letters[2].2),
+        ("131062", "whatsapp_permanent", None)
+    );
+    // A replay leaves the capped message alone until its day has passed.
+    let replay = dlq_replay(&p, &["--reason", "whatsapp_retry_later"]).await;
+    let said = String::from_utf8_lossy(&replay.stdout).into_owned();
+    assert!(replay.status.success(), "{replay:?}");
+    assert!(said.contains("replayed 0"), "{said}");
+    assert!(
+        said.contains("left 1 letters whose retry time has not come"),
+        "{said}"
+    );
+
+    // The case template is a charged utility message of flow g: counted once, although Meta
+    // prices it on `sent` and again on `delivered`.
+    let billed = "gridtalk_whatsapp_billable_messages_total{category=\"utility\",flow=\"g\"}";
+    p.wait_until("the case message read", WAIT, |p| {
+        p.sandbox
+            .messages()
+            .iter()
+            .any(|m| m.to == "15550100005" && m.status.as_deref() == Some("read"))
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while metric(admin, billed).await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "{billed} is {:?}",
+            metric(admin, billed).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every status of it is on the response topic by now; the count stayed one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric(admin, billed).await, Some(1));
+
+    // A proxy in front of Meta answers 500 without Meta's body: three tries, then the number
+    // halts and alerts; nothing is dead-lettered, and the message goes once the way is back.
+    p.sandbox.set_faults(Faults {
+        server_error_rate: 1.0,
+        ..Faults::default()
+    });
+    p.publish_event(&event("wf.case.updated", 17, "ACME")).await;
+    let deadline = Instant::now() + WAIT;
+    while metric(admin, "gridtalk_send_halted").await != Some(1) {
+        assert!(Instant::now() < deadline, "{}", p.process_log("run"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = p.process_log("run");
+    assert!(
+        log.lines().any(|l| l.contains(" ERROR ")
+            && l.contains("sending halted")
+            && l.contains("HTTP 500 without a WhatsApp error body: upstream unavailable")),
+        "{log}"
+    );
+    assert_eq!(
+        metric(admin, "gridtalk_send_errors_total{code=\"http_500\"}").await,
+        Some(3),
+        "three tries before the halt (the probe comes later)"
+    );
+    p.sandbox.set_faults(Faults::default());
+    p.wait_until("the case update sent after the halt", WAIT, |p| {
+        p.sandbox
+            .messages()
+            .iter()
+            .filter(|m| m.to == "15550100005")
+            .count()
+            == 2
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while metric(admin, "gridtalk_send_halted").await != Some(0) {
+        assert!(Instant::now() < deadline, "still halted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(from_send(&p).len(), 3, "nothing more dead-lettered");
+    gridtalk.kill().expect("stop");
+    let _ = gridtalk.wait();
+}
+
+/// Every answer comes after gridtalk stopped waiting for it, yet WhatsApp accepted each request:
+/// each is resolved from its status webhook (which carries its `biz_opaque_callback_data`) and
+/// recorded, not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_answer_never_came_is_found_in_its_statuses_and_not_sent_twice() {
+    let mut setup = Setup {
+        ingest: true,
+        overrides: vec![("SEND__REQUEST_TIMEOUT_MS", "300".into())],
+        ..Setup::default()
+    };
+    setup.sandbox.faults = Faults {
+        slow_rate: 1.0,
+        slow_ms: 1_000,
+        ..Faults::default()
+    };
+    let p = Pipeline::start(setup).await;
+    p.wait_for_way_back(WAIT).await;
+    for (event_type, seq) in [
+        ("tg.po.received", 1),
+        ("tg.onboarding.reminder", 12),
+        ("wf.case.opened", 16),
+    ] {
+        p.publish_event(&event(event_type, seq, "ACME")).await;
+    }
+    p.wait_for_messages(3, WAIT).await;
+    // Committed means handed off: accepted and on the sent log, or dead-lettered.
+    p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+        .await;
+    let accepted: Vec<String> = p
+        .sandbox
+        .messages()
+        .iter()
+        .map(|m| m.wamid.clone())
+        .collect();
+    assert_eq!(accepted.len(), 3, "each message once");
+    assert_eq!(p.sandbox.stats().requests, 3, "no request made twice");
+    let mut logged = p.logged_wamids();
+    logged.sort();
+    let mut expected = accepted;
+    expected.sort();
+    assert_eq!(
+        logged, expected,
+        "the sent log has the wamids the statuses gave"
+    );
+    assert!(p.dead_letters().is_empty(), "{:?}", p.dead_letters());
+    // Each request carried its callback data, and Meta's statuses echoed it.
+    for message in p.sandbox.messages() {
+        let callback = message.request["biz_opaque_callback_data"]
+            .as_str()
+            .expect("callback data on every request");
+        assert!(callback.len() <= 512, "{callback}");
+    }
+}
+
+/// Meta pauses a template: its messages stop (dead-lettered as `template_paused`, nothing tried
+/// at WhatsApp), the number's other messages go on; approved again, a replay delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_template_stops_its_sends_and_a_replay_delivers_them_once_meta_approves_it() {
+    let p = Pipeline::start(Setup {
+        ingest: true,
+        in_process: true,
+        only_stages: Some(vec![gridtalk::Stage::Ingest]),
+        ..Setup::default()
+    })
+    .await;
+    let admin = gridtalk_embedded::free_port().expect("port");
+    let mut gridtalk = p.spawn_gridtalk_with(
+        "run",
+        "route,send",
+        &[("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))],
+    );
+    let stopped = "gridtalk_state_entries{store=\"stopped_templates\"}";
+    let until = |value: i64| async move {
+        let deadline = Instant::now() + WAIT;
+        while metric(admin, stopped).await != Some(value) {
+            assert!(Instant::now() < deadline, "{stopped} never {value}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // A first message proves the process is up and the webhook way is open.
+    p.publish_event(&event("wf.case.opened", 16, "ACME")).await;
+    p.wait_for_messages(1, WAIT).await;
+    let languages = p
+        .sandbox
+        .templates()
+        .iter()
+        .find(|t| t.name == "invoice_status")
+        .map(|t| t.languages.len())
+        .expect("invoice_status");
+    p.sandbox
+        .set_template_status("invoice_status", "PAUSED")
+        .await
+        .expect("paused");
+    until(languages as i64).await;
+    p.publish_event(&event("tg.invoice.delivered", 3, "ACME"))
+        .await;
+    p.publish_event(&event("wf.case.updated", 17, "ACME")).await;
+    p.wait_until("the invoice dead-lettered, the case sent", WAIT, |p| {
+        p.dead_letters()
+            .iter()
+            .any(|d| d.reason == "template_paused")
+            && p.sandbox.messages().len() == 2
+    })
+    .await;
+    let letter = p
+        .dead_letters()
+        .into_iter()
+        .find(|d| d.reason == "template_paused")
+        .expect("letter");
+    assert_eq!(letter.headers["gridtalk.dlq.template"], "invoice_status");
+    assert!(
+        letter.headers["gridtalk.dlq.detail"].contains("PAUSED"),
+        "{:?}",
+        letter.headers
+    );
+    assert!(
+        !p.sandbox.stats().errors.contains_key("132015"),
+        "nothing tried at WhatsApp: {:?}",
+        p.sandbox.stats()
+    );
+    assert_eq!(metric(admin, "gridtalk_send_halted").await, Some(0));
+
+    p.sandbox
+        .set_template_status("invoice_status", "APPROVED")
+        .await
+        .expect("approved");
+    until(0).await;
+    let replay = dlq_replay(&p, &["--reason", "template_paused"]).await;
+    assert!(replay.status.success(), "{replay:?}");
+    p.wait_until("the invoice delivered", WAIT, |p| {
+        p.sandbox
+            .messages()
+            .iter()
+            .any(|m| m.template.as_deref() == Some("invoice_status"))
+    })
+    .await;
+    assert_eq!(p.dead_letters().len(), 1, "{:?}", p.dead_letters());
+    gridtalk.kill().expect("stop");
+    let _ = gridtalk.wait();
+}
+
+async fn templates_check(p: &Pipeline) -> (Option<i32>, String) {
+    let config_file = p.config_file();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gridtalk"))
+            .args(["templates", "check", "--config"])
+            .arg(&config_file)
+            .env("GRIDTALK__SEND__BUSINESS_ACCOUNT_ID", "102290129340398")
+            .output()
+            .expect("gridtalk templates check runs")
+    })
+    .await
+    .expect("check task");
+    (
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+/// `gridtalk templates check` reads the business account's catalogue (paged, as Meta serves it)
+/// and reports every way it differs from the configuration in one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_check_reports_every_seeded_mismatch_in_one_run() {
+    let p = Pipeline::start(Setup {
+        only_stages: Some(vec![]),
+        ..Setup::default()
+    })
+    .await;
+    let (code, said) = templates_check(&p).await;
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("match the business account's"), "{said}");
+
+    let mut templates = p.sandbox.templates();
+    let mut seed = |name: &str, change: &dyn Fn(&mut gridtalk_sandbox::ApprovedTemplate)| {
+        let t = templates
+            .iter_mut()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name} at the sandbox"));
+        change(t);
+    };
+    seed("case_update", &|t| t.languages.retain(|l| l != "es_MX"));
+    seed("po_ack_request", &|t| t.status = "PAUSED".into());
+    seed("invoice_status", &|t| {
+        t.text = "Invoice {{1}} changed.".into()
+    });
+    seed("approval_request", &|t| {
+        t.button_kinds = vec!["QUICK_REPLY".into(), "URL".into(), "QUICK_REPLY".into()]
+    });
+    seed("daily_summary", &|t| t.category = "MARKETING".into());
+    p.sandbox.set_templates(templates);
+
+    let (code, said) = templates_check(&p).await;
+    assert_eq!(code, Some(1), "{said}");
+    for expected in [
+        "case_update (es_MX): not in the business account's templates",
+        "po_ack_request (en_US): status PAUSED at Meta, not APPROVED",
+        "invoice_status (en_US): 1 body parameters at Meta, 4 configured",
+        "approval_request (en_US): button 2 is URL at Meta, a quick reply configured",
+        "daily_summary (en_US): category MARKETING at Meta, UTILITY configured",
+        "mismatches between the configured templates and business account 102290129340398",
+    ] {
+        assert!(
+            said.contains(expected),
+            "{expected:?} missing from:\n{said}"
+        );
+    }
+    // A paused template is refused as Meta refuses it.
+    let request = gridtalk_whatsapp::template_message(
+        "15550100001",
+        "po_ack_request",
+        "en_US",
+        &[
+            "PO-1".into(),
+            "Northwind".into(),
+            "USD 1.00".into(),
+            "2026-12-01".into(),
+        ],
+        &["a".into(), "b".into(), "c".into()],
+    );
+    let client = gridtalk_whatsapp::CloudApiClient::new(
+        &p.sandbox.base_url(),
+        "v25.0",
+        PHONE_NUMBER_ID,
+        Duration::from_secs(5),
+    );
+    let refused = client
+        .send(&gridtalk_config::Secret::new(TOKEN), &request.to_string())
+        .await
+        .expect_err("paused");
+    assert_eq!(refused.code(), Some(132015), "{refused}");
+}
+
+/// A free-form confirmation with its template, as the converse stage queues one, straight to the
+/// outbox (the template rides in the record's fallback header).
+async fn publish_free_form(p: &Pipeline, seq: u64, to: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let template = gridtalk_whatsapp::template_message(
+        to,
+        "answer_status",
+        "en_US",
+        &[format!("PO-{seq}"), "Approved".into()],
+        &[],
+    )
+    .to_string();
+    let message = gridtalk_contract::OutboxMessage {
+        message_id: format!("free-{seq}"),
+        event_id: format!("item-{seq}"),
+        event_type: "gridtalk.answer.po".into(),
+        correlation_id: format!("ACME|PO|{seq}"),
+        document_key: format!("PO-{seq}"),
+        partner_id: "ACME".into(),
+        phone_number_id: PHONE_NUMBER_ID.into(),
+        contact_id: format!("contact-{to}"),
+        recipient: to.into(),
+        template_name: None,
+        language: "en_US".into(),
+        request_json: gridtalk_whatsapp::text_message(to, "Thanks, PO recorded as approved.")
+            .to_string(),
+        rule: "converse-po".into(),
+        created_at: chrono::Utc::now().timestamp_millis(),
+        fallback_request_json: None,
+    };
+    let bytes =
+        <gridtalk_contract::OutboxMessage as gridtalk_contract::AvroRecord>::to_avro(&message);
+    p.producer
+        .send(
+            FutureRecord::to(&p.config.topics.outbox)
+                .key(PHONE_NUMBER_ID)
+                .payload(&bytes)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: gridtalk_contract::FALLBACK_HEADER,
+                    value: Some(template.as_bytes()),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("outbox record produced");
+}
+
+/// The send stage knows each person's customer-service window from the webhook topic: a
+/// free-form message to someone who never wrote goes as its template at once; one to someone
+/// who wrote, but whom WhatsApp still sees outside the window (131047), goes as its template
+/// after the refusal. Neither is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_form_outside_the_window_goes_as_its_template_and_131047_brings_the_template() {
+    let mut setup = Setup {
+        ingest: true,
+        in_process: true,
+        only_stages: Some(vec![gridtalk::Stage::Ingest]),
+        ..Setup::default()
+    };
+    // WhatsApp refuses free-form text to the support contact, whatever the webhooks said.
+    setup.sandbox.refusals = [("15550100005".to_string(), 131047)].into_iter().collect();
+    let p = Pipeline::start(setup).await;
+    // The support contact writes (their window opens); the order desk never has. Meta retries
+    // a webhook the endpoint did not take; so does this loop, until the ingest stage is up.
+    let deadline = Instant::now() + WAIT;
+    while read_topic(&p.config.topics.webhook).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the ingest stage never took the webhook"
+        );
+        // Refused while the endpoint is not up yet; tried again.
+        let _ = p
+            .sandbox
+            .deliver_inbound(
+                PHONE_NUMBER_ID,
+                "15550100005",
+                json!({"type": "text", "text": {"body": "Any news on PO 7?"}}),
+                "Any news on PO 7?".into(),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let admin = gridtalk_embedded::free_port().expect("port");
+    let mut gridtalk = p.spawn_gridtalk_with(
+        "send",
+        "send",
+        &[("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))],
+    );
+    let windows = "gridtalk_state_entries{store=\"service_windows\"}";
+    let deadline = Instant::now() + WAIT;
+    while metric(admin, windows).await != Some(1) {
+        assert!(Instant::now() < deadline, "{}", p.process_log("send"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publish_free_form(&p, 1, "15550100001").await;
+    publish_free_form(&p, 2, "15550100005").await;
+    p.wait_for_messages(2, WAIT).await;
+    p.wait_for_commits(&p.send_group(), &p.config.topics.outbox, WAIT)
+        .await;
+    for message in p.sandbox.messages() {
+        assert_eq!(
+            message.template.as_deref(),
+            Some("answer_status"),
+            "{message:?}"
+        );
+    }
+    let stats = p.sandbox.stats();
+    assert_eq!(
+        stats.errors.get("131047"),
+        Some(&1),
+        "only the message WhatsApp refused was tried as text: {stats:?}"
+    );
+    assert_eq!(stats.accepted, 2);
+    assert!(p.dead_letters().is_empty(), "{:?}", p.dead_letters());
+    let log = p.process_log("send");
+    assert!(
+        log.contains("service windows known from the webhook topic"),
+        "{log}"
+    );
+    gridtalk.kill().expect("stop");
+    let _ = gridtalk.wait();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_about_one_document_arrive_in_event_order() {
     let pipeline = Pipeline::start(Setup::default()).await;

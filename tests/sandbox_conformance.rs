@@ -371,12 +371,117 @@ async fn status_webhooks_are_signed_and_follow_the_message() {
     assert!(delivered
         .iter()
         .all(|s| s["id"] == wamid.as_str() && s["recipient_id"] == "14155550106"));
+    // Priced on `sent` and again on `delivered`, by the template's category; `read` after a
+    // `delivered` carries no price.
+    let utility =
+        json!({"billable": true, "pricing_model": "PMP", "category": "utility", "type": "regular"});
+    assert_eq!(delivered[0]["pricing"], utility);
+    assert_eq!(delivered[1]["pricing"], utility);
+    assert!(delivered[2].get("pricing").is_none(), "{}", delivered[2]);
 
     let (status, _) = post(&sandbox, "good", &summary("14155550199")).await;
     assert_eq!(status, 200, "accepted first, like Meta");
     let failed = statuses(&mut rx, 1).await;
     assert_eq!(failed[0]["status"], "failed");
     assert_eq!(failed[0]["errors"][0]["code"], 131026);
+    assert!(
+        failed[0].get("pricing").is_none(),
+        "never priced when failed"
+    );
+}
+
+#[tokio::test]
+async fn an_inbound_message_is_marked_read_with_the_typing_indicator() {
+    let (url, _rx) = webhook_receiver().await;
+    let (sandbox, _stop) = sandbox(|c| c.webhook_url = Some(url)).await;
+    let inbound = sandbox
+        .deliver_inbound(
+            NUMBER,
+            "14155550106",
+            json!({"type": "text", "text": {"body": "hi"}}),
+            "hi".into(),
+        )
+        .await
+        .expect("delivered");
+    let read = |id: &str, typing: Value| {
+        let mut body = json!({"messaging_product": "whatsapp", "status": "read", "message_id": id});
+        if !typing.is_null() {
+            body["typing_indicator"] = typing;
+        }
+        body
+    };
+    let (status, body) = post(&sandbox, "good", &read("wamid.unknown", Value::Null)).await;
+    assert_eq!((status, code(&body)), (400, 100), "{body}");
+    let (status, body) = post(&sandbox, "good", &read(&inbound, json!({"type": "audio"}))).await;
+    assert_eq!((status, code(&body)), (400, 100), "{body}");
+    let (status, body) = post(&sandbox, "bad", &read(&inbound, Value::Null)).await;
+    assert_eq!((status, code(&body)), (401, 190), "{body}");
+    let (status, body) = post(&sandbox, "good", &read(&inbound, json!({"type": "text"}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"success": true}));
+    let marked = &sandbox.inbound()[0];
+    assert!(
+        marked.read_at_ms.is_some() && marked.typing_shown,
+        "{marked:?}"
+    );
+    assert!(
+        sandbox.messages().is_empty(),
+        "a read mark is not a message"
+    );
+}
+
+#[tokio::test]
+async fn recipients_refused_with_metas_newer_codes_get_metas_bodies() {
+    let (sandbox, _stop) = sandbox(|c| {
+        c.refusals = [
+            ("14155550191", 130497),
+            ("14155550192", 131062),
+            ("14155550193", 131049),
+        ]
+        .into_iter()
+        .map(|(to, code)| (to.to_string(), code))
+        .collect();
+    })
+    .await;
+    for (to, expected, words) in [
+        (
+            "+1 415 555 0191",
+            130497,
+            "restricted from messaging users in this country",
+        ),
+        ("14155550192", 131062, "business-scoped user ID"),
+        ("14155550193", 131049, "healthy ecosystem engagement"),
+    ] {
+        let (status, body) = post(&sandbox, "good", &summary(to)).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(code(&body), expected);
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.starts_with(&format!("(#{expected}) ")), "{message}");
+        assert_eq!(body["error"]["type"], "OAuthException");
+        assert!(body["error"]["fbtrace_id"].is_string());
+        let details = body["error"]["error_data"]["details"]
+            .as_str()
+            .expect("details");
+        assert!(details.contains(words), "{details}");
+        // gridtalk reads it as Meta's answer, with the class the reference gives the code.
+        let error: gridtalk_whatsapp::SendError = gridtalk_whatsapp::SendError::Graph {
+            status,
+            error: serde_json::from_value(body["error"].clone()).expect("Graph error"),
+        };
+        let class = error.class();
+        assert_eq!(
+            class,
+            if expected == 131049 {
+                gridtalk_whatsapp::ErrorClass::RetryAfterDay
+            } else {
+                gridtalk_whatsapp::ErrorClass::Permanent
+            },
+            "{expected}"
+        );
+    }
+    // Anyone else is sent to as before.
+    let (status, body) = post(&sandbox, "good", &summary("14155550106")).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 /// pywa, a WhatsApp Cloud API SDK written by others (installed by `scripts/install-test-tools`),

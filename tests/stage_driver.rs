@@ -44,6 +44,7 @@ fn outbox_message(seq: usize, recipient: &str) -> OutboxMessage {
         request_json: request.to_string(),
         rule: "test".into(),
         created_at: chrono::Utc::now().timestamp_millis(),
+        fallback_request_json: None,
     }
 }
 

@@ -225,6 +225,15 @@ pub struct RouteConfig {
     pub urgent_event_types: Vec<String>,
 }
 
+/// The send stage's start-up comparison of the configured templates with Meta's catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateCheck {
+    Off,
+    Warn,
+    Fail,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendConfig {
@@ -239,6 +248,13 @@ pub struct SendConfig {
     /// File holding the access token; re-read when WhatsApp reports the token invalid, so a
     /// rotated token is picked up without a restart.
     pub access_token_file: Option<PathBuf>,
+    /// The WhatsApp Business Account id (WABA) the templates belong to: `gridtalk templates
+    /// check` and the send stage's start-up check read its catalogue.
+    pub business_account_id: Option<String>,
+    /// What the send stage does at start when `business_account_id` is set: compare the
+    /// configured templates with the account's (`off`, `warn`: log each mismatch, `fail`: refuse
+    /// to start on any).
+    pub template_check: TemplateCheck,
     /// The number's throughput limit (Meta's default is 80).
     pub max_messages_per_second: u32,
     /// Headroom kept below the limits so network jitter never pushes a send over them.
@@ -250,7 +266,7 @@ pub struct SendConfig {
     /// Requests on the wire to the Cloud API at once, across all recipients. A message waiting
     /// for its recipient's pair limit, a retry backoff or a halt holds no such place. Size it for
     /// `max_messages_per_second` times the API's latency (64 carries 80/s up to 800 ms); it is
-    /// also the bound on the duplicates a crash can cause.
+    /// also the most requests a crash can leave in doubt (see `in_doubt_wait_ms`).
     pub max_in_flight: usize,
     /// Outbox messages held in memory waiting for their turn (per recipient, in outbox order);
     /// beyond it the outbox partitions pause until messages leave.
@@ -260,8 +276,18 @@ pub struct SendConfig {
     pub retry_max_backoff_ms: u64,
     /// Attempts for errors Meta calls unknown (131000) before dead-lettering.
     pub max_unknown_error_attempts: u32,
+    /// Attempts of one message that got no answer (timeout, refused connection) or an answer
+    /// without Meta's error body before the number halts: Meta itself always answers with a
+    /// body, so a run of such answers means the way to Meta is broken (a proxy, the base URL).
+    pub max_unanswered_attempts: u32,
     /// While the number is halted (token expired, account blocked), how often one message is tried.
     pub halt_probe_interval_ms: u64,
+    /// How long after its request a message in doubt (its intent recorded, its outcome not: a
+    /// crash or a timeout with the request on the wire) waits for a status webhook carrying its
+    /// id (`biz_opaque_callback_data`) before it is sent again. Needs the ingest stage running
+    /// somewhere (statuses reach the webhook topic). 0: no intents, no wait (a message in
+    /// flight at a crash may then be delivered twice).
+    pub in_doubt_wait_ms: u64,
     /// How long the sent index remembers an accepted message, so that a replayed outbox record is
     /// not sent again. Must exceed the longest time an outbox record can wait uncommitted.
     pub index_retention_hours: u64,
@@ -354,6 +380,9 @@ pub struct ConverseConfig {
     /// The approved template that confirms an answer outside the window: two body parameters,
     /// the request id and a sentence.
     pub confirmation_template: String,
+    /// Mark a person's message read, with the typing indicator, when it gets a confirmation
+    /// (before the confirmation, through the outbox; never in a group, where Meta has neither).
+    pub mark_read: bool,
     /// Webhook item ids remembered to drop Meta's redeliveries.
     pub remembered_items: usize,
     /// How far back the response topic is read when converse takes over webhook partitions

@@ -16,6 +16,12 @@ pub enum DeadLetterReason {
     UnknownTemplate,
     WhatsappPermanent,
     WhatsappRetriesExhausted,
+    /// Meta asked for a day's wait (131049): the letter's `gridtalk.dlq.retry_not_before` says
+    /// when a replay may send it, and replay leaves it alone until then.
+    WhatsappRetryLater,
+    /// Meta paused or disabled the message's template (132015/132016, or its
+    /// `message_template_status_update` webhook): replay once Meta approves it again.
+    TemplatePaused,
     MalformedOutbox,
     MalformedWebhookItem,
     /// The schema registry could not serve the record's schema id for `route.registry_wait_max_secs`.
@@ -30,7 +36,7 @@ pub enum DeadLetterReason {
 
 impl DeadLetterReason {
     /// Every reason gridtalk writes.
-    pub const ALL: [DeadLetterReason; 17] = [
+    pub const ALL: [DeadLetterReason; 19] = [
         DeadLetterReason::MalformedAvro,
         DeadLetterReason::UnknownSchema,
         DeadLetterReason::MissingField,
@@ -42,6 +48,8 @@ impl DeadLetterReason {
         DeadLetterReason::UnknownTemplate,
         DeadLetterReason::WhatsappPermanent,
         DeadLetterReason::WhatsappRetriesExhausted,
+        DeadLetterReason::WhatsappRetryLater,
+        DeadLetterReason::TemplatePaused,
         DeadLetterReason::MalformedOutbox,
         DeadLetterReason::MalformedWebhookItem,
         DeadLetterReason::RegistryUnavailable,
@@ -68,6 +76,8 @@ impl DeadLetterReason {
             DeadLetterReason::UnknownTemplate => "unknown_template",
             DeadLetterReason::WhatsappPermanent => "whatsapp_permanent",
             DeadLetterReason::WhatsappRetriesExhausted => "whatsapp_retries_exhausted",
+            DeadLetterReason::WhatsappRetryLater => "whatsapp_retry_later",
+            DeadLetterReason::TemplatePaused => "template_paused",
             DeadLetterReason::MalformedOutbox => "malformed_outbox",
             DeadLetterReason::MalformedWebhookItem => "malformed_webhook_item",
             DeadLetterReason::RegistryUnavailable => "registry_unavailable",

@@ -48,3 +48,22 @@ pub fn request_kind_of(event_type: &str) -> &'static str {
         _ => "notice",
     }
 }
+
+/// The flow a message about `event_type` belongs to, as a metric label: the contract's flow
+/// letter (`a` … `h`; gridtalk's computed summaries are flow `h`), `reply` for gridtalk's answers
+/// to people, `other` for anything else.
+pub fn flow_label_of(event_type: &str) -> &'static str {
+    const LETTERS: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    if event_type.starts_with("gridtalk.answer.") {
+        return "reply";
+    }
+    if event_type == "gridtalk.summary" {
+        return "h";
+    }
+    EVENT_TYPES
+        .iter()
+        .find(|(t, _, _)| *t == event_type)
+        .and_then(|(_, _, flow)| LETTERS.get((*flow as u8).wrapping_sub(b'a') as usize))
+        .copied()
+        .unwrap_or("other")
+}

@@ -36,11 +36,11 @@ pub use codec::{
     EventDecoder, Framing, WireFormat,
 };
 pub use dead_letter::DeadLetterReason;
-pub use event_types::{payload_type_of, request_kind_of, EVENT_TYPES};
+pub use event_types::{flow_label_of, payload_type_of, request_kind_of, EVENT_TYPES};
 pub use pointers::check_pointer;
 pub use records::{
     decode_published, AuditRecord, AvroRecord, OutboxMessage, ResponseBody, SentMessage,
-    WorkflowResponse,
+    WorkflowResponse, FALLBACK_HEADER, READ_MARK_EVENT_TYPE,
 };
 pub use registry::{Compatibility, RegistryClient, RegistryError};
 pub use schemas::{

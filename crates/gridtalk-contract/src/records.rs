@@ -88,7 +88,20 @@ pub struct OutboxMessage {
     pub request_json: String,
     pub rule: String,
     pub created_at: i64,
+    /// For a free-form message, the approved-template request to send instead when the
+    /// recipient's customer-service window is closed (or WhatsApp answers 131047). Not part of
+    /// the Avro record: it travels in the outbox record's [`FALLBACK_HEADER`] header, so records
+    /// written without it (and readers that ignore it) are unchanged.
+    #[serde(skip)]
+    pub fallback_request_json: Option<String>,
 }
+
+/// The `event_type` of an outbox record that marks a person's message read (with the typing
+/// indicator) rather than sending one: its `request_json` is the mark-as-read request.
+pub const READ_MARK_EVENT_TYPE: &str = "gridtalk.read";
+
+/// The outbox record header carrying [`OutboxMessage::fallback_request_json`].
+pub const FALLBACK_HEADER: &str = "gridtalk.fallback_request_json";
 
 impl AvroRecord for OutboxMessage {
     fn schema() -> &'static Schema {
@@ -359,6 +372,7 @@ mod tests {
             request_json: "{}".into(),
             rule: "r".into(),
             created_at: 1_700_000_000_000,
+            fallback_request_json: None,
         };
         let bytes = message.to_avro();
         assert_eq!(OutboxMessage::from_avro(&bytes).unwrap(), message);

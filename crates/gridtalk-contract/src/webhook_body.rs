@@ -134,13 +134,15 @@ pub fn split(body: &[u8], received_at_ms: i64) -> Result<Vec<WebhookItem>, Strin
                         continue;
                     }
                 };
-                items.push(item(
-                    "status",
-                    format!("{id}:{state}"),
-                    recipient,
-                    None,
-                    status,
-                ));
+                // A group message has one status per participant: each is its own item.
+                let item_id = match status
+                    .get("recipient_participant_id")
+                    .and_then(Value::as_str)
+                {
+                    Some(participant) => format!("{id}:{state}:{participant}"),
+                    None => format!("{id}:{state}"),
+                };
+                items.push(item("status", item_id, recipient, None, status));
             }
             for error in list(&value, "errors") {
                 let id = format!("error:{}", digest(error.to_string().as_bytes()));

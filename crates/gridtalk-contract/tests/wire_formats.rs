@@ -84,6 +84,7 @@ async fn standard_and_legacy_single_object_headers_both_decode_and_the_standard_
         request_json: "{}".into(),
         rule: "r".into(),
         created_at: 0,
+        fallback_request_json: None,
     };
     let written = outbox.to_avro();
     let schema = OutboxMessage::schema();

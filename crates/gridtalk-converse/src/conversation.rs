@@ -157,12 +157,45 @@ struct Sent {
     contact_id: String,
     partner_id: String,
     wa_id: String,
+    /// The flow of the event it was about, as metric label ([`gridtalk_contract::flow_label_of`]).
+    flow: &'static str,
     /// Rank of the last status applied (0 none, 1 sent, 2 delivered, 3 read, 4 failed).
     status_rank: u8,
     /// The sent-log (and webhook) partition it came from: dropped with the partition.
     partition: i32,
     /// When WhatsApp accepted it: evicted `Settings::retention_ms` later.
     accepted_at_ms: i64,
+}
+
+/// The pricing category of a status Meta charges for: `pricing.type` `regular` (the free types
+/// are `free_customer_service` and `free_entry_point`), or, on older payloads without a type, the
+/// deprecated `billable: true`. Categories outside Meta's list are `other` (bounded labels).
+fn charged_category(status: &Value) -> Option<String> {
+    const CATEGORIES: [&str; 7] = [
+        "authentication",
+        "authentication-international",
+        "marketing",
+        "marketing_lite",
+        "utility",
+        "service",
+        "referral_conversion",
+    ];
+    let pricing = status.get("pricing")?;
+    let charged = match pricing.get("type").and_then(Value::as_str) {
+        Some(kind) => kind == "regular",
+        None => pricing.get("billable").and_then(Value::as_bool) == Some(true),
+    };
+    if !charged {
+        return None;
+    }
+    let category = pricing.get("category").and_then(Value::as_str)?;
+    Some(
+        CATEGORIES
+            .iter()
+            .find(|c| **c == category)
+            .map_or("other", |c| c)
+            .to_string(),
+    )
 }
 
 fn status_rank(status: &str) -> Option<u8> {
@@ -231,6 +264,13 @@ pub enum Outcome {
     Outbox(Box<OutboxMessage>),
     /// A command for a request's clock, for the decisions topic (see [`crate::overdue`]).
     Clock(Box<gridtalk_clock::ClockCommand>),
+    /// Meta charges for the message the status `response_id` reports on: counted once, with
+    /// that response (`gridtalk_whatsapp_billable_messages_total`), nothing published.
+    Billed {
+        response_id: String,
+        category: String,
+        flow: &'static str,
+    },
 }
 
 /// What a response or a reply needs to know about the request it answers.
@@ -582,6 +622,7 @@ impl Conversations {
                 contact_id: sent.contact_id.clone(),
                 partner_id: sent.partner_id.clone(),
                 wa_id: sent.wa_id.clone(),
+                flow: gridtalk_contract::flow_label_of(&sent.event_type),
                 status_rank: self
                     .restored_ranks
                     .remove(&sent.wamid)
@@ -657,8 +698,20 @@ impl Conversations {
             );
             return done("unknown", vec![Outcome::Audit(audit)]);
         };
+        // Meta prices a message on `sent` and repeats it on `delivered` or `read`: the first
+        // status applied counts it (a `read` that overtook the rest carries it too). A group
+        // message is priced per participant, on each participant's own status.
+        let per_participant = v.get("recipient_participant_id").is_some();
+        let billed = (per_participant || sent.status_rank == 0)
+            .then(|| charged_category(v))
+            .flatten()
+            .map(|category| Outcome::Billed {
+                response_id: item.item_id.clone(),
+                category,
+                flow: sent.flow,
+            });
         if rank <= sent.status_rank {
-            return done("stale_status", Vec::new());
+            return done("stale_status", billed.into_iter().collect());
         }
         sent.status_rank = rank;
         self.changes
@@ -688,7 +741,9 @@ impl Conversations {
             received_at: meta_time_ms(v).unwrap_or(item.received_at_ms),
             body,
         };
-        done("status", vec![Outcome::Response(response)])
+        let mut outcomes = vec![Outcome::Response(response)];
+        outcomes.extend(billed);
+        done("status", outcomes)
     }
 
     fn answer_of(v: &Value) -> Option<Answer> {
@@ -1175,20 +1230,24 @@ pub(crate) fn reply(
         .filter(|l| settings.confirmation_languages.contains(l))
         .or_else(|| settings.confirmation_languages.first().cloned())
         .unwrap_or_else(|| "en_US".into());
-    let (template_name, body) = if to.inside_window {
-        (None, gridtalk_whatsapp::text_message(to.wa_id, &text))
-    } else {
-        let template = &settings.confirmation_template;
+    let template = &settings.confirmation_template;
+    let templated = gridtalk_whatsapp::template_message(
+        to.wa_id,
+        template,
+        &language,
+        &[request.id.clone(), note],
+        &[],
+    );
+    // Free-form text carries the template with it: the window may have closed by the time the
+    // send stage sends it (or WhatsApp may disagree, 131047), and then the template goes.
+    let (template_name, body, fallback) = if to.inside_window {
         (
-            Some(template.clone()),
-            gridtalk_whatsapp::template_message(
-                to.wa_id,
-                template,
-                &language,
-                &[request.id.clone(), note],
-                &[],
-            ),
+            None,
+            gridtalk_whatsapp::text_message(to.wa_id, &text),
+            Some(templated.to_string()),
         )
+    } else {
+        (Some(template.clone()), templated, None)
     };
     // Answer from the number the person wrote to.
     let phone_number_id = to
@@ -1210,6 +1269,22 @@ pub(crate) fn reply(
         request_json: body.to_string(),
         rule: format!("converse-{kind}"),
         created_at: now_ms,
+        fallback_request_json: fallback,
+    }
+}
+
+/// The outbox record that marks the message `reply` answers read, with the typing indicator,
+/// from the number the reply goes from. Its message id derives from the reply's, so a replayed
+/// item queues the same mark, which the send stage makes once.
+pub(crate) fn read_mark(reply: &OutboxMessage) -> OutboxMessage {
+    OutboxMessage {
+        message_id: short_hash(&[&reply.message_id, "read"]),
+        event_type: gridtalk_contract::READ_MARK_EVENT_TYPE.into(),
+        template_name: None,
+        request_json: gridtalk_whatsapp::mark_read_with_typing(&reply.event_id).to_string(),
+        rule: format!("{}-read", reply.rule),
+        fallback_request_json: None,
+        ..reply.clone()
     }
 }
 
@@ -1798,6 +1873,81 @@ opted_in = true
             && r.body == ResponseBody::DeliveryStatus { status: "FAILED".into(),
                 error_code: Some(131026), error_title: Some("Message undeliverable".into()) })
         );
+    }
+
+    #[test]
+    fn each_charged_message_is_counted_once_by_category_and_flow_and_each_group_participant_too() {
+        let mut c = conversations();
+        for (wamid, event_type) in [
+            ("w1", "tg.invoice.delivered"),
+            ("w2", "tg.po.received"),
+            ("w3", "tg.asn.sent"),
+            ("g1", "ops.summary.published"),
+        ] {
+            c.apply_sent(
+                0,
+                &sent(wamid, event_type, wamid, "acme-orders", "15550100001"),
+            );
+        }
+        let status = |wamid: &str, state: &str, extra: Value| {
+            let mut v = json!({"id": wamid, "status": state, "timestamp": "1795514400",
+                               "recipient_id": "15550100001"});
+            let participant = extra
+                .get("recipient_participant_id")
+                .and_then(Value::as_str)
+                .map(String::from);
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            WebhookItem {
+                kind: "status".into(),
+                item_id: match participant {
+                    Some(p) => format!("{wamid}:{state}:{p}"),
+                    None => format!("{wamid}:{state}"),
+                },
+                contact: "15550100001".into(),
+                phone_number_id: None,
+                profile_name: None,
+                received_at_ms: NOW,
+                item: v,
+            }
+        };
+        let billed = |c: &mut Conversations, item: WebhookItem| -> Vec<(String, &'static str)> {
+            outcomes(c.handle(0, &item, &directory(), NOW, false))
+                .into_iter()
+                .filter_map(|o| match o {
+                    Outcome::Billed { category, flow, .. } => Some((category, flow)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let utility =
+            json!({"pricing": {"pricing_model": "PMP", "category": "utility", "type": "regular"}});
+        // Priced on `sent`, repeated on `delivered`: counted once.
+        assert_eq!(
+            billed(&mut c, status("w1", "sent", utility.clone())),
+            [("utility".to_string(), "b")]
+        );
+        assert!(billed(&mut c, status("w1", "delivered", utility.clone())).is_empty());
+        assert!(billed(&mut c, status("w1", "read", json!({}))).is_empty());
+        // A free customer-service message is not charged; an old payload says `billable`.
+        let free = json!({"pricing": {"category": "service", "type": "free_customer_service"}});
+        assert!(billed(&mut c, status("w2", "delivered", free)).is_empty());
+        let old =
+            json!({"pricing": {"billable": true, "pricing_model": "CBP", "category": "marketing"}});
+        assert_eq!(
+            billed(&mut c, status("w3", "read", old)),
+            [("marketing".to_string(), "c")]
+        );
+        // A group message: each participant's priced status counts, a redelivery does not.
+        assert!(billed(&mut c, status("g1", "sent", json!({}))).is_empty());
+        for participant in ["15550100002", "15550100003"] {
+            let mut priced = utility.clone();
+            priced["recipient_participant_id"] = json!(participant);
+            let item = status("g1", "delivered", priced);
+            assert_eq!(billed(&mut c, item.clone()), [("utility".to_string(), "h")]);
+            assert!(billed(&mut c, item).is_empty(), "a redelivery");
+        }
     }
 
     #[test]

@@ -687,6 +687,24 @@ pub(crate) fn publish_for(
                     }),
                 )
             }
+            Outcome::Billed {
+                response_id,
+                category,
+                flow,
+            } => {
+                // Counted with its status response: once, not again on a replay.
+                if !published
+                    .lock()
+                    .expect("published")
+                    .contains_key(response_id)
+                {
+                    metrics
+                        .billable_messages
+                        .with_label_values(&[category.as_str(), flow])
+                        .inc();
+                }
+                continue;
+            }
             Outcome::Reply(o) => {
                 let form = if o.template_name.is_some() {
                     "template"
@@ -697,6 +715,22 @@ pub(crate) fn publish_for(
                     .confirmations
                     .with_label_values(&[o.event_type.trim_start_matches("gridtalk.answer."), form])
                     .inc();
+                // First the person's message marked read with the typing indicator: the same
+                // outbox partition, so the send stage does it before the confirmation.
+                if publishing.config.converse.mark_read {
+                    let (topic, key, bytes, headers) =
+                        outbox_record(&topics.outbox, &crate::conversation::read_mark(o));
+                    let produced = FutureRecord::to(topic)
+                        .key(&key)
+                        .payload(&bytes)
+                        .headers(headers);
+                    match publishing.producer.send_result(produced) {
+                        Ok(delivery) => deliveries.push(delivery),
+                        Err((e, _)) => {
+                            return completion.fail(format!("read mark for item {item_id}: {e}"))
+                        }
+                    }
+                }
                 outbox_record(&topics.outbox, o)
             }
         };
@@ -795,20 +829,22 @@ fn outbox_record<'t>(
     topic: &'t String,
     o: &gridtalk_contract::OutboxMessage,
 ) -> (&'t String, String, Vec<u8>, OwnedHeaders) {
-    (
-        topic,
-        o.phone_number_id.clone(),
-        o.to_avro(),
-        OwnedHeaders::new()
-            .insert(Header {
-                key: "gridtalk.event_id",
-                value: Some(o.event_id.as_bytes()),
-            })
-            .insert(Header {
-                key: "gridtalk.message_id",
-                value: Some(o.message_id.as_bytes()),
-            }),
-    )
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "gridtalk.event_id",
+            value: Some(o.event_id.as_bytes()),
+        })
+        .insert(Header {
+            key: "gridtalk.message_id",
+            value: Some(o.message_id.as_bytes()),
+        });
+    if let Some(fallback) = &o.fallback_request_json {
+        headers = headers.insert(Header {
+            key: gridtalk_contract::FALLBACK_HEADER,
+            value: Some(fallback.as_bytes()),
+        });
+    }
+    (topic, o.phone_number_id.clone(), o.to_avro(), headers)
 }
 
 /// The ids of the responses published within `converse.replay_lookback_ms`, in either framing.

@@ -261,24 +261,7 @@ pub fn recent_payloads(
     deadline: Duration,
 ) -> Result<Vec<Vec<u8>>, KafkaError> {
     let consumer = tail_reader(config)?;
-    let metadata = consumer.fetch_metadata(Some(topic), deadline)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut wanted = TopicPartitionList::new();
-    for partition in &partitions {
-        wanted.add_partition_offset(topic, *partition, Offset::Offset(since_ms))?;
-    }
-    let found = consumer.offsets_for_times(wanted, deadline)?;
-    let mut tpl = TopicPartitionList::new();
-    for element in found.elements() {
-        // A partition with nothing that recent answers with its end (or an invalid offset).
-        if let Offset::Offset(offset) = element.offset() {
-            tpl.add_partition_offset(topic, element.partition(), Offset::Offset(offset))?;
-        }
-    }
+    let tpl = positions_since(&consumer, topic, since_ms, deadline)?;
     let mut payloads = Vec::new();
     read_to_end(&consumer, topic, &tpl, deadline, |message| {
         // Brokers that cannot look a time up answer with an earlier offset; the record
@@ -292,6 +275,108 @@ pub fn recent_payloads(
         }
     })?;
     Ok(payloads)
+}
+
+/// Where each partition of `topic` holds its first record at or after `since_ms` (a partition
+/// with nothing that recent: its end).
+fn positions_since<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    since_ms: i64,
+    deadline: Duration,
+) -> Result<TopicPartitionList, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), deadline)?;
+    let mut wanted = TopicPartitionList::new();
+    for partition in metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+    {
+        wanted.add_partition_offset(topic, partition, Offset::Offset(since_ms))?;
+    }
+    let found = consumer.offsets_for_times(wanted, deadline)?;
+    let mut tpl = TopicPartitionList::new();
+    for element in found.elements() {
+        match element.offset() {
+            Offset::Offset(offset) => {
+                tpl.add_partition_offset(topic, element.partition(), Offset::Offset(offset))?
+            }
+            // Nothing that recent: what comes next.
+            _ => tpl.add_partition_offset(topic, element.partition(), Offset::End)?,
+        }
+    }
+    Ok(tpl)
+}
+
+/// Reads every partition of a topic from a point in time on, as records arrive (outside any
+/// consumer group, nothing committed): for looking something up in recent traffic.
+pub struct TopicFollower {
+    consumer: BaseConsumer<RestoreContext>,
+    since_ms: i64,
+    /// Where each partition was started: `None` at its end (nothing that recent).
+    starts: HashMap<i32, Option<i64>>,
+}
+
+impl TopicFollower {
+    /// Starts at the first record of each partition at or after `since_ms`.
+    pub fn since(
+        config: &KafkaConfig,
+        topic: &str,
+        since_ms: i64,
+        deadline: Duration,
+    ) -> Result<Self, KafkaError> {
+        let consumer = tail_reader(config)?;
+        let tpl = positions_since(&consumer, topic, since_ms, deadline)?;
+        consumer.assign(&tpl)?;
+        let starts = tpl
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(offset) => (e.partition(), Some(offset)),
+                _ => (e.partition(), None),
+            })
+            .collect();
+        Ok(TopicFollower {
+            consumer,
+            since_ms,
+            starts,
+        })
+    }
+
+    /// Where each partition was started (`None`: at its end, nothing that recent).
+    pub fn starts(&self) -> &HashMap<i32, Option<i64>> {
+        &self.starts
+    }
+
+    /// The next record, waiting up to `timeout`; `None` when nothing came. The payload of a
+    /// record older than the start (a broker that cannot look a time up answers an earlier
+    /// offset) or without a value is `None`.
+    pub fn next(&self, timeout: Duration) -> Result<Option<Followed>, KafkaError> {
+        match self.consumer.poll(timeout) {
+            None => Ok(None),
+            Some(Err(RdKafkaError::PartitionEOF(_))) => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(message)) => {
+                let recent = message
+                    .timestamp()
+                    .to_millis()
+                    .is_none_or(|at| at >= self.since_ms);
+                Ok(Some(Followed {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    payload: message.payload().filter(|_| recent).map(<[u8]>::to_vec),
+                }))
+            }
+        }
+    }
+}
+
+/// One record a [`TopicFollower`] read.
+#[derive(Debug)]
+pub struct Followed {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Option<Vec<u8>>,
 }
 
 /// Enqueues a change of `key` on partition `partition` of `topic` (`None` deletes it); await the

@@ -81,10 +81,7 @@ pub async fn dead_letter<M: Message>(
     extra: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<(), KafkaError> {
-    let failed_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
+    let failed_at = now_ms();
     let partition = source.partition().to_string();
     let offset = source.offset().to_string();
     let timestamp = source.timestamp().to_millis().unwrap_or(-1).to_string();
@@ -243,6 +240,16 @@ pub struct ReplayReport {
     pub truncated_skipped: usize,
     /// Matching letters whose record an earlier replay already re-published.
     pub already_replayed: usize,
+    /// Matching letters whose `gridtalk.dlq.retry_not_before` has not come yet (WhatsApp asked
+    /// for a day's wait, `whatsapp_retry_later`): left for a later replay.
+    pub not_yet_due: usize,
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn header<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> {
@@ -428,6 +435,13 @@ pub async fn replay_dead_letters(
         ) {
             continue;
         }
+        let not_before: Option<i64> = headers
+            .and_then(|h| header(h, "gridtalk.dlq.retry_not_before"))
+            .and_then(|t| t.parse().ok());
+        if not_before.is_some_and(|t| t > now_ms()) {
+            report.not_yet_due += 1;
+            continue;
+        }
         if headers.and_then(|h| header(h, "gridtalk.dlq.truncated")) == Some("true") {
             tracing::warn!(
                 offset = message.offset(),
@@ -475,9 +489,7 @@ pub async fn replay_dead_letters(
             .send(record, Duration::from_millis(config.request_timeout_ms))
             .await
             .map_err(|(e, _)| KafkaError::Client(e))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now = now_ms();
         let at = now.to_string();
         crate::changelog::write(
             producer,

@@ -302,6 +302,7 @@ mod tests {
             request_json: "{}".into(),
             rule: "r".into(),
             created_at: 0,
+            fallback_request_json: None,
         }
     }
 

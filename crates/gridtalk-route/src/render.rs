@@ -411,6 +411,7 @@ pub(crate) fn render(
         request_json: body.to_string(),
         rule: rule.to_string(),
         created_at: now_ms,
+        fallback_request_json: None,
     })
 }
 

@@ -45,6 +45,18 @@ pub struct ApprovedTemplate {
     pub languages: Vec<String>,
     pub body_parameters: usize,
     pub quick_replies: usize,
+    /// Meta's category (`UTILITY`, `MARKETING`, `AUTHENTICATION`): what a delivered message of
+    /// it is priced as.
+    #[serde(default = "utility")]
+    pub category: String,
+    /// Meta's review status: only `APPROVED` templates can be sent (`PAUSED` answers 132015,
+    /// `DISABLED` 132016, anything else 132001).
+    #[serde(default = "approved")]
+    pub status: String,
+    /// The buttons' types as the catalogue lists them, when not all quick replies (a `URL`
+    /// button, say); empty: `quick_replies` quick-reply buttons.
+    #[serde(default)]
+    pub button_kinds: Vec<String>,
     /// Body text with `{{n}}` placeholders, for people looking at the sandbox.
     #[serde(default)]
     pub text: String,
@@ -55,6 +67,18 @@ pub struct ApprovedTemplate {
     /// sent in, as WhatsApp shows the approved translation.
     #[serde(default)]
     pub translations: std::collections::BTreeMap<String, Translation>,
+}
+
+fn utility() -> String {
+    "UTILITY".into()
+}
+
+fn approved() -> String {
+    "APPROVED".into()
+}
+
+fn default_business_account() -> String {
+    "102290129340398".into()
 }
 
 /// One language's approved text and button titles.
@@ -90,6 +114,12 @@ pub struct InboundMessage {
     pub sent_at_ms: i64,
     /// Whether gridtalk's webhook endpoint accepted it (2xx).
     pub delivered: bool,
+    /// When the business marked it read (`"status": "read"`), and whether it showed the typing
+    /// indicator with it.
+    #[serde(default)]
+    pub read_at_ms: Option<i64>,
+    #[serde(default)]
+    pub typing_shown: bool,
 }
 
 /// Faults to inject, changeable at run time through `POST /_sandbox/faults`.
@@ -122,6 +152,15 @@ pub struct SandboxConfig {
     /// Recipients (digits) whose messages are accepted but then fail delivery: their status
     /// webhook is `failed` with error 131026, as Meta reports an undeliverable message.
     pub undeliverable: Vec<String>,
+    /// Recipients (digits) whose sends Meta refuses with an error code: the answer is Meta's
+    /// error body for that code, e.g. 130497 for a country the business may not message,
+    /// 131049 for a user at their marketing cap, 131047 (free-form messages only) for Meta
+    /// seeing the window closed whatever the webhooks said.
+    #[serde(default)]
+    pub refusals: std::collections::BTreeMap<String, i64>,
+    /// The WhatsApp Business Account id whose template catalogue the sandbox serves.
+    #[serde(default = "default_business_account")]
+    pub business_account_id: String,
     /// The sending business's display name, shown at the top of every chat as WhatsApp shows it.
     pub business_name: String,
     /// Who holds each phone (digits): shown on the phones page, and their name is the WhatsApp
@@ -206,6 +245,8 @@ impl Default for SandboxConfig {
             pair_burst: 45,
             faults: Faults::default(),
             undeliverable: Vec::new(),
+            refusals: std::collections::BTreeMap::new(),
+            business_account_id: default_business_account(),
             business_name: "Sandbox Business".into(),
             people: std::collections::BTreeMap::new(),
         }
@@ -246,6 +287,9 @@ pub struct Stats {
     pub errors: HashMap<String, u64>,
     pub webhooks_sent: u64,
     pub webhooks_failed: u64,
+    /// Inbound messages marked read (`"status": "read"` requests answered `{"success": true}`).
+    #[serde(default)]
+    pub read_marks: u64,
 }
 
 struct Inner {
@@ -294,6 +338,39 @@ fn graph_error(status: StatusCode, code: i64, title: &str, details: &str) -> Res
         "fbtrace_id": trace,
     }});
     (status, Json(body)).into_response()
+}
+
+/// Meta's answer for a refused send with `code`, as its error-code table words it (HTTP 400
+/// with the code's title and details; codes not listed get a generic title).
+fn documented_refusal(code: i64) -> Rejection {
+    let (title, details) = match code {
+        130497 => (
+            "Business account is restricted from messaging users in this country",
+            "Message failed to send because the business account is restricted from messaging users in this country.",
+        ),
+        131062 => (
+            "Business-scoped User ID (BSUID) recipients are not supported for this message",
+            "Message failed to send because this message type does not support a business-scoped user ID recipient; send it to the user's phone number.",
+        ),
+        131049 => (
+            "This message was not delivered to maintain healthy ecosystem engagement.",
+            "In order to maintain a healthy ecosystem engagement, the message failed to be delivered.",
+        ),
+        131026 => (
+            "Message undeliverable",
+            "Message could not be delivered to the recipient.",
+        ),
+        131057 => (
+            "Account in maintenance mode",
+            "Business account is in maintenance mode: the phone number's throughput is being upgraded.",
+        ),
+        131047 => (
+            "Re-engagement message",
+            "Message failed to send because more than 24 hours have passed since the customer last replied to this number.",
+        ),
+        _ => ("Message failed to send", "The message could not be sent."),
+    };
+    reject(StatusCode::BAD_REQUEST, code, title, details)
 }
 
 /// Meta's OAuth error body: unlike the WhatsApp errors, no `(#code)` prefix and no `error_data`;
@@ -372,6 +449,7 @@ impl Sandbox {
         let app = Router::new()
             .route("/{version}/{id}/messages", post(send_message))
             .route("/{version}/{id}/groups", post(groups::create_group))
+            .route("/{version}/{id}/message_templates", get(message_templates))
             .route("/{version}/{id}/invite_link", post(groups::invite_link))
             .route("/_sandbox/groups", get(groups::list))
             .route("/_sandbox/groups/{group_id}/join", post(groups::join))
@@ -523,6 +601,8 @@ impl Sandbox {
                 context,
                 sent_at_ms: now.timestamp_millis(),
                 delivered,
+                read_at_ms: None,
+                typing_shown: false,
             });
         if delivered {
             Ok(id)
@@ -574,6 +654,60 @@ impl Sandbox {
 
     pub fn messages(&self) -> Vec<ReceivedMessage> {
         self.inner.lock().expect("sandbox").messages.clone()
+    }
+
+    /// The business account's templates (the catalogue the sandbox serves and sends against).
+    pub fn templates(&self) -> Vec<ApprovedTemplate> {
+        self.inner.lock().expect("sandbox").config.templates.clone()
+    }
+
+    /// Replaces the business account's templates, as Meta's review (a pause, a rejection, an
+    /// edit) would change them.
+    pub fn set_templates(&self, templates: Vec<ApprovedTemplate>) {
+        self.inner.lock().expect("sandbox").config.templates = templates;
+    }
+
+    /// Meta's review changes a template's status (`PAUSED`, `DISABLED`, `APPROVED` again, …) in
+    /// every language: sends follow it at once, and a `message_template_status_update` webhook
+    /// per language tells gridtalk (Meta's `event` is the new status).
+    pub async fn set_template_status(&self, name: &str, status: &str) -> Result<(), String> {
+        let (url, secret, languages, id) = {
+            let mut inner = self.inner.lock().expect("sandbox");
+            let url = inner.config.webhook_url.clone();
+            let secret = inner.config.app_secret.clone();
+            let position = inner
+                .config
+                .templates
+                .iter()
+                .position(|t| t.name == name)
+                .ok_or_else(|| format!("no template {name}"))?;
+            let template = &mut inner.config.templates[position];
+            template.status = status.to_string();
+            (
+                url,
+                secret,
+                template.languages.clone(),
+                1_000_000_000_000u64 + position as u64 * 100,
+            )
+        };
+        let Some(url) = url else { return Ok(()) };
+        for language in languages {
+            let value = json!({
+                "event": status,
+                "message_template_id": id,
+                "message_template_name": name,
+                "message_template_language": language,
+                "reason": if status == "APPROVED" { Value::Null } else { json!("LOW_QUALITY") },
+            });
+            self.post_webhook_field(&url, &secret, "message_template_status_update", value)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// The messages people sent, as delivered to gridtalk (and whether gridtalk marked them read).
+    pub fn inbound(&self) -> Vec<InboundMessage> {
+        self.inner.lock().expect("sandbox").inbound.clone()
     }
 
     /// Who holds the phone `digits`, if the sandbox was told.
@@ -670,6 +804,7 @@ impl Sandbox {
             self.schedule_group_statuses(message, participants, url, secret);
             return;
         }
+        let pricing = self.pricing_of(message);
         let sandbox = self.clone();
         let message = message.clone();
         tokio::spawn(async move {
@@ -684,12 +819,14 @@ impl Sandbox {
                 let mut entry = json!({"id": message.wamid, "status": status,
                                        "timestamp": (chrono::Utc::now().timestamp()).to_string(),
                                        "recipient_id": message.to});
+                echo_callback(&mut entry, &message);
                 if *status == "failed" {
                     entry["errors"] = json!([{"code": 131026, "title": "Message undeliverable",
                         "message": "Message undeliverable",
                         "error_data": {"details": "Message could not be delivered to the recipient"}}]);
-                } else {
-                    entry["pricing"] = json!({"billable": true, "pricing_model": "PMP", "category": "utility", "type": "regular"});
+                } else if *status != "read" {
+                    // Meta prices a message on `sent` and repeats it on one of delivered/read.
+                    entry["pricing"] = pricing.clone();
                 }
                 let value = json!({
                     "messaging_product": "whatsapp",
@@ -703,6 +840,28 @@ impl Sandbox {
 }
 
 impl Sandbox {
+    /// The `pricing` of a delivered message, as Meta reports it since October 2026: a template
+    /// is priced by its category, anything else (free-form, inside the service window) as
+    /// `service`; both are charged (`regular`).
+    fn pricing_of(&self, message: &ReceivedMessage) -> Value {
+        let category = match &message.template {
+            Some(name) => self
+                .inner
+                .lock()
+                .expect("sandbox")
+                .config
+                .templates
+                .iter()
+                .find(|t| &t.name == name)
+                .map_or_else(
+                    || "utility".to_string(),
+                    |t| t.category.to_ascii_lowercase(),
+                ),
+            None => "service".to_string(),
+        };
+        json!({"billable": true, "pricing_model": "PMP", "category": category, "type": "regular"})
+    }
+
     /// A group message's statuses as Meta reports them: one group-level `sent`, then `delivered`
     /// and `read` for each participant (`recipient_participant_id`), each billed.
     fn schedule_group_statuses(
@@ -712,6 +871,7 @@ impl Sandbox {
         url: String,
         secret: String,
     ) {
+        let pricing = self.pricing_of(message);
         let sandbox = self.clone();
         let message = message.clone();
         tokio::spawn(async move {
@@ -720,9 +880,12 @@ impl Sandbox {
                 let mut entry = json!({"id": message.wamid, "status": status,
                                        "timestamp": chrono::Utc::now().timestamp().to_string(),
                                        "recipient_id": message.to, "recipient_type": "group"});
+                echo_callback(&mut entry, &message);
                 if let Some(p) = participant {
                     entry["recipient_participant_id"] = json!(p);
-                    entry["pricing"] = json!({"billable": true, "pricing_model": "PMP", "category": "utility", "type": "regular"});
+                    if status == "delivered" {
+                        entry["pricing"] = pricing.clone();
+                    }
                 }
                 json!({"messaging_product": "whatsapp", "metadata": metadata, "statuses": [entry]})
             };
@@ -745,6 +908,16 @@ impl Sandbox {
         });
     }
 }
+
+/// Meta echoes a send's `biz_opaque_callback_data` in every status of the message.
+fn echo_callback(status: &mut Value, message: &ReceivedMessage) {
+    if let Some(callback) = message.request.get("biz_opaque_callback_data") {
+        status["biz_opaque_callback_data"] = callback.clone();
+    }
+}
+
+/// Meta's limit on `biz_opaque_callback_data`.
+const MAX_CALLBACK_DATA_CHARS: usize = 512;
 
 type Rejection = (i64, Response);
 
@@ -830,6 +1003,23 @@ fn validate_and_accept(
         })?
     };
     let to = to.as_str();
+    if let Some(code) = inner.config.refusals.get(to) {
+        // 131047 is about free-form messages only: a template still goes.
+        let template = request.get("type").and_then(Value::as_str) == Some("template");
+        if !(*code == 131047 && template) {
+            return Err(documented_refusal(*code));
+        }
+    }
+    match request.get("biz_opaque_callback_data") {
+        None => {}
+        Some(Value::String(data)) if data.chars().count() <= MAX_CALLBACK_DATA_CHARS => {}
+        Some(Value::String(_)) => {
+            return Err(invalid(&format!(
+                "biz_opaque_callback_data: at most {MAX_CALLBACK_DATA_CHARS} characters"
+            )))
+        }
+        Some(_) => return Err(invalid("biz_opaque_callback_data must be a string")),
+    }
     let kind = request
         .get("type")
         .and_then(Value::as_str)
@@ -1045,6 +1235,26 @@ fn validate_template(
     if !approved.languages.iter().any(|l| l == language) {
         return Err(missing());
     }
+    match approved.status.to_ascii_uppercase().as_str() {
+        "APPROVED" => {}
+        "PAUSED" => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                132015,
+                "Template is Paused",
+                &format!("template {name} is paused because of low quality"),
+            ))
+        }
+        "DISABLED" => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                132016,
+                "Template is Disabled",
+                &format!("template {name} is disabled because of low quality"),
+            ))
+        }
+        _ => return Err(missing()),
+    }
     let components = request
         .pointer("/template/components")
         .and_then(Value::as_array)
@@ -1153,10 +1363,161 @@ async fn send_message(
         *inner.stats.errors.entry("500".into()).or_default() += 1;
         return (StatusCode::INTERNAL_SERVER_ERROR, "upstream unavailable").into_response();
     }
-    if slow {
-        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
+    // Meta goes on with a request whose caller stopped waiting (a client timeout): the work runs
+    // in its own task, which the caller's disconnect does not cancel.
+    let work = tokio::spawn(async move {
+        if slow {
+            tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
+        }
+        let read_mark = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .filter(|r| r.get("status").and_then(Value::as_str) == Some("read"));
+        match read_mark {
+            Some(request) => mark_read(&sandbox, &phone_number_id, &headers, &request),
+            None => accept_message(&sandbox, &version, &phone_number_id, &headers, &body),
+        }
+    });
+    work.await
+        .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
+}
+
+/// `GET /{version}/{waba-id}/message_templates`: the business account's templates as Meta lists
+/// them, one entry per language (`name`, `language`, `status`, `category`, `id`, `components`
+/// with the `BODY` text and the `BUTTONS`), `limit` per page (default 25) with an `after`
+/// cursor and `paging.next`. Only the sandbox's business account id is known (100 otherwise).
+async fn message_templates(
+    State(sandbox): State<Sandbox>,
+    Path((version, waba)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let inner = sandbox.inner.lock().expect("sandbox");
+    let token_ok = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| inner.config.valid_tokens.iter().any(|v| v == t));
+    if !token_ok {
+        return oauth_error(
+            190,
+            None,
+            "Invalid OAuth access token - Cannot parse access token",
+        )
+        .1;
     }
-    match sandbox.handle(&version, &phone_number_id, &headers, &body) {
+    if waba != inner.config.business_account_id {
+        return invalid(&format!(
+            "Unsupported get request. Object with ID '{waba}' does not exist"
+        ))
+        .1;
+    }
+    let mut entries = Vec::new();
+    for (n, t) in inner.config.templates.iter().enumerate() {
+        for (l, language) in t.languages.iter().enumerate() {
+            let text = t
+                .translations
+                .get(language)
+                .map_or(t.text.as_str(), |tr| tr.text.as_str());
+            let mut components = vec![json!({"type": "BODY", "text": text})];
+            let kinds: Vec<String> = if t.button_kinds.is_empty() {
+                vec!["QUICK_REPLY".to_string(); t.quick_replies]
+            } else {
+                t.button_kinds.clone()
+            };
+            if !kinds.is_empty() {
+                let buttons: Vec<Value> = kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, kind)| {
+                        let title = t
+                            .button_titles
+                            .get(i)
+                            .cloned()
+                            .unwrap_or_else(|| format!("Button {}", i + 1));
+                        json!({"type": kind, "text": title})
+                    })
+                    .collect();
+                components.push(json!({"type": "BUTTONS", "buttons": buttons}));
+            }
+            entries.push(json!({
+                "name": t.name, "language": language, "status": t.status, "category": t.category,
+                "id": format!("{}", 1_000_000_000_000u64 + (n as u64) * 100 + l as u64),
+                "components": components,
+            }));
+        }
+    }
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(25)
+        .clamp(1, 1000);
+    let after: usize = query.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+    let page: Vec<Value> = entries.iter().skip(after).take(limit).cloned().collect();
+    let mut paging = json!({"cursors": {"before": after.to_string(), "after": (after + page.len()).to_string()}});
+    if after + page.len() < entries.len() {
+        paging["next"] = json!(format!(
+            "{}/{version}/{waba}/message_templates?limit={limit}&after={}",
+            sandbox.base_url(),
+            after + page.len()
+        ));
+    }
+    Json(json!({"data": page, "paging": paging})).into_response()
+}
+
+/// `"status": "read"` on the messages endpoint: marks an inbound message read (Meta's typing
+/// indicator with `typing_indicator: {"type": "text"}`), answered `{"success": true}`. The
+/// message must be one a person sent to this number; Meta answers 100 otherwise.
+fn mark_read(
+    sandbox: &Sandbox,
+    phone_number_id: &str,
+    headers: &HeaderMap,
+    request: &Value,
+) -> Response {
+    let mut inner = sandbox.inner.lock().expect("sandbox");
+    inner.stats.requests += 1;
+    let checked = (|| {
+        authorize(&inner, phone_number_id, headers)?;
+        let id = request
+            .get("message_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("The parameter message_id is required."))?;
+        let typing = match request.get("typing_indicator") {
+            None => false,
+            Some(t) if t.get("type").and_then(Value::as_str) == Some("text") => true,
+            Some(_) => return Err(invalid("typing_indicator.type must be \"text\"")),
+        };
+        Ok((id.to_string(), typing))
+    })();
+    let (id, typing) = match checked {
+        Ok(checked) => checked,
+        Err((code, response)) => {
+            *inner.stats.errors.entry(code.to_string()).or_default() += 1;
+            return response;
+        }
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let Some(message) = inner.inbound.iter_mut().find(|m| m.wamid == id) else {
+        *inner.stats.errors.entry("100".into()).or_default() += 1;
+        return invalid(&format!(
+            "message_id: {id} is not a message this number received"
+        ))
+        .1;
+    };
+    message.read_at_ms.get_or_insert(now);
+    message.typing_shown |= typing;
+    inner.stats.read_marks += 1;
+    Json(json!({"success": true})).into_response()
+}
+
+/// The answer to one send: accepted (statuses scheduled) or refused with Meta's error body.
+fn accept_message(
+    sandbox: &Sandbox,
+    version: &str,
+    phone_number_id: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    match sandbox.handle(version, phone_number_id, headers, body) {
         Ok(message) => {
             sandbox.schedule_statuses(&message);
             if message.request["recipient_type"] == "group" {
@@ -1248,6 +1609,9 @@ pub fn templates_from_config(
             languages: t.languages.clone(),
             body_parameters: t.body.len(),
             quick_replies: t.buttons.len(),
+            category: t.category.to_ascii_uppercase(),
+            status: approved(),
+            button_kinds: Vec::new(),
             text: t.text.clone(),
             button_titles: t.buttons.iter().map(|b| b.title.clone()).collect(),
             translations: t

@@ -49,7 +49,9 @@ impl Coalescing {
 
     /// Whether the message only informs (may be merged into a digest).
     pub(crate) fn is_informational(&self, message: &OutboxMessage) -> bool {
-        if message.event_type.starts_with("gridtalk.answer.") {
+        if message.event_type.starts_with("gridtalk.answer.")
+            || message.event_type == gridtalk_contract::READ_MARK_EVENT_TYPE
+        {
             return false;
         }
         let Ok(request) = serde_json::from_str::<Value>(&message.request_json) else {
@@ -212,6 +214,7 @@ mod tests {
             request_json: request.to_string(),
             rule: "r".into(),
             created_at: 0,
+            fallback_request_json: None,
         }
     }
 

@@ -9,6 +9,12 @@
 //! charge the previous owner's recent sends to its pair limiter.
 //! A partition's entries are restored from the changelog before its first record is handled and
 //! dropped when the partition is revoked; expired entries are deleted with tombstones.
+//!
+//! Before a request goes out, the message's *intent* is written to the same key (no wamid yet,
+//! the request's `biz_opaque_callback_data` instead) and acknowledged: a message whose entry is
+//! still an intent when its record comes back is *in doubt* — the request may or may not have
+//! reached WhatsApp — and is resolved from the status webhooks before it may be sent again (see
+//! `crate::in_doubt`).
 
 use std::collections::HashMap;
 
@@ -39,7 +45,29 @@ impl SentIndex {
         self.partitions
             .get(&partition)?
             .get(message_id)
-            .map(|e| IndexedSend::decode(&e.value).wamid)
+            .map(|e| IndexedSend::decode(&e.value))
+            .filter(|send| !send.is_intent())
+            .map(|send| send.wamid)
+    }
+
+    /// The intent of `message_id` when it has no outcome: its request may have reached WhatsApp.
+    pub fn in_doubt(&self, partition: i32, message_id: &str) -> Option<IndexedSend> {
+        self.partitions
+            .get(&partition)?
+            .get(message_id)
+            .map(|e| IndexedSend::decode(&e.value))
+            .filter(IndexedSend::is_intent)
+    }
+
+    /// Every message of `partition` in doubt.
+    pub fn in_doubt_of(&self, partition: i32) -> Vec<IndexedSend> {
+        self.partitions
+            .get(&partition)
+            .into_iter()
+            .flat_map(HashMap::values)
+            .map(|e| IndexedSend::decode(&e.value))
+            .filter(IndexedSend::is_intent)
+            .collect()
     }
 
     pub fn record(
@@ -92,29 +120,45 @@ impl SentIndex {
     }
 }
 
-/// One accepted send as the changelog holds it: `wamid`, recipient and send time, tab-separated.
+/// One send as the changelog holds it: `wamid`, recipient, send time and the request's
+/// `biz_opaque_callback_data`, tab-separated. An intent (the request about to go out) has no
+/// wamid yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexedSend {
+    /// Empty for an intent.
     pub wamid: String,
     pub recipient: String,
-    /// Wall-clock milliseconds when the request went to WhatsApp.
+    /// Wall-clock milliseconds when the request went (or was about to go) to WhatsApp.
     pub sent_at_ms: i64,
+    /// The `biz_opaque_callback_data` the request carried (empty in entries written before
+    /// requests carried one).
+    pub callback: String,
 }
 
 impl IndexedSend {
+    pub fn is_intent(&self) -> bool {
+        self.wamid.is_empty()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        format!("{}\t{}\t{}", self.wamid, self.recipient, self.sent_at_ms).into_bytes()
+        format!(
+            "{}\t{}\t{}\t{}",
+            self.wamid, self.recipient, self.sent_at_ms, self.callback
+        )
+        .into_bytes()
     }
 
     /// Decodes an entry; a value of only a wamid (written before recipients and times were
-    /// kept) decodes with no recipient, which no limiter is charged for.
+    /// kept) decodes with no recipient, which no limiter is charged for, and one without a
+    /// callback (written before intents were) with an empty one.
     pub fn decode(value: &[u8]) -> IndexedSend {
         let text = String::from_utf8_lossy(value);
-        let mut fields = text.splitn(3, '\t');
+        let mut fields = text.splitn(4, '\t');
         IndexedSend {
             wamid: fields.next().unwrap_or_default().to_string(),
             recipient: fields.next().unwrap_or_default().to_string(),
             sent_at_ms: fields.next().and_then(|t| t.parse().ok()).unwrap_or(0),
+            callback: fields.next().unwrap_or_default().to_string(),
         }
     }
 }
@@ -146,6 +190,7 @@ mod tests {
             wamid: wamid.into(),
             recipient: "+14155550101".into(),
             sent_at_ms,
+            callback: "m".into(),
         }
     }
 
@@ -170,5 +215,26 @@ mod tests {
         recent.sort();
         assert_eq!(recent, vec![("+14155550101".to_string(), 200)]);
         assert_eq!(IndexedSend::decode(&send("w", 5).encode()), send("w", 5));
+    }
+
+    #[test]
+    fn an_intent_is_in_doubt_until_its_outcome_replaces_it() {
+        let mut index = SentIndex::default();
+        index.restored(0, HashMap::new());
+        let intent = send("", 300);
+        assert!(intent.is_intent());
+        index.record(0, "m1", &intent, 9_000);
+        assert_eq!(index.accepted(0, "m1"), None, "not known to be accepted");
+        assert_eq!(index.in_doubt(0, "m1"), Some(intent.clone()));
+        assert_eq!(index.in_doubt_of(0), vec![intent]);
+        // The intent counts for the pair limit: the request may have gone.
+        assert_eq!(index.sends_since(0, 0).len(), 1);
+        index.record(0, "m1", &send("wamid.1", 300), 9_000);
+        assert_eq!(index.accepted(0, "m1").as_deref(), Some("wamid.1"));
+        assert_eq!(index.in_doubt(0, "m1"), None);
+        assert!(index.in_doubt_of(0).is_empty());
+        // An entry written before intents existed is an outcome.
+        let old = IndexedSend::decode(b"wamid.0\t+14155550101\t7");
+        assert_eq!((old.is_intent(), old.callback.as_str()), (false, ""));
     }
 }

@@ -44,10 +44,12 @@
 //! the sent index never heard (WhatsApp has no idempotency key). At most `send.max_in_flight`.
 
 mod coalesce;
+mod in_doubt;
 mod index;
 mod limits;
 mod stage;
 mod strategy;
+mod windows;
 
 pub use limits::SendLimits;
 pub use stage::{run, SendError};

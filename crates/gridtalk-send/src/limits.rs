@@ -75,6 +75,17 @@ impl SendLimits {
         self.pair.until_taken(recipient).await;
     }
 
+    /// Waits for the number's throughput only: for calls that are not messages to the
+    /// recipient (marking their message read), which the pair limit does not count.
+    pub async fn until_throughput(&self) {
+        let started = Instant::now();
+        self.throughput.until_ready().await;
+        Metrics::global()
+            .rate_limit_wait_seconds
+            .with_label_values(&["throughput"])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// Counts sends another process made (recipient, wall-clock milliseconds) against the pair
     /// limit, as if this process had made them. The previous owner may also have had one send
     /// per recipient on the wire when it gave the partition up (sends to one recipient are one

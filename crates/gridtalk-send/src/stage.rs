@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use gridtalk_config::Config;
+use gridtalk_config::{Config, Secret, TemplateCheck};
 use gridtalk_kafka::driver::{Driver, DriverSettings};
 use gridtalk_kafka::KafkaError;
 use gridtalk_telemetry::Readiness;
+use gridtalk_whatsapp::catalogue::CatalogueTemplate;
 use gridtalk_whatsapp::CloudApiClient;
 
 use crate::strategy::{SendStrategy, Sending, STAGE};
@@ -32,6 +33,7 @@ pub async fn run(
 ) -> Result<(), SendError> {
     let ready = readiness.register(STAGE);
     let token = config.read_access_token().map_err(SendError::Config)?;
+    let catalogue = check_templates(&config, &token).await?;
     {
         let (config, kafka) = (config.clone(), config.kafka.clone());
         match gridtalk_kafka::unless_stopped(
@@ -64,10 +66,61 @@ pub async fn run(
         client,
         token,
     ));
+    // What Meta has paused or disabled stops at once, before any webhook says so.
+    sending.seed_template_statuses(&catalogue);
     driver
         .run(SendStrategy::new(sending), shutdown)
         .await
         .map_err(|e| SendError::Failed(e.0))
+}
+
+/// The start-up comparison of the configured templates with the business account's catalogue
+/// (`send.template_check`, with `send.business_account_id` set). A catalogue that cannot be read
+/// is a warning either way: Meta being unreachable must not keep the queue from draining once
+/// it is back.
+async fn check_templates(
+    config: &Config,
+    token: &Secret,
+) -> Result<Vec<CatalogueTemplate>, SendError> {
+    let send = &config.send;
+    let Some(waba) = send.business_account_id.as_deref() else {
+        return Ok(Vec::new());
+    };
+    if send.template_check == TemplateCheck::Off {
+        return Ok(Vec::new());
+    }
+    let catalogue = match gridtalk_whatsapp::catalogue::fetch_catalogue(
+        &send.api_base_url,
+        &send.api_version,
+        waba,
+        token,
+        Duration::from_millis(send.request_timeout_ms),
+    )
+    .await
+    {
+        Ok(catalogue) => catalogue,
+        Err(e) => {
+            tracing::warn!(error = %e, "the business account's templates could not be read; not checked");
+            return Ok(Vec::new());
+        }
+    };
+    let found = gridtalk_whatsapp::catalogue::mismatches(&config.templates, &catalogue);
+    for mismatch in &found {
+        tracing::warn!(%mismatch, "configured template differs from the business account's");
+    }
+    if !found.is_empty() && send.template_check == TemplateCheck::Fail {
+        return Err(SendError::Config(format!(
+            "{} configured templates differ from business account {waba}'s (send.template_check = \"fail\"); `gridtalk templates check` lists them",
+            found.len()
+        )));
+    }
+    if found.is_empty() {
+        tracing::info!(
+            templates = config.templates.len(),
+            "configured templates match the business account's"
+        );
+    }
+    Ok(catalogue)
 }
 
 /// Fails unless the sent index has a partition for every outbox partition.

@@ -33,8 +33,10 @@ use gridtalk_telemetry::{mask_phone, Metrics};
 use gridtalk_whatsapp::{CloudApiClient, ErrorClass, RetryScope};
 
 use crate::coalesce::Coalescing;
+use crate::in_doubt::{with_callback, InDoubt, Resolved};
 use crate::index::{IndexedSend, SentIndex};
 use crate::limits::SendLimits;
+use crate::windows::Windows;
 
 pub(crate) const STAGE: &str = "send";
 /// How often expired sent-index entries are deleted and idle pair-limiter state dropped.
@@ -80,6 +82,10 @@ pub(crate) struct Sending {
     /// When each recipient last got an informational message: coalescing's window. In memory
     /// only: after a restart a burst may get one message more.
     last_informational: Mutex<HashMap<String, Instant>>,
+    /// Sends in doubt resolved from status webhooks (`None` when `send.in_doubt_wait_ms` is 0).
+    in_doubt: Option<InDoubt>,
+    /// The recipients' customer-service windows, from the webhook topic.
+    windows: Windows,
 }
 
 impl Sending {
@@ -104,7 +110,24 @@ impl Sending {
             arrivals: Notify::new(),
             coalescing: Coalescing::new(&config.send.coalesce, &config.templates),
             last_informational: Mutex::new(HashMap::new()),
+            in_doubt: InDoubt::new(
+                &config.kafka,
+                &config.topics.webhook,
+                config.send.in_doubt_wait_ms,
+            ),
+            windows: Windows::follow(&config.kafka, &config.topics.webhook),
             config,
+        }
+    }
+
+    /// Templates the catalogue lists as not sendable stop before a message tries them.
+    pub(crate) fn seed_template_statuses(
+        &self,
+        catalogue: &[gridtalk_whatsapp::catalogue::CatalogueTemplate],
+    ) {
+        for t in catalogue {
+            self.windows
+                .template_status(&t.name, &t.language, &t.status);
         }
     }
 
@@ -229,6 +252,18 @@ impl Strategy for SendStrategy {
         let since_ms = now_ms.saturating_sub(sending.pair_memory_ms());
         for (p, entries) in restored {
             index.restored(p, entries);
+            let in_doubt = index.in_doubt_of(p);
+            if let (Some(resolver), Some(earliest)) = (
+                &sending.in_doubt,
+                in_doubt.iter().map(|send| send.sent_at_ms).min(),
+            ) {
+                tracing::info!(
+                    partition = p,
+                    messages = in_doubt.len(),
+                    "sends in doubt (their requests were on the wire when the previous owner stopped); looking for their statuses before sending them again"
+                );
+                resolver.expect(earliest);
+            }
             // The pair limit follows the partition: the previous owner's recent sends count as
             // if this process had made them.
             sending.limits.seed_pair_history(
@@ -272,7 +307,10 @@ impl Strategy for SendStrategy {
         }
         let Record { message, ticket } = record;
         let outbox = match message.payload().map(OutboxMessage::from_avro) {
-            Some(Ok(o)) => o,
+            Some(Ok(mut o)) => {
+                o.fallback_request_json = fallback_of(&message);
+                o
+            }
             other => {
                 let detail = match other {
                     Some(Err(e)) => e.to_string(),
@@ -521,26 +559,80 @@ async fn send_once(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
     let metrics = Metrics::global();
     // Checked again now, not only when the record arrived: a partition revoked and assigned
     // back re-delivers records whose first copy may be queued ahead of this one and sent since.
-    let mut members: Vec<Job> = members
+    let members: Vec<Job> = members
         .into_iter()
         .filter_map(|job| sending.still_to_send(job))
         .collect();
     if members.is_empty() {
         return None;
     }
+    if let [only] = members.as_slice() {
+        if only.outbox.event_type == gridtalk_contract::READ_MARK_EVENT_TYPE {
+            mark_read(sending, members.into_iter().next().expect("one")).await;
+            return None;
+        }
+    }
+    // A request an earlier life (or owner) may have made: looked for among the statuses before
+    // it is made again.
+    let mut members = resolve_earlier_intents(sending, members).await?;
+    if members.is_empty() {
+        return None;
+    }
     let recipient = members[0].outbox.recipient.clone();
-    let mut request = request_for(sending, &members);
+    // Free-form outside the recipient's window: WhatsApp would refuse it (131047), its
+    // template goes instead.
+    if let [only] = members.as_mut_slice() {
+        let closed = sending
+            .windows
+            .is_open(&recipient, chrono::Utc::now().timestamp_millis())
+            == Some(false);
+        if closed && only.outbox.template_name.is_none() && use_fallback(only) {
+            Metrics::global()
+                .sends
+                .with_label_values(&["template_fallback", "window_closed"])
+                .inc();
+        }
+    }
+    // A template Meta paused or disabled: not tried; dead-lettered to replay once approved.
+    if let Some((name, status)) = members[0].outbox.template_name.clone().and_then(|name| {
+        sending
+            .windows
+            .stopped_template(&name, &members[0].outbox.language)
+            .map(|status| (name, status))
+    }) {
+        if members.len() > 1 {
+            return Some(members);
+        }
+        let job = members.pop().expect("one member");
+        let _effect = job.ticket.begin_effect()?;
+        dead_letter_paused(sending, job, &name, &status).await;
+        return None;
+    }
+    // Meta echoes it in the statuses of the message it accepts. Its first message's id and when
+    // this request was first made: unique to the request (a digest that loses a member keeps
+    // it), never the same as an earlier request's of the same message.
+    let callback = format!(
+        "{}@{}",
+        members[0].outbox.message_id,
+        chrono::Utc::now().timestamp_millis()
+    );
+    let mut request = with_callback(&request_for(sending, &members), &callback);
+    // When this life recorded the intent (`None`: not yet, or intents are off).
+    let mut intent_at: Option<i64> = None;
     let mut attempt: u32 = 0;
     let mut recipient_attempt: u32 = 0;
+    // Attempts without an answer from Meta (see `RetryScope::Unanswered`).
+    let mut unanswered: u32 = 0;
     loop {
         if !wait_out_halt(sending, &members[0].ticket).await {
             return None;
         }
         sending.limits.until_ready(&recipient).await;
         // Only now a place on the wire: the waits above held none.
-        let Ok(wire) = sending.on_the_wire.acquire().await else {
+        let Ok(permit) = sending.on_the_wire.acquire().await else {
             return None;
         };
+        let mut wire = Some(permit);
         // The waits may have outlasted the assignment: once the partition moved, its new owner
         // sends these messages (and counts the recipient's pair limit).
         let mut effects = Vec::with_capacity(members.len());
@@ -573,7 +665,20 @@ async fn send_once(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
             return None;
         }
         if members.len() != before {
-            request = request_for(sending, &members);
+            request = with_callback(&request_for(sending, &members), &callback);
+        }
+        // The intent first: from here on the request may reach WhatsApp, and a crash before
+        // its outcome is recorded leaves the next owner something to look for.
+        if sending.in_doubt.is_some() && intent_at.is_none() {
+            match write_intents(sending, &members, &callback).await {
+                Ok(at) => intent_at = Some(at),
+                Err(e) => {
+                    for job in members {
+                        job.ticket.fail(format!("sent index intent: {e}"));
+                    }
+                    return None;
+                }
+            }
         }
         sending.report_on_the_wire();
         let token = sending.token.read().expect("token").clone();
@@ -602,18 +707,70 @@ async fn send_once(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
                 return None;
             }
             Err(error) => {
-                let class = error.class();
-                let code = error
-                    .code()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "transport".into());
+                let mut class = error.class();
+                let code = error.label();
                 metrics
                     .send_request_seconds
                     .with_label_values(&["error"])
                     .observe(started.elapsed().as_secs_f64());
                 metrics.send_errors.with_label_values(&[&code]).inc();
+                // Outside the window after all (Meta's view can differ from the webhooks'):
+                // the template goes now, as the next attempt.
+                if error.code() == Some(131047) {
+                    if let [only] = members.as_mut_slice() {
+                        if use_fallback(only) {
+                            metrics
+                                .sends
+                                .with_label_values(&["template_fallback", "131047"])
+                                .inc();
+                            request = with_callback(&request_for(sending, &members), &callback);
+                            drop(effects);
+                            drop(wire.take());
+                            sending.report_on_the_wire();
+                            continue;
+                        }
+                    }
+                }
+                // No answer to a request that may have reached WhatsApp: its statuses say
+                // whether it did, before it is made again.
+                if let (true, Some(in_doubt), Some(at)) =
+                    (error.in_doubt(), &sending.in_doubt, intent_at)
+                {
+                    drop(wire.take());
+                    sending.report_on_the_wire();
+                    let resolved = in_doubt
+                        .resolve(&callback, at, || members[0].ticket.owned())
+                        .await;
+                    if let Some(resolved) = resolved {
+                        metrics
+                            .sends
+                            .with_label_values(&["in_doubt_resolved", "none"])
+                            .inc_by(members.len() as u64);
+                        record_accepted(sending, members, &accepted_as(resolved), (attempt, at))
+                            .await;
+                        drop(effects);
+                        return None;
+                    }
+                    if !members[0].ticket.owned() {
+                        return None;
+                    }
+                    metrics
+                        .sends
+                        .with_label_values(&["in_doubt_resent", "none"])
+                        .inc_by(members.len() as u64);
+                }
+                if class == ErrorClass::Retry(RetryScope::Unanswered) {
+                    unanswered += 1;
+                    if unanswered >= sending.config.send.max_unanswered_attempts.max(1) {
+                        // Meta always answers with its error body: a run of silence or of
+                        // foreign answers means the way to Meta is broken, for every message.
+                        class = ErrorClass::HaltSender;
+                    }
+                }
                 let wait = match class {
-                    ErrorClass::Retry(RetryScope::Number) => sending.backoff(attempt - 1),
+                    ErrorClass::Retry(RetryScope::Number | RetryScope::Unanswered) => {
+                        sending.backoff(attempt - 1)
+                    }
                     ErrorClass::Retry(RetryScope::Recipient) => {
                         // Meta's advice for the pair limit: 4^x seconds, only for this recipient.
                         recipient_attempt += 1;
@@ -626,21 +783,58 @@ async fn send_once(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
                     {
                         sending.backoff(attempt - 1)
                     }
-                    ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent
+                    ErrorClass::TemplatePaused => {
+                        if let Some(name) = &members[0].outbox.template_name {
+                            sending.windows.template_status(
+                                name,
+                                &members[0].outbox.language,
+                                if code == "132016" {
+                                    "DISABLED"
+                                } else {
+                                    "PAUSED"
+                                },
+                            );
+                        }
+                        if members.len() > 1 {
+                            return Some(members);
+                        }
+                        let job = members.pop().expect("one member");
+                        let name = job.outbox.template_name.clone().unwrap_or_default();
+                        dead_letter_paused(sending, job, &name, &error.to_string()).await;
+                        drop(effects);
+                        return None;
+                    }
+                    ErrorClass::Retry(RetryScope::Limited)
+                    | ErrorClass::Permanent
+                    | ErrorClass::RetryAfterDay
                         if members.len() > 1 =>
                     {
                         tracing::debug!(code = %code, error = %error, "digest refused");
                         return Some(members);
                     }
-                    ErrorClass::Retry(RetryScope::Limited) | ErrorClass::Permanent => {
+                    ErrorClass::Retry(RetryScope::Limited)
+                    | ErrorClass::Permanent
+                    | ErrorClass::RetryAfterDay => {
                         metrics
                             .sends
                             .with_label_values(&["dead_letter", class.label()])
                             .inc();
-                        let reason = if class == ErrorClass::Permanent {
-                            DeadLetterReason::WhatsappPermanent
-                        } else {
-                            DeadLetterReason::WhatsappRetriesExhausted
+                        let not_before = (chrono::Utc::now() + chrono::Duration::hours(24))
+                            .timestamp_millis()
+                            .to_string();
+                        let (reason, extra): (_, Vec<(&str, &str)>) = match class {
+                            ErrorClass::Permanent => (
+                                DeadLetterReason::WhatsappPermanent,
+                                vec![("whatsapp_code", &code)],
+                            ),
+                            ErrorClass::RetryAfterDay => (
+                                DeadLetterReason::WhatsappRetryLater,
+                                vec![("whatsapp_code", &code), ("retry_not_before", &not_before)],
+                            ),
+                            _ => (
+                                DeadLetterReason::WhatsappRetriesExhausted,
+                                vec![("whatsapp_code", &code)],
+                            ),
                         };
                         let job = members.pop().expect("one member");
                         dead_letter_job(
@@ -649,7 +843,7 @@ async fn send_once(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
                             job.ticket,
                             reason,
                             &error.to_string(),
-                            &[("whatsapp_code", &code)],
+                            &extra,
                         )
                         .await;
                         drop(effects);
@@ -665,14 +859,14 @@ async fn send_once(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
                             .send_if_modified(|halted| !std::mem::replace(halted, true))
                         {
                             metrics.sender_halted.set(1);
-                            tracing::error!(code = %code, error = %error, phone_number_id = %members[0].outbox.phone_number_id, "sending halted for the number: operator action needed (token, account or policy); messages are kept");
+                            tracing::error!(code = %code, error = %error, phone_number_id = %members[0].outbox.phone_number_id, "sending halted for the number: operator action needed (token, account, policy, or the way to Meta); messages are kept");
                         }
                         Duration::ZERO
                     }
                 };
                 // The wait holds neither a place on the wire nor the partition's drain.
                 drop(effects);
-                drop(wire);
+                drop(wire.take());
                 sending.report_on_the_wire();
                 if class != ErrorClass::HaltSender {
                     metrics
@@ -759,6 +953,8 @@ async fn record_accepted(
         wamid: accepted.wamid.clone(),
         recipient: members[0].outbox.recipient.clone(),
         sent_at_ms,
+        // The outcome replaces the intent; its callback is no longer looked for.
+        callback: String::new(),
     };
     let encoded = indexed_send.encode();
     let mut deliveries = Vec::with_capacity(members.len());
@@ -820,6 +1016,252 @@ async fn record_accepted(
         tracing::debug!(wamid = %gridtalk_telemetry::mask_wamid(&accepted.wamid), to = %mask_phone(&outbox.recipient), template = outbox.template_name.as_deref().unwrap_or("-"), event_id = %outbox.event_id, attempts = attempt, digest, "message accepted by WhatsApp");
         job.ticket.finish();
     }
+}
+
+/// Dead-letters a message whose template Meta paused or disabled (`status`: what Meta said).
+async fn dead_letter_paused(sending: &Sending, job: Job, template: &str, status: &str) {
+    Metrics::global()
+        .sends
+        .with_label_values(&["dead_letter", "template_paused"])
+        .inc();
+    dead_letter_job(
+        sending,
+        &job.message,
+        job.ticket,
+        DeadLetterReason::TemplatePaused,
+        &format!(
+            "template {template} ({}) is not sendable at WhatsApp: {status}; replay with `gridtalk dlq replay --reason template_paused` once Meta approves it again",
+            job.outbox.language
+        ),
+        &[("template", template)],
+    )
+    .await;
+}
+
+/// Marks a person's message read with the typing indicator (the confirmation queued behind it
+/// in the recipient's line ends the indicator). Best effort, one attempt: a failure costs the
+/// person two blue ticks, not their confirmation, which goes all the same. Recorded in the sent
+/// index like a send, so a replayed record does not show the indicator again.
+async fn mark_read(sending: &Sending, job: Job) {
+    let metrics = Metrics::global();
+    if !wait_out_halt(sending, &job.ticket).await {
+        return;
+    }
+    sending.limits.until_throughput().await;
+    let Ok(_wire) = sending.on_the_wire.acquire().await else {
+        return;
+    };
+    let Some(effect) = job.ticket.begin_effect() else {
+        return;
+    };
+    let token = sending.token.read().expect("token").clone();
+    let outcome = match sending
+        .client
+        .mark_read(&token, &job.outbox.request_json)
+        .await
+    {
+        Ok(()) => "read_marked",
+        Err(e) => {
+            metrics.send_errors.with_label_values(&[&e.label()]).inc();
+            tracing::debug!(error = %e, "marking a message read failed; the confirmation goes all the same");
+            "read_mark_failed"
+        }
+    };
+    metrics.sends.with_label_values(&[outcome, "none"]).inc();
+    let at = chrono::Utc::now().timestamp_millis();
+    let mark = IndexedSend {
+        wamid: "read".into(),
+        // No recipient: a read mark does not count for the pair limit.
+        recipient: String::new(),
+        sent_at_ms: at,
+        callback: String::new(),
+    };
+    let expires = at + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
+    let written = gridtalk_kafka::changelog::write(
+        &sending.producer,
+        &sending.config.topics.send_index,
+        job.message.partition(),
+        &job.outbox.message_id,
+        Some((&mark.encode(), expires)),
+    );
+    let acknowledged = match written {
+        Ok(delivery) => gridtalk_kafka::acknowledged(vec![delivery]).await,
+        Err(e) => Err(e.to_string()),
+    };
+    match acknowledged {
+        Ok(()) => {
+            sending.index.lock().expect("index").record(
+                job.message.partition(),
+                &job.outbox.message_id,
+                &mark,
+                expires,
+            );
+            job.ticket.finish();
+        }
+        Err(e) => job.ticket.fail(format!("sent index: {e}")),
+    }
+    drop(effect);
+}
+
+/// The template request a free-form outbox record carries for a closed window.
+fn fallback_of(message: &OwnedMessage) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == gridtalk_contract::FALLBACK_HEADER)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(String::from)
+}
+
+/// Replaces a free-form message by the template it carries, once; false when it has none.
+fn use_fallback(job: &mut Job) -> bool {
+    let Some(fallback) = job.outbox.fallback_request_json.take() else {
+        return false;
+    };
+    let template = serde_json::from_str::<serde_json::Value>(&fallback)
+        .ok()
+        .and_then(|v| v.pointer("/template/name")?.as_str().map(String::from));
+    tracing::debug!(
+        to = %mask_phone(&job.outbox.recipient),
+        template = template.as_deref().unwrap_or("-"),
+        "outside the customer-service window: the message goes as its template"
+    );
+    job.outbox.template_name = template;
+    job.outbox.request_json = fallback;
+    true
+}
+
+/// What WhatsApp accepted, as a status of the message told it.
+fn accepted_as(resolved: Resolved) -> gridtalk_whatsapp::Accepted {
+    gridtalk_whatsapp::Accepted {
+        wamid: resolved.wamid,
+        wa_id: resolved.wa_id,
+        message_status: "accepted".into(),
+    }
+}
+
+/// Records that the request for `members` (carrying `callback`) is about to go out, on each
+/// member's sent-index key, acknowledged; returns the time it records.
+async fn write_intents(sending: &Sending, members: &[Job], callback: &str) -> Result<i64, String> {
+    let at = chrono::Utc::now().timestamp_millis();
+    let intent = IndexedSend {
+        wamid: String::new(),
+        recipient: members[0].outbox.recipient.clone(),
+        sent_at_ms: at,
+        callback: callback.to_string(),
+    };
+    let encoded = intent.encode();
+    let expires = at + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
+    let mut deliveries = Vec::with_capacity(members.len());
+    for job in members {
+        deliveries.push(
+            gridtalk_kafka::changelog::write(
+                &sending.producer,
+                &sending.config.topics.send_index,
+                job.message.partition(),
+                &job.outbox.message_id,
+                Some((&encoded, expires)),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    gridtalk_kafka::acknowledged(deliveries)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut index = sending.index.lock().expect("index");
+    for job in members {
+        index.record(
+            job.message.partition(),
+            &job.outbox.message_id,
+            &intent,
+            expires,
+        );
+    }
+    Ok(at)
+}
+
+/// `members` without those whose intent an earlier owner recorded and a status webhook shows
+/// WhatsApp accepted (those are recorded as accepted here, not sent again). A message whose
+/// intent no status answers within `send.in_doubt_wait_ms` stays, to be sent again. `None` when
+/// the partition moved meanwhile.
+async fn resolve_earlier_intents(sending: &Sending, members: Vec<Job>) -> Option<Vec<Job>> {
+    let Some(in_doubt) = &sending.in_doubt else {
+        return Some(members);
+    };
+    let intents: Vec<Option<IndexedSend>> = {
+        let index = sending.index.lock().expect("index");
+        members
+            .iter()
+            .map(|job| index.in_doubt(job.message.partition(), &job.outbox.message_id))
+            .collect()
+    };
+    if intents.iter().all(Option::is_none) {
+        return Some(members);
+    }
+    let metrics = Metrics::global();
+    let mut remaining = Vec::with_capacity(members.len());
+    // One request, one callback: the members of a digest are resolved together.
+    let mut requests: Vec<(IndexedSend, Vec<Job>)> = Vec::new();
+    for (job, intent) in members.into_iter().zip(intents) {
+        match intent {
+            Some(intent) if !intent.callback.is_empty() => {
+                match requests
+                    .iter_mut()
+                    .find(|(known, _)| known.callback == intent.callback)
+                {
+                    Some((_, jobs)) => jobs.push(job),
+                    None => requests.push((intent, vec![job])),
+                }
+            }
+            _ => remaining.push(job),
+        }
+    }
+    for (intent, jobs) in requests {
+        let waited = Instant::now();
+        let resolved = in_doubt
+            .resolve(&intent.callback, intent.sent_at_ms, || {
+                jobs.iter().all(|job| job.ticket.owned())
+            })
+            .await;
+        tracing::debug!(
+            messages = jobs.len(),
+            resolved = resolved.is_some(),
+            waited_ms = waited.elapsed().as_millis() as u64,
+            "send in doubt looked for among the statuses"
+        );
+        let Some(resolved) = resolved else {
+            if !jobs.iter().all(|job| job.ticket.owned()) {
+                return None;
+            }
+            metrics
+                .sends
+                .with_label_values(&["in_doubt_resent", "none"])
+                .inc_by(jobs.len() as u64);
+            remaining.extend(jobs);
+            continue;
+        };
+        let mut effects = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            effects.push(job.ticket.begin_effect()?);
+        }
+        metrics
+            .sends
+            .with_label_values(&["in_doubt_resolved", "none"])
+            .inc_by(jobs.len() as u64);
+        record_accepted(
+            sending,
+            jobs,
+            &accepted_as(resolved),
+            (1, intent.sent_at_ms),
+        )
+        .await;
+        drop(effects);
+    }
+    // In outbox order again (a digest's members were taken out together).
+    remaining.sort_by_key(|job| (job.message.partition(), job.message.offset()));
+    Some(remaining)
 }
 
 async fn dead_letter_job(

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub coalesced: IntCounterVec,
     /// Computed summaries sent, by summary and kind (daily, threshold).
     pub summaries_sent: IntCounterVec,
+    /// Messages Meta reports as charged (status `pricing` of type `regular`, or the older
+    /// `billable: true`), once per message, by Meta's pricing category and gridtalk's flow.
+    pub billable_messages: IntCounterVec,
     /// Consumer lag per stage and partition (high watermark minus position).
     pub consumer_lag: IntGaugeVec,
     /// Directory entries loaded, by kind (partner, contact).
@@ -207,6 +210,11 @@ impl Metrics {
                 "gridtalk_summaries_sent_total",
                 "Computed summaries sent, by summary and kind.",
                 &["summary", "kind"],
+            ),
+            billable_messages: counter(
+                "gridtalk_whatsapp_billable_messages_total",
+                "Messages Meta charges for, by pricing category and flow (from status webhooks).",
+                &["category", "flow"],
             ),
             coalesced: counter(
                 "gridtalk_send_coalesced_total",

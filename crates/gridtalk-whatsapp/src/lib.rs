@@ -6,6 +6,7 @@
 //! `error.code`, never on the HTTP status or the message text.
 
 pub mod buttons;
+pub mod catalogue;
 
 use std::time::Duration;
 
@@ -23,6 +24,12 @@ pub enum ErrorClass {
     /// The sending number cannot send at all (token, account, policy): stop every send of the
     /// number, alert, keep the messages, and resume when it works again.
     HaltSender,
+    /// Not now, and not soon: Meta asks for a day's wait (131049, the per-user marketing cap).
+    /// The message is dead-lettered with the time it may be replayed, never retried in place.
+    RetryAfterDay,
+    /// The template is paused or disabled for low quality (132015, 132016): its messages stop
+    /// (dead-lettered, to replay once Meta approves it again); the number's others go on.
+    TemplatePaused,
 }
 
 /// What a retry waits for.
@@ -34,6 +41,10 @@ pub enum RetryScope {
     Recipient,
     /// Meta's "unknown error": retried a few times, then dead-lettered.
     Limited,
+    /// No answer from Meta (connection failure, timeout) or an answer without Meta's error body
+    /// (a proxy's 502 page, a wrong base URL): retried `send.max_unanswered_attempts` times,
+    /// then the number halts and alerts, keeping the messages.
+    Unanswered,
 }
 
 impl ErrorClass {
@@ -42,32 +53,32 @@ impl ErrorClass {
             ErrorClass::Retry(RetryScope::Number) => "retry",
             ErrorClass::Retry(RetryScope::Recipient) => "retry_recipient",
             ErrorClass::Retry(RetryScope::Limited) => "retry_limited",
+            ErrorClass::Retry(RetryScope::Unanswered) => "retry_unanswered",
             ErrorClass::Permanent => "permanent",
             ErrorClass::HaltSender => "halt",
+            ErrorClass::RetryAfterDay => "retry_after_day",
+            ErrorClass::TemplatePaused => "template_paused",
         }
     }
 }
 
-/// Classifies a Graph / Cloud API error code (see the reference's error table).
+/// Classifies a Graph / Cloud API error code (see the reference's error table). Codes Meta does
+/// not document, and the documented permanent ones (131047 without a fallback, 131026, 131050,
+/// 130497 country restriction, 131062 BSUID recipient refused, 1320xx, 100, 131008/9, 131030),
+/// are permanent: a dead letter with the code, never a retry loop.
 pub fn classify(code: i64) -> ErrorClass {
     match code {
+        // 131057: the number is being upgraded to 1,000 mps (about a minute); the backoff's
+        // ceiling (`send.retry_max_backoff_ms`) spaces the retries.
         130429 | 4 | 80007 | 1 | 2 | 131016 | 131057 => ErrorClass::Retry(RetryScope::Number),
         131056 => ErrorClass::Retry(RetryScope::Recipient),
         131000 | 131053 => ErrorClass::Retry(RetryScope::Limited),
+        131049 => ErrorClass::RetryAfterDay,
         // 104: no access token reached Meta (an OAuth failure like 190, not the message's fault).
-        190
-        | 104
-        | 0
-        | 3
-        | 10
-        | 200..=299
-        | 368
-        | 131031
-        | 131042
-        | 133010
-        | 131048
-        | 132015
-        | 132016 => ErrorClass::HaltSender,
+        190 | 104 | 0 | 3 | 10 | 200..=299 | 368 | 131031 | 131042 | 133010 | 131048 => {
+            ErrorClass::HaltSender
+        }
+        132015 | 132016 => ErrorClass::TemplatePaused,
         _ => ErrorClass::Permanent,
     }
 }
@@ -112,23 +123,50 @@ pub enum SendError {
     /// Meta answered with an error body.
     #[error("WhatsApp error {} (HTTP {status}): {}", error.code, error.details())]
     Graph { status: u16, error: GraphError },
-    /// No usable answer: connection failure, timeout, 5xx without a Graph body, garbage.
+    /// An HTTP answer that is not a success and carries no Meta error body (a proxy's error
+    /// page, a load balancer's 502, a wrong base URL's 404).
+    #[error("HTTP {status} without a WhatsApp error body: {excerpt}")]
+    Unexplained { status: u16, excerpt: String },
+    /// No connection to send the request over: WhatsApp did not get it.
     #[error("transport error: {0}")]
     Transport(String),
+    /// The request may have reached WhatsApp but no usable answer came back (a timeout, a
+    /// connection lost mid-request, a success body without a message id): it may have been
+    /// accepted.
+    #[error("no answer to a request WhatsApp may have accepted: {0}")]
+    InDoubt(String),
 }
 
 impl SendError {
     pub fn class(&self) -> ErrorClass {
         match self {
             SendError::Graph { error, .. } => classify(error.code),
-            SendError::Transport(_) => ErrorClass::Retry(RetryScope::Number),
+            SendError::Unexplained { .. } | SendError::Transport(_) | SendError::InDoubt(_) => {
+                ErrorClass::Retry(RetryScope::Unanswered)
+            }
         }
     }
 
     pub fn code(&self) -> Option<i64> {
         match self {
             SendError::Graph { error, .. } => Some(error.code),
-            SendError::Transport(_) => None,
+            SendError::Unexplained { .. } | SendError::Transport(_) | SendError::InDoubt(_) => None,
+        }
+    }
+
+    /// Whether WhatsApp may have accepted the request although no acceptance came back.
+    pub fn in_doubt(&self) -> bool {
+        matches!(self, SendError::InDoubt(_))
+    }
+
+    /// The `code` label of `gridtalk_whatsapp_send_errors_total`: Meta's code, `http_<status>`
+    /// for an answer without Meta's body, `transport` for no answer.
+    pub fn label(&self) -> String {
+        match self {
+            SendError::Graph { error, .. } => error.code.to_string(),
+            SendError::Unexplained { status, .. } => format!("http_{status}"),
+            SendError::Transport(_) => "transport".into(),
+            SendError::InDoubt(_) => "in_doubt".into(),
         }
     }
 }
@@ -190,8 +228,8 @@ impl CloudApiClient {
         }
     }
 
-    /// POSTs one rendered request body.
-    pub async fn send(&self, token: &Secret, body: &str) -> Result<Accepted, SendError> {
+    /// POSTs a mark-as-read request ([`mark_read_with_typing`]); Meta answers `{"success": true}`.
+    pub async fn mark_read(&self, token: &Secret, body: &str) -> Result<(), SendError> {
         let response = self
             .http
             .post(&self.messages_url)
@@ -202,13 +240,46 @@ impl CloudApiClient {
             .await
             .map_err(|e| SendError::Transport(e.to_string()))?;
         let bytes = success_body(response).await?;
-        let parsed: SendResponse = serde_json::from_slice(&bytes)
+        let answer: Value = serde_json::from_slice(&bytes)
             .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))?;
+        if answer.get("success").and_then(Value::as_bool) == Some(true) {
+            Ok(())
+        } else {
+            Err(SendError::Transport(format!(
+                "answer without success: {answer}"
+            )))
+        }
+    }
+
+    /// POSTs one rendered request body.
+    pub async fn send(&self, token: &Secret, body: &str) -> Result<Accepted, SendError> {
+        let response = self
+            .http
+            .post(&self.messages_url)
+            .bearer_auth(token.expose())
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() || e.is_builder() {
+                    SendError::Transport(e.to_string())
+                } else {
+                    SendError::InDoubt(e.to_string())
+                }
+            })?;
+        let bytes = success_body(response).await.map_err(|e| match e {
+            // A 2xx whose body broke off: it was accepted, but which wamid is unknown.
+            SendError::Transport(detail) => SendError::InDoubt(detail),
+            other => other,
+        })?;
+        let parsed: SendResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| SendError::InDoubt(format!("unreadable success body: {e}")))?;
         let message = parsed
             .messages
             .into_iter()
             .next()
-            .ok_or_else(|| SendError::Transport("success body without a message id".into()))?;
+            .ok_or_else(|| SendError::InDoubt("success body without a message id".into()))?;
         Ok(Accepted {
             wamid: message.id,
             wa_id: parsed
@@ -238,10 +309,26 @@ async fn success_body(response: reqwest::Response) -> Result<Vec<u8>, SendError>
             status,
             error: envelope.error,
         }),
-        Err(_) => Err(SendError::Transport(format!(
-            "HTTP {status} without a Graph error body"
-        ))),
+        Err(_) => Err(SendError::Unexplained {
+            status,
+            excerpt: excerpt(&bytes),
+        }),
     }
+}
+
+/// The start of an unexplained answer's body, on one line, for the log and the alert.
+fn excerpt(bytes: &[u8]) -> String {
+    const MAX_CHARS: usize = 120;
+    let text = String::from_utf8_lossy(bytes);
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.is_empty() {
+        return "(empty body)".into();
+    }
+    let mut cut: String = one_line.chars().take(MAX_CHARS).collect();
+    if one_line.chars().count() > MAX_CHARS {
+        cut.push('…');
+    }
+    cut
 }
 
 /// The Groups endpoints (Meta's Groups API, for Official Business Accounts): create a group and
@@ -380,6 +467,17 @@ pub fn template_message(
     })
 }
 
+/// The Cloud API request that marks inbound message `message_id` read (with it every earlier
+/// one) and shows the typing indicator until the reply, or for at most 25 seconds.
+pub fn mark_read_with_typing(message_id: &str) -> Value {
+    json!({
+        "messaging_product": "whatsapp",
+        "status": "read",
+        "message_id": message_id,
+        "typing_indicator": {"type": "text"},
+    })
+}
+
 /// The Cloud API request for a free-form text message (only inside the customer service window).
 pub fn text_message(to: &str, body: &str) -> Value {
     json!({
@@ -400,17 +498,41 @@ mod tests {
         assert_eq!(classify(130429), ErrorClass::Retry(RetryScope::Number));
         assert_eq!(classify(131056), ErrorClass::Retry(RetryScope::Recipient));
         assert_eq!(classify(131000), ErrorClass::Retry(RetryScope::Limited));
+        // Being upgraded to 1,000 mps: the number waits; the marketing cap: a day's wait.
+        assert_eq!(classify(131057), ErrorClass::Retry(RetryScope::Number));
+        assert_eq!(classify(131049), ErrorClass::RetryAfterDay);
+        assert_eq!(classify(132015), ErrorClass::TemplatePaused);
+        assert_eq!(classify(132016), ErrorClass::TemplatePaused);
         for halt in [
-            190, 104, 0, 3, 10, 200, 299, 368, 131031, 131042, 133010, 131048, 132015, 132016,
+            190, 104, 0, 3, 10, 200, 299, 368, 131031, 131042, 133010, 131048,
         ] {
             assert_eq!(classify(halt), ErrorClass::HaltSender, "{halt}");
         }
         for permanent in [
-            131047, 131026, 131050, 132000, 132001, 132005, 132007, 132008, 132012, 100, 131008,
-            131009, 131030,
+            131047, 131026, 131050, 130497, 131062, 132000, 132001, 132005, 132007, 132008, 132012,
+            100, 131008, 131009, 131030,
         ] {
             assert_eq!(classify(permanent), ErrorClass::Permanent, "{permanent}");
         }
+    }
+
+    #[test]
+    fn answers_without_metas_body_are_unanswered_and_say_what_came() {
+        let proxy = SendError::Unexplained {
+            status: 502,
+            excerpt: excerpt(b"<html>\n  <body>Bad   Gateway</body>\n</html>"),
+        };
+        assert_eq!(proxy.class(), ErrorClass::Retry(RetryScope::Unanswered));
+        assert_eq!(proxy.label(), "http_502");
+        assert_eq!(
+            proxy.to_string(),
+            "HTTP 502 without a WhatsApp error body: <html> <body>Bad Gateway</body> </html>"
+        );
+        assert_eq!(excerpt(b""), "(empty body)");
+        assert_eq!(excerpt("é".repeat(200).as_bytes()).chars().count(), 121);
+        let silence = SendError::Transport("timed out".into());
+        assert_eq!(silence.class(), ErrorClass::Retry(RetryScope::Unanswered));
+        assert_eq!(silence.label(), "transport");
     }
 
     #[test]

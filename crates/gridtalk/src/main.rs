@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupsCommand,
     },
+    /// The templates the business account has at Meta.
+    Templates {
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
     /// Everything in one process: embedded broker, all stages, WhatsApp sandbox, sample traffic.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
@@ -104,6 +109,18 @@ enum ConfigCommand {
     /// Print the effective configuration (defaults, then the file, then `GRIDTALK__*`
     /// variables) as TOML, secrets shown as ***, each value with where it came from.
     Show {
+        #[arg(long, env = "GRIDTALK_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TemplatesCommand {
+    /// Compare the configured templates with the business account's catalogue
+    /// (`GET /{send.business_account_id}/message_templates`): every missing language, status other
+    /// than APPROVED, category, body parameter count and button type that differs, all in one
+    /// run. Exits 1 when anything differs.
+    Check {
         #[arg(long, env = "GRIDTALK_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -385,6 +402,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", gridtalk_config::render(&config, &sources));
             Ok(())
         }
+        Command::Templates {
+            command: TemplatesCommand::Check { config },
+        } => {
+            let config = load(config.as_ref())?;
+            let waba = config.send.business_account_id.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "send.business_account_id: the WhatsApp Business Account id is not set"
+                )
+            })?;
+            let token = config
+                .read_access_token()
+                .map_err(|e| anyhow::anyhow!("send.access_token / send.access_token_file: {e}"))?;
+            let catalogue = gridtalk_whatsapp::catalogue::fetch_catalogue(
+                &config.send.api_base_url,
+                &config.send.api_version,
+                &waba,
+                &token,
+                std::time::Duration::from_millis(config.send.request_timeout_ms),
+            )
+            .await
+            .context("reading the business account's templates")?;
+            let found = gridtalk_whatsapp::catalogue::mismatches(&config.templates, &catalogue);
+            let languages: usize = config.templates.iter().map(|t| t.languages.len()).sum();
+            if found.is_empty() {
+                println!(
+                    "{} templates in {languages} languages match the business account's {} ({} listed)",
+                    config.templates.len(),
+                    waba,
+                    catalogue.len()
+                );
+                return Ok(());
+            }
+            for mismatch in &found {
+                println!("{mismatch}");
+            }
+            println!(
+                "{} mismatches between the configured templates and business account {waba}",
+                found.len()
+            );
+            std::process::exit(1);
+        }
         Command::Groups { command } => {
             let (config, answer) = match &command {
                 GroupsCommand::Create { config, .. } | GroupsCommand::InviteLink { config, .. } => {
@@ -570,6 +628,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "skipped {} letters whose records were replayed before (--again replays those \
                      that failed again since)",
                     report.already_replayed
+                );
+            }
+            if report.not_yet_due > 0 {
+                println!(
+                    "left {} letters whose retry time has not come (WhatsApp asked for a day's \
+                     wait; their gridtalk.dlq.retry_not_before header says when)",
+                    report.not_yet_due
                 );
             }
             if report.truncated_skipped > 0 {

@@ -114,6 +114,11 @@ impl EmbeddedStack {
             ("SEND__API_BASE_URL", sandbox.base_url()),
             ("SEND__PHONE_NUMBER_ID", PHONE_NUMBER_ID.into()),
             ("SEND__ACCESS_TOKEN", TOKEN.into()),
+            // The send stage compares its templates with the sandbox's catalogue at start.
+            (
+                "SEND__BUSINESS_ACCOUNT_ID",
+                SandboxConfig::default().business_account_id,
+            ),
             ("DIRECTORY__FILE", directory_file.display().to_string()),
             ("ADMIN__LOG_FORMAT", "text".into()),
         ];
