@@ -346,8 +346,9 @@ async fn the_way_back_through_a_rebalance_publishes_every_delivery_status_once()
     let mut c = p.spawn_gridtalk("c", stages);
     assert!(sent_at_signal < total, "moved mid-stream");
     wait_for_every_status(&p, &expected).await;
-    for child in [&mut b, &mut c] {
-        assert_eq!(terminate(child).code(), Some(0));
+    for (name, child) in [("b", &mut b), ("c", &mut c)] {
+        let code = terminate(child).code();
+        assert_eq!(code, Some(0), "{name}: {}", p.process_log(name));
     }
     assert_eq!(
         compare(&p, &expected),

@@ -718,29 +718,20 @@ pub(crate) fn publish_for(
                 // First the person's message marked read with the typing indicator: the same
                 // outbox partition, so the send stage does it before the confirmation.
                 if publishing.config.converse.mark_read {
-                    let (topic, key, bytes, headers) =
-                        outbox_record(&topics.outbox, &crate::conversation::read_mark(o));
-                    let produced = FutureRecord::to(topic)
-                        .key(&key)
-                        .payload(&bytes)
-                        .headers(headers);
-                    match publishing.producer.send_result(produced) {
-                        Ok(delivery) => deliveries.push(delivery),
-                        Err((e, _)) => {
-                            return completion.fail(format!("read mark for item {item_id}: {e}"))
-                        }
+                    let mark = outbox_record(&topics.outbox, &crate::conversation::read_mark(o));
+                    if let Err(e) = enqueue(&publishing.producer, mark, &mut deliveries) {
+                        return completion.fail(format!("read mark for item {item_id}: {e}"));
                     }
                 }
                 outbox_record(&topics.outbox, o)
             }
         };
-        let produced = FutureRecord::to(topic)
-            .key(&key)
-            .payload(&bytes)
-            .headers(headers);
-        match publishing.producer.send_result(produced) {
-            Ok(delivery) => deliveries.push(delivery),
-            Err((e, _)) => return completion.fail(format!("publish for item {item_id}: {e}")),
+        if let Err(e) = enqueue(
+            &publishing.producer,
+            (topic, key, bytes, headers),
+            &mut deliveries,
+        ) {
+            return completion.fail(format!("publish for item {item_id}: {e}"));
         }
     }
     // What the responses tell the computed summaries, to the owner of each summary's scope.
@@ -825,6 +816,21 @@ fn summary_observations(
 
 /// An outbox message as its record: keyed by the sending number, with its event and message ids
 /// in the headers.
+/// Hands one record to the producer; its acknowledgement joins `deliveries`.
+fn enqueue(
+    producer: &rdkafka::producer::FutureProducer,
+    (topic, key, bytes, headers): (&String, String, Vec<u8>, OwnedHeaders),
+    deliveries: &mut Vec<rdkafka::producer::DeliveryFuture>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let produced = FutureRecord::to(topic)
+        .key(&key)
+        .payload(&bytes)
+        .headers(headers);
+    let delivery = producer.send_result(produced).map_err(|(e, _)| e)?;
+    deliveries.push(delivery);
+    Ok(())
+}
+
 fn outbox_record<'t>(
     topic: &'t String,
     o: &gridtalk_contract::OutboxMessage,

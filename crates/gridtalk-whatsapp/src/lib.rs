@@ -228,31 +228,9 @@ impl CloudApiClient {
         }
     }
 
-    /// POSTs a mark-as-read request ([`mark_read_with_typing`]); Meta answers `{"success": true}`.
-    pub async fn mark_read(&self, token: &Secret, body: &str) -> Result<(), SendError> {
-        let response = self
-            .http
-            .post(&self.messages_url)
-            .bearer_auth(token.expose())
-            .header("Content-Type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| SendError::Transport(e.to_string()))?;
-        let bytes = success_body(response).await?;
-        let answer: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))?;
-        if answer.get("success").and_then(Value::as_bool) == Some(true) {
-            Ok(())
-        } else {
-            Err(SendError::Transport(format!(
-                "answer without success: {answer}"
-            )))
-        }
-    }
-
-    /// POSTs one rendered request body.
-    pub async fn send(&self, token: &Secret, body: &str) -> Result<Accepted, SendError> {
+    /// POSTs `body` to the messages endpoint. A request that may have reached WhatsApp without
+    /// an answer coming back is [`SendError::InDoubt`]; one that never left, `Transport`.
+    async fn post_messages(&self, token: &Secret, body: &str) -> Result<Vec<u8>, SendError> {
         let response = self
             .http
             .post(&self.messages_url)
@@ -268,11 +246,30 @@ impl CloudApiClient {
                     SendError::InDoubt(e.to_string())
                 }
             })?;
-        let bytes = success_body(response).await.map_err(|e| match e {
+        success_body(response).await.map_err(|e| match e {
             // A 2xx whose body broke off: it was accepted, but which wamid is unknown.
             SendError::Transport(detail) => SendError::InDoubt(detail),
             other => other,
-        })?;
+        })
+    }
+
+    /// POSTs a mark-as-read request ([`mark_read_with_typing`]); Meta answers `{"success": true}`.
+    pub async fn mark_read(&self, token: &Secret, body: &str) -> Result<(), SendError> {
+        let bytes = self.post_messages(token, body).await?;
+        let answer: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| SendError::Transport(format!("unreadable success body: {e}")))?;
+        if answer.get("success").and_then(Value::as_bool) == Some(true) {
+            Ok(())
+        } else {
+            Err(SendError::Transport(format!(
+                "answer without success: {answer}"
+            )))
+        }
+    }
+
+    /// POSTs one rendered request body.
+    pub async fn send(&self, token: &Secret, body: &str) -> Result<Accepted, SendError> {
+        let bytes = self.post_messages(token, body).await?;
         let parsed: SendResponse = serde_json::from_slice(&bytes)
             .map_err(|e| SendError::InDoubt(format!("unreadable success body: {e}")))?;
         let message = parsed
