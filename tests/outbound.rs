@@ -1646,15 +1646,11 @@ async fn newer_refusals_dead_letter_by_code_silence_halts_the_number_and_charges
             .any(|m| m.to == "15550100005" && m.status.as_deref() == Some("read"))
     })
     .await;
-    let deadline = Instant::now() + WAIT;
-    while metric(admin, billed).await != Some(1) {
-        assert!(
-            Instant::now() < deadline,
-            "{billed} is {:?}",
-            metric(admin, billed).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        metric_reaches(admin, billed, 1, WAIT).await,
+        "{billed} is {:?}",
+        metric(admin, billed).await
+    );
     // Every status of it is on the response topic by now; the count stayed one.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(metric(admin, billed).await, Some(1));
@@ -1666,11 +1662,11 @@ async fn newer_refusals_dead_letter_by_code_silence_halts_the_number_and_charges
         ..Faults::default()
     });
     p.publish_event(&event("wf.case.updated", 17, "ACME")).await;
-    let deadline = Instant::now() + WAIT;
-    while metric(admin, "gridtalk_send_halted").await != Some(1) {
-        assert!(Instant::now() < deadline, "{}", p.process_log("run"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        metric_reaches(admin, "gridtalk_send_halted", 1, WAIT).await,
+        "{}",
+        p.process_log("run")
+    );
     let log = p.process_log("run");
     assert!(
         log.lines().any(|l| l.contains(" ERROR ")
@@ -1693,11 +1689,10 @@ async fn newer_refusals_dead_letter_by_code_silence_halts_the_number_and_charges
             == 2
     })
     .await;
-    let deadline = Instant::now() + WAIT;
-    while metric(admin, "gridtalk_send_halted").await != Some(0) {
-        assert!(Instant::now() < deadline, "still halted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        metric_reaches(admin, "gridtalk_send_halted", 0, WAIT).await,
+        "still halted"
+    );
     assert_eq!(from_send(&p).len(), 3, "nothing more dead-lettered");
     gridtalk.kill().expect("stop");
     let _ = gridtalk.wait();
@@ -1776,11 +1771,10 @@ async fn a_paused_template_stops_its_sends_and_a_replay_delivers_them_once_meta_
     );
     let stopped = "gridtalk_state_entries{store=\"stopped_templates\"}";
     let until = |value: i64| async move {
-        let deadline = Instant::now() + WAIT;
-        while metric(admin, stopped).await != Some(value) {
-            assert!(Instant::now() < deadline, "{stopped} never {value}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert!(
+            metric_reaches(admin, stopped, value, WAIT).await,
+            "{stopped} never {value}"
+        );
     };
     // A first message proves the process is up and the webhook way is open.
     p.publish_event(&event("wf.case.opened", 16, "ACME")).await;
@@ -2029,11 +2023,11 @@ async fn free_form_outside_the_window_goes_as_its_template_and_131047_brings_the
         &[("GRIDTALK__ADMIN__LISTEN", format!("127.0.0.1:{admin}"))],
     );
     let windows = "gridtalk_state_entries{store=\"service_windows\"}";
-    let deadline = Instant::now() + WAIT;
-    while metric(admin, windows).await != Some(1) {
-        assert!(Instant::now() < deadline, "{}", p.process_log("send"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        metric_reaches(admin, windows, 1, WAIT).await,
+        "{}",
+        p.process_log("send")
+    );
     publish_free_form(&p, 1, "15550100001").await;
     publish_free_form(&p, 2, "15550100005").await;
     p.wait_for_messages(2, WAIT).await;

@@ -1261,6 +1261,19 @@ pub async fn metric(port: u16, series: &str) -> Option<i64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// Whether [`metric`] `series` of the process at admin port `port` reads `value` within
+/// `deadline` (polled every 100 ms).
+pub async fn metric_reaches(port: u16, series: &str, value: i64, deadline: Duration) -> bool {
+    let until = Instant::now() + deadline;
+    while metric(port, series).await != Some(value) {
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
 /// Fails when a line of `log` holds a wamid (Meta's carry the number, base64-encoded) or the
 /// digits of one of `numbers` in clear.
 pub fn assert_no_number_or_wamid_logged(log: &str, numbers: &std::collections::BTreeSet<String>) {

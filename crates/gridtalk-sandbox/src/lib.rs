@@ -932,6 +932,23 @@ fn invalid(details: &str) -> Rejection {
 /// The bearer token is one the sandbox accepts, and the phone-number id is one of its numbers;
 /// Meta's OAuth and object errors otherwise.
 fn authorize(inner: &Inner, phone_number_id: &str, headers: &HeaderMap) -> Result<(), Rejection> {
+    authenticate(inner, headers)?;
+    if !inner
+        .config
+        .phone_number_ids
+        .iter()
+        .any(|p| p == phone_number_id)
+    {
+        return Err(invalid(&format!(
+            "Unsupported post request. Object with ID '{phone_number_id}' does not exist"
+        )));
+    }
+    Ok(())
+}
+
+/// The bearer token is one the sandbox accepts; Meta's OAuth errors otherwise (104 without a
+/// token, 190 with subcode 463 for an expired one, 190 for one it cannot parse).
+fn authenticate(inner: &Inner, headers: &HeaderMap) -> Result<(), Rejection> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -962,16 +979,6 @@ fn authorize(inner: &Inner, phone_number_id: &str, headers: &HeaderMap) -> Resul
                 "Invalid OAuth access token - Cannot parse access token",
             )
         });
-    }
-    if !inner
-        .config
-        .phone_number_ids
-        .iter()
-        .any(|p| p == phone_number_id)
-    {
-        return Err(invalid(&format!(
-            "Unsupported post request. Object with ID '{phone_number_id}' does not exist"
-        )));
     }
     Ok(())
 }
@@ -1392,18 +1399,8 @@ async fn message_templates(
     headers: HeaderMap,
 ) -> Response {
     let inner = sandbox.inner.lock().expect("sandbox");
-    let token_ok = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| inner.config.valid_tokens.iter().any(|v| v == t));
-    if !token_ok {
-        return oauth_error(
-            190,
-            None,
-            "Invalid OAuth access token - Cannot parse access token",
-        )
-        .1;
+    if let Err((_, refused)) = authenticate(&inner, &headers) {
+        return refused;
     }
     if waba != inner.config.business_account_id {
         return invalid(&format!(

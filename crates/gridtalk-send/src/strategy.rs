@@ -947,8 +947,6 @@ async fn record_accepted(
     }
     // Then the sent index, before the outbox offset may move: a replay of these records finds
     // them and is not sent again.
-    let expires =
-        accepted_at + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
     let indexed_send = IndexedSend {
         wamid: accepted.wamid.clone(),
         recipient: members[0].outbox.recipient.clone(),
@@ -956,41 +954,11 @@ async fn record_accepted(
         // The outcome replaces the intent; its callback is no longer looked for.
         callback: String::new(),
     };
-    let encoded = indexed_send.encode();
-    let mut deliveries = Vec::with_capacity(members.len());
-    for job in &members {
-        match gridtalk_kafka::changelog::write(
-            &sending.producer,
-            &sending.config.topics.send_index,
-            job.message.partition(),
-            &job.outbox.message_id,
-            Some((&encoded, expires)),
-        ) {
-            Ok(delivery) => deliveries.push(delivery),
-            Err(e) => {
-                for job in members {
-                    job.ticket.fail(format!("sent index: {e}"));
-                }
-                return;
-            }
-        }
-    }
-    if let Err(e) = gridtalk_kafka::acknowledged(deliveries).await {
+    if let Err(e) = index_jobs(sending, &members, &indexed_send, accepted_at).await {
         for job in members {
             job.ticket.fail(format!("sent index: {e}"));
         }
         return;
-    }
-    {
-        let mut index = sending.index.lock().expect("index");
-        for job in &members {
-            index.record(
-                job.message.partition(),
-                &job.outbox.message_id,
-                &indexed_send,
-                expires,
-            );
-        }
     }
     if members[0].informational {
         sending
@@ -1076,28 +1044,8 @@ async fn mark_read(sending: &Sending, job: Job) {
         sent_at_ms: at,
         callback: String::new(),
     };
-    let expires = at + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
-    let written = gridtalk_kafka::changelog::write(
-        &sending.producer,
-        &sending.config.topics.send_index,
-        job.message.partition(),
-        &job.outbox.message_id,
-        Some((&mark.encode(), expires)),
-    );
-    let acknowledged = match written {
-        Ok(delivery) => gridtalk_kafka::acknowledged(vec![delivery]).await,
-        Err(e) => Err(e.to_string()),
-    };
-    match acknowledged {
-        Ok(()) => {
-            sending.index.lock().expect("index").record(
-                job.message.partition(),
-                &job.outbox.message_id,
-                &mark,
-                expires,
-            );
-            job.ticket.finish();
-        }
+    match index_jobs(sending, std::slice::from_ref(&job), &mark, at).await {
+        Ok(()) => job.ticket.finish(),
         Err(e) => job.ticket.fail(format!("sent index: {e}")),
     }
     drop(effect);
@@ -1142,20 +1090,20 @@ fn accepted_as(resolved: Resolved) -> gridtalk_whatsapp::Accepted {
     }
 }
 
-/// Records that the request for `members` (carrying `callback`) is about to go out, on each
-/// member's sent-index key, acknowledged; returns the time it records.
-async fn write_intents(sending: &Sending, members: &[Job], callback: &str) -> Result<i64, String> {
-    let at = chrono::Utc::now().timestamp_millis();
-    let intent = IndexedSend {
-        wamid: String::new(),
-        recipient: members[0].outbox.recipient.clone(),
-        sent_at_ms: at,
-        callback: callback.to_string(),
-    };
-    let encoded = intent.encode();
-    let expires = at + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
-    let mut deliveries = Vec::with_capacity(members.len());
-    for job in members {
+/// Writes `entry` on the sent-index key of each of `jobs` (the changelog partition of its outbox
+/// partition), kept `send.index_retention_hours` from `at_ms`; once every write is acknowledged,
+/// holds it in memory too.
+async fn index_jobs(
+    sending: &Sending,
+    jobs: &[Job],
+    entry: &IndexedSend,
+    at_ms: i64,
+) -> Result<(), String> {
+    let expires =
+        at_ms + (sending.config.send.index_retention_hours as i64).saturating_mul(3_600_000);
+    let encoded = entry.encode();
+    let mut deliveries = Vec::with_capacity(jobs.len());
+    for job in jobs {
         deliveries.push(
             gridtalk_kafka::changelog::write(
                 &sending.producer,
@@ -1167,18 +1115,30 @@ async fn write_intents(sending: &Sending, members: &[Job], callback: &str) -> Re
             .map_err(|e| e.to_string())?,
         );
     }
-    gridtalk_kafka::acknowledged(deliveries)
-        .await
-        .map_err(|e| e.to_string())?;
+    gridtalk_kafka::acknowledged(deliveries).await?;
     let mut index = sending.index.lock().expect("index");
-    for job in members {
+    for job in jobs {
         index.record(
             job.message.partition(),
             &job.outbox.message_id,
-            &intent,
+            entry,
             expires,
         );
     }
+    Ok(())
+}
+
+/// Records that the request for `members` (carrying `callback`) is about to go out, on each
+/// member's sent-index key, acknowledged; returns the time it records.
+async fn write_intents(sending: &Sending, members: &[Job], callback: &str) -> Result<i64, String> {
+    let at = chrono::Utc::now().timestamp_millis();
+    let intent = IndexedSend {
+        wamid: String::new(),
+        recipient: members[0].outbox.recipient.clone(),
+        sent_at_ms: at,
+        callback: callback.to_string(),
+    };
+    index_jobs(sending, members, &intent, at).await?;
     Ok(at)
 }
 
